@@ -1,0 +1,274 @@
+"""The neuron-set OT regulariser: value, invariances, gradients, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import ot as pot  # POT, test-only: the exact OT reference.
+import pytest
+from ott.geometry import geometry
+from ott.problems.linear import linear_problem
+from ott.solvers.linear import sinkhorn
+
+from ot_transfer_jax import (cost_matrix, feature_matching, neuron_descriptors,
+                             ot_regularizer, solve_neuron_ot)
+
+
+def exact_ot(student, teacher):
+  """Exact OT value, computed independently in float64 with POT."""
+  a = student.reshape(-1, student.shape[-1]).astype(np.float64)
+  t = teacher.reshape(-1, teacher.shape[-1]).astype(np.float64)
+  c = ((a[:, :, None] - t[:, None, :]) ** 2).mean(axis=0)
+  n_s, n_t = c.shape
+  return pot.emd2(np.full(n_s, 1 / n_s), np.full(n_t, 1 / n_t), c)
+
+
+@pytest.mark.parametrize("n_s,n_t", [(32, 32), (128, 128), (512, 512),
+                                     (64, 32), (256, 512), (512, 128)])
+def test_default_value_close_to_exact_ot(layer_pair, n_s, n_t):
+  student, teacher = layer_pair(64, n_s, n_t)
+  res = solve_neuron_ot(student, teacher)
+  exact = exact_ot(student, teacher)
+  assert bool(res.converged)
+  assert abs(float(res.value) - exact) <= 0.05 * exact
+  # Entropic OT only ever adds cost to the exact optimum (up to round-off).
+  assert float(res.value) >= exact * (1 - 1e-4)
+
+
+def test_conv_layers_flatten_positions(layer_pair):
+  student, teacher = layer_pair(8, 48, 32, positions=(4, 4))
+  res = solve_neuron_ot(student, teacher)
+  assert res.plan.shape == (48, 32) and res.cost_matrix.shape == (48, 32)
+  exact = exact_ot(student, teacher)
+  assert abs(float(res.value) - exact) <= 0.05 * exact
+
+
+def test_plan_has_uniform_marginals(layer_pair):
+  student, teacher = layer_pair(32, 40, 24)
+  plan = np.asarray(solve_neuron_ot(student, teacher, threshold=1e-5).plan)
+  np.testing.assert_allclose(plan.sum(1), np.full(40, 1 / 40), rtol=1e-3)
+  np.testing.assert_allclose(plan.sum(0), np.full(24, 1 / 24), rtol=1e-3)
+
+
+def test_cost_matrix_is_mean_squared_difference(rng):
+  a = rng.normal(size=(7, 3, 5)).astype(np.float32)
+  t = rng.normal(size=(7, 3, 4)).astype(np.float32)
+  da = neuron_descriptors(jnp.asarray(a))
+  dt = neuron_descriptors(jnp.asarray(t))
+  assert da.shape == (21, 5)
+  expected = ((a.reshape(21, 5)[:, :, None] - t.reshape(21, 4)[:, None]) ** 2
+              ).mean(0)
+  np.testing.assert_allclose(cost_matrix(da, dt), expected, rtol=1e-5,
+                             atol=1e-6)
+
+
+def test_permutation_invariance_and_equivariant_gradient(layer_pair, rng):
+  student, teacher = layer_pair(32, 96, 96, positions=(2, 2))
+  perm = rng.permutation(96)
+  grad_fn = jax.value_and_grad(ot_regularizer)
+  v, g = grad_fn(jnp.asarray(student), teacher)
+  v_p, g_p = grad_fn(jnp.asarray(student[..., perm]), teacher)
+  assert abs(float(v_p) - float(v)) <= 1e-4 * abs(float(v))
+  scale = float(jnp.max(jnp.abs(g)))
+  np.testing.assert_allclose(g_p, np.asarray(g)[..., perm], atol=1e-3 * scale)
+
+
+def test_teacher_against_itself_matches_everything(layer_pair):
+  _, teacher = layer_pair(64, 8, 128)
+  res = solve_neuron_ot(teacher, teacher)
+  assert float(res.value) <= 0.01 * float(jnp.mean(res.cost_matrix))
+  assert float(res.matched_fraction) == pytest.approx(1.0, abs=0.02)
+
+
+def test_ot_never_exceeds_identity_coupling(layer_pair):
+  for seed_batch in (16, 64):
+    student, teacher = layer_pair(seed_batch, 64, 64)
+    res = solve_neuron_ot(student, teacher)
+    omega_i = float(feature_matching(student, teacher))
+    # Entropic bias: at most eps * log(n) above the exact optimum.
+    tolerance = float(res.epsilon) * np.log(64)
+    assert float(res.value) <= omega_i + tolerance
+    assert float(res.value) < omega_i  # noisy copies: OT finds better pairs.
+
+
+def test_matched_fraction_nan_for_unequal_widths(layer_pair):
+  student, teacher = layer_pair(16, 12, 10)
+  assert np.isnan(float(solve_neuron_ot(student, teacher).matched_fraction))
+
+
+@pytest.mark.parametrize("case", ["dead_neurons", "constant", "tiny", "huge",
+                                  "batch_of_one", "both_dead"])
+def test_finite_on_degenerate_inputs(layer_pair, case):
+  student, teacher = layer_pair(16, 32, 24, positions=(3, 3))
+  if case == "dead_neurons":
+    student[..., :10] = 0.0
+    teacher[..., :5] = 0.0
+  elif case == "constant":
+    student = np.full_like(student, 0.7)
+    teacher = np.full_like(teacher, 0.7)
+  elif case == "tiny":
+    student, teacher = student * 1e-4, teacher * 1e-4
+  elif case == "huge":
+    student, teacher = student * 1e4, teacher * 1e4
+  elif case == "batch_of_one":
+    student, teacher = student[:1, 0, 0], teacher[:1, 0, 0]
+  elif case == "both_dead":
+    student, teacher = np.zeros_like(student), np.zeros_like(teacher)
+  for normalize in ("none", "l2", "standardize"):
+    v, g = jax.value_and_grad(ot_regularizer)(
+        jnp.asarray(student), teacher, normalize=normalize)
+    assert np.isfinite(float(v)), (case, normalize)
+    assert np.all(np.isfinite(np.asarray(g))), (case, normalize)
+    assert float(v) >= 0.0
+
+
+def test_scale_only_rescales_the_value(layer_pair):
+  student, teacher = layer_pair(16, 32, 24)
+  base = float(ot_regularizer(student, teacher))
+  for s in (1e-4, 1e4):
+    scaled = float(ot_regularizer(student * s, teacher * s))
+    assert scaled == pytest.approx(base * s * s, rel=1e-3)
+
+
+def _entropic_objective(student, teacher, epsilon):
+  """The entropic OT objective min_P <P, C> - eps H(P), solved tightly."""
+  c = cost_matrix(neuron_descriptors(student), neuron_descriptors(teacher))
+  geom = geometry.Geometry(cost_matrix=c, epsilon=epsilon)
+  out = sinkhorn.Sinkhorn(threshold=1e-10, max_iterations=20_000)(
+      linear_problem.LinearProblem(geom))
+  return out.reg_ot_cost
+
+
+def test_envelope_gradient_matches_finite_differences(layer_pair, rng):
+  student, teacher = layer_pair(16, 24, 20)
+  with jax.enable_x64(True):
+    student = jnp.asarray(student, jnp.float64)
+    teacher = jnp.asarray(teacher, jnp.float64)
+    eps = 0.05 * float(jnp.mean(cost_matrix(neuron_descriptors(student),
+                                            neuron_descriptors(teacher))))
+    grad = jax.grad(ot_regularizer)(student, teacher, epsilon=eps,
+                                    threshold=1e-10, max_iterations=20_000)
+    for _ in range(3):
+      direction = jnp.asarray(rng.normal(size=student.shape))
+      h = 1e-4
+      fd = (_entropic_objective(student + h * direction, teacher, eps)
+            - _entropic_objective(student - h * direction, teacher, eps)) / (
+                2 * h)
+      np.testing.assert_allclose(float(jnp.vdot(grad, direction)), float(fd),
+                                 rtol=1e-4)
+
+
+def test_gradient_step_lowers_omega(layer_pair):
+  student, teacher = layer_pair(32, 64, 48, positions=(2, 2))
+  v, g = jax.value_and_grad(ot_regularizer)(jnp.asarray(student), teacher)
+  lr = 0.1 / float(jnp.max(jnp.abs(g)))
+  assert float(ot_regularizer(student - lr * g, teacher)) < float(v)
+
+
+def test_unrolled_derivative_differs_from_envelope(layer_pair):
+  student, teacher = layer_pair(16, 48, 40)
+  grads = {
+      mode: jax.grad(ot_regularizer)(jnp.asarray(student), teacher, grad=mode,
+                                     threshold=1e-5)
+      for mode in ("envelope", "unroll")
+  }
+  for g in grads.values():
+    assert np.all(np.isfinite(np.asarray(g)))
+  rel = float(jnp.linalg.norm(grads["envelope"] - grads["unroll"]) /
+              jnp.linalg.norm(grads["unroll"]))
+  assert rel > 1e-3  # the plan does move with C: a genuinely different mode.
+  # Same forward value whatever the gradient mode.
+  values = [float(ot_regularizer(student, teacher, grad=m, threshold=1e-5))
+            for m in grads]
+  np.testing.assert_allclose(values, values[0], rtol=1e-5)
+
+
+def test_jit_vmap_and_bfloat16(layer_pair):
+  student, teacher = layer_pair(16, 32, 24, positions=(2, 2))
+  ref = float(ot_regularizer(student, teacher))
+  jitted = jax.jit(ot_regularizer, static_argnames=("spatial", "normalize"))
+  assert float(jitted(student, teacher, spatial="flatten")) == pytest.approx(
+      ref, rel=1e-5)
+  bf16 = jitted(jnp.asarray(student, jnp.bfloat16),
+                jnp.asarray(teacher, jnp.bfloat16))
+  assert bf16.dtype == jnp.float32
+  assert float(bf16) == pytest.approx(ref, rel=2e-2)
+  g16 = jax.grad(ot_regularizer)(jnp.asarray(student, jnp.bfloat16), teacher)
+  assert g16.dtype == jnp.bfloat16 and np.all(np.isfinite(
+      np.asarray(g16, np.float32)))
+  stacked = jax.vmap(ot_regularizer)(
+      jnp.stack([student, 2 * student]), jnp.stack([teacher, teacher]))
+  assert stacked.shape == (2,)
+  assert float(stacked[0]) == pytest.approx(ref, rel=1e-5)
+  assert float(stacked[1]) == pytest.approx(
+      float(ot_regularizer(2 * student, teacher)), rel=1e-5)
+
+
+def test_jit_compiles_once_per_shape(layer_pair):
+  student, teacher = layer_pair(16, 32, 24)
+  traces = []
+
+  @jax.jit
+  def f(s, t):
+    traces.append(1)
+    return ot_regularizer(s, t)
+
+  for k in range(3):
+    f(student + k, teacher)
+  assert len(traces) == 1
+
+
+def test_warm_start_needs_fewer_iterations(layer_pair):
+  student, teacher = layer_pair(64, 256, 256)
+  cold = solve_neuron_ot(student, teacher)
+  moved = student * 1.01
+  warm = solve_neuron_ot(moved, teacher, init=cold.potentials)
+  again_cold = solve_neuron_ot(moved, teacher)
+  assert bool(warm.converged)
+  assert int(warm.n_iters) < int(again_cold.n_iters)
+  assert float(warm.value) == pytest.approx(float(again_cold.value), rel=1e-2)
+
+
+def test_pool_compares_layers_of_different_resolution(layer_pair, rng):
+  student, _ = layer_pair(8, 16, 16, positions=(4, 4))
+  teacher = np.maximum(rng.normal(size=(8, 2, 2, 24)), 0).astype(np.float32)
+  res = solve_neuron_ot(student, teacher, spatial="pool")
+  assert res.plan.shape == (16, 24) and np.isfinite(float(res.value))
+  dense = np.maximum(rng.normal(size=(8, 24)), 0).astype(np.float32)
+  assert np.isfinite(float(ot_regularizer(student, dense, spatial="pool")))
+
+
+def test_normalize_removes_scale_differences(layer_pair):
+  student, teacher = layer_pair(16, 32, 24)
+  for normalize in ("l2", "standardize"):
+    base = float(ot_regularizer(student, teacher, normalize=normalize))
+    scaled = float(ot_regularizer(student * 50, teacher, normalize=normalize))
+    assert scaled == pytest.approx(base, rel=1e-3)
+
+
+@pytest.mark.parametrize("s_shape,t_shape,spatial,fragment", [
+    ((8, 16), (4, 16), "flatten", "batch sizes differ"),
+    ((8, 4, 4, 16), (8, 16), "flatten", "positions must match"),
+    ((8, 4, 4, 16), (8, 2, 2, 16), "flatten", "spatial='pool'"),
+    ((16,), (8, 16), "flatten", "(batch, [positions...,] neurons)"),
+    ((8, 16), (8, 16), "stretch", "not one of"),
+])
+def test_bad_shapes_raise_clear_errors(s_shape, t_shape, spatial, fragment):
+  with pytest.raises(ValueError) as err:
+    ot_regularizer(jnp.ones(s_shape), jnp.ones(t_shape), spatial=spatial)
+  msg = str(err.value)
+  assert fragment in msg
+  if spatial != "stretch":
+    assert str(tuple(s_shape)) in msg and str(tuple(t_shape)) in msg
+
+
+@pytest.mark.parametrize("kwargs", [{"epsilon": 0.0}, {"epsilon": -1.0},
+                                    {"relative_epsilon": 0.0},
+                                    {"epsilon": float("nan")}])
+def test_non_positive_epsilon_rejected(kwargs):
+  with pytest.raises(ValueError, match="must be a positive finite number"):
+    ot_regularizer(jnp.ones((4, 3)), jnp.ones((4, 3)), **kwargs)
+
+
+def test_unknown_grad_mode_rejected():
+  with pytest.raises(ValueError, match="grad='implicit' is not one of"):
+    ot_regularizer(jnp.ones((4, 3)), jnp.ones((4, 3)), grad="implicit")
