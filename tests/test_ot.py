@@ -79,6 +79,18 @@ def test_teacher_against_itself_matches_everything(layer_pair):
   assert float(res.matched_fraction) == pytest.approx(1.0, abs=0.02)
 
 
+def test_duplicate_neurons_share_mass(layer_pair):
+  # Dead (all-zero) neurons compute the same function: the plan cannot tell
+  # them apart, so each keeps only 1/k of its mass on itself.
+  _, teacher = layer_pair(32, 8, 24)
+  teacher[..., :8] = 0.0
+  res = solve_neuron_ot(teacher, teacher)
+  diag = np.diag(np.asarray(res.plan)) * 24
+  np.testing.assert_allclose(diag[8:], 1.0, atol=0.02)
+  np.testing.assert_allclose(diag[:8], 1 / 8, atol=0.02)
+  assert float(res.matched_fraction) == pytest.approx((16 + 1) / 24, abs=0.02)
+
+
 def test_ot_never_exceeds_identity_coupling(layer_pair):
   for seed_batch in (16, 64):
     student, teacher = layer_pair(seed_batch, 64, 64)

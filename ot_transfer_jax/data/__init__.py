@@ -1,0 +1,17 @@
+"""Data: sources (TFDS via ArrayRecord, image folders, embedded digits) and grain batches."""
+
+from ot_transfer_jax.data.datasets import (
+    Datasets, channel_stats, default_config, get_datasets, split_indices)
+from ot_transfer_jax.data.digits import DigitsSource, OtDigits
+from ot_transfer_jax.data.pipeline import (
+    AUGMENTATIONS, eval_batches, fit_image, random_crop, random_resized_crop, train_batches)
+from ot_transfer_jax.data.sources import (
+    TFDS_KEYS, DatasetNotPreparedError, ImageFolderSource, Source, SubsetSource, TfdsKeys,
+    TfdsSource)
+
+__all__ = [
+    "AUGMENTATIONS", "TFDS_KEYS", "DatasetNotPreparedError", "Datasets", "DigitsSource",
+    "ImageFolderSource", "OtDigits", "Source", "SubsetSource", "TfdsKeys", "TfdsSource",
+    "channel_stats", "default_config", "eval_batches", "fit_image", "get_datasets",
+    "random_crop", "random_resized_crop", "split_indices", "train_batches",
+]

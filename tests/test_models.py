@@ -1,0 +1,246 @@
+"""Model zoo: parameter counts against published ones, shapes, names, BN."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from ot_transfer_jax.models import (
+    MODEL_NAMES,
+    CifarResNet,
+    ResNet,
+    WideResNet,
+    count_params,
+    create_model,
+)
+
+_IMAGENET = ("resnet18", "resnet34", "resnet50", "resnet101")
+
+
+def _input_shape(name, batch=2):
+  if name.startswith("digits"):
+    return (batch, 8, 8, 1)
+  return (batch, 64, 64, 3) if name in _IMAGENET else (batch, 32, 32, 3)
+
+
+def _abstract_variables(model, shape):
+  """Variables as ShapeDtypeStructs: no FLOPs, so even ResNet-101 is instant."""
+  return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape))
+
+
+def _random_variables(model, shape, seed=0):
+  """He-normal kernels, zero biases, identity BatchNorm, drawn by numpy.
+
+  Stands in for ``model.init``, whose random initialisers take seconds per
+  model to compile on CPU.
+  """
+  rng = np.random.default_rng(seed)
+
+  def init(path, leaf):
+    name = path[-1].key
+    if name == "kernel":
+      std = np.sqrt(2.0 / np.prod(leaf.shape[:-1]))
+      return jnp.asarray(rng.normal(0.0, std, leaf.shape), jnp.float32)
+    fill = 1.0 if name in ("scale", "var") else 0.0
+    return jnp.full(leaf.shape, fill, jnp.float32)
+
+  abstract = _abstract_variables(model, shape)
+  return jax.tree_util.tree_map_with_path(init, abstract)
+
+
+# (name, num_classes, millions): He et al. 2016 (CIFAR-10), RepDistiller
+# (CIFAR-100), Zagoruyko & Komodakis 2016 (CIFAR), torchvision (ImageNet).
+_PUBLISHED = [
+    ("resnet20", 10, 0.27),
+    ("resnet56", 10, 0.86),
+    ("resnet110", 10, 1.7),
+    ("resnet8x4", 100, 1.23),
+    ("resnet32x4", 100, 7.4),
+    ("wrn_16_2", 100, 0.70),
+    ("wrn_40_2", 10, 2.2),
+    ("resnet18", 1000, 11.69),
+    ("resnet50", 1000, 25.557),
+    ("resnet101", 1000, 44.55),
+]
+
+
+@pytest.mark.parametrize("name,num_classes,millions", _PUBLISHED)
+def test_param_count_matches_published(name, num_classes, millions):
+  model = create_model(name, num_classes)
+  params = _abstract_variables(model, _input_shape(name, 1))["params"]
+  assert count_params(params) == pytest.approx(millions * 1e6, rel=0.02)
+
+
+@pytest.mark.parametrize(
+    "name,exact",
+    [("resnet18", 11_689_512), ("resnet50", 25_557_032),
+     ("resnet101", 44_549_160)],
+)
+def test_imagenet_param_count_equals_torchvision(name, exact):
+  model = create_model(name, 1000)
+  params = _abstract_variables(model, (1, 224, 224, 3))["params"]
+  assert count_params(params) == exact
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_output_shape_and_layout(name):
+  model = create_model(name, 7)
+  shape = _input_shape(name)
+  variables = _abstract_variables(model, shape)
+  logits = jax.eval_shape(model.apply, variables, jnp.zeros(shape))
+  assert logits.shape == (2, 7) and logits.dtype == jnp.float32
+
+  params = variables["params"]
+  assert params["head"]["kernel"].shape[-1] == 7
+  assert {"stage1", "stage2"} <= set(params)
+  if not name.startswith("digits"):
+    assert "block0" in params["stage1"]
+    assert "batch_stats" in variables
+
+
+def test_stage_names_per_family():
+  def stages(name):
+    model = create_model(name, 10)
+    params = _abstract_variables(model, _input_shape(name, 1))["params"]
+    return sorted(k for k in params if k.startswith("stage"))
+
+  assert stages("resnet20") == ["stage1", "stage2", "stage3"]
+  assert stages("wrn_40_2") == ["stage1", "stage2", "stage3"]
+  assert stages("resnet50") == ["stage1", "stage2", "stage3", "stage4"]
+  assert stages("digits_cnn") == ["stage1", "stage2", "stage3"]
+  assert stages("digits_mlp") == ["stage1", "stage2"]
+
+  model = create_model("resnet56", 10)
+  stage3 = _abstract_variables(model, (1, 32, 32, 3))["params"]["stage3"]
+  assert sorted(stage3) == sorted(f"block{i}" for i in range(9))
+
+
+def test_unknown_model_lists_available_names():
+  with pytest.raises(ValueError, match="'resnet21'.*resnet20.*digits_cnn"):
+    create_model("resnet21", 10)
+
+
+# The shallowest member of each family: the code paths of the deep ones, with
+# a fraction of their compile time.
+_SMALL = {
+    "digits_cnn": (create_model("digits_cnn", 10), (4, 8, 8, 1)),
+    "digits_mlp": (create_model("digits_mlp", 10), (4, 8, 8, 1)),
+    "cifar_resnet": (CifarResNet(10, depth=8), (4, 16, 16, 3)),
+    "wrn": (WideResNet(10, depth=10, widen_factor=1), (4, 16, 16, 3)),
+    "resnet": (ResNet(10, stage_sizes=(1, 1), bottleneck=True), (4, 32, 32, 3)),
+}
+
+
+@functools.cache
+def _small_variables(name):
+  model, shape = _SMALL[name]
+  return _random_variables(model, shape)
+
+
+@pytest.mark.parametrize(
+    "name", ["digits_cnn", "cifar_resnet", "wrn", "resnet"])
+def test_batch_stats_update_only_in_training(name):
+  model, shape = _SMALL[name]
+  variables = _small_variables(name)
+  x = jax.random.normal(jax.random.key(1), shape) + 3.0
+
+  @jax.jit
+  def train(variables, x):
+    return model.apply(variables, x, train=True, mutable=["batch_stats"])
+
+  logits, state = train(variables, x)
+  assert logits.shape == (4, 10)
+  old, new = variables["batch_stats"], state["batch_stats"]
+  changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), old, new)
+  assert all(jax.tree.leaves(changed))
+
+  # Evaluation reads the running statistics: an example's logits do not depend
+  # on the rest of the batch.
+  evaluate = jax.jit(model.apply)
+  other = jnp.concatenate([x[:2], -x[2:]])
+  np.testing.assert_allclose(
+      evaluate(variables, x)[:2], evaluate(variables, other)[:2], rtol=1e-5,
+      atol=1e-5)
+
+
+def test_digits_width_changes_neuron_counts():
+  def widths(width):
+    model = create_model("digits_cnn", 10, width=width)
+    params = _abstract_variables(model, (1, 8, 8, 1))["params"]
+    return (
+        params["stage1"]["conv"]["kernel"].shape[-1],
+        params["stage2"]["conv"]["kernel"].shape[-1],
+        params["stage3"]["dense"]["kernel"].shape[-1],
+    )
+
+  assert widths(1.0) == (16, 32, 64)
+  assert widths(0.5) == (8, 16, 32)
+  assert widths(0.25) == (4, 8, 16)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+  model = create_model("resnet20", 10, dtype=jnp.bfloat16)
+  variables = _abstract_variables(model, (1, 32, 32, 3))
+  dtypes = {leaf.dtype for leaf in jax.tree.leaves(variables)}
+  assert dtypes == {jnp.dtype(jnp.float32)}
+  logits = jax.eval_shape(model.apply, variables, jnp.zeros((2, 32, 32, 3)))
+  assert logits.dtype == jnp.float32
+
+
+def test_wrn_dropout_is_active_only_in_training():
+  # Dropout adds no variables: the dropout-free model's variables fit.
+  model = _SMALL["wrn"][0].clone(dropout_rate=0.3)
+  variables = _small_variables("wrn")
+  x = jnp.ones((2, 16, 16, 3))
+
+  @jax.jit
+  def train(key):
+    logits, _ = model.apply(
+        variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": key}
+    )
+    return logits
+
+  assert not np.allclose(train(jax.random.key(1)), train(jax.random.key(2)))
+  evaluate = jax.jit(model.apply)
+  np.testing.assert_array_equal(evaluate(variables, x), evaluate(variables, x))
+
+
+@pytest.mark.parametrize("name", ["digits_cnn", "digits_mlp"])
+def test_digits_models_learn(name):
+  """``model.init`` and 30 jitted Adam steps on one batch halve the loss."""
+  model = _SMALL[name][0]
+  x = jax.random.normal(jax.random.key(0), (32, 8, 8, 1))
+  y = jnp.arange(32) % 10
+  variables = jax.jit(model.init)(jax.random.key(1), x[:1])
+  params = variables["params"]
+  model_state = {k: v for k, v in variables.items() if k != "params"}
+  tx = optax.adam(1e-2)
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(params, model_state, opt_state):
+    def loss_fn(params):
+      logits, new_state = model.apply(
+          {"params": params, **model_state}, x, train=True,
+          mutable=["batch_stats"])
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      return loss, new_state
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, new_state), grads = grad_fn(params)
+    updates, opt_state = tx.update(grads, opt_state)
+    params = optax.apply_updates(params, updates)
+    return params, {**model_state, **new_state}, opt_state, loss
+
+  losses = []
+  for _ in range(30):
+    params, model_state, opt_state, loss = step(params, model_state, opt_state)
+    losses.append(float(loss))
+  assert losses[-1] < 0.5 * losses[0]
+
+
+def test_count_params_on_arrays():
+  assert count_params({"a": jnp.zeros((2, 3)), "b": {"c": np.zeros(4)}}) == 10

@@ -1,0 +1,248 @@
+"""Loss composition, optimizer, state and the data-parallel steps."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from ot_transfer_jax import data, train
+from ot_transfer_jax.models import create_model
+
+
+def make_config(method="ot", **loss):
+  cfg = ml_collections.ConfigDict()
+  cfg.model = {"name": "digits_cnn", "kwargs": {"width": 0.5}}
+  cfg.teacher = {"name": "digits_cnn", "kwargs": {}}
+  cfg.num_classes = 10
+  cfg.loss = {
+      "method": method, "weight": 0.1, "student_layers": ("stage2", "stage3"),
+      "teacher_layers": ("stage2", "stage3"), "layer_weights": None,
+      "ot": {"warm_start": True}, "kd_weight": 0.0, "kd_temperature": 4.0,
+      "label_smoothing": 0.0, "weight_decay": 5e-4, "l2_sp": 0.0,
+      "head_decay": 5e-4,
+  }
+  cfg.loss.update(loss)
+  cfg.optimizer = {"name": "sgd", "learning_rate": 0.1, "momentum": 0.9,
+                   "schedule": "cosine", "warmup_steps": 10}
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def digits():
+  ds = data.get_datasets({"name": "digits"})
+  return ds
+
+
+def batches(ds, batch_size=64, seed=0):
+  return data.train_batches(ds.train, global_batch_size=batch_size, seed=seed,
+                            augment="none", image_size=None, mean=ds.mean,
+                            std=ds.std)
+
+
+def setup(cfg, steps, teacher_vars=None, mesh=None, seed=0,
+          init_from_teacher=False):
+  mesh = mesh or train.make_mesh()
+  model = create_model(cfg.model.name, cfg.num_classes, **cfg.model.kwargs)
+  teacher = create_model(cfg.teacher.name, cfg.num_classes,
+                         **cfg.teacher.kwargs)
+  sample = jnp.zeros((64, 8, 8, 1))
+  if teacher_vars is None:
+    teacher_vars = teacher.init(jax.random.PRNGKey(1), sample[:1])
+  tx = train.make_optimizer(cfg.optimizer, steps)
+  state = train.create_train_state(
+      cfg, model, teacher, teacher_vars, jax.random.PRNGKey(seed), sample, tx,
+      init_variables=teacher_vars if init_from_teacher else None)
+  step = train.make_train_step(cfg, model, teacher, tx, mesh)
+  return model, teacher, teacher_vars, state, step, mesh
+
+
+def run(cfg, ds, steps, teacher_vars=None, mesh=None):
+  model, _, teacher_vars, state, step, mesh = setup(cfg, steps, teacher_vars,
+                                                    mesh)
+  state = train.replicate(state, mesh)
+  teacher_vars = train.replicate(teacher_vars, mesh)
+  history = []
+  for _, batch in zip(range(steps), batches(ds)):
+    state, metrics = step(state, teacher_vars, {},
+                          train.shard_batch(batch, mesh))
+    history.append(jax.device_get(metrics))
+  return model, state, history
+
+
+def test_ot_training_on_digits_reaches_90_percent(digits):
+  teacher_cfg = make_config("none")
+  teacher_cfg.model = {"name": "digits_cnn", "kwargs": {}}
+  teacher_model, teacher_state, _ = run(teacher_cfg, digits, 200)
+  cfg = make_config("ot")
+  model, state, history = run(cfg, digits, 200,
+                              teacher_vars=teacher_state.variables)
+  mesh = train.make_mesh()
+  eval_step = train.make_eval_step(model, mesh)
+  test = train.evaluate(eval_step, state.variables,
+                        data.eval_batches(digits.test, batch_size=128,
+                                          image_size=None, mean=digits.mean,
+                                          std=digits.std), mesh)
+  assert test["count"] == len(digits.test)
+  assert test["accuracy"] > 0.90
+  last = history[-1]
+  for key in ("reg/stage2->stage2", "sinkhorn_iters/stage3->stage3", "grad_norm", "ce", "accuracy"):
+    assert np.isfinite(last[key]), key
+  # Unequal widths (student at half width): no matched fraction.
+  assert np.isnan(last["matched_fraction/stage3->stage3"])
+  assert history[-1]["reg"] < history[0]["reg"]
+  assert all(h["skipped"] == 0 for h in history)
+
+
+def test_identical_student_has_matched_fraction_one(digits):
+  # Conv stages: at initialisation the dense stage3 has dead ReLU units,
+  # which are indistinguishable, so the plan rightly splits their mass
+  # (tests/test_ot.py::test_duplicate_neurons_share_mass).
+  cfg = make_config("ot", weight=1.0, student_layers=("stage1", "stage2"),
+                    teacher_layers=("stage1", "stage2"))
+  cfg.model = {"name": "digits_cnn", "kwargs": {}, "freeze_batchnorm": True}
+  model, teacher, teacher_vars, state, step, mesh = setup(
+      cfg, 5, init_from_teacher=True)
+  _, metrics = step(state, teacher_vars, {},
+                    train.shard_batch(next(batches(digits)), mesh))
+  for key in ("stage1->stage1", "stage2->stage2"):
+    assert float(metrics[f"matched_fraction/{key}"]) == pytest.approx(
+        1.0, abs=0.02)
+
+
+@pytest.mark.parametrize("method", ["feature_matching", "attention", "fitnets"])
+def test_baseline_methods_train(digits, method):
+  cfg = make_config(method, student_layers=("stage2",),
+                    teacher_layers=("stage2",))
+  if method == "feature_matching":
+    cfg.model = {"name": "digits_cnn", "kwargs": {}}
+  _, state, history = run(cfg, digits, 3)
+  assert int(state.step) == 3
+  assert all(np.isfinite(h["reg"]) and h["reg"] > 0 for h in history)
+  if method == "fitnets":
+    assert set(state.hint_params) == {"stage2->stage2"}
+
+
+def test_kd_and_l2_sp_terms(digits):
+  cfg = make_config("none", kd_weight=1.0, l2_sp=0.1, weight_decay=0.0)
+  cfg.model = {"name": "digits_cnn", "kwargs": {}}
+  model, teacher, teacher_vars, state, step, mesh = setup(cfg, 3)
+  backbone, _ = train.split_head(teacher_vars["params"])
+  state, m1 = step(state, teacher_vars, backbone,
+                   train.shard_batch(next(batches(digits)), mesh))
+  assert float(m1["kd"]) > 0 and float(m1["l2_sp"]) > 0
+
+
+def test_unknown_layer_lists_available(digits):
+  cfg = make_config("ot", student_layers=("stage9",))
+  with pytest.raises(ValueError) as err:
+    setup(cfg, 1)
+  msg = str(err.value)
+  assert "'stage9'" in msg and "stage3" in msg and "student" in msg
+
+
+def test_feature_matching_refuses_unequal_widths():
+  cfg = make_config("feature_matching")  # student is half the teacher's width
+  with pytest.raises(ValueError, match="widths must be equal"):
+    setup(cfg, 1)
+
+
+def test_unknown_method_rejected():
+  with pytest.raises(ValueError, match="not one of"):
+    setup(make_config("delta_plus"), 1)
+
+
+def test_transfer_init_copies_backbone_and_keeps_new_head():
+  teacher = create_model("digits_cnn", 5)
+  student = create_model("digits_cnn", 5)
+  x = jnp.zeros((1, 8, 8, 1))
+  t_vars = teacher.init(jax.random.PRNGKey(0), x)
+  s_vars = student.init(jax.random.PRNGKey(1), x)
+  merged = train.transfer_init(s_vars, t_vars)
+  np.testing.assert_array_equal(merged["params"]["stage1"]["conv"]["kernel"],
+                                t_vars["params"]["stage1"]["conv"]["kernel"])
+  np.testing.assert_array_equal(merged["params"]["head"]["kernel"],
+                                s_vars["params"]["head"]["kernel"])
+  small = create_model("digits_cnn", 5, width=0.5).init(jax.random.PRNGKey(1),
+                                                         x)
+  with pytest.raises(ValueError, match="shape"):
+    train.transfer_init(small, t_vars)
+
+
+def test_schedules_and_backbone_multiplier():
+  cfg = ml_collections.ConfigDict({"learning_rate": 1.0, "schedule": "step",
+                                   "warmup_steps": 0,
+                                   "step_boundaries": (0.5,),
+                                   "step_factor": 0.1})
+  sched = train.make_schedule(cfg, 100)
+  assert float(sched(10)) == pytest.approx(1.0)
+  assert float(sched(60)) == pytest.approx(0.1)
+  cfg = ml_collections.ConfigDict({"name": "sgd", "learning_rate": 1.0,
+                                   "momentum": 0.0, "schedule": "constant",
+                                   "backbone_lr_multiplier": 0.1})
+  tx = train.make_optimizer(cfg, 10)
+  params = {"model": {"head": jnp.ones(2), "stage1": jnp.ones(2)}, "hint": {}}
+  grads = jax.tree_util.tree_map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(updates["model"]["head"], -1.0)
+  np.testing.assert_allclose(updates["model"]["stage1"], -0.1)
+
+
+def test_non_finite_step_is_skipped(digits):
+  cfg = make_config("ot")
+  model, teacher, teacher_vars, state, step, mesh = setup(cfg, 3)
+  before = jax.device_get(state.params)
+  batch = next(batches(digits))
+  batch["image"] = batch["image"].copy()
+  batch["image"][0, 0, 0, 0] = np.nan
+  state, metrics = step(state, teacher_vars, {}, train.shard_batch(batch,
+                                                                   mesh))
+  assert float(metrics["skipped"]) == 1.0
+  assert int(state.bad_steps) == 1 and int(state.step) == 1
+  jax.tree_util.tree_map(np.testing.assert_array_equal, before,
+                         jax.device_get(state.params))
+
+
+MULTI_DEVICE = textwrap.dedent("""
+    import jax, numpy as np
+    assert jax.device_count() == 2, jax.devices()
+    sys_path = {path!r}
+    import sys; sys.path.insert(0, sys_path)
+    import test_train as t
+    from ot_transfer_jax import train
+    ds = t.data.get_datasets({{"name": "digits"}})
+    cfg = t.make_config("ot")
+    out = {{}}
+    for n in (1, 2):
+      mesh = train.make_mesh(jax.devices()[:n])
+      model, teacher, tv, state, step, _ = t.setup(cfg, 5, mesh=mesh)
+      state, tv = train.replicate(state, mesh), train.replicate(tv, mesh)
+      losses = []
+      for _, b in zip(range(5), t.batches(ds)):
+        state, m = step(state, tv, {{}}, train.shard_batch(b, mesh))
+        losses.append(float(m["loss"]))
+      assert step._cache_size() == 1, step._cache_size()
+      out[n] = (np.array(losses), jax.device_get(state.params))
+    np.testing.assert_allclose(out[2][0], out[1][0], rtol=1e-4)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+        out[2][1], out[1][1])
+    print("OK", out[1][0])
+""")
+
+
+def test_two_devices_match_one_device_and_compile_once():
+  env = dict(os.environ,
+             XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  here = os.path.dirname(os.path.abspath(__file__))
+  proc = subprocess.run(
+      [sys.executable, "-c", MULTI_DEVICE.format(path=here)], env=env,
+      capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "OK" in proc.stdout
