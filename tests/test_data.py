@@ -68,6 +68,20 @@ def test_subsampling_is_seeded_balanced_and_disjoint_from_val():
   assert 100 < len(ds.val) < 140
 
 
+def test_train_fraction_keeps_a_share_of_each_class():
+  labels = data.DigitsSource("train").labels
+  train, val = data.split_indices(labels, np.arange(10), samples_per_class=None,
+                                  val_per_class=5, val_fraction=None, seed=0,
+                                  train_fraction=0.15)
+  available = np.bincount(labels) - 5
+  np.testing.assert_array_equal(np.bincount(labels[train]), np.ceil(0.15 * available))
+  assert not set(train) & set(val)
+  with pytest.raises(ValueError, match="at most one of samples_per_class and train_fraction"):
+    data.get_datasets({"name": "digits", "samples_per_class": 3, "train_fraction": 0.5})
+  with pytest.raises(ValueError, match=r"train_fraction must be in \(0, 1\]"):
+    data.get_datasets({"name": "digits", "train_fraction": 0.0})
+
+
 def test_too_many_samples_per_class_names_the_class():
   expected = r"Class 3 has \d+ training examples available .* samples_per_class=1000"
   with pytest.raises(ValueError, match=expected):

@@ -28,6 +28,8 @@ def default_config() -> ml_collections.ConfigDict:
   image_size: side S images are resized/cropped to (None: native size).
   classes: original label ids to keep, relabelled 0..k-1 in this order (None: all).
   samples_per_class: training examples kept per class, drawn with ``seed`` (None: all).
+  train_fraction: instead, the fraction of each class's training examples kept
+    (at least one per class), e.g. 0.15 for the 15 % data-scarce protocol.
   val_per_class / val_fraction: validation examples per class taken out of the training
     split before subsampling (at most one of the two; None for both: no validation).
   seed: seed of the val carve-out and of the subsampling.
@@ -39,6 +41,7 @@ def default_config() -> ml_collections.ConfigDict:
       "image_size": placeholder(int),
       "classes": placeholder(tuple),
       "samples_per_class": placeholder(int),
+      "train_fraction": placeholder(float),
       "val_per_class": placeholder(int),
       "val_fraction": placeholder(float),
       "seed": 0,
@@ -73,14 +76,15 @@ def get_datasets(cfg: Mapping[str, Any] | ml_collections.ConfigDict) -> Datasets
   train_full, test_full = _load_splits(c["name"], c["data_dir"])
   image_shape = _image_shape(c["name"], train_full.image_shape, c["image_size"])
   label_map = _label_map(train_full.num_classes, c["classes"])
-  subsample = c["samples_per_class"] is not None
+  subsample = c["samples_per_class"] is not None or c["train_fraction"] is not None
   carve_val = c["val_per_class"] is not None or c["val_fraction"] is not None
   if c["classes"] is None and not subsample and not carve_val:
     train, val = train_full, SubsetSource(train_full, [], label_map)  # Skips a label scan.
   else:
     train_idx, val_idx = split_indices(
         train_full.labels, label_map, samples_per_class=c["samples_per_class"],
-        val_per_class=c["val_per_class"], val_fraction=c["val_fraction"], seed=c["seed"])
+        val_per_class=c["val_per_class"], val_fraction=c["val_fraction"], seed=c["seed"],
+        train_fraction=c["train_fraction"])
     train, val = SubsetSource(train_full, train_idx, label_map), SubsetSource(
         train_full, val_idx, label_map)
   if c["classes"] is None:
@@ -95,6 +99,7 @@ def get_datasets(cfg: Mapping[str, Any] | ml_collections.ConfigDict) -> Datasets
 def split_indices(
     labels: np.ndarray, label_map: np.ndarray, *, samples_per_class: int | None,
     val_per_class: int | None, val_fraction: float | None, seed: int,
+    train_fraction: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Disjoint, class-stratified (train, val) indices into a training split.
 
@@ -104,6 +109,8 @@ def split_indices(
     samples_per_class: train examples kept per class (None: all left after val).
     val_per_class, val_fraction: val examples per class, as a count or a fraction of
       the class (at most one set).
+    train_fraction: instead of ``samples_per_class``, keep ``ceil(fraction * n)`` of
+      the ``n`` examples left in each class after val.
     seed: each class is permuted once; val takes its head and train what follows, so
       for a fixed seed val does not depend on ``samples_per_class`` and train sets
       of increasing ``samples_per_class`` are nested.
@@ -118,6 +125,11 @@ def split_indices(
     raise ValueError("Set at most one of val_per_class and val_fraction.")
   if val_fraction is not None and not 0 <= val_fraction < 1:
     raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+  if train_fraction is not None:
+    if samples_per_class is not None:
+      raise ValueError("Set at most one of samples_per_class and train_fraction.")
+    if not 0 < train_fraction <= 1:
+      raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction}.")
   rng = np.random.default_rng(seed)
   train, val = [], []
   kept = np.flatnonzero(label_map >= 0)
@@ -126,12 +138,15 @@ def split_indices(
     n_val = (round(val_fraction * len(members)) if val_fraction is not None
              else val_per_class or 0)
     rest = members[n_val:]
+    keep = samples_per_class
+    if train_fraction is not None:
+      keep = max(1, int(np.ceil(train_fraction * len(rest))))
     if samples_per_class is not None and samples_per_class > len(rest):
       raise ValueError(
           f"Class {original} has {len(rest)} training examples available (after {n_val}"
           f" taken for validation) but samples_per_class={samples_per_class} was asked.")
     val.append(members[:n_val])
-    train.append(rest[:samples_per_class])
+    train.append(rest[:keep])
   return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 

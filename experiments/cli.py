@@ -1,0 +1,54 @@
+"""Process set-up shared by the command-line entry points (no flags here)."""
+
+import logging as std_logging
+import os
+import re
+import sys
+
+from absl import logging
+
+
+def maybe_initialize_distributed() -> None:
+  """``jax.distributed.initialize()`` when a coordinator is configured.
+
+  Set JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID, then start the same command in every process.
+  """
+  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    import jax
+    jax.distributed.initialize(
+        coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+        num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+        process_id=int(os.environ["JAX_PROCESS_ID"]))
+
+
+def quiet_orbax() -> None:
+  """INFO logs for our progress lines, but only warnings from orbax."""
+  logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(
+      lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname)
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with a one-paragraph error for a bad config override.
+
+  ml_collections reports an unknown ``--config.key`` with a stack trace; the
+  user needs the key, the nearest existing one and how to list them.
+  """
+  from absl import flags
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError, TypeError, ValueError,
+          flags.Error) as e:
+    # ml_collections nests a repr in its message: unescape, one line.
+    message = str(e).encode().decode("unicode_escape")
+    if message.startswith("'"):
+      message = re.sub(r"^'+|'+$", "", message)
+    message = " ".join(message.split())
+    message = re.sub(r"^'?(\w+)'", r"'\1'", message)
+    sys.stderr.write(
+        f"Error: bad --config override: {message}. Every key must exist in "
+        "the config file's get_config() (see its docstring, or "
+        "experiments/configs/common.py for the full list with defaults); "
+        "values must have the key's type.\n")
+    sys.exit(2)

@@ -1,0 +1,73 @@
+"""Transfer learning, data-scarce: digits 0-4 teacher -> student on digits 5-9.
+
+The teacher (digits_cnn) is trained on all training images of digits 0-4 and
+cached in WORKDIR/teacher. A student of the same architecture learns digits
+5-9 from `samples_per_class` images per class, validated on a disjoint
+`val_per_class` carve-out and tested on the test split. Methods share data,
+seeds and schedule:
+
+  scratch           random init, weight decay
+  finetune_l2       init from the teacher, weight decay (L2)
+  l2_sp             init from the teacher, L2-SP (alpha=0.1, head beta=0.01)
+  feature_matching  init from the teacher, Omega_I on stage1-3
+  ot                init from the teacher, Omega_P on stage1-3
+
+Launch one method:
+  python -m experiments.main --config experiments/configs/digits_transfer.py \
+      --workdir workdirs/digits_transfer/ot --config.method=ot
+All methods x seeds, table and figures:
+  python -m experiments.reproduce \
+      --config experiments/configs/digits_transfer.py --seeds 3
+"""
+
+from experiments.configs import common
+
+LAYERS = ("stage1", "stage2", "stage3")
+
+
+def teacher_job():
+  t = common.base_config()
+  t.data.classes = (0, 1, 2, 3, 4)
+  t.data.val_per_class = 10
+  t.model.name = "digits_cnn"
+  t.loss.weight_decay = 5e-4
+  t.loss.head_decay = 5e-4
+  t.num_steps = 300
+  t.eval_every = 100
+  return t
+
+
+def get_config():
+  c = common.base_config()
+  c.data.classes = (5, 6, 7, 8, 9)
+  c.data.samples_per_class = 5
+  c.data.val_per_class = 20
+  c.model.name = "digits_cnn"
+  c.teacher.source = "train"
+  c.teacher.name = "digits_cnn"
+  c.teacher.job = teacher_job()
+  c.loss.student_layers = LAYERS
+  c.loss.teacher_layers = LAYERS
+  c.analysis_layers = LAYERS
+  c.batch_size = 25  # = 5 classes x 5 examples: one epoch per step.
+  c.num_steps = 200
+  c.eval_every = 20
+  c.log_every = 20
+  c.checkpoint_every = 100
+  c.optimizer.learning_rate = 0.02
+  c.method = "ot"
+  c.method_order = ("scratch", "finetune_l2", "l2_sp", "feature_matching",
+                    "ot")
+  from_teacher = {"init_from_teacher": True}
+  c.methods = {
+      "scratch": {"loss": {"weight_decay": 5e-4, "head_decay": 5e-4},
+                  "optimizer": {"learning_rate": 0.05}},
+      "finetune_l2": {**from_teacher,
+                      "loss": {"weight_decay": 5e-4, "head_decay": 5e-4}},
+      "l2_sp": {**from_teacher, "loss": {"l2_sp": 0.1, "head_decay": 0.01}},
+      "feature_matching": {**from_teacher, "loss": {
+          "method": "feature_matching", "weight": 1.0, "head_decay": 0.01}},
+      "ot": {**from_teacher, "loss": {
+          "method": "ot", "weight": 1.0, "head_decay": 0.01}},
+  }
+  return c

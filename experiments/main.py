@@ -1,0 +1,37 @@
+"""Train and evaluate one experiment config.
+
+  python -m experiments.main --config experiments/configs/digits_transfer.py \
+      --workdir workdirs/digits_transfer/ot [--config.method=ot] \
+      [--config.num_steps=100 ...]
+
+Rerunning the same command resumes from the last checkpoint in --workdir.
+Multi-host: set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+JAX_PROCESS_ID and run this same command in every process.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from experiments.cli import (maybe_initialize_distributed, parse_flags,
+                             quiet_orbax)
+from ot_transfer_jax import experiment
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to an experiment config (get_config()).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None,
+                               "Directory for checkpoints and outputs.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  maybe_initialize_distributed()
+  quiet_orbax()
+  final = experiment.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  print({k: final[k] for k in ("method", "step", "val_accuracy",
+                               "test_accuracy")})
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,171 @@
+"""The end-to-end job: outputs, restore, resume after SIGKILL, reproduce."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import reproduce
+from experiments.configs import digits_transfer
+from ot_transfer_jax import checkpoint, data, experiment, train
+from ot_transfer_jax.metric_writers import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = {"num_steps": 20, "eval_every": 10, "log_every": 5,
+        "checkpoint_every": 10}
+
+
+def tiny_config(teacher_dir, method="ot", **overrides):
+  c = digits_transfer.get_config()
+  c.update({**TINY, **overrides})
+  c.method = method
+  c.teacher.job.num_steps = 40
+  c.teacher.workdir = str(teacher_dir)
+  return c
+
+
+def cli_overrides(teacher_dir, **overrides):
+  flags = {**TINY, "teacher.job.num_steps": 40,
+           "teacher.workdir": str(teacher_dir), **overrides}
+  return [f"--config.{k}={v}" for k, v in flags.items()]
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+  """A digits 0-4 teacher, trained once for the module."""
+  path = tmp_path_factory.mktemp("teacher")
+  experiment.load_teacher(tiny_config(path), str(path))
+  return path
+
+
+def test_job_writes_outputs_and_restores(teacher_dir, tmp_path):
+  final = experiment.train_and_evaluate(tiny_config(teacher_dir), str(tmp_path))
+  with open(tmp_path / "final_metrics.json") as f:
+    assert json.load(f) == final
+  for key in ("test_accuracy", "val_accuracy", "step", "best_val_accuracy",
+              "test_accuracy_at_best_val"):
+    assert final[key] is not None, key
+  assert final["step"] == 20 and final["method"] == "ot"
+  assert 0.2 < final["test_accuracy"] <= 1.0  # 5 classes: above chance.
+
+  records = read_metrics(str(tmp_path))
+  splits = {r["split"] for r in records}
+  assert splits == {"train", "val", "test"}
+  train_rec = [r for r in records if r["split"] == "train"]
+  assert [r["step"] for r in train_rec] == [5, 10, 15, 20]
+  assert "matched_fraction/stage1->stage1" in train_rec[-1]
+  assert os.listdir(tmp_path / "tensorboard")
+
+  with open(tmp_path / "analysis.json") as f:
+    analysis = json.load(f)
+  assert analysis["layers"] == ["stage1", "stage2", "stage3"]
+  assert all(0 <= m <= 1 + 1e-5 for m in analysis["matched_fraction"])
+  assert np.asarray(analysis["plans"]["stage2"]).shape == (32, 32)
+
+  restored = checkpoint.restore(str(tmp_path))
+  assert restored.step == 20 and restored.config.method == "ot"
+  ds = data.get_datasets(restored.config.data)
+  mesh = train.make_mesh()
+  test = train.evaluate(
+      train.make_eval_step(restored.model, mesh), restored.variables,
+      data.eval_batches(ds.test, batch_size=128, image_size=None,
+                        mean=ds.mean, std=ds.std), mesh)
+  assert test["accuracy"] == pytest.approx(final["test_accuracy"])
+
+  # Rerunning a finished job resumes at its end and reports the same numbers.
+  assert experiment.train_and_evaluate(tiny_config(teacher_dir),
+                                       str(tmp_path)) == final
+
+
+def _main(workdir, teacher_dir, *extra):
+  return [sys.executable, "-m", "experiments.main", "--config",
+          os.path.join(REPO, "experiments/configs/digits_transfer.py"),
+          f"--workdir={workdir}", *cli_overrides(teacher_dir), *extra]
+
+
+def _final_params(workdir):
+  return jax.device_get(checkpoint.restore(str(workdir)).variables)
+
+
+def test_sigkill_then_rerun_matches_uninterrupted_run(teacher_dir, tmp_path):
+  extra = ["--config.num_steps=60", "--config.checkpoint_every=20"]
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  subprocess.run(_main(tmp_path / "straight", teacher_dir, *extra), cwd=REPO,
+                 env=env, check=True, capture_output=True, timeout=300)
+
+  killed = tmp_path / "killed"
+  proc = subprocess.Popen(_main(killed, teacher_dir, *extra), cwd=REPO,
+                          env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while not (killed / "checkpoints" / "20").exists():
+    assert proc.poll() is None and time.time() < deadline
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (killed / "final_metrics.json").exists()
+
+  subprocess.run(_main(killed, teacher_dir, *extra), cwd=REPO, env=env,
+                 check=True, capture_output=True, timeout=300)
+  with open(tmp_path / "straight" / "final_metrics.json") as f:
+    straight = json.load(f)
+  with open(killed / "final_metrics.json") as f:
+    resumed = json.load(f)
+  assert resumed == straight
+  jax.tree_util.tree_map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
+      _final_params(killed), _final_params(tmp_path / "straight"))
+
+
+def test_config_key_typo_gives_one_paragraph(teacher_dir, tmp_path):
+  proc = subprocess.run(_main(tmp_path, teacher_dir,
+                              "--config.loss.wieght=1"),
+                        cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  assert "Traceback" not in proc.stderr
+  assert "'wieght'" in proc.stderr and 'Did you mean "weight"' in proc.stderr
+
+
+def test_unknown_method_lists_the_defined_ones(teacher_dir, tmp_path):
+  with pytest.raises(ValueError, match="choose one of .*'l2_sp'"):
+    experiment.train_and_evaluate(tiny_config(teacher_dir, method="magic"),
+                                  str(tmp_path))
+
+
+def test_regularizer_without_teacher_is_refused(tmp_path):
+  c = tiny_config(tmp_path / "none")
+  c.teacher.source = "none"
+  with pytest.raises(ValueError, match="needs a teacher"):
+    experiment.train_and_evaluate(c, str(tmp_path))
+
+
+def test_restore_without_checkpoints_says_what_to_do(tmp_path):
+  with pytest.raises(checkpoint.CheckpointError, match="train first"):
+    checkpoint.restore(str(tmp_path))
+
+
+def test_reproduce_writes_results_table_and_figures(teacher_dir, tmp_path):
+  config = tiny_config(teacher_dir)
+  records, table = reproduce.run_all(config, str(tmp_path), seeds=2,
+                                     methods=["scratch", "ot"])
+  with open(tmp_path / "results.json") as f:
+    saved = json.load(f)
+  assert saved == records and len(records) == 4
+  assert [(r["method"], r["seed"]) for r in records] == [
+      ("scratch", 0), ("scratch", 1), ("ot", 0), ("ot", 1)]
+  for r in records:
+    for key in ("test_accuracy_best_val", "test_accuracy_last"):
+      assert 0 <= r[key] <= 1
+  assert "| scratch | 2 |" in table and "| ot | 2 |" in table
+  for name in ("results.md", "learning_curves.png", "ot_plan.png",
+               "matched_fraction_depth.png", "matched_fraction_training.png"):
+    assert os.path.getsize(tmp_path / name) > 0, name
+  # Seeds differ in their data draw; methods share it.
+  with pytest.raises(ValueError, match="Unknown methods"):
+    reproduce.run_all(config, str(tmp_path), seeds=1, methods=["nope"])
