@@ -11,8 +11,9 @@ resume), with ``config.seed = config.data.seed = k``: for a given seed every
 method sees the same data subsample, the same batches and the same student
 initialisation. A teacher trained by the config is trained once, in
 ``WORKDIR/teacher``. Writes ``WORKDIR/results.json`` (one record per run:
-``method``, ``seed``, ``test_accuracy_best_val``, ``test_accuracy_last``,
-``val_accuracy_best``, ``best_step``, ``step``, ``workdir``),
+``method``, ``seed``, ``status`` ("finished" or "diverged"),
+``test_accuracy_best_val``, ``test_accuracy_last``, ``val_accuracy_best``,
+``best_step``, ``step``, ``workdir``),
 ``WORKDIR/results.md`` and the figures, and prints the table.
 """
 
@@ -55,9 +56,16 @@ def run_all(config, root: str, seeds: int, methods=None) -> list:
           cfg.teacher.workdir = os.path.join(root, "teacher")
       workdir = os.path.join(root, method, f"seed{seed}")
       logging.info("=== %s, seed %d -> %s", method, seed, workdir)
-      final = experiment.train_and_evaluate(cfg, workdir)
+      try:
+        final = experiment.train_and_evaluate(cfg, workdir)
+      except FloatingPointError as e:  # Diverged: recorded, never hidden.
+        logging.error("%s seed %d diverged: %s", method, seed, e)
+        records.append({"method": method, "seed": seed, "status": "diverged",
+                        "test_accuracy_best_val": None,
+                        "test_accuracy_last": None, "workdir": workdir})
+        continue
       records.append({
-          "method": method, "seed": seed,
+          "method": method, "seed": seed, "status": "finished",
           "test_accuracy_best_val": final["test_accuracy_at_best_val"],
           "test_accuracy_last": final["test_accuracy"],
           "val_accuracy_best": final["best_val_accuracy"],
@@ -69,8 +77,17 @@ def run_all(config, root: str, seeds: int, methods=None) -> list:
         analyses.setdefault(method, []).append(json.load(f))
   with open(os.path.join(root, "results.json"), "w") as f:
     json.dump(records, f, indent=2)
-  table = report.write_report(root, records, runs, analyses,
+  finished = [r for r in records if r["status"] == "finished"]
+  table = report.write_report(root, finished, runs, analyses,
                               methods_order=methods)
+  diverged = [f"{r['method']} seed {r['seed']}" for r in records
+              if r["status"] != "finished"]
+  if diverged:
+    note = ("\nDiverged (non-finite loss; left out of the means): "
+            f"{', '.join(diverged)}.\n")
+    with open(os.path.join(root, "results.md"), "a") as f:
+      f.write(note)
+    table += note
   return records, table
 
 

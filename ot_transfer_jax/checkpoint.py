@@ -45,16 +45,19 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 def make_manager(workdir: str, *, max_to_keep: int = 3,
-                 read_only: bool = False) -> ocp.CheckpointManager:
-  """A synchronous, atomic checkpoint manager for ``WORKDIR/checkpoints``."""
+                 reading: bool = False) -> ocp.CheckpointManager:
+  """A synchronous, atomic checkpoint manager for ``WORKDIR/checkpoints``.
+
+  With ``reading`` (evaluation) it creates and cleans up nothing, so it can
+  look at the checkpoints of a run that is still writing them.
+  """
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep,
-      create=not read_only,
-      read_only=read_only,
+      create=not reading,
       # Synchronous saves: when save() returns the step is on disk, so the
       # resume point is exactly the last step saved.
       enable_async_checkpointing=False,
-      cleanup_tmp_directories=not read_only,
+      cleanup_tmp_directories=not reading,
   )
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                item_names=_ITEMS)
@@ -146,7 +149,7 @@ def restore(workdir: str, step: Optional[int] = None) -> Restored:
         f"No checkpoints in {path}: train first with `python -m "
         f"experiments.main --config ... --workdir {workdir}`, or pass the "
         "workdir of a finished run.")
-  manager = make_manager(workdir, read_only=True)
+  manager = make_manager(workdir, reading=True)
   step = manager.latest_step() if step is None else step
   if step is None or step not in manager.all_steps():
     raise CheckpointError(

@@ -39,6 +39,9 @@ from ot_transfer_jax.metric_writers import MetricWriter, Progress
 
 FINAL_METRICS = "final_metrics.json"
 ANALYSIS = "analysis.json"
+# torchvision's ImageNet statistics: pretrained teachers expect them.
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
 def apply_method(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -115,7 +118,9 @@ def load_teacher(config, workdir: str):
       cached teacher;
     ``"checkpoint"``: restore the run in ``config.teacher.path``;
     ``"torchvision"``: ImageNet ResNet weights from the ``.safetensors`` file
-      ``config.teacher.path`` (torchvision layout).
+      ``config.teacher.path`` (torchvision layout);
+    ``"random"``: ``config.teacher.name`` at random initialisation, with
+      ``config.teacher.num_classes`` classes (smoke tests, debugging).
   """
   t = config.teacher
   source = t.get("source", "none")
@@ -133,12 +138,26 @@ def load_teacher(config, workdir: str):
     return restored.model, restored.variables
   if source == "torchvision":
     from ot_transfer_jax.models import pretrained
+    if not os.path.isfile(t.path):
+      raise FileNotFoundError(
+          f"teacher.path={t.path!r}: no such file. Save torchvision's "
+          f"ImageNet {t.name} weights as safetensors on a machine with "
+          "internet (see README, 'Pretrained teachers') and point "
+          "--config.teacher.path at the file.")
     variables = pretrained.load_torchvision_resnet(t.path, t.name)
     num_classes = variables["params"]["head"]["kernel"].shape[-1]
     return models.create_model(t.name, num_classes,
                                **t.get("kwargs", {})), variables
+  if source == "random":
+    teacher = models.create_model(t.name, t.num_classes, **t.get("kwargs", {}))
+    image_shape = tuple(t.get("image_shape") or ())
+    if not image_shape:
+      raise ValueError("teacher.source='random' needs teacher.image_shape "
+                       "(H, W, C) to initialise the network.")
+    return teacher, teacher.init(jax.random.PRNGKey(0),
+                                 jnp.zeros((1, *image_shape)))
   raise ValueError(f"teacher.source={source!r} is not one of ('none', "
-                   "'train', 'checkpoint', 'torchvision').")
+                   "'train', 'checkpoint', 'torchvision', 'random').")
 
 
 # ---------------------------------------------------------------------------
@@ -179,10 +198,19 @@ def layer_analysis(config, model, variables, teacher, teacher_vars,
 # ---------------------------------------------------------------------------
 
 
+def normalization(config, ds) -> tuple[np.ndarray, np.ndarray]:
+  """Per-channel (mean, std): the training set's, or ImageNet's when
+  ``config.imagenet_normalization`` (pretrained ImageNet teachers)."""
+  if config.get("imagenet_normalization", False):
+    return IMAGENET_MEAN, IMAGENET_STD
+  return ds.mean, ds.std
+
+
 def _evaluate(eval_step, variables, source, ds, config, mesh):
+  mean, std = normalization(config, ds)
   batches = data.eval_batches(
       source, batch_size=config.eval_batch_size,
-      image_size=config.data.get("image_size"), mean=ds.mean, std=ds.std,
+      image_size=config.data.get("image_size"), mean=mean, std=std,
       process_index=jax.process_index(), process_count=jax.process_count())
   return train.evaluate(eval_step, variables, batches, mesh)
 
@@ -224,7 +252,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   init_vars = None
   if config.get("init_from_teacher", False):
     fresh = model.init(jax.random.fold_in(rng, 1), sample[:1], train=False)
-    init_vars = train.transfer_init(fresh, teacher_vars)
+    init_vars = train.transfer_init(fresh, teacher_vars,
+                                    config.get("transfer_reinit", ("head",)))
   state = train.create_train_state(config, model, teacher, teacher_vars, rng,
                                    sample, tx, init_variables=init_vars)
   reference = {}
@@ -247,11 +276,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                "num_classes": ds.num_classes}
 
   train_step = train.make_train_step(config, model, teacher, tx, mesh)
+  mean, std = normalization(config, ds)
   eval_step = train.make_eval_step(model, mesh)
   batches = data.train_batches(
       ds.train, global_batch_size=config.batch_size, seed=config.seed,
       augment=config.get("augment", "none"),
-      image_size=config.data.get("image_size"), mean=ds.mean, std=ds.std,
+      image_size=config.data.get("image_size"), mean=mean, std=std,
       process_index=jax.process_index(), process_count=jax.process_count(),
       start_step=start)
   has_val = len(ds.val) > 0
@@ -307,8 +337,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   first = next(data.eval_batches(
       ds.val if has_val else ds.test,
       batch_size=config.get("analysis_batch_size", 256),
-      image_size=config.data.get("image_size"), mean=ds.mean,
-      std=ds.std))
+      image_size=config.data.get("image_size"), mean=mean, std=std))
   images = first["image"][first["mask"]]
   analysis = layer_analysis(config, model, jax.device_get(state.variables),
                             teacher, jax.device_get(teacher_vars), images)

@@ -317,6 +317,8 @@ def make_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
   lr, warmup = opt_cfg.learning_rate, int(opt_cfg.get("warmup_steps", 0))
   name = opt_cfg.get("schedule", "cosine")
   if name == "cosine":
+    if warmup == 0:
+      return optax.cosine_decay_schedule(lr, max(total_steps, 1))
     return optax.warmup_cosine_decay_schedule(
         0.0, lr, warmup, max(total_steps, warmup + 1), end_value=0.0)
   if name == "step":
@@ -352,12 +354,25 @@ def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
 
   With ``backbone_lr_multiplier != 1`` the pre-trained backbone gets that
   fraction of the learning rate of the new head and the FitNets regressors
-  (``optax.multi_transform``).
+  (``optax.multi_transform``). ``grad_clip_norm`` clips the global gradient
+  norm first.
   """
   schedule = make_schedule(opt_cfg, total_steps)
   mult = float(opt_cfg.get("backbone_lr_multiplier", 1.0))
   if mult == 1.0:
-    return _base_optimizer(opt_cfg, schedule)
+    tx = _base_optimizer(opt_cfg, schedule)
+  else:
+    tx = _split_optimizer(opt_cfg, schedule, mult)
+  clip = opt_cfg.get("grad_clip_norm")
+  if clip:
+    # Clipping the global norm first keeps one bad batch from blowing up a
+    # fine-tuned network (e.g. with frozen BatchNorm statistics).
+    tx = optax.chain(optax.clip_by_global_norm(clip), tx)
+  return tx
+
+
+def _split_optimizer(opt_cfg, schedule, mult) -> optax.GradientTransformation:
+  """The head and regressors at ``schedule``, the backbone at ``mult`` x it."""
   backbone_schedule = lambda step: mult * schedule(step)
 
   def labels(trainable):
@@ -446,18 +461,23 @@ def create_train_state(config, model, teacher, teacher_vars, rng,
 
 
 def transfer_init(student_init: Mapping[str, Any],
-                  teacher_vars: Mapping[str, Any]) -> dict:
-  """Student variables copied from the teacher, except a fresh ``head``.
+                  teacher_vars: Mapping[str, Any],
+                  reinit: Sequence[str] = (HEAD,)) -> dict:
+  """Student variables copied from the teacher, except fresh ``reinit`` modules.
 
-  For transfer learning with the same architecture and a new label space.
+  For transfer learning with the same architecture and a new label space:
+  the new ``head`` always keeps its fresh initialisation; more top-level
+  modules (e.g. ``("stage3", "head")``) may be re-initialised too.
 
   Raises:
-    ValueError: when the backbones differ, naming the first mismatch.
+    ValueError: when the copied parts differ, naming the first mismatch.
   """
+  reinit = set(reinit) | {HEAD}
   out = {}
   for col, tree in student_init.items():
-    ours, _ = split_head(tree)
-    theirs, _ = split_head(teacher_vars.get(col, {}))
+    ours = {k: v for k, v in tree.items() if k not in reinit}
+    theirs = {k: v for k, v in teacher_vars.get(col, {}).items()
+              if k not in reinit}
     s_flat = flax.traverse_util.flatten_dict(ours, sep="/")
     t_flat = flax.traverse_util.flatten_dict(theirs, sep="/")
     if s_flat.keys() != t_flat.keys():
@@ -470,10 +490,7 @@ def transfer_init(student_init: Mapping[str, Any],
         raise ValueError(
             f"Transfer initialisation: {col}/{k} has shape {s_flat[k].shape} "
             f"in the student and {t_flat[k].shape} in the teacher.")
-    merged = dict(theirs)
-    if HEAD in tree:
-      merged[HEAD] = tree[HEAD]
-    out[col] = merged
+    out[col] = {**theirs, **{k: v for k, v in tree.items() if k in reinit}}
   return out
 
 

@@ -169,3 +169,23 @@ def test_reproduce_writes_results_table_and_figures(teacher_dir, tmp_path):
   # Seeds differ in their data draw; methods share it.
   with pytest.raises(ValueError, match="Unknown methods"):
     reproduce.run_all(config, str(tmp_path), seeds=1, methods=["nope"])
+
+
+@pytest.mark.parametrize("name", ["digits_distill", "digits_cross_arch"])
+def test_every_digits_method_runs(name, tmp_path):
+  module = __import__(f"experiments.configs.{name}", fromlist=["get_config"])
+  config = module.get_config()
+  assert f"experiments/configs/{name}.py" in module.__doc__
+  config.update({"num_steps": 3, "eval_every": 3, "log_every": 1,
+                 "checkpoint_every": 3})
+  config.teacher.job.num_steps = 5
+  config.teacher.workdir = str(tmp_path / "teacher")
+  for method in config.method_order:
+    config.method = method
+    final = experiment.train_and_evaluate(config, str(tmp_path / method))
+    assert final["step"] == 3 and 0 <= final["test_accuracy"] <= 1
+    last_train = read_metrics(str(tmp_path / method), split="train")[-1]
+    if config.methods[method].get("loss", {}).get("method", "none") != "none":
+      assert np.isfinite(last_train["reg"]) and last_train["reg"] > 0, method
+    if config.methods[method].get("loss", {}).get("kd_weight", 0) > 0:
+      assert last_train["kd"] > 0, method

@@ -191,6 +191,13 @@ def test_schedules_and_backbone_multiplier():
   updates, _ = tx.update(grads, tx.init(params), params)
   np.testing.assert_allclose(updates["model"]["head"], -1.0)
   np.testing.assert_allclose(updates["model"]["stage1"], -0.1)
+  cfg.grad_clip_norm = 1.0
+  tx = train.make_optimizer(cfg, 10)
+  updates, _ = tx.update(jax.tree_util.tree_map(lambda g: 10 * g, grads),
+                         tx.init(params), params)
+  # Global norm of (10, 10, 10, 10) is 20 -> scaled to 1: each 0.5.
+  np.testing.assert_allclose(updates["model"]["head"], -0.5, rtol=1e-6)
+  np.testing.assert_allclose(updates["model"]["stage1"], -0.05, rtol=1e-6)
 
 
 def test_non_finite_step_is_skipped(digits):

@@ -28,8 +28,12 @@ def base_config():
   c.teacher = ml_collections.ConfigDict({
       # 'none' | 'train' (c.teacher.job, cached) | 'checkpoint' | 'torchvision'
       "source": "none", "name": "digits_cnn", "kwargs": {},
-      "path": "", "workdir": "", "job": {}})
+      "path": "", "workdir": "", "job": {},
+      # Only for source='random': the teacher's label space and input shape.
+      "num_classes": 10, "image_shape": ()})
   c.init_from_teacher = False
+  # Top-level modules that init_from_teacher leaves freshly initialised.
+  c.transfer_reinit = ("head",)
   c.loss = ml_collections.ConfigDict({
       "method": "none",  # 'none' | 'ot' | 'feature_matching' | 'attention' | 'fitnets'
       "weight": 0.0,
@@ -49,7 +53,7 @@ def base_config():
       "name": "sgd", "learning_rate": 0.05, "momentum": 0.9,
       "nesterov": False, "adamw_weight_decay": 0.0, "schedule": "cosine",
       "warmup_steps": 0, "step_boundaries": (0.5, 0.75), "step_factor": 0.1,
-      "backbone_lr_multiplier": 1.0})
+      "backbone_lr_multiplier": 1.0, "grad_clip_norm": 0.0})  # 0: no clip
   c.batch_size = 64
   c.eval_batch_size = 256
   c.num_steps = 300
@@ -57,7 +61,8 @@ def base_config():
   c.eval_every = 50
   c.checkpoint_every = 100
   c.max_to_keep = 2
-  c.augment = "none"
+  c.augment = "none"  # 'none' | 'crop_flip' | 'imagenet'
+  c.imagenet_normalization = False  # True for ImageNet-pretrained teachers
   c.seed = 0
   c.analysis_layers = ()
   c.analysis_batch_size = 256

@@ -1,0 +1,68 @@
+"""Knowledge distillation: digits_cnn teacher -> a 4x narrower student.
+
+The teacher (digits_cnn, 16/32/64 neurons per stage) is trained on all ten
+digits and cached in WORKDIR/teacher; the student (digits_cnn width 0.25:
+4/8/16 neurons) learns the same task from the same data. The widths differ,
+so Omega_I (feature matching) does not apply; Omega_P needs no projection.
+
+  student    CE only
+  kd         CE + KD (T = 4)
+  fitnets    CE + FitNets hint on stage2 (learned 1x1 regressor)
+  attention  CE + attention transfer on stage1-2
+  ot         CE + Omega_P on stage1-3
+  ot_kd      CE + Omega_P + KD
+
+Launch one method:
+  python -m experiments.main --config experiments/configs/digits_distill.py \
+      --workdir workdirs/digits_distill/ot --config.method=ot
+All methods x seeds:
+  python -m experiments.reproduce \
+      --config experiments/configs/digits_distill.py --seeds 3
+"""
+
+from experiments.configs import common
+
+LAYERS = ("stage1", "stage2", "stage3")
+
+
+def teacher_job():
+  t = common.base_config()
+  t.data.val_per_class = 20
+  t.model.name = "digits_cnn"
+  t.loss.weight_decay = 5e-4
+  t.loss.head_decay = 5e-4
+  t.num_steps = 400
+  t.eval_every = 100
+  return t
+
+
+def get_config():
+  c = common.base_config()
+  c.data.val_per_class = 20
+  c.model.name = "digits_cnn"
+  c.model.kwargs = {"width": 0.25}
+  c.teacher.source = "train"
+  c.teacher.name = "digits_cnn"
+  c.teacher.job = teacher_job()
+  c.loss.weight_decay = 5e-4
+  c.loss.head_decay = 5e-4
+  c.analysis_layers = ()  # Unequal widths: no matched fraction to plot.
+  c.num_steps = 300
+  c.eval_every = 50
+  c.method = "ot"
+  c.method_order = ("student", "kd", "fitnets", "attention", "ot", "ot_kd")
+  ot = {"method": "ot", "weight": 1.0, "student_layers": LAYERS,
+        "teacher_layers": LAYERS}
+  c.methods = {
+      "student": {},
+      "kd": {"loss": {"kd_weight": 1.0}},
+      "fitnets": {"loss": {"method": "fitnets", "weight": 1.0,
+                           "student_layers": ("stage2",),
+                           "teacher_layers": ("stage2",)}},
+      "attention": {"loss": {"method": "attention", "weight": 100.0,
+                             "student_layers": ("stage1", "stage2"),
+                             "teacher_layers": ("stage1", "stage2")}},
+      "ot": {"loss": ot},
+      "ot_kd": {"loss": {**ot, "kd_weight": 1.0}},
+  }
+  return c
