@@ -16,6 +16,8 @@ def maybe_initialize_distributed() -> None:
   """
   if os.environ.get("JAX_COORDINATOR_ADDRESS"):
     import jax
+    # Cross-process collectives for CPU devices (GPUs/TPUs bring their own).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
         num_processes=int(os.environ["JAX_NUM_PROCESSES"]),

@@ -7,9 +7,12 @@
 
 Runs ``experiments.main``'s job for each (method, seed) in
 ``WORKDIR/<method>/seed<k>`` (finished runs are reused, interrupted ones
-resume), with ``config.seed = config.data.seed = k``: for a given seed every
-method sees the same data subsample, the same batches and the same student
-initialisation. A teacher trained by the config is trained once, in
+resume), with ``config.seed = k`` and, unless ``config.vary_data_seed`` is
+False, ``config.data.seed = k`` (a new data subsample and validation split per
+seed): for a given seed every method sees the same data, batches and student
+initialisation. Configs whose teacher trains on the student's training split
+keep ``data.seed`` fixed, so that validation never holds teacher training
+images. A teacher trained by the config is trained once, in
 ``WORKDIR/teacher``. Writes ``WORKDIR/results.json`` (one record per run:
 ``method``, ``seed``, ``status`` ("finished" or "diverged"),
 ``test_accuracy_best_val``, ``test_accuracy_last``, ``val_accuracy_best``,
@@ -51,7 +54,9 @@ def run_all(config, root: str, seeds: int, methods=None) -> list:
     for seed in range(seeds):
       cfg = config.copy_and_resolve_references()
       with cfg.unlocked():
-        cfg.method, cfg.seed, cfg.data.seed = method, seed, seed
+        cfg.method, cfg.seed = method, seed
+        if cfg.get("vary_data_seed", True):
+          cfg.data.seed = seed
         if cfg.teacher.source == "train" and not cfg.teacher.workdir:
           cfg.teacher.workdir = os.path.join(root, "teacher")
       workdir = os.path.join(root, method, f"seed{seed}")

@@ -30,10 +30,10 @@ from typing import Any, Optional
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 CHECKPOINT_DIR = "checkpoints"
-_ITEMS = ("state", "meta")
 
 
 class CheckpointError(ValueError):
@@ -59,8 +59,10 @@ def make_manager(workdir: str, *, max_to_keep: int = 3,
       enable_async_checkpointing=False,
       cleanup_tmp_directories=not reading,
   )
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                               item_names=_ITEMS)
+  return ocp.CheckpointManager(
+      checkpoint_dir(workdir), options=options,
+      item_handlers={"state": ocp.StandardCheckpointHandler(),
+                     "meta": ocp.JsonCheckpointHandler()})
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
@@ -99,21 +101,35 @@ def restore_latest(manager: ocp.CheckpointManager, workdir: str,
   try:
     meta = manager.restore(step, args=ocp.args.Composite(
         meta=ocp.args.JsonRestore()))["meta"]
+    saved = _saved_shapes(manager, step)
   except Exception as e:  # orbax raises many types for a damaged directory.
     raise _corrupt(workdir, step, e) from None
+  wanted = _shapes(abstract)
+  if saved != wanted:
+    raise CheckpointError(
+        f"The checkpoint of step {step} in {checkpoint_dir(workdir)} does not "
+        f"fit this run's model/config ({len(saved)} saved arrays vs "
+        f"{len(wanted)} expected, or of other shapes). It was written by model "
+        f"{meta.get('config', {}).get('model', '?')}. Use another --workdir "
+        "for a different configuration, or rerun with the config that wrote "
+        "it.")
   try:
     state = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract)))["state"]
-  except (ValueError, KeyError, TypeError) as e:
-    raise CheckpointError(
-        f"The checkpoint of step {step} in {checkpoint_dir(workdir)} does not "
-        f"fit this run's model/config ({str(e)[:300]}). It was written by "
-        f"model {meta.get('config', {}).get('model', '?')}. Use another "
-        "--workdir for a different configuration, or rerun with the config "
-        "that wrote it.") from None
   except Exception as e:
     raise _corrupt(workdir, step, e) from None
   return state, meta
+
+
+def _shapes(tree: Any) -> list:
+  """The sorted shapes of a pytree's leaves: a structure-free fingerprint
+  (saved trees come back as dicts, live ones as dataclasses)."""
+  return sorted(tuple(x.shape) for x in jax.tree_util.tree_leaves(tree))
+
+
+def _saved_shapes(manager: ocp.CheckpointManager, step: int) -> list:
+  """The sorted leaf shapes of a saved state, from its metadata alone."""
+  return _shapes(manager.item_metadata(step)["state"].tree)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,8 +172,13 @@ def restore(workdir: str, step: Optional[int] = None) -> Restored:
         f"No complete checkpoint{'' if step is None else f' of step {step}'} "
         f"in {path} (available steps: {list(manager.all_steps())}).")
   try:
+    # Host numpy arrays, read by every process whatever the topology that
+    # wrote them: the target's leaf type tells orbax what to build.
+    tree = manager.item_metadata(step)["state"].tree
+    target = jax.tree_util.tree_map(
+        lambda m: np.zeros(m.shape, m.dtype), tree)
     items = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
   except Exception as e:
     raise _corrupt(workdir, step, e) from None
   meta = items["meta"]

@@ -22,6 +22,7 @@ at the last step.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -42,6 +43,7 @@ ANALYSIS = "analysis.json"
 # torchvision's ImageNet statistics: pretrained teachers expect them.
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+MAX_SAVED_PLAN = 512 * 512
 
 
 def apply_method(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -154,8 +156,8 @@ def load_teacher(config, workdir: str):
     if not image_shape:
       raise ValueError("teacher.source='random' needs teacher.image_shape "
                        "(H, W, C) to initialise the network.")
-    return teacher, teacher.init(jax.random.PRNGKey(0),
-                                 jnp.zeros((1, *image_shape)))
+    init = jax.jit(functools.partial(teacher.init, train=False))
+    return teacher, init(jax.random.PRNGKey(0), jnp.zeros((1, *image_shape)))
   raise ValueError(f"teacher.source={source!r} is not one of ('none', "
                    "'train', 'checkpoint', 'torchvision', 'random').")
 
@@ -174,22 +176,32 @@ def layer_analysis(config, model, variables, teacher, teacher_vars,
 
   Returns:
     ``{"layers": [...], "matched_fraction": [float | None], "plans":
-    {layer: (n_s, n_t) nested lists}}``, layers in depth order.
+    {layer: (n_s, n_t) nested lists}}``, layers in depth order; plans only
+    for layers of at most ``MAX_SAVED_PLAN`` entries (a ResNet-50's last
+    stage would be 4M numbers of JSON).
   """
   layers = tuple(config.get("analysis_layers") or ())
   if teacher is None or not layers:
     return {"layers": [], "matched_fraction": [], "plans": {}}
-  _, s_feats, _ = apply_with_features(model, variables, images, layers,
-                                      train=False)
-  _, t_feats, _ = apply_with_features(teacher, teacher_vars, images, layers,
-                                      train=False)
   options = {k: v for k, v in config.loss.ot.items() if k != "warm_start"}
+
+  @jax.jit
+  def solve(variables, teacher_vars, images):
+    _, s_feats, _ = apply_with_features(model, variables, images, layers,
+                                        train=False)
+    _, t_feats, _ = apply_with_features(teacher, teacher_vars, images, layers,
+                                        train=False)
+    return {layer: ot.solve_neuron_ot(s_feats[layer], t_feats[layer],
+                                      **options) for layer in layers}
+
+  results = jax.device_get(solve(variables, teacher_vars, images))
   out = {"layers": list(layers), "matched_fraction": [], "plans": {}}
   for layer in layers:
-    res = ot.solve_neuron_ot(s_feats[layer], t_feats[layer], **options)
-    mf = float(res.matched_fraction)
+    mf = float(results[layer].matched_fraction)
     out["matched_fraction"].append(None if np.isnan(mf) else mf)
-    out["plans"][layer] = np.asarray(res.plan).round(6).tolist()
+    plan = np.asarray(results[layer].plan)
+    if plan.size <= MAX_SAVED_PLAN:
+      out["plans"][layer] = plan.round(6).tolist()
   return out
 
 
@@ -251,7 +263,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   tx = train.make_optimizer(config.optimizer, config.num_steps)
   init_vars = None
   if config.get("init_from_teacher", False):
-    fresh = model.init(jax.random.fold_in(rng, 1), sample[:1], train=False)
+    fresh = jax.jit(functools.partial(model.init, train=False))(
+        jax.random.fold_in(rng, 1), sample[:1])
     init_vars = train.transfer_init(fresh, teacher_vars,
                                     config.get("transfer_reinit", ("head",)))
   state = train.create_train_state(config, model, teacher, teacher_vars, rng,

@@ -34,6 +34,7 @@ Config (``ml_collections.ConfigDict``, see ``experiments/configs``)::
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 
 import flax
@@ -322,11 +323,12 @@ def make_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(
         0.0, lr, warmup, max(total_steps, warmup + 1), end_value=0.0)
   if name == "step":
-    boundaries = {
-        int(frac * total_steps): opt_cfg.get("step_factor", 0.1)
-        for frac in opt_cfg.get("step_boundaries", (0.5, 0.75))
-    }
-    main = optax.piecewise_constant_schedule(lr, boundaries)
+    factors = {}
+    for frac in opt_cfg.get("step_boundaries", (0.5, 0.75)):
+      # Boundaries that round to one step (short runs) multiply there.
+      step = round(frac * total_steps)
+      factors[step] = factors.get(step, 1.0) * opt_cfg.get("step_factor", 0.1)
+    main = optax.piecewise_constant_schedule(lr, factors)
   elif name == "constant":
     main = optax.constant_schedule(lr)
   else:
@@ -439,7 +441,8 @@ def create_train_state(config, model, teacher, teacher_vars, rng,
   """
   init_rng, hint_rng, state_rng = jax.random.split(rng, 3)
   if init_variables is None:
-    init_variables = model.init(init_rng, sample_image[:1], train=False)
+    init_variables = jax.jit(functools.partial(model.init, train=False))(
+        init_rng, sample_image[:1])
   else:
     # The step donates the state: it must not alias the teacher's buffers.
     init_variables = jax.tree_util.tree_map(jnp.copy, init_variables)
@@ -533,8 +536,8 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
 def make_train_step(config, model, teacher, tx, mesh: Mesh) -> Callable:
   """``train_step(state, teacher_vars, reference_params, batch) -> (state, metrics)``.
 
-  Jit-compiled once for the mesh; the state is donated. A step whose loss or
-  gradient is not finite is skipped (the state is kept, ``step`` advances,
+  Jit-compiled once for the mesh; the state is donated. A step whose loss,
+  gradient or update is not finite is skipped (the state is kept, ``step`` advances,
   ``bad_steps`` counts consecutive skips, ``metrics["skipped"] = 1``).
   """
   loss_fn = make_loss_fn(config, model, teacher)
@@ -549,7 +552,10 @@ def make_train_step(config, model, teacher, tx, mesh: Mesh) -> Callable:
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
     new_trainable = optax.apply_updates(trainable, updates)
     grad_norm = optax.tree.norm(grads)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    update_norm = optax.tree.norm(updates)
+    # A finite gradient can still overflow the update (huge learning rate).
+    ok = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+          & jnp.isfinite(update_norm))
     keep = lambda new, old: jax.tree_util.tree_map(
         lambda a, b: jnp.where(ok, a, b), new, old)
     new_state = state.replace(
@@ -564,7 +570,7 @@ def make_train_step(config, model, teacher, tx, mesh: Mesh) -> Callable:
     metrics.update(
         grad_norm=grad_norm,
         param_norm=optax.tree.norm(state.params),
-        update_norm=optax.tree.norm(updates),
+        update_norm=update_norm,
         skipped=(~ok).astype(jnp.float32),
     )
     return new_state, metrics

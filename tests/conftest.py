@@ -31,3 +31,13 @@ def layer_pair(rng):
     return student.astype(np.float32), teacher.astype(np.float32)
 
   return make
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory):
+  """A digits 0-4 teacher (digits_transfer's), trained once per session."""
+  from ot_transfer_jax import experiment
+  from digits_job import tiny_config
+  path = tmp_path_factory.mktemp("teacher")
+  experiment.load_teacher(tiny_config(path), str(path))
+  return path

@@ -2,46 +2,16 @@
 
 import json
 import os
-import signal
 import subprocess
-import sys
-import time
 
-import jax
 import numpy as np
 import pytest
 
 from experiments import reproduce
-from experiments.configs import digits_transfer
 from ot_transfer_jax import checkpoint, data, experiment, train
 from ot_transfer_jax.metric_writers import read_metrics
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = {"num_steps": 20, "eval_every": 10, "log_every": 5,
-        "checkpoint_every": 10}
-
-
-def tiny_config(teacher_dir, method="ot", **overrides):
-  c = digits_transfer.get_config()
-  c.update({**TINY, **overrides})
-  c.method = method
-  c.teacher.job.num_steps = 40
-  c.teacher.workdir = str(teacher_dir)
-  return c
-
-
-def cli_overrides(teacher_dir, **overrides):
-  flags = {**TINY, "teacher.job.num_steps": 40,
-           "teacher.workdir": str(teacher_dir), **overrides}
-  return [f"--config.{k}={v}" for k, v in flags.items()]
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-  """A digits 0-4 teacher, trained once for the module."""
-  path = tmp_path_factory.mktemp("teacher")
-  experiment.load_teacher(tiny_config(path), str(path))
-  return path
+from digits_job import REPO, main_command, tiny_config
 
 
 def test_job_writes_outputs_and_restores(teacher_dir, tmp_path):
@@ -83,48 +53,8 @@ def test_job_writes_outputs_and_restores(teacher_dir, tmp_path):
                                        str(tmp_path)) == final
 
 
-def _main(workdir, teacher_dir, *extra):
-  return [sys.executable, "-m", "experiments.main", "--config",
-          os.path.join(REPO, "experiments/configs/digits_transfer.py"),
-          f"--workdir={workdir}", *cli_overrides(teacher_dir), *extra]
-
-
-def _final_params(workdir):
-  return jax.device_get(checkpoint.restore(str(workdir)).variables)
-
-
-def test_sigkill_then_rerun_matches_uninterrupted_run(teacher_dir, tmp_path):
-  extra = ["--config.num_steps=60", "--config.checkpoint_every=20"]
-  env = dict(os.environ, PYTHONUNBUFFERED="1")
-  subprocess.run(_main(tmp_path / "straight", teacher_dir, *extra), cwd=REPO,
-                 env=env, check=True, capture_output=True, timeout=300)
-
-  killed = tmp_path / "killed"
-  proc = subprocess.Popen(_main(killed, teacher_dir, *extra), cwd=REPO,
-                          env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  deadline = time.time() + 240
-  while not (killed / "checkpoints" / "20").exists():
-    assert proc.poll() is None and time.time() < deadline
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert not (killed / "final_metrics.json").exists()
-
-  subprocess.run(_main(killed, teacher_dir, *extra), cwd=REPO, env=env,
-                 check=True, capture_output=True, timeout=300)
-  with open(tmp_path / "straight" / "final_metrics.json") as f:
-    straight = json.load(f)
-  with open(killed / "final_metrics.json") as f:
-    resumed = json.load(f)
-  assert resumed == straight
-  jax.tree_util.tree_map(
-      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
-      _final_params(killed), _final_params(tmp_path / "straight"))
-
-
 def test_config_key_typo_gives_one_paragraph(teacher_dir, tmp_path):
-  proc = subprocess.run(_main(tmp_path, teacher_dir,
+  proc = subprocess.run(main_command(tmp_path, teacher_dir,
                               "--config.loss.wieght=1"),
                         cwd=REPO, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2

@@ -64,6 +64,10 @@ def base_config():
   c.augment = "none"  # 'none' | 'crop_flip' | 'imagenet'
   c.imagenet_normalization = False  # True for ImageNet-pretrained teachers
   c.seed = 0
+  # experiments.reproduce sets data.seed = seed too (a new subsample per
+  # seed); False keeps data.seed, e.g. when the teacher trained on the same
+  # split, so that validation never holds teacher training images.
+  c.vary_data_seed = True
   c.analysis_layers = ()
   c.analysis_batch_size = 256
   # Methods compared by experiments.reproduce: name -> overrides merged into

@@ -39,6 +39,7 @@ def teacher_job():
 def get_config():
   c = common.base_config()
   c.data.val_per_class = 20
+  c.vary_data_seed = False  # The teacher trained on this same split.
   c.model.name = "digits_cnn"
   c.model.kwargs = {"width": 0.25}
   c.teacher.source = "train"

@@ -78,6 +78,7 @@ def cifar100_distillation(teacher_name: str, student_name: str, *,
   c.teacher.num_classes = CIFAR100_CLASSES
   c.teacher.image_shape = (32, 32, 3)
   c.teacher.job = _cifar_protocol(teacher_name)
+  c.vary_data_seed = False  # The teacher trained on this same split.
   c.loss.student_layers = CIFAR_LAYERS
   c.loss.teacher_layers = CIFAR_LAYERS
   c.loss.kd_temperature = 4.0

@@ -91,6 +91,12 @@ def get_datasets(cfg: Mapping[str, Any] | ml_collections.ConfigDict) -> Datasets
     test = test_full
   else:
     test = SubsetSource(test_full, np.flatnonzero(label_map[test_full.labels] >= 0), label_map)
+  if len(train) == 0:
+    raise ValueError(
+        f"The training set of {c['name']!r} is empty after the validation carve-out "
+        f"and subsampling (val_per_class={c['val_per_class']}, val_fraction="
+        f"{c['val_fraction']}, samples_per_class={c['samples_per_class']}, "
+        f"train_fraction={c['train_fraction']}). Lower the validation share.")
   mean, std = channel_stats(train, c["image_size"], seed=c["seed"])
   return Datasets(train=train, val=val, test=test, num_classes=int(label_map.max()) + 1,
                   image_shape=image_shape, mean=mean, std=std)

@@ -1,0 +1,212 @@
+"""Faults: preemption at any moment, non-finite steps, damaged or foreign
+checkpoints, crafted checkpoints, and two processes forming one mesh."""
+
+import json
+import os
+import pickle
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from ot_transfer_jax import checkpoint, experiment
+
+from digits_job import REPO, main_command, tiny_config
+
+LONG = ["--config.num_steps=60", "--config.checkpoint_every=20",
+        "--config.log_every=2"]
+ENV = dict(os.environ, PYTHONUNBUFFERED="1")
+
+
+def _final(workdir):
+  with open(os.path.join(workdir, "final_metrics.json")) as f:
+    return json.load(f)
+
+
+def _params(workdir):
+  return jax.device_get(checkpoint.restore(str(workdir)).variables)
+
+
+def _assert_same_params(a, b, rtol):
+  jax.tree_util.tree_map(
+      lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=rtol), a,
+      b)
+
+
+def _wait_for(proc, condition, what, timeout=240):
+  deadline = time.time() + timeout
+  while not condition():
+    assert proc.poll() is None, f"the run ended before {what}"
+    assert time.time() < deadline, f"timed out waiting for {what}"
+    time.sleep(0.02)
+
+
+def _logged_step(workdir):
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    steps = [json.loads(line)["step"] for line in f if line.endswith("\n")]
+  return max(steps, default=0)
+
+
+def test_interrupted_runs_end_like_an_uninterrupted_one(teacher_dir,
+                                                        tmp_path):
+  """kill -9 before the first checkpoint, right after one, and mid-write
+  (a half-written step left on disk); SIGTERM mid-run. Each rerun ends with
+  the parameters and metrics of the uninterrupted run."""
+  run = lambda wd: subprocess.run(main_command(wd, teacher_dir, *LONG),
+                                  cwd=REPO, env=ENV, check=True,
+                                  capture_output=True, timeout=300)
+  straight = tmp_path / "straight"
+  run(straight)
+
+  def interrupt(workdir, condition, what, sig=signal.SIGKILL):
+    proc = subprocess.Popen(main_command(workdir, teacher_dir, *LONG),
+                            cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for(proc, condition, what)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert not (workdir / "final_metrics.json").exists()
+    return proc.returncode, err
+
+  ckpt = lambda wd, step: (wd / "checkpoints" / str(step)).is_dir()
+
+  early = tmp_path / "early"  # Logged steps, no checkpoint yet.
+  interrupt(early, lambda: 4 <= _logged_step(early), "step 4")
+  assert not ckpt(early, 20)
+
+  after = tmp_path / "after"
+  interrupt(after, lambda: ckpt(after, 20), "checkpoint 20")
+
+  mid_write = tmp_path / "mid_write"
+  interrupt(mid_write, lambda: ckpt(mid_write, 20) and
+            _logged_step(mid_write) >= 30, "step 30")
+  # What SIGKILL during orbax's write leaves: an unfinished temporary step.
+  partial = mid_write / "checkpoints" / "40.orbax-checkpoint-tmp-1234"
+  shutil.copytree(mid_write / "checkpoints" / "20", partial)
+  for f in partial.rglob("*"):
+    if f.is_file():
+      f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+
+  term = tmp_path / "sigterm"
+  code, err = interrupt(term, lambda: _logged_step(term) >= 26, "step 26",
+                        sig=signal.SIGTERM)
+  assert code != 0 and "Stopped by SIGTERM" in err
+  saved = checkpoint.make_manager(str(term), reading=True).latest_step()
+  assert saved is not None and saved % 20 != 0  # Saved on the signal.
+
+  for workdir in (early, after, mid_write, term):
+    run(workdir)
+    assert _final(workdir) == _final(straight), workdir.name
+    _assert_same_params(_params(workdir), _params(straight), rtol=1e-6)
+
+
+def test_non_finite_steps_stop_the_run_and_keep_good_checkpoints(
+    teacher_dir, tmp_path):
+  config = tiny_config(teacher_dir, num_steps=40, log_every=1,
+                       checkpoint_every=2)
+  config.methods.ot.optimizer = {"learning_rate": 1e30,
+                                 "grad_clip_norm": 0.0}
+  config.loss.max_bad_steps = 3
+  with pytest.raises(FloatingPointError,
+                     match="consecutive training steps had a non-finite"):
+    experiment.train_and_evaluate(config, str(tmp_path))
+  assert not (tmp_path / "final_metrics.json").exists()
+  restored = checkpoint.restore(str(tmp_path))
+  for leaf in jax.tree_util.tree_leaves(restored.variables):
+    assert np.all(np.isfinite(leaf))
+
+
+def test_damaged_checkpoint_says_what_to_do(teacher_dir, tmp_path):
+  config = tiny_config(teacher_dir, num_steps=10, checkpoint_every=10)
+  experiment.train_and_evaluate(config, str(tmp_path))
+  for f in (tmp_path / "checkpoints" / "10" / "state").rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"\0garbage")
+  config.num_steps = 20
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"step 10 .* cannot be read.*delete that step"):
+    experiment.train_and_evaluate(config, str(tmp_path))
+
+
+def test_checkpoint_of_another_model_is_refused(teacher_dir, tmp_path):
+  config = tiny_config(teacher_dir, num_steps=10, checkpoint_every=10)
+  experiment.train_and_evaluate(config, str(tmp_path))
+  config.num_steps = 20
+  config.model.kwargs = {"width": 0.5}
+  config.methods.ot.init_from_teacher = False
+  with pytest.raises(checkpoint.CheckpointError,
+                     match="does not fit this run's model/config"):
+    experiment.train_and_evaluate(config, str(tmp_path))
+
+
+class _Exploit:
+  """Unpickling this creates a file: proof that code ran."""
+
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (open, (self.marker, "w"))
+
+
+def test_crafted_checkpoint_cannot_execute_code(tmp_path):
+  marker = tmp_path / "pwned"
+  payload = pickle.dumps(_Exploit(str(marker)))
+  step = tmp_path / "run" / "checkpoints" / "5"
+  for rel in ("state/checkpoint", "state/_METADATA", "meta/metadata",
+              "_CHECKPOINT_METADATA", "state/manifest.ocdbt"):
+    (step / rel).parent.mkdir(parents=True, exist_ok=True)
+    (step / rel).write_bytes(payload)
+  with pytest.raises(checkpoint.CheckpointError):
+    checkpoint.restore(str(tmp_path / "run"))
+  assert not marker.exists()
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(teacher_dir, tmp_path):
+  """Two CPU processes (gloo) form one 2-device mesh, each reading its half
+  of every global batch; checkpoints and outputs are written once."""
+  extra = ["--config.num_steps=5", "--config.eval_every=5",
+           "--config.checkpoint_every=5", "--config.batch_size=24"]
+  single = tmp_path / "single"
+  subprocess.run(main_command(single, teacher_dir, *extra), cwd=REPO,
+                 env=ENV, check=True, capture_output=True, timeout=300)
+  multi = tmp_path / "multi"
+  port = _free_port()
+  procs = [
+      subprocess.Popen(
+          main_command(multi, teacher_dir, *extra), cwd=REPO,
+          env=dict(ENV, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                   JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
+          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+      for i in range(2)
+  ]
+  for p in procs:
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+  single_final, multi_final = _final(single), _final(multi)
+  assert multi_final.keys() == single_final.keys()
+  for key, value in single_final.items():
+    if isinstance(value, float):
+      assert multi_final[key] == pytest.approx(value, rel=1e-4), key
+    else:
+      assert multi_final[key] == value, key
+  _assert_same_params(_params(multi), _params(single), rtol=1e-4)
+  with open(multi / "metrics.jsonl") as f:  # Process 0 alone logs.
+    steps = [json.loads(line)["step"] for line in f
+             if json.loads(line)["split"] == "train"]
+  assert steps == sorted(set(steps))
