@@ -84,7 +84,8 @@ def run_all(config, root: str, seeds: int, methods=None) -> list:
     json.dump(records, f, indent=2)
   finished = [r for r in records if r["status"] == "finished"]
   table = report.write_report(root, finished, runs, analyses,
-                              methods_order=methods)
+                              methods_order=methods,
+                              baseline=config.get("baseline_method") or None)
   diverged = [f"{r['method']} seed {r['seed']}" for r in records
               if r["status"] != "finished"]
   if diverged:

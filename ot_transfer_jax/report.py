@@ -112,6 +112,36 @@ def markdown_table(summary: Sequence[Mapping[str, Any]]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def paired_table(records: Sequence[Mapping[str, Any]], baseline: str,
+                 methods_order: Optional[Sequence[str]] = None,
+                 key: str = "test_accuracy_best_val") -> str:
+  """Each method minus ``baseline`` on the same seeds, as a Markdown table.
+
+  Seeds share their data draw, batches and initialisation, so per-seed
+  differences remove most of the between-seed spread: reported as mean ± std
+  of the differences, their standard error, and on how many seeds the method
+  was better. Empty when the baseline is absent.
+  """
+  by_method: Dict[str, Dict[int, float]] = {}
+  for r in records:
+    by_method.setdefault(r["method"], {})[r["seed"]] = float(r[key])
+  if baseline not in by_method:
+    return ""
+  lines = [f"| method − {baseline} (same seeds) | seeds | mean ± std "
+           "| std. error | better on |", "|---|---:|---:|---:|---:|"]
+  for method in _ordered(by_method, methods_order):
+    seeds = sorted(set(by_method[method]) & set(by_method[baseline]))
+    if method == baseline or not seeds:
+      continue
+    diffs = [100 * (by_method[method][s] - by_method[baseline][s])
+             for s in seeds]
+    mean, std = _mean_std(diffs)
+    better = sum(d > 0 for d in diffs)
+    lines.append(f"| {method} | {len(seeds)} | {mean:+.2f} ± {std:.2f} | "
+                 f"{std / np.sqrt(len(seeds)):.2f} | {better}/{len(seeds)} |")
+  return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------------------
 # Curves
 # ---------------------------------------------------------------------------
@@ -372,7 +402,8 @@ def _pick_plan(analyses: Mapping[str, Sequence[Mapping[str, Any]]]
 def write_report(out_dir: str, records: Sequence[Mapping[str, Any]],
                  runs: Mapping[str, Sequence[str]],
                  analyses: Mapping[str, Sequence[Mapping[str, Any]]],
-                 methods_order: Optional[Sequence[str]] = None) -> str:
+                 methods_order: Optional[Sequence[str]] = None,
+                 baseline: Optional[str] = None) -> str:
   """Writes ``results.md`` and the figures into ``out_dir``.
 
   Figures: ``learning_curves.png``, ``matched_fraction_depth.png``,
@@ -386,12 +417,17 @@ def write_report(out_dir: str, records: Sequence[Mapping[str, Any]],
     analyses: method -> the ``analysis.json`` dicts of its seeds.
     methods_order: table rows and colours in this order (see
       :func:`summarize`).
+    baseline: a method to compare every other one with, seed by seed
+      (:func:`paired_table`); None: no paired table.
 
   Returns:
-    The Markdown table.
+    The Markdown table(s).
   """
   os.makedirs(out_dir, exist_ok=True)
   table = markdown_table(summarize(records, methods_order))
+  if baseline:
+    paired = paired_table(records, baseline, methods_order)
+    table += "\n" + paired if paired else ""
   methods = _ordered(
       [r["method"] for r in records] + list(runs) + list(analyses),
       methods_order)

@@ -14,35 +14,17 @@ from ot_transfer_jax.features import (
 )
 from ot_transfer_jax.models import CifarResNet, create_model
 
+from model_support import random_variables
+
 # A resnet14: the CIFAR ResNet with two blocks per stage, so "stage3/block1"
 # exists, at half resnet20's compile time.
 _MODEL = CifarResNet(10, depth=14)
 _X = jax.random.normal(jax.random.key(1), (8, 32, 32, 3))
 
 
-def _random_variables(model, shape, seed=0):
-  """He-normal kernels, zero biases, identity BatchNorm, drawn by numpy.
-
-  Stands in for ``model.init``, whose random initialisers take seconds per
-  model to compile on CPU.
-  """
-  rng = np.random.default_rng(seed)
-
-  def init(path, leaf):
-    name = path[-1].key
-    if name == "kernel":
-      std = np.sqrt(2.0 / np.prod(leaf.shape[:-1]))
-      return jnp.asarray(rng.normal(0.0, std, leaf.shape), jnp.float32)
-    fill = 1.0 if name in ("scale", "var") else 0.0
-    return jnp.full(leaf.shape, fill, jnp.float32)
-
-  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape))
-  return jax.tree_util.tree_map_with_path(init, abstract)
-
-
 @functools.cache
 def _variables():
-  return _random_variables(_MODEL, _X.shape)
+  return random_variables(_MODEL, _X.shape)
 
 
 def test_available_layers_lists_stages_blocks_and_head():
@@ -126,7 +108,7 @@ def test_training_returns_updated_batch_stats_under_jit():
 def test_model_without_batch_norm_has_empty_state():
   model = create_model("digits_mlp", 10)
   x = jnp.ones((8, 8, 8, 1))
-  variables = _random_variables(model, x.shape)
+  variables = random_variables(model, x.shape)
   logits, features, state = apply_with_features(
       model, variables, x, ("stage2",), train=True)
   assert features["stage2"].shape == (8, 64)

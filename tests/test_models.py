@@ -17,6 +17,8 @@ from ot_transfer_jax.models import (
     create_model,
 )
 
+from model_support import abstract_variables, random_variables
+
 _IMAGENET = ("resnet18", "resnet34", "resnet50", "resnet101")
 
 
@@ -24,31 +26,6 @@ def _input_shape(name, batch=2):
   if name.startswith("digits"):
     return (batch, 8, 8, 1)
   return (batch, 64, 64, 3) if name in _IMAGENET else (batch, 32, 32, 3)
-
-
-def _abstract_variables(model, shape):
-  """Variables as ShapeDtypeStructs: no FLOPs, so even ResNet-101 is instant."""
-  return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape))
-
-
-def _random_variables(model, shape, seed=0):
-  """He-normal kernels, zero biases, identity BatchNorm, drawn by numpy.
-
-  Stands in for ``model.init``, whose random initialisers take seconds per
-  model to compile on CPU.
-  """
-  rng = np.random.default_rng(seed)
-
-  def init(path, leaf):
-    name = path[-1].key
-    if name == "kernel":
-      std = np.sqrt(2.0 / np.prod(leaf.shape[:-1]))
-      return jnp.asarray(rng.normal(0.0, std, leaf.shape), jnp.float32)
-    fill = 1.0 if name in ("scale", "var") else 0.0
-    return jnp.full(leaf.shape, fill, jnp.float32)
-
-  abstract = _abstract_variables(model, shape)
-  return jax.tree_util.tree_map_with_path(init, abstract)
 
 
 # (name, num_classes, millions): He et al. 2016 (CIFAR-10), RepDistiller
@@ -70,7 +47,7 @@ _PUBLISHED = [
 @pytest.mark.parametrize("name,num_classes,millions", _PUBLISHED)
 def test_param_count_matches_published(name, num_classes, millions):
   model = create_model(name, num_classes)
-  params = _abstract_variables(model, _input_shape(name, 1))["params"]
+  params = abstract_variables(model, _input_shape(name, 1))["params"]
   assert count_params(params) == pytest.approx(millions * 1e6, rel=0.02)
 
 
@@ -81,7 +58,7 @@ def test_param_count_matches_published(name, num_classes, millions):
 )
 def test_imagenet_param_count_equals_torchvision(name, exact):
   model = create_model(name, 1000)
-  params = _abstract_variables(model, (1, 224, 224, 3))["params"]
+  params = abstract_variables(model, (1, 224, 224, 3))["params"]
   assert count_params(params) == exact
 
 
@@ -89,7 +66,7 @@ def test_imagenet_param_count_equals_torchvision(name, exact):
 def test_output_shape_and_layout(name):
   model = create_model(name, 7)
   shape = _input_shape(name)
-  variables = _abstract_variables(model, shape)
+  variables = abstract_variables(model, shape)
   logits = jax.eval_shape(model.apply, variables, jnp.zeros(shape))
   assert logits.shape == (2, 7) and logits.dtype == jnp.float32
 
@@ -104,7 +81,7 @@ def test_output_shape_and_layout(name):
 def test_stage_names_per_family():
   def stages(name):
     model = create_model(name, 10)
-    params = _abstract_variables(model, _input_shape(name, 1))["params"]
+    params = abstract_variables(model, _input_shape(name, 1))["params"]
     return sorted(k for k in params if k.startswith("stage"))
 
   assert stages("resnet20") == ["stage1", "stage2", "stage3"]
@@ -114,7 +91,7 @@ def test_stage_names_per_family():
   assert stages("digits_mlp") == ["stage1", "stage2"]
 
   model = create_model("resnet56", 10)
-  stage3 = _abstract_variables(model, (1, 32, 32, 3))["params"]["stage3"]
+  stage3 = abstract_variables(model, (1, 32, 32, 3))["params"]["stage3"]
   assert sorted(stage3) == sorted(f"block{i}" for i in range(9))
 
 
@@ -137,7 +114,7 @@ _SMALL = {
 @functools.cache
 def _small_variables(name):
   model, shape = _SMALL[name]
-  return _random_variables(model, shape)
+  return random_variables(model, shape)
 
 
 @pytest.mark.parametrize(
@@ -169,7 +146,7 @@ def test_batch_stats_update_only_in_training(name):
 def test_digits_width_changes_neuron_counts():
   def widths(width):
     model = create_model("digits_cnn", 10, width=width)
-    params = _abstract_variables(model, (1, 8, 8, 1))["params"]
+    params = abstract_variables(model, (1, 8, 8, 1))["params"]
     return (
         params["stage1"]["conv"]["kernel"].shape[-1],
         params["stage2"]["conv"]["kernel"].shape[-1],
@@ -183,7 +160,7 @@ def test_digits_width_changes_neuron_counts():
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():
   model = create_model("resnet20", 10, dtype=jnp.bfloat16)
-  variables = _abstract_variables(model, (1, 32, 32, 3))
+  variables = abstract_variables(model, (1, 32, 32, 3))
   dtypes = {leaf.dtype for leaf in jax.tree.leaves(variables)}
   assert dtypes == {jnp.dtype(jnp.float32)}
   logits = jax.eval_shape(model.apply, variables, jnp.zeros((2, 32, 32, 3)))

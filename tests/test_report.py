@@ -183,3 +183,17 @@ def test_write_report_skips_figures_without_data(tmp_path, runs, caplog):
       "learning_curves.png", "results.md"]
   assert "skipping ot_plan.png" in caplog.text
   assert "ot_plan.png" not in (out / "results.md").read_text()
+
+
+def test_paired_table_compares_seed_by_seed():
+  records = [
+      {"method": "scratch", "seed": 0, "test_accuracy_best_val": 0.50},
+      {"method": "scratch", "seed": 1, "test_accuracy_best_val": 0.90},
+      {"method": "ot", "seed": 0, "test_accuracy_best_val": 0.60},
+      {"method": "ot", "seed": 1, "test_accuracy_best_val": 0.88},
+  ]
+  table = report.paired_table(records, "scratch")
+  # Differences +10 and -2 points: mean +4, sample std 8.49, s.e. 6.00.
+  assert "| ot | 2 | +4.00 ± 8.49 | 6.00 | 1/2 |" in table
+  assert "| scratch |" not in table
+  assert report.paired_table(records, "absent") == ""

@@ -76,4 +76,6 @@ def base_config():
   c.methods = {}
   # The order of the methods in the results (ConfigDict sorts its keys).
   c.method_order = ()
+  # reproduce compares every method with this one, seed by seed.
+  c.baseline_method = ""
   return c

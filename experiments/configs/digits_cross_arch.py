@@ -30,6 +30,7 @@ def get_config():
   c.model.kwargs = {"width": 0.5}
   c.analysis_layers = ()  # Unequal widths: no matched fraction to plot.
   c.method = "ot"
+  c.baseline_method = "scratch"
   c.method_order = ("scratch", "attention", "fitnets", "ot")
   decay = {"weight_decay": 5e-4, "head_decay": 5e-4}
   c.methods = {

@@ -51,6 +51,7 @@ def get_config():
   c.num_steps = 300
   c.eval_every = 50
   c.method = "ot"
+  c.baseline_method = "student"
   c.method_order = ("student", "kd", "fitnets", "attention", "ot", "ot_kd")
   ot = {"method": "ot", "weight": 1.0, "student_layers": LAYERS,
         "teacher_layers": LAYERS}

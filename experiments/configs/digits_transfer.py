@@ -63,6 +63,7 @@ def get_config():
   c.optimizer.learning_rate = 0.05
   c.optimizer.grad_clip_norm = 5.0
   c.method = "ot"
+  c.baseline_method = "scratch"
   c.method_order = ("scratch", "finetune_l2", "l2_sp", "feature_matching",
                     "ot")
   from_teacher = {"init_from_teacher": True,

@@ -104,6 +104,7 @@ def cifar100_distillation(teacher_name: str, student_name: str, *,
     order.insert(4, "feature_matching")
   c.methods = methods
   c.method_order = tuple(order)
+  c.baseline_method = "student"
   return c
 
 
@@ -172,4 +173,5 @@ def imagenet_transfer(dataset: str, model_name: str, *,
                       "head_decay": L2SP_BETA}},
   }
   c.method_order = ("finetune_l2", "l2_sp", "feature_matching", "ot")
+  c.baseline_method = "finetune_l2"
   return c

@@ -25,28 +25,8 @@ from ot_transfer_jax.models.layers import (
     conv,
     global_avg_pool,
 )
-
-
-class BasicBlock(nn.Module):
-  """conv3x3-BN-ReLU-conv3x3-BN, plus shortcut, then ReLU.
-
-  [N, H, W, C] -> [N, H / strides, W / strides, features].
-  """
-
-  features: int
-  strides: int = 1
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-    y = conv(self.features, 3, self.strides, self.dtype, "conv1")(x)
-    y = nn.relu(batch_norm(train, self.dtype, "bn1")(y))
-    y = conv(self.features, 3, 1, self.dtype, "conv2")(y)
-    y = batch_norm(train, self.dtype, "bn2")(y)
-    if self.strides != 1 or x.shape[-1] != self.features:
-      x = conv(self.features, 1, self.strides, self.dtype, "downsample_conv")(x)
-      x = batch_norm(train, self.dtype, "downsample_bn")(x)
-    return nn.relu(x + y)
+# The same basic block as torchvision's ResNet-18/34 (RepDistiller's too).
+from ot_transfer_jax.models.resnet import BasicBlock
 
 
 class CifarResNet(nn.Module):
