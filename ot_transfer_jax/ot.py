@@ -37,7 +37,7 @@ from typing import Literal, Optional, Tuple
 import jax
 import jax.numpy as jnp
 from flax import struct
-from ott.geometry import geometry
+from ott.geometry import epsilon_scheduler, geometry
 from ott.problems.linear import linear_problem
 from ott.solvers.linear import implicit_differentiation, sinkhorn
 
@@ -53,6 +53,11 @@ GRAD_MODES = ("envelope", "unroll")
 #: At 0.01 the entropic value is within ~1-2 % of exact OT on ReLU features
 #: (tests/test_ot.py checks 5 % against POT's exact solver).
 DEFAULT_RELATIVE_EPSILON = 0.01
+
+# Epsilon scaling of a cold solve: 20 x 0.85^k reaches 1 at k = 19.
+ANNEAL_INIT = 20.0
+ANNEAL_DECAY = 0.85
+ANNEAL_ITERATIONS = math.ceil(math.log(ANNEAL_INIT) / -math.log(ANNEAL_DECAY))
 
 # Floors that keep degenerate inputs (dead neurons, constant or tiny
 # activations) finite: they only matter when a quantity is ~0.
@@ -204,12 +209,13 @@ def _epsilon(cost: jax.Array, epsilon: Optional[float],
 
 
 def _solver(grad: str, threshold: float, max_iterations: int,
-            inner_iterations: int) -> sinkhorn.Sinkhorn:
+            inner_iterations: int, min_iterations: int) -> sinkhorn.Sinkhorn:
   return sinkhorn.Sinkhorn(
       lse_mode=True,
       threshold=threshold,
       max_iterations=max_iterations,
       inner_iterations=inner_iterations,
+      min_iterations=min_iterations,
       # None: a loop that "unroll" can backpropagate through. "envelope"
       # feeds the solver constants, so nothing is ever differentiated there.
       implicit_diff=None if grad == "unroll" else
@@ -227,7 +233,8 @@ def solve_neuron_ot(
     normalize: Normalize = "none",
     threshold: float = 1e-3,
     max_iterations: int = 2000,
-    inner_iterations: int = 10,
+    inner_iterations: Optional[int] = None,
+    anneal: bool = True,
     grad: GradMode = "envelope",
     init: Optional[Tuple[jax.Array, jax.Array]] = None,
 ) -> NeuronTransport:
@@ -246,7 +253,14 @@ def solve_neuron_ot(
       :func:`neuron_descriptors`.
     threshold: Sinkhorn stops when the L1 marginal error is below this.
     max_iterations: iteration budget (a bound, not a target).
-    inner_iterations: iterations between two convergence checks.
+    inner_iterations: iterations between two convergence checks (each check
+      costs about one iteration). Default: 10 from a cold start, 2 from a
+      warm one, which typically converges within a few iterations.
+    anneal: epsilon scaling on a cold start (``init`` None): epsilon starts at
+      ``ANNEAL_INIT`` times its target and decays by ``ANNEAL_DECAY`` per
+      iteration, reaching the target after ``ANNEAL_ITERATIONS``; the solve
+      runs at least that long. It cuts a cold solve's iterations 2-3 fold at
+      small epsilon. Warm starts always use the target epsilon.
     grad: ``"envelope"`` (default) or ``"unroll"``; see the
       module docstring.
     init: ``(f, g)`` potentials of a previous solve, ``(n_s,)`` and ``(n_t,)``,
@@ -276,9 +290,16 @@ def solve_neuron_ot(
 
   envelope = grad == "envelope"
   geom_cost = jax.lax.stop_gradient(cost) if envelope else cost
-  geom = geometry.Geometry(cost_matrix=geom_cost, epsilon=eps)
-  out = _solver(grad, threshold, max_iterations, inner_iterations)(
-      linear_problem.LinearProblem(geom), init=init)
+  cold = init is None
+  annealing = anneal and cold
+  if inner_iterations is None:
+    inner_iterations = 10 if cold else 2
+  schedule = (epsilon_scheduler.Epsilon(eps, ANNEAL_INIT, ANNEAL_DECAY)
+              if annealing else eps)
+  geom = geometry.Geometry(cost_matrix=geom_cost, epsilon=schedule)
+  out = _solver(grad, threshold, max_iterations, inner_iterations,
+                ANNEAL_ITERATIONS if annealing else 0)(
+                    linear_problem.LinearProblem(geom), init=init)
   plan = out.matrix
   if envelope:
     plan = jax.lax.stop_gradient(plan)

@@ -9,6 +9,7 @@ from ott.geometry import geometry
 from ott.problems.linear import linear_problem
 from ott.solvers.linear import sinkhorn
 
+from ot_transfer_jax import ot as ot_module
 from ot_transfer_jax import (cost_matrix, feature_matching, neuron_descriptors,
                              ot_regularizer, solve_neuron_ot)
 
@@ -238,6 +239,18 @@ def test_warm_start_needs_fewer_iterations(layer_pair):
   assert bool(warm.converged)
   assert int(warm.n_iters) < int(again_cold.n_iters)
   assert float(warm.value) == pytest.approx(float(again_cold.value), rel=1e-2)
+
+
+def test_annealing_reaches_the_same_plan_in_fewer_iterations(layer_pair):
+  student, teacher = layer_pair(64, 256, 128)
+  annealed = solve_neuron_ot(student, teacher, relative_epsilon=0.005)
+  plain = solve_neuron_ot(student, teacher, relative_epsilon=0.005,
+                          anneal=False)
+  assert bool(annealed.converged) and bool(plain.converged)
+  assert float(annealed.epsilon) == pytest.approx(float(plain.epsilon))
+  assert ot_module.ANNEAL_ITERATIONS <= int(annealed.n_iters) < int(
+      plain.n_iters)
+  assert float(annealed.value) == pytest.approx(float(plain.value), rel=5e-3)
 
 
 def test_pool_compares_layers_of_different_resolution(layer_pair, rng):
