@@ -1,5 +1,6 @@
 """Process set-up shared by the command-line entry points (no flags here)."""
 
+import contextlib
 import logging as std_logging
 import os
 import re
@@ -40,17 +41,44 @@ def parse_flags(argv):
   from absl import flags
   try:
     return flags.FLAGS(argv)
-  except (AttributeError, KeyError, TypeError, ValueError,
-          flags.Error) as e:
-    # ml_collections nests a repr in its message: unescape, one line.
-    message = str(e).encode().decode("unicode_escape")
-    if message.startswith("'"):
-      message = re.sub(r"^'+|'+$", "", message)
-    message = " ".join(message.split())
-    message = re.sub(r"^'?(\w+)'", r"'\1'", message)
-    sys.stderr.write(
-        f"Error: bad --config override: {message}. Every key must exist in "
-        "the config file's get_config() (see its docstring, or "
-        "experiments/configs/common.py for the full list with defaults); "
-        "values must have the key's type.\n")
-    sys.exit(2)
+  except flags.Error as e:
+    if "--config." not in str(e):  # A plain flag: absl's message says it.
+      sys.stderr.write(f"Error: {e}\nRun with --help for the flags.\n")
+      sys.exit(2)
+    _bad_override(e)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    _bad_override(e)
+
+
+def _bad_override(e: Exception) -> None:
+  """One paragraph for an unknown or mistyped ``--config.key=value``."""
+  # ml_collections nests a repr in its message: unescape, one line.
+  message = str(e).encode().decode("unicode_escape")
+  if message.startswith("'"):
+    message = re.sub(r"^'+|'+$", "", message)
+  message = " ".join(message.split())
+  message = re.sub(r"^'?(\w+)'", r"'\1'", message)
+  sys.stderr.write(
+      f"Error: bad --config override: {message}. Every key must exist in "
+      "the config file's get_config() (see its docstring, or "
+      "experiments/configs/common.py for the full list with defaults); "
+      "values must have the key's type.\n")
+  sys.exit(2)
+
+
+@contextlib.contextmanager
+def user_errors():
+  """The errors a user can fix, as one message on stderr, not a traceback.
+
+  Bad input (ValueError and its kin: unknown layer, shapes, dataset not
+  prepared, damaged checkpoint), a diverged run and SIGTERM exit with
+  status 1 (143 for SIGTERM) and the message that says what to do.
+  """
+  try:
+    yield
+  except KeyboardInterrupt as e:  # SIGTERM: checkpoint saved, resumable.
+    sys.stderr.write(f"{e}\n")
+    sys.exit(143)
+  except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    sys.stderr.write(f"Error: {e}\n")
+    sys.exit(1)

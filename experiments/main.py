@@ -13,7 +13,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from experiments.cli import (maybe_initialize_distributed, parse_flags,
-                             quiet_orbax)
+                             quiet_orbax, user_errors)
 from ot_transfer_jax import experiment
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -28,7 +28,8 @@ def main(argv):
   del argv
   maybe_initialize_distributed()
   quiet_orbax()
-  final = experiment.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  with user_errors():
+    final = experiment.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   print({k: final[k] for k in ("method", "step", "val_accuracy",
                                "test_accuracy")})
 

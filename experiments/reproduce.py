@@ -23,11 +23,12 @@ images. A teacher trained by the config is trained once, in
 import json
 import os
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments.cli import (maybe_initialize_distributed, parse_flags,
-                             quiet_orbax)
+                             quiet_orbax, user_errors)
 from ot_transfer_jax import experiment, report
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -78,8 +79,11 @@ def run_all(config, root: str, seeds: int, methods=None) -> list:
           "workdir": workdir,
       })
       runs.setdefault(method, []).append(workdir)
-      with open(os.path.join(workdir, experiment.ANALYSIS)) as f:
-        analyses.setdefault(method, []).append(json.load(f))
+      if jax.process_index() == 0:  # Process 0 alone writes the outputs.
+        with open(os.path.join(workdir, experiment.ANALYSIS)) as f:
+          analyses.setdefault(method, []).append(json.load(f))
+  if jax.process_index() != 0:
+    return records, ""
   with open(os.path.join(root, "results.json"), "w") as f:
     json.dump(records, f, indent=2)
   finished = [r for r in records if r["status"] == "finished"]
@@ -101,6 +105,11 @@ def main(argv):
   del argv
   maybe_initialize_distributed()
   quiet_orbax()
+  with user_errors():
+    _run()
+
+
+def _run():
   config = _CONFIG.value
   root = _WORKDIR.value or os.path.join(
       "workdirs", os.path.splitext(os.path.basename(

@@ -141,6 +141,10 @@ class Restored:
   config: ml_collections.ConfigDict
   step: int
   meta: dict
+  #: Per-channel input normalisation the model was trained with:
+  #: ``model.apply(variables, (images - mean) / std)``, images in [0, 1].
+  mean: np.ndarray
+  std: np.ndarray
 
 
 def restore(workdir: str, step: Optional[int] = None) -> Restored:
@@ -190,7 +194,8 @@ def restore(workdir: str, step: Optional[int] = None) -> Restored:
   if state.get("batch_stats"):
     variables["batch_stats"] = state["batch_stats"]
   return Restored(model=model, variables=variables, config=config, step=step,
-                  meta=meta)
+                  meta=meta, mean=np.asarray(meta["mean"], np.float32),
+                  std=np.asarray(meta["std"], np.float32))
 
 
 def config_to_json(config: ml_collections.ConfigDict) -> dict:

@@ -22,7 +22,6 @@ at the last step.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import signal
@@ -35,7 +34,7 @@ import numpy as np
 from absl import logging
 
 from ot_transfer_jax import checkpoint, data, models, ot, train
-from ot_transfer_jax.features import apply_with_features
+from ot_transfer_jax.features import apply_with_features, validate_layers
 from ot_transfer_jax.metric_writers import MetricWriter, Progress
 
 FINAL_METRICS = "final_metrics.json"
@@ -78,6 +77,18 @@ def apply_method(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   logging.info("Method %r sets %s", config.method, overrides)
   merge(config, overrides, "")
   return config
+
+
+def _stop_requested(interrupted: "_Interrupted", log_step: bool) -> bool:
+  """Whether to checkpoint and exit now. With several processes all must
+  agree (saving is collective), so they vote at log steps."""
+  if jax.process_count() == 1:
+    return interrupted.flag
+  if not log_step:
+    return False
+  from jax.experimental import multihost_utils
+  votes = multihost_utils.process_allgather(np.int32(interrupted.flag))
+  return bool(np.max(votes))
 
 
 class _Interrupted:
@@ -130,7 +141,11 @@ def load_teacher(config, workdir: str):
     return None, {}
   if source == "train":
     tdir = t.get("workdir") or os.path.join(workdir, "teacher")
-    if not os.path.exists(os.path.join(tdir, FINAL_METRICS)):
+    # Decided from the (shared) checkpoints, the same on every process.
+    finished = os.path.isdir(checkpoint.checkpoint_dir(tdir)) and (
+        checkpoint.make_manager(tdir, reading=True).latest_step()
+        == t.job.num_steps)
+    if not finished:
       logging.info("Training the teacher in %s", tdir)
       train_and_evaluate(t.job, tdir)
     restored = checkpoint.restore(tdir)
@@ -144,7 +159,7 @@ def load_teacher(config, workdir: str):
       raise FileNotFoundError(
           f"teacher.path={t.path!r}: no such file. Save torchvision's "
           f"ImageNet {t.name} weights as safetensors on a machine with "
-          "internet (see README, 'Pretrained teachers') and point "
+          "internet (README, 'Models and representation capture') and point "
           "--config.teacher.path at the file.")
     variables = pretrained.load_torchvision_resnet(t.path, t.name)
     num_classes = variables["params"]["head"]["kernel"].shape[-1]
@@ -156,8 +171,8 @@ def load_teacher(config, workdir: str):
     if not image_shape:
       raise ValueError("teacher.source='random' needs teacher.image_shape "
                        "(H, W, C) to initialise the network.")
-    init = jax.jit(functools.partial(teacher.init, train=False))
-    return teacher, init(jax.random.PRNGKey(0), jnp.zeros((1, *image_shape)))
+    return teacher, train.init_model(teacher, jax.random.PRNGKey(0),
+                                     jnp.zeros((1, *image_shape)))
   raise ValueError(f"teacher.source={source!r} is not one of ('none', "
                    "'train', 'checkpoint', 'torchvision', 'random').")
 
@@ -183,7 +198,7 @@ def layer_analysis(config, model, variables, teacher, teacher_vars,
   layers = tuple(config.get("analysis_layers") or ())
   if teacher is None or not layers:
     return {"layers": [], "matched_fraction": [], "plans": {}}
-  options = {k: v for k, v in config.loss.ot.items() if k != "warm_start"}
+  options = train.ot_options(config.loss)
 
   @jax.jit
   def solve(variables, teacher_vars, images):
@@ -250,12 +265,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                               **config.model.get("kwargs", {}))
   teacher, teacher_vars = load_teacher(config, workdir)
   if teacher is None:
-    teacher = model  # Never applied: the loss has no teacher term.
-    if train.layer_pairs(config.loss) or config.loss.kd_weight > 0:
+    teacher = model  # Never applied: nothing reads the teacher.
+    if train.needs_teacher(config):
       raise ValueError(
-          f"loss.method={config.loss.method!r} / kd_weight needs a teacher, "
-          "but teacher.source='none'. Set teacher.source to 'train', "
-          "'checkpoint' or 'torchvision'.")
+          f"loss.method={config.loss.method!r}, kd_weight, l2_sp or "
+          "init_from_teacher needs a teacher, but teacher.source='none'. Set "
+          "teacher.source to 'train', 'checkpoint' or 'torchvision'.")
 
   mesh = train.make_mesh()
   sample = jnp.zeros((config.batch_size, *ds.image_shape), jnp.float32)
@@ -263,8 +278,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   tx = train.make_optimizer(config.optimizer, config.num_steps)
   init_vars = None
   if config.get("init_from_teacher", False):
-    fresh = jax.jit(functools.partial(model.init, train=False))(
-        jax.random.fold_in(rng, 1), sample[:1])
+    fresh = train.init_model(model, jax.random.fold_in(rng, 1), sample[:1])
     init_vars = train.transfer_init(fresh, teacher_vars,
                                     config.get("transfer_reinit", ("head",)))
   state = train.create_train_state(config, model, teacher, teacher_vars, rng,
@@ -272,6 +286,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   reference = {}
   if config.loss.l2_sp > 0:
     reference, _ = train.split_head(teacher_vars["params"])
+  analysis_layers = tuple(config.get("analysis_layers") or ())
+  if analysis_layers and teacher_vars:
+    # Checked now, not after hours of training.
+    for name, net, net_vars in (("student", model, state.variables),
+                                ("teacher", teacher, teacher_vars)):
+      try:
+        validate_layers(net, net_vars, sample[:1], analysis_layers)
+      except ValueError as e:
+        raise ValueError(f"analysis_layers, in the {name}: {e}") from None
   state, teacher_vars, reference = train.replicate(
       (state, teacher_vars, reference), mesh)
 
@@ -279,17 +302,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                     max_to_keep=config.get("max_to_keep", 3))
   history = {"best_val_accuracy": -1.0, "best_step": 0,
              "test_accuracy_at_best_val": None, "last": {}}
+  mean, std = normalization(config, ds)
+  meta_base = {"config": checkpoint.config_to_json(config),
+               "num_classes": ds.num_classes,
+               "mean": np.asarray(mean).tolist(), "std": np.asarray(std).tolist()}
   restored = checkpoint.restore_latest(manager, workdir, state)
   if restored is not None:
     state, meta = restored
     history = meta["history"]
+    changed = sorted(k for k in set(meta["config"]) | set(meta_base["config"])
+                     if meta["config"].get(k) != meta_base["config"].get(k))
+    if changed:  # Same shapes, other settings: allowed (e.g. more steps).
+      logging.warning("Resuming %s with config keys changed since the "
+                      "checkpoint: %s", workdir, changed)
     logging.info("Resumed from step %d in %s", int(state.step), workdir)
   start = int(state.step)
-  meta_base = {"config": checkpoint.config_to_json(config),
-               "num_classes": ds.num_classes}
 
   train_step = train.make_train_step(config, model, teacher, tx, mesh)
-  mean, std = normalization(config, ds)
   eval_step = train.make_eval_step(model, mesh)
   batches = data.train_batches(
       ds.train, global_batch_size=config.batch_size, seed=config.seed,
@@ -338,10 +367,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         history["last"] = {"step": step, "test_accuracy": test["accuracy"],
                            "val_accuracy": None if val is None else
                            val["accuracy"]}
-      if (step % config.checkpoint_every == 0 or last or interrupted.flag):
+      stop = _stop_requested(interrupted, step % config.log_every == 0)
+      if step % config.checkpoint_every == 0 or last or stop:
         checkpoint.save(manager, step, state, {**meta_base,
                                                "history": history})
-      if interrupted.flag and not last:
+      if stop and not last:
         raise KeyboardInterrupt(
             f"Stopped by SIGTERM at step {step}; checkpoint saved in "
             f"{checkpoint.checkpoint_dir(workdir)}. Rerun the same command to "
@@ -352,8 +382,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       batch_size=config.get("analysis_batch_size", 256),
       image_size=config.data.get("image_size"), mean=mean, std=std))
   images = first["image"][first["mask"]]
-  analysis = layer_analysis(config, model, jax.device_get(state.variables),
-                            teacher, jax.device_get(teacher_vars), images)
+  analysis = (layer_analysis(config, model, jax.device_get(state.variables),
+                             teacher, jax.device_get(teacher_vars), images)
+              if is_main else {})
   final = {
       "method": config.get("method"),
       "seed": config.seed,

@@ -69,7 +69,9 @@ class TrainState:
     rng: PRNG key; the step's key is ``fold_in(rng, step)``, so a resumed run
       draws the same randomness.
     ot_potentials: ``{layer: (f, g)}`` Sinkhorn potentials of the last step,
-      warm-starting the next one (zeros = a cold start).
+      warm-starting the next one (zeros at step 0: a valid start, without
+      the epsilon scaling of a true cold start, so step 0 takes more
+      iterations).
     bad_steps: scalar int32, consecutive steps skipped for a non-finite loss
       or gradient.
   """
@@ -120,11 +122,31 @@ def layer_pairs(loss_cfg) -> Tuple[Tuple[str, str, float], ...]:
   return tuple(zip(s_layers, t_layers, (float(w) for w in weights)))
 
 
+def unique_layers(pairs) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
+  """The distinct student and teacher layers of ``layer_pairs``, in order."""
+  return (tuple(dict.fromkeys(p[0] for p in pairs)),
+          tuple(dict.fromkeys(p[1] for p in pairs)))
+
+
+def needs_teacher(config) -> bool:
+  """Whether the loss or the initialisation reads the teacher."""
+  return (bool(layer_pairs(config.loss)) or config.loss.kd_weight > 0
+          or config.loss.l2_sp > 0 or config.get("init_from_teacher", False))
+
+
+def init_model(model: nn.Module, rng: jax.Array,
+               sample_image: jax.Array) -> dict:
+  """``model.init`` compiled: eager random initialisers are slow on CPU."""
+  return jax.jit(functools.partial(model.init, train=False))(rng,
+                                                             sample_image)
+
+
 def _pair_key(student_layer: str, teacher_layer: str) -> str:
   return f"{student_layer}->{teacher_layer}"
 
 
-def _ot_options(loss_cfg) -> dict:
+def ot_options(loss_cfg) -> dict:
+  """``solve_neuron_ot`` keywords of ``loss.ot`` (without ``warm_start``)."""
   options = dict(loss_cfg.ot)
   options.pop("warm_start", None)
   return options
@@ -144,11 +166,15 @@ def check_layer_shapes(config, feature_shapes: Mapping[str, Tuple[Tuple[int, ...
         ot.check_activation_shapes(s_shape, t_shape,
                                    config.loss.ot.get("spatial", "flatten"))
       elif method == "feature_matching":
-        jax.eval_shape(losses.feature_matching, jnp.zeros(s_shape),
-                       jnp.zeros(t_shape))
+        options = {k: v for k, v in config.loss.ot.items()
+                   if k in ("spatial", "normalize")}
+        jax.eval_shape(functools.partial(losses.feature_matching, **options),
+                       jax.ShapeDtypeStruct(s_shape, jnp.float32),
+                       jax.ShapeDtypeStruct(t_shape, jnp.float32))
       elif method == "attention":
-        jax.eval_shape(losses.attention_transfer, jnp.zeros(s_shape),
-                       jnp.zeros(t_shape))
+        jax.eval_shape(losses.attention_transfer,
+                       jax.ShapeDtypeStruct(s_shape, jnp.float32),
+                       jax.ShapeDtypeStruct(t_shape, jnp.float32))
       elif method == "fitnets":
         ot.check_activation_shapes(s_shape, t_shape, "flatten")
     except ValueError as e:
@@ -180,7 +206,7 @@ def init_hint_params(config, rng, feature_shapes) -> dict:
 
 
 def init_ot_potentials(config, feature_shapes) -> dict:
-  """Zero potentials (a cold start) for each OT-regularised layer pair."""
+  """Zero potentials for each OT-regularised layer pair (step 0)."""
   if config.loss.method != "ot":
     return {}
   return {
@@ -206,7 +232,7 @@ def regularizer_terms(config, s_feats, t_feats, hint_params, ot_potentials):
     if loss_cfg.method == "ot":
       res = ot.solve_neuron_ot(
           s, t, init=ot_potentials[key] if warm else None,
-          **_ot_options(loss_cfg))
+          **ot_options(loss_cfg))
       value = res.value
       potentials[key] = res.potentials
       metrics[f"matched_fraction/{key}"] = res.matched_fraction
@@ -251,8 +277,7 @@ def make_loss_fn(config, model: nn.Module, teacher: nn.Module) -> Callable:
   """
   loss_cfg = config.loss
   pairs = layer_pairs(loss_cfg)
-  s_layers = tuple(dict.fromkeys(p[0] for p in pairs))
-  t_layers = tuple(dict.fromkeys(p[1] for p in pairs))
+  s_layers, t_layers = unique_layers(pairs)
   need_teacher = bool(pairs) or loss_cfg.kd_weight > 0
 
   # Frozen BatchNorm (running statistics, as the teacher) is common when
@@ -326,7 +351,8 @@ def make_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
     factors = {}
     for frac in opt_cfg.get("step_boundaries", (0.5, 0.75)):
       # Boundaries that round to one step (short runs) multiply there.
-      step = round(frac * total_steps)
+      # join_schedules restarts the count after the warmup: shift back.
+      step = round(frac * total_steps) - warmup
       factors[step] = factors.get(step, 1.0) * opt_cfg.get("step_factor", 0.1)
     main = optax.piecewise_constant_schedule(lr, factors)
   elif name == "constant":
@@ -406,8 +432,7 @@ def feature_shapes(config, model, variables, teacher, teacher_vars,
   pairs = layer_pairs(config.loss)
   if not pairs:
     return {}
-  s_layers = tuple(dict.fromkeys(p[0] for p in pairs))
-  t_layers = tuple(dict.fromkeys(p[1] for p in pairs))
+  s_layers, t_layers = unique_layers(pairs)
   for name, net, net_vars, layers in (("student", model, variables, s_layers),
                                       ("teacher", teacher, teacher_vars,
                                        t_layers)):
@@ -441,8 +466,7 @@ def create_train_state(config, model, teacher, teacher_vars, rng,
   """
   init_rng, hint_rng, state_rng = jax.random.split(rng, 3)
   if init_variables is None:
-    init_variables = jax.jit(functools.partial(model.init, train=False))(
-        init_rng, sample_image[:1])
+    init_variables = init_model(model, init_rng, sample_image[:1])
   else:
     # The step donates the state: it must not alias the teacher's buffers.
     init_variables = jax.tree_util.tree_map(jnp.copy, init_variables)

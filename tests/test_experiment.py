@@ -40,6 +40,9 @@ def test_job_writes_outputs_and_restores(teacher_dir, tmp_path):
 
   restored = checkpoint.restore(str(tmp_path))
   assert restored.step == 20 and restored.config.method == "ot"
+  ds_check = data.get_datasets(restored.config.data)
+  np.testing.assert_allclose(restored.mean, ds_check.mean)
+  np.testing.assert_allclose(restored.std, ds_check.std)
   ds = data.get_datasets(restored.config.data)
   mesh = train.make_mesh()
   test = train.evaluate(
@@ -68,11 +71,28 @@ def test_unknown_method_lists_the_defined_ones(teacher_dir, tmp_path):
                                   str(tmp_path))
 
 
-def test_regularizer_without_teacher_is_refused(tmp_path):
-  c = tiny_config(tmp_path / "none")
+@pytest.mark.parametrize("method", ["ot", "l2_sp", "finetune_l2"])
+def test_teacher_dependent_methods_without_teacher_are_refused(tmp_path,
+                                                               method):
+  c = tiny_config(tmp_path / "none", method=method)
   c.teacher.source = "none"
   with pytest.raises(ValueError, match="needs a teacher"):
     experiment.train_and_evaluate(c, str(tmp_path))
+
+
+def test_analysis_layer_typo_fails_before_training(teacher_dir, tmp_path):
+  c = tiny_config(teacher_dir, analysis_layers=("stage9",))
+  with pytest.raises(ValueError, match="analysis_layers.*'stage9'"):
+    experiment.train_and_evaluate(c, str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_cli_errors_are_one_message(teacher_dir, tmp_path):
+  proc = subprocess.run(
+      main_command(tmp_path, teacher_dir, "--config.method=magic"), cwd=REPO,
+      capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr
+  assert "Error: method='magic' is not defined" in proc.stderr
 
 
 def test_restore_without_checkpoints_says_what_to_do(tmp_path):

@@ -186,6 +186,11 @@ def test_schedules_and_backbone_multiplier():
   sched = train.make_schedule(cfg, 10)
   assert float(sched(2)) == pytest.approx(1.0)
   assert float(sched(3)) == pytest.approx(0.01)
+  cfg.update({"warmup_steps": 10, "step_boundaries": (0.5,)})
+  sched = train.make_schedule(cfg, 100)  # The drop stays at step 50.
+  assert float(sched(5)) == pytest.approx(0.5)
+  assert float(sched(49)) == pytest.approx(1.0)
+  assert float(sched(50)) == pytest.approx(0.1)
   cfg = ml_collections.ConfigDict({"name": "sgd", "learning_rate": 1.0,
                                    "momentum": 0.0, "schedule": "constant",
                                    "backbone_lr_multiplier": 0.1})

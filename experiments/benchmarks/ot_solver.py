@@ -10,7 +10,7 @@ activations of one mini-batch, after compilation, the median of `repeats`:
 * `warm_ms`: the same inside a training loop: the activations moved by a
   small step between calls, the previous potentials passed as `init`;
 * `cost_ms`: the cost matrix alone (one GEMM): the floor;
-* `pot_sinkhorn_ms` (`ot.sinkhorn2`, log-domain off, same epsilon) and
+* `pot_sinkhorn_ms` (`ot.sinkhorn2`, log-domain, same epsilon) and
   `pot_emd_ms` (`ot.emd2`, exact), numpy;
 * `iters` / `warm_iters`: Sinkhorn iterations; `err_pct`: relative error of
   Omega_P against the exact OT value;

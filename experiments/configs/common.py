@@ -24,6 +24,8 @@ def base_config():
   c = ml_collections.ConfigDict()
   c.data = data.default_config()
   c.model = ml_collections.ConfigDict({
+      # freeze_batchnorm: the student runs in inference mode (running BN
+      # statistics, no dropout) while it trains.
       "name": "digits_cnn", "kwargs": {}, "freeze_batchnorm": False})
   c.teacher = ml_collections.ConfigDict({
       # 'none' | 'train' (c.teacher.job, cached) | 'checkpoint' | 'torchvision'
