@@ -161,7 +161,8 @@ def restore(workdir: str, step: Optional[int] = None) -> Restored:
   Raises:
     CheckpointError: no checkpoint there, or one that cannot be read.
   """
-  from ot_transfer_jax import models  # Local: keeps this module light.
+  # Local imports: keep this module light to import.
+  from ot_transfer_jax import models, train
 
   path = checkpoint_dir(workdir)
   if not os.path.isdir(path):
@@ -190,9 +191,7 @@ def restore(workdir: str, step: Optional[int] = None) -> Restored:
   model = models.create_model(config.model.name, meta["num_classes"],
                               **config.model.get("kwargs", {}))
   state = items["state"]
-  variables = {"params": state["params"]}
-  if state.get("batch_stats"):
-    variables["batch_stats"] = state["batch_stats"]
+  variables = train.model_variables(state["params"], state.get("batch_stats"))
   return Restored(model=model, variables=variables, config=config, step=step,
                   meta=meta, mean=np.asarray(meta["mean"], np.float32),
                   std=np.asarray(meta["std"], np.float32))

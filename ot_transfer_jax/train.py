@@ -532,13 +532,23 @@ def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
   return Mesh(np.asarray(devices), ("data",))
 
 
+def _replicated(mesh: Mesh) -> NamedSharding:
+  """Every device holds the whole array (state, teacher)."""
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def _batch_sharded(mesh: Mesh) -> NamedSharding:
+  """The leading (batch) axis split over the ``"data"`` axis."""
+  return NamedSharding(mesh, PartitionSpec("data"))
+
+
 def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
   """This process's rows of the global batch -> a global sharded array.
 
   Each process passes its own ``B / process_count`` rows; on one process this
   is the whole batch. The leading dimension must divide by the device count.
   """
-  sharding = NamedSharding(mesh, PartitionSpec("data"))
+  sharding = _batch_sharded(mesh)
   n = mesh.devices.size
   out = {}
   for k, v in batch.items():
@@ -554,7 +564,7 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
 
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
   """Places a pytree on every device of the mesh (the state, the teacher)."""
-  return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+  return jax.device_put(tree, _replicated(mesh))
 
 
 def make_train_step(config, model, teacher, tx, mesh: Mesh) -> Callable:
@@ -599,8 +609,7 @@ def make_train_step(config, model, teacher, tx, mesh: Mesh) -> Callable:
     )
     return new_state, metrics
 
-  replicated = NamedSharding(mesh, PartitionSpec())
-  data = NamedSharding(mesh, PartitionSpec("data"))
+  replicated, data = _replicated(mesh), _batch_sharded(mesh)
   return jax.jit(train_step,
                  in_shardings=(replicated, replicated, replicated, data),
                  out_shardings=(replicated, replicated),
@@ -625,8 +634,7 @@ def make_eval_step(model, mesh: Mesh) -> Callable:
     return {"correct": jnp.sum(correct * mask), "loss": jnp.sum(ce * mask),
             "count": jnp.sum(mask)}
 
-  replicated = NamedSharding(mesh, PartitionSpec())
-  data = NamedSharding(mesh, PartitionSpec("data"))
+  replicated, data = _replicated(mesh), _batch_sharded(mesh)
   return jax.jit(eval_step, in_shardings=(replicated, data),
                  out_shardings=replicated)
 

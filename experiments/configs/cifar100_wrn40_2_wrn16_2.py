@@ -1,29 +1,8 @@
 """CIFAR-100 distillation: wrn_40_2 (teacher) -> wrn_16_2 (student).
 
-RepDistiller's protocol (Tian et al., ICLR 2020): 240 epochs of SGD (momentum
-0.9, lr 0.05 divided by 10 at epochs 150, 180 and 210), weight decay 5e-4,
-batch 64, random crop (pad 4) + horizontal flip. 50 images per class are
-carved out of the training split for model selection (45,000 left, 704 steps
-per epoch, 168,960 steps); the test split gives the reported numbers, at the
-last step and at the best-validation step. Evaluation every epoch, a
-checkpoint every 2 epochs. Stage resolutions (and widths) are equal in the
-teacher and the student: 32x32x32, 16x16x64, 8x8x128.
-
-The teacher is trained here, by the same protocol with CE only
-(`teacher.source='train'`, `teacher.job`), once, in `teacher.workdir`
-(`experiments.reproduce` uses WORKDIR/teacher; with `experiments.main` pass
-`--config.teacher.workdir` so that methods share it). To reuse a finished
-run instead: `--config.teacher.source=checkpoint
---config.teacher.path=workdirs/.../teacher`.
-
-Methods (CE is always there; RepDistiller's weights where it has them):
-  student           CE only
-  kd                + KD, T=4, kd_weight 1 (ours is CE + w KD)
-  fitnets           + hint on stage3 (1x1 regressor), weight 100
-  attention         + AT on stage1-3, weight 1000
-  feature_matching  + Omega_I on stage1-3 (equal widths), weight 1 (UNTUNED)
-  ot                + Omega_P on stage1-3, spatial='flatten', weight 1 (UNTUNED)
-  ot_kd             ot + kd
+Protocol, teacher and methods: `paper.cifar100_distillation` (RepDistiller's
+240-epoch protocol; the teacher is trained first, once). Stage resolutions
+and widths are equal in the teacher and the student: 32x32x32, 16x16x64, 8x8x128.
 
 Launch one method:
   python -m experiments.main \

@@ -1,24 +1,10 @@
 """Transfer: ImageNet resnet50 -> CUB-200-2011 (TFDS 'caltech_birds2011'), data-scarce.
 
-The student is the teacher's architecture with a new 200-way head; it
-starts from the teacher (`init_from_teacher`: everything but the head). L2-SP's
-reference protocol (Li, Grandvalet, Davoine 2018): SGD momentum 0.9, batch 64,
-lr 0.01 divided by 10 at iteration 5000 of 9000, 224 x 224 random resized crops
-+ flips, ImageNet normalisation. 10 % of each class of the training split is
-held out for model selection (`data.val_fraction`); `data.train_fraction` of
-what is left is trained on (the protocol's 15 / 30 / 50 / 100 %); test = the
-TFDS test split. Every fraction runs 9000 steps.
-
-  finetune_l2       weight decay 0.01 on all weights (UNTUNED)
-  l2_sp             alpha/2 ||theta - theta^0||^2, alpha=0.1; head beta=0.01
-  feature_matching  Omega_I (DELTA without attention weights) on stage1-4,
-                    weight 1 (UNTUNED); head beta=0.01
-  ot                Omega_P on stage1-4, spatial='flatten', weight 1 (UNTUNED);
-                    head beta=0.01
-
-stage1-4 are the outputs of torchvision's layer1..layer4 (56x56x256 ..
-7x7x2048 at 224 px). Reference (Transfer-Learning-Library, ResNet-50): fine-tuning 81.8, DELTA
-82.3 with all data; 51.2 and 54.8 with 15 %.
+Protocol and methods: `paper.imagenet_transfer` (L2-SP's reference protocol,
+9000 steps per data fraction; the student starts from the teacher with a new
+200-way head; Omega_I and Omega_P on stage1-4). Reference
+(Transfer-Learning-Library, ResNet-50): fine-tuning 81.8, DELTA 82.3 with all
+data; 51.2 and 54.8 with 15 %.
 
 The teacher: torchvision's ImageNet resnet50 saved as safetensors. On a machine
 with internet:

@@ -69,14 +69,35 @@ def cifar100_distillation(teacher_name: str, student_name: str, *,
                           feature_matching: bool = True):
   """Teacher ``teacher_name`` (trained here with the same protocol) -> ``student_name``.
 
-  Methods: student (CE), kd, fitnets, attention, [feature_matching], ot, ot_kd.
+  RepDistiller's protocol (Tian et al., ICLR 2020): 240 epochs of SGD (momentum
+  0.9, lr 0.05 divided by 10 at epochs 150, 180 and 210), weight decay 5e-4,
+  batch 64, random crop (pad 4) + horizontal flip. 50 images per class are
+  carved out of the training split for model selection (45,000 left, 704 steps
+  per epoch, 168,960 steps); the test split gives the reported numbers, at the
+  last step and at the best-validation step. Evaluation every epoch, a
+  checkpoint every 2 epochs.
+
+  The teacher is trained here, by the same protocol with CE only
+  (`teacher.source='train'`, `teacher.job`), once, in `teacher.workdir`
+  (`experiments.reproduce` uses WORKDIR/teacher; with `experiments.main` pass
+  `--config.teacher.workdir` so that methods share it). To reuse a finished
+  run instead: `--config.teacher.source=checkpoint
+  --config.teacher.path=workdirs/.../teacher`.
+
+  Methods (CE is always there; RepDistiller's weights where it has them):
+    student           CE only
+    kd                + KD, T=4, kd_weight 1 (ours is CE + w KD)
+    fitnets           + hint on stage3 (1x1 regressor), weight 100
+    attention         + AT on stage1-3, weight 1000
+    feature_matching  + Omega_I on stage1-3 (equal widths), weight 1 (UNTUNED)
+    ot                + Omega_P on stage1-3, spatial='flatten', weight 1 (UNTUNED)
+    ot_kd             ot + kd
+
   ``feature_matching`` (Omega_I) needs equal widths per stage.
   """
   c = _cifar_protocol(student_name)
   c.teacher.source = "train"
   c.teacher.name = teacher_name
-  c.teacher.num_classes = CIFAR100_CLASSES
-  c.teacher.image_shape = (32, 32, 3)
   c.teacher.job = _cifar_protocol(teacher_name)
   c.vary_data_seed = False  # The teacher trained on this same split.
   c.loss.student_layers = CIFAR_LAYERS
@@ -127,7 +148,24 @@ def imagenet_transfer(dataset: str, model_name: str, *,
                       train_fraction: float = 1.0):
   """ImageNet ``model_name`` (torchvision weights) fine-tuned on TFDS ``dataset``.
 
-  Methods: finetune_l2, l2_sp, feature_matching (Omega_I), ot (Omega_P).
+  The student is the teacher's architecture with a new head; it
+  starts from the teacher (`init_from_teacher`: everything but the head). L2-SP's
+  reference protocol (Li, Grandvalet, Davoine 2018): SGD momentum 0.9, batch 64,
+  lr 0.01 divided by 10 at iteration 5000 of 9000, 224 x 224 random resized crops
+  + flips, ImageNet normalisation. 10 % of each class of the training split is
+  held out for model selection (`data.val_fraction`); `data.train_fraction` of
+  what is left is trained on (the protocol's 15 / 30 / 50 / 100 %); test = the
+  TFDS test split. Every fraction runs 9000 steps.
+
+    finetune_l2       weight decay 0.01 on all weights (UNTUNED)
+    l2_sp             alpha/2 ||theta - theta^0||^2, alpha=0.1; head beta=0.01
+    feature_matching  Omega_I (DELTA without attention weights) on stage1-4,
+                      weight 1 (UNTUNED); head beta=0.01
+    ot                Omega_P on stage1-4, spatial='flatten', weight 1 (UNTUNED);
+                      head beta=0.01
+
+  stage1-4 are the outputs of torchvision's layer1..layer4 (56x56x256 ..
+  7x7x2048 at 224 px).
   """
   c = common.base_config()
   c.data.name = dataset
@@ -138,8 +176,6 @@ def imagenet_transfer(dataset: str, model_name: str, *,
   c.teacher.source = "torchvision"
   c.teacher.name = model_name
   c.teacher.path = f"pretrained/{model_name}.safetensors"
-  c.teacher.num_classes = 1000
-  c.teacher.image_shape = (224, 224, 3)
   c.init_from_teacher = True  # Everything but the head comes from the teacher.
   c.imagenet_normalization = True
   c.augment = "imagenet"
