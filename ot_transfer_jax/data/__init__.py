@@ -1,5 +1,17 @@
 """Data: sources (TFDS via ArrayRecord, IDX files, image folders, embedded digits) and grain
-batches."""
+batches.
+
+Needs the ``experiments`` extra (tfds, grain, scikit-learn, pillow); the rest of
+the library does not.
+"""
+
+try:  # Fail with the fix, not a bare ModuleNotFoundError, on a core-only install.
+  import grain, PIL, sklearn, tensorflow_datasets  # noqa: E401,F401
+except ImportError as err:
+  raise ImportError(
+      f"ot_transfer_jax.data needs the experiments extra ({err.name} is not "
+      "installed): pip install 'ot_transfer_jax[experiments]' (from a checkout: "
+      "pip install -e '.[experiments]' -c constraints.txt).") from err
 
 from ot_transfer_jax.data.datasets import (
     Datasets, channel_stats, default_config, get_datasets, split_indices)
