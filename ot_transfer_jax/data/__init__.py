@@ -1,4 +1,5 @@
-"""Data: sources (TFDS via ArrayRecord, image folders, embedded digits) and grain batches.
+"""Data: sources (TFDS via ArrayRecord, IDX files, image folders, embedded digits) and grain
+batches.
 
 Needs the ``experiments`` extra (tfds, grain, scikit-learn, pillow); the rest of
 the library does not.
@@ -15,6 +16,8 @@ except ImportError as err:
 from ot_transfer_jax.data.datasets import (
     Datasets, channel_stats, default_config, get_datasets, split_indices)
 from ot_transfer_jax.data.digits import DigitsSource, OtDigits
+from ot_transfer_jax.data.idx import (
+    FASHION_MNIST_CLASSES, IDX_DATASETS, IdxFormatError, IdxSource, read_idx)
 from ot_transfer_jax.data.pipeline import (
     AUGMENTATIONS, eval_batches, fit_image, random_crop, random_resized_crop, train_batches)
 from ot_transfer_jax.data.sources import (
@@ -22,8 +25,9 @@ from ot_transfer_jax.data.sources import (
     TfdsSource)
 
 __all__ = [
-    "AUGMENTATIONS", "TFDS_KEYS", "DatasetNotPreparedError", "Datasets", "DigitsSource",
+    "AUGMENTATIONS", "FASHION_MNIST_CLASSES", "IDX_DATASETS", "TFDS_KEYS",
+    "DatasetNotPreparedError", "Datasets", "DigitsSource", "IdxFormatError", "IdxSource",
     "ImageFolderSource", "OtDigits", "Source", "SubsetSource", "TfdsKeys", "TfdsSource",
     "channel_stats", "default_config", "eval_batches", "fit_image", "get_datasets",
-    "random_crop", "random_resized_crop", "split_indices", "train_batches",
+    "random_crop", "random_resized_crop", "read_idx", "split_indices", "train_batches",
 ]
