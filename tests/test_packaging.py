@@ -82,7 +82,8 @@ _BLOCKED_RUN = _ABSENT + textwrap.dedent("""
     import pathlib, re
 
     import ot_transfer_jax
-    from ot_transfer_jax import checkpoint, features, losses, models, ot, train
+    from ot_transfer_jax import (checkpoint, delta_weights, features, losses,
+                                 models, ot, train)
     from ot_transfer_jax.models import create_model
 
     readme = pathlib.Path("README.md").read_text()
