@@ -86,11 +86,19 @@ def make_manager(workdir: str, *, max_to_keep: int = 3,
       enable_async_checkpointing=False,
       cleanup_tmp_directories=not reading,
   )
-  return ocp.CheckpointManager(
+  manager = ocp.CheckpointManager(
       checkpoint_dir(workdir), options=options,
       item_handlers={"state": ocp.StandardCheckpointHandler(),
                      "meta": ocp.JsonCheckpointHandler(),
                      "checksums": ocp.JsonCheckpointHandler()})
+  # orbax removes leftover temporary steps in a background thread; wait for
+  # it, so that an error raised right after (a bad config) exits cleanly
+  # instead of that thread failing with a traceback at interpreter shutdown.
+  wait_for_cleanup = getattr(manager, "_maybe_await_cleanup_tmp_directory",
+                             None)
+  if wait_for_cleanup is not None:
+    wait_for_cleanup()
+  return manager
 
 
 # ---------------------------------------------------------------------------
