@@ -22,9 +22,10 @@ EXPERIMENT_TOOLS = {"tensorflow-datasets": "tensorflow_datasets",
                     "matplotlib": "matplotlib", "scikit-learn": "sklearn",
                     "torch": "torch", "tensorflow": "tensorflow",
                     "pillow": "PIL", "safetensors": "safetensors",
-                    "pot": "ot", "pytest": "pytest"}
+                    "pot": "ot", "pytest": "pytest",
+                    "ml-collections": "ml_collections"}
 CORE = {"jax", "flax", "optax", "ott-jax", "orbax-checkpoint", "numpy",
-        "ml-collections"}
+        "absl-py"}
 
 
 def _core_requirements(requirements):
