@@ -33,8 +33,8 @@ VARIANTS = {
 def step_seconds(model_name, method, layers, batch, repeats):
   cfg = common.base_config()
   cfg.model.name = model_name
-  cfg.loss.method, cfg.loss.weight = method, 0.1
-  cfg.loss.student_layers = cfg.loss.teacher_layers = layers
+  if method != "none":
+    cfg.loss.terms[method] = common.term(method, 0.1, student_layers=layers)
   model = create_model(model_name, 10)
   shape = INPUTS.get(model_name, (32, 32, 3))
   sample = jnp.zeros((batch, *shape))
@@ -54,7 +54,7 @@ def step_seconds(model_name, method, layers, batch, repeats):
   teacher_vars = train.replicate(teacher_vars, mesh)
 
   def call():
-    holder["state"], metrics = step(holder["state"], teacher_vars, {}, data)
+    holder["state"], metrics = step(holder["state"], teacher_vars, data)
     return metrics
 
   for _ in range(3):  # Compile, then let warm-started potentials settle.
