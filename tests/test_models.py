@@ -25,6 +25,8 @@ _IMAGENET = ("resnet18", "resnet34", "resnet50", "resnet101")
 def _input_shape(name, batch=2):
   if name.startswith("digits"):
     return (batch, 8, 8, 1)
+  if name == "small_cnn":
+    return (batch, 28, 28, 1)
   return (batch, 64, 64, 3) if name in _IMAGENET else (batch, 32, 32, 3)
 
 
@@ -73,7 +75,7 @@ def test_output_shape_and_layout(name):
   params = variables["params"]
   assert params["head"]["kernel"].shape[-1] == 7
   assert {"stage1", "stage2"} <= set(params)
-  if not name.startswith("digits"):
+  if not name.startswith(("digits", "small_cnn")):
     assert "block0" in params["stage1"]
     assert "batch_stats" in variables
 
@@ -89,6 +91,7 @@ def test_stage_names_per_family():
   assert stages("resnet50") == ["stage1", "stage2", "stage3", "stage4"]
   assert stages("digits_cnn") == ["stage1", "stage2", "stage3"]
   assert stages("digits_mlp") == ["stage1", "stage2"]
+  assert stages("small_cnn") == ["stage1", "stage2", "stage3"]
 
   model = create_model("resnet56", 10)
   stage3 = abstract_variables(model, (1, 32, 32, 3))["params"]["stage3"]
@@ -105,6 +108,7 @@ def test_unknown_model_lists_available_names():
 _SMALL = {
     "digits_cnn": (create_model("digits_cnn", 10), (4, 8, 8, 1)),
     "digits_mlp": (create_model("digits_mlp", 10), (4, 8, 8, 1)),
+    "small_cnn": (create_model("small_cnn", 10, width=0.25), (4, 12, 12, 1)),
     "cifar_resnet": (CifarResNet(10, depth=8), (4, 16, 16, 3)),
     "wrn": (WideResNet(10, depth=10, widen_factor=1), (4, 16, 16, 3)),
     "resnet": (ResNet(10, stage_sizes=(1, 1), bottleneck=True), (4, 32, 32, 3)),
@@ -118,7 +122,7 @@ def _small_variables(name):
 
 
 @pytest.mark.parametrize(
-    "name", ["digits_cnn", "cifar_resnet", "wrn", "resnet"])
+    "name", ["digits_cnn", "small_cnn", "cifar_resnet", "wrn", "resnet"])
 def test_batch_stats_update_only_in_training(name):
   model, shape = _SMALL[name]
   variables = _small_variables(name)
@@ -158,6 +162,33 @@ def test_digits_width_changes_neuron_counts():
   assert widths(0.25) == (4, 8, 16)
 
 
+@pytest.mark.parametrize("width", [1.0, 0.5, 2.0])
+def test_small_cnn_params_and_stage_shapes_on_28x28(width):
+  model = create_model("small_cnn", 10, width=width)
+  variables = abstract_variables(model, (1, 28, 28, 1))
+  c1, c2, c3 = (round(16 * width), round(32 * width), round(64 * width))
+  # conv3x3 kernels (no bias), BN scale + bias, head kernel + bias.
+  expected = 9 * (1 * c1 + c1 * c2 + c2 * c3) + 2 * (c1 + c2 + c3) + 10 * c3 + 10
+  assert count_params(variables["params"]) == expected
+  kernels = [variables["params"][f"stage{i}"]["conv"]["kernel"].shape[-1] for i in (1, 2, 3)]
+  assert kernels == [c1, c2, c3]
+
+
+def test_small_cnn_and_resnet8_stages_share_resolutions_on_28x28():
+  """Layer-by-layer comparisons across the two families need equal positions."""
+  from ot_transfer_jax.features import apply_with_features
+  layers = ("stage1", "stage2", "stage3")
+  shapes = {}
+  for name, kwargs in (("small_cnn", {"width": 0.5}), ("resnet8", {})):
+    model = create_model(name, 5, **kwargs)
+    variables = abstract_variables(model, (1, 28, 28, 1))
+    feats = jax.eval_shape(
+        lambda v, x: apply_with_features(model, v, x, layers, train=False)[1], variables,
+        jnp.zeros((2, 28, 28, 1)))
+    shapes[name] = [feats[layer].shape[1:3] for layer in layers]
+  assert shapes["small_cnn"] == shapes["resnet8"] == [(28, 28), (14, 14), (7, 7)]
+
+
 def test_bfloat16_compute_keeps_float32_params_and_logits():
   model = create_model("resnet20", 10, dtype=jnp.bfloat16)
   variables = abstract_variables(model, (1, 32, 32, 3))
@@ -185,11 +216,11 @@ def test_wrn_dropout_is_active_only_in_training():
   np.testing.assert_array_equal(evaluate(variables, x), evaluate(variables, x))
 
 
-@pytest.mark.parametrize("name", ["digits_cnn", "digits_mlp"])
+@pytest.mark.parametrize("name", ["digits_cnn", "digits_mlp", "small_cnn"])
 def test_digits_models_learn(name):
   """``model.init`` and 30 jitted Adam steps on one batch halve the loss."""
-  model = _SMALL[name][0]
-  x = jax.random.normal(jax.random.key(0), (32, 8, 8, 1))
+  model, shape = _SMALL[name]
+  x = jax.random.normal(jax.random.key(0), (32, *shape[1:]))
   y = jnp.arange(32) % 10
   variables = jax.jit(model.init)(jax.random.key(1), x[:1])
   params = variables["params"]

@@ -13,6 +13,7 @@ import numpy as np
 
 from ot_transfer_jax.data import pipeline
 from ot_transfer_jax.data.digits import DigitsSource
+from ot_transfer_jax.data.idx import IDX_DATASETS, IdxSource
 from ot_transfer_jax.data.sources import (
     TFDS_KEYS, ImageFolderSource, Source, SubsetSource, TfdsKeys, TfdsSource)
 
@@ -22,9 +23,12 @@ _STATS_EXAMPLES = 1024  # Enough for per-channel mean/std to ~1%, cheap on any d
 def default_config() -> ml_collections.ConfigDict:
   """The data section of an experiment config, every key with its default.
 
-  name: "digits", a TFDS name (prepared as ArrayRecord), or "folder:/root" with
+  name: "digits", "fashion_mnist" or "mnist" (the four original IDX files), a TFDS
+    name (prepared as ArrayRecord), or "folder:/root" with
     /root/{train,test}/<class name>/<image>.
-  data_dir: TFDS data_dir (None: TFDS's default).
+  data_dir: for fashion_mnist/mnist, the directory of the IDX files (None: Debian's
+    /usr/share/datasets/fashion-mnist; mnist has no default); for TFDS, its data_dir
+    (None: TFDS's default).
   image_size: side S images are resized/cropped to (None: native size).
   classes: original label ids to keep, relabelled 0..k-1 in this order (None: all).
   samples_per_class: training examples kept per class, drawn with ``seed`` (None: all).
@@ -179,6 +183,8 @@ def _load_splits(name: str, data_dir: str | None) -> tuple[Source, Source]:
   """(train, test) sources of a dataset name."""
   if name == "digits":
     return DigitsSource("train"), DigitsSource("test")
+  if name in IDX_DATASETS:
+    return IdxSource(name, "train", data_dir), IdxSource(name, "test", data_dir)
   if name.startswith("folder:"):
     root = name.removeprefix("folder:")
     if not all(os.path.isdir(os.path.join(root, s)) for s in ("train", "test")):

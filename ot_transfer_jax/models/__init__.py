@@ -22,13 +22,15 @@ import jax
 from ot_transfer_jax.models.cifar_resnet import CifarResNet
 from ot_transfer_jax.models.digits import DigitsCNN, DigitsMLP
 from ot_transfer_jax.models.resnet import ResNet
+from ot_transfer_jax.models.small_cnn import SmallCNN
 from ot_transfer_jax.models.wrn import WideResNet
 
 _partial = functools.partial
 _X4 = dict(stem_width=32, widths=(64, 128, 256))
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
-    # CIFAR, 32 x 32 inputs.
+    # CIFAR, 32 x 32 inputs (any side divisible by 4: 28 x 28 too).
+    "resnet8": _partial(CifarResNet, depth=8),
     "resnet20": _partial(CifarResNet, depth=20),
     "resnet32": _partial(CifarResNet, depth=32),
     "resnet56": _partial(CifarResNet, depth=56),
@@ -43,6 +45,8 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "resnet34": _partial(ResNet, stage_sizes=(3, 4, 6, 3), bottleneck=False),
     "resnet50": _partial(ResNet, stage_sizes=(3, 4, 6, 3), bottleneck=True),
     "resnet101": _partial(ResNet, stage_sizes=(3, 4, 23, 3), bottleneck=True),
+    # Fashion-MNIST / MNIST, 28 x 28 x 1 inputs (`width=` multiplier).
+    "small_cnn": SmallCNN,
     # scikit-learn digits, 8 x 8 x 1 inputs.
     "digits_cnn": DigitsCNN,
     "digits_mlp": DigitsMLP,
@@ -74,6 +78,7 @@ __all__ = [
     "DigitsMLP",
     "MODEL_NAMES",
     "ResNet",
+    "SmallCNN",
     "WideResNet",
     "count_params",
     "create_model",

@@ -23,7 +23,13 @@ import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors.numpy
+
+try:  # Not a core dependency: only this module reads .safetensors files.
+  import safetensors.numpy
+except ImportError as err:
+  raise ImportError(
+      "ot_transfer_jax.models.pretrained reads .safetensors files: pip install "
+      "safetensors (it comes with the experiments extra).") from err
 
 from ot_transfer_jax.models import create_model
 
