@@ -153,10 +153,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
                               **config.model.kwargs)
   teacher, teacher_vars = load_teacher(config, workdir, train_teacher)
   if teacher is None and train.needs_teacher(config):
+    uses = [f"loss.terms.{name}" for name in config.loss.terms]
+    uses += ["init_from_teacher"] if config.init_from_teacher else []
     raise ValueError(
-        f"loss.terms {sorted(config.loss.terms)} or init_from_teacher need a "
-        "teacher, but teacher.source='none'. Set teacher.source to 'train', "
-        "'checkpoint' or 'torchvision'.")
+        f"{' and '.join(uses)} needs a teacher, but teacher.source='none'. "
+        "Set teacher.source to 'train', 'checkpoint' or 'torchvision'.")
   mean, std = normalization(config, ds)
   mesh = train.make_mesh()
   sample = jnp.zeros((config.batch_size, *ds.image_shape), jnp.float32)
