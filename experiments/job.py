@@ -159,7 +159,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
         f"{' and '.join(uses)} needs a teacher, but teacher.source='none'. "
         "Set teacher.source to 'train', 'checkpoint' or 'torchvision'.")
   mean, std = normalization(config, ds)
-  mesh = train.make_mesh()
+  mesh = train.make_mesh(batch_size=config.batch_size)
   sample = jnp.zeros((config.batch_size, *ds.image_shape), jnp.float32)
   rng = jax.random.PRNGKey(config.seed)
   tx = train.make_optimizer(config.optimizer, config.num_steps)
