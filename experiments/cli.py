@@ -42,6 +42,12 @@ def parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
+    if "Traceback (most recent call last)" in str(e):
+      # get_config raised (e.g. an unknown file.py:METHOD): its last line.
+      lines = [l for l in str(e).splitlines()
+               if re.match(r"^\w+(Error|Exception): ", l)]
+      sys.stderr.write(f"Error: {lines[-1].split(': ', 1)[1] if lines else e}\n")
+      sys.exit(2)
     if "--config." not in str(e):  # A plain flag: absl's message says it.
       sys.stderr.write(f"Error: {e}\nRun with --help for the flags.\n")
       sys.exit(2)
@@ -61,7 +67,7 @@ def _bad_override(e: Exception) -> None:
   sys.stderr.write(
       f"Error: bad --config override: {message}. Every key must exist in "
       "the config file's get_config() (see its docstring, or "
-      "experiments/configs/common.py for the full list with defaults); "
+      "experiments/configs/common.py for the full list with defaults; a method's terms are under loss.terms.<name>); "
       "values must have the key's type.\n")
   sys.exit(2)
 
@@ -71,14 +77,15 @@ def user_errors():
   """The errors a user can fix, as one message on stderr, not a traceback.
 
   Bad input (ValueError and its kin: unknown layer, shapes, dataset not
-  prepared, damaged checkpoint), a diverged run and SIGTERM exit with
-  status 1 (143 for SIGTERM) and the message that says what to do.
+  prepared, damaged checkpoint) and a diverged run exit with status 1;
+  a preempted run (SIGTERM, checkpoint saved) with 143.
   """
+  from experiments.loop import Diverged, Preempted
   try:
     yield
-  except KeyboardInterrupt as e:  # SIGTERM: checkpoint saved, resumable.
+  except Preempted as e:
     sys.stderr.write(f"{e}\n")
     sys.exit(143)
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
+  except (ValueError, FileNotFoundError, Diverged) as e:
     sys.stderr.write(f"Error: {e}\n")
     sys.exit(1)

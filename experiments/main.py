@@ -1,24 +1,26 @@
 """Train and evaluate one experiment config.
 
-  python -m experiments.main --config experiments/configs/digits_transfer.py \
-      --workdir workdirs/digits_transfer/ot [--config.method=ot] \
-      [--config.num_steps=100 ...]
+  python -m experiments.main \
+      --config experiments/configs/digits_transfer.py[:METHOD] \
+      --workdir workdirs/digits_transfer/ot [--config.num_steps=100 ...]
 
-Rerunning the same command resumes from the last checkpoint in --workdir.
-Multi-host: set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
-JAX_PROCESS_ID and run this same command in every process.
+``file.py:METHOD`` picks one of the config's methods (its default without);
+``--config.key=value`` overrides are applied after it. Rerunning the same
+command resumes from the last checkpoint in --workdir. Multi-host: set
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID and run this
+same command in every process.
 """
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from experiments import loop
 from experiments.cli import (maybe_initialize_distributed, parse_flags,
                              quiet_orbax, user_errors)
-from ot_transfer_jax import experiment
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Path to an experiment config (get_config()).",
-    lock_config=True)
+    "config", None, "Path to an experiment config (get_config(method)), "
+    "optionally followed by :METHOD.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None,
                                "Directory for checkpoints and outputs.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -29,7 +31,7 @@ def main(argv):
   maybe_initialize_distributed()
   quiet_orbax()
   with user_errors():
-    final = experiment.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    final = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   print({k: final[k] for k in ("method", "step", "val_accuracy",
                                "test_accuracy")})
 

@@ -18,8 +18,14 @@ images. A teacher trained by the config is trained once, in
 ``test_accuracy_best_val``, ``test_accuracy_last``, ``val_accuracy_best``,
 ``best_step``, ``step``, ``workdir``),
 ``WORKDIR/results.md`` and the figures, and prints the table.
+
+Each method's config is ``get_config(method)`` of the config file; the
+command line's ``--config.key=value`` overrides are checked against the
+config ``--config`` names (its default method, or ``file.py:method``) and
+applied, last, to every method whose config has the key.
 """
 
+import importlib.util
 import json
 import os
 
@@ -27,12 +33,12 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments import loop, report
 from experiments.cli import (maybe_initialize_distributed, parse_flags,
                              quiet_orbax, user_errors)
-from ot_transfer_jax import experiment, report
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Path to an experiment config with `methods`.",
+    "config", None, "Path to an experiment config with METHODS.",
     lock_config=True)
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds per method: 0 .. seeds-1.")
 _WORKDIR = flags.DEFINE_string(
@@ -42,29 +48,62 @@ _METHODS = flags.DEFINE_list("methods", None,
 flags.mark_flags_as_required(["config"])
 
 
-def run_all(config, root: str, seeds: int, methods=None) -> list:
-  """Runs (or reuses) every method x seed; returns the result records."""
-  methods = list(methods or config.get("method_order") or
-                 config.methods.keys())
-  unknown = sorted(set(methods) - set(config.methods.keys()))
-  if unknown:
-    raise ValueError(f"Unknown methods {unknown}; this config defines "
-                     f"{sorted(config.methods.keys())}.")
-  records, runs, analyses = [], {}, {}
+def load_config_module(path: str):
+  """The config file ``path`` (``file.py[:method]``) as a module."""
+  path = path.split(":", 1)[0]
+  spec = importlib.util.spec_from_file_location("_reproduced_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def method_configs(module, methods, overrides: dict) -> dict:
+  """``{method: config}``: ``module.get_config(method)`` with ``overrides``.
+
+  An override (``{"loss.terms.ot.weight": 0.5}``, as the command line gave
+  it) applies to every method whose config has that key, so the command
+  line always wins.
+  """
+  out = {}
   for method in methods:
+    cfg = module.get_config(method)
+    with cfg.unlocked():
+      cfg.update_from_flattened_dict(
+          {k: v for k, v in overrides.items() if _has_key(cfg, k)})
+    out[method] = cfg
+  return out
+
+
+def _has_key(cfg, dotted: str) -> bool:
+  node = cfg
+  for part in dotted.split("."):
+    if not hasattr(node, "keys") or part not in node.keys():
+      return False
+    node = node[part]
+  return True
+
+
+def run_all(configs: dict, root: str, seeds: int, baseline=None) -> tuple:
+  """Runs (or reuses) every method x seed; returns the records and the table.
+
+  Args:
+    configs: ``{method: config}`` in the order of the results.
+  """
+  records, runs, analyses = [], {}, {}
+  for method, config in configs.items():
     for seed in range(seeds):
       cfg = config.copy_and_resolve_references()
       with cfg.unlocked():
-        cfg.method, cfg.seed = method, seed
-        if cfg.get("vary_data_seed", True):
+        cfg.seed = seed
+        if cfg.vary_data_seed:
           cfg.data.seed = seed
         if cfg.teacher.source == "train" and not cfg.teacher.workdir:
           cfg.teacher.workdir = os.path.join(root, "teacher")
       workdir = os.path.join(root, method, f"seed{seed}")
       logging.info("=== %s, seed %d -> %s", method, seed, workdir)
       try:
-        final = experiment.train_and_evaluate(cfg, workdir)
-      except FloatingPointError as e:  # Diverged: recorded, never hidden.
+        final = loop.train_and_evaluate(cfg, workdir)
+      except loop.Diverged as e:  # Recorded, never hidden.
         logging.error("%s seed %d diverged: %s", method, seed, e)
         records.append({"method": method, "seed": seed, "status": "diverged",
                         "test_accuracy_best_val": None,
@@ -80,7 +119,7 @@ def run_all(config, root: str, seeds: int, methods=None) -> list:
       })
       runs.setdefault(method, []).append(workdir)
       if jax.process_index() == 0:  # Process 0 alone writes the outputs.
-        with open(os.path.join(workdir, experiment.ANALYSIS)) as f:
+        with open(os.path.join(workdir, loop.ANALYSIS)) as f:
           analyses.setdefault(method, []).append(json.load(f))
   if jax.process_index() != 0:
     return records, ""
@@ -88,8 +127,8 @@ def run_all(config, root: str, seeds: int, methods=None) -> list:
     json.dump(records, f, indent=2)
   finished = [r for r in records if r["status"] == "finished"]
   table = report.write_report(root, finished, runs, analyses,
-                              methods_order=methods,
-                              baseline=config.get("baseline_method") or None)
+                              methods_order=list(configs),
+                              baseline=baseline or None)
   diverged = [f"{r['method']} seed {r['seed']}" for r in records
               if r["status"] != "finished"]
   if diverged:
@@ -110,12 +149,21 @@ def main(argv):
 
 
 def _run():
-  config = _CONFIG.value
+  config_flag = flags.FLAGS["config"]
+  path = config_flag.config_filename
+  module = load_config_module(path)
+  methods = list(_METHODS.value or _CONFIG.value.method_order)
+  unknown = sorted(set(methods) - set(_CONFIG.value.method_order))
+  if unknown:
+    raise ValueError(f"Unknown methods {unknown}; this config defines "
+                     f"{list(_CONFIG.value.method_order)}.")
+  configs = method_configs(module, methods,
+                           config_flags.get_override_values(config_flag))
   root = _WORKDIR.value or os.path.join(
-      "workdirs", os.path.splitext(os.path.basename(
-          flags.FLAGS["config"].config_filename))[0])
+      "workdirs", os.path.splitext(os.path.basename(path.split(":")[0]))[0])
   os.makedirs(root, exist_ok=True)
-  _, table = run_all(config, root, _SEEDS.value, _METHODS.value)
+  _, table = run_all(configs, root, _SEEDS.value,
+                     baseline=_CONFIG.value.baseline_method)
   print(f"\nResults in {root} ({_SEEDS.value} seeds):\n")
   print(table)
 

@@ -1,13 +1,13 @@
-"""Training state, loss composition and the data-parallel train/eval steps.
+"""Training state, the loss and the data-parallel train/eval steps.
 
 A frozen teacher and a trainable student see the same global batch. The loss
 is a pure function of the student's trainable parameters::
 
-  CE(student(x), y)                                 task loss (label smoothing)
-  + weight * sum_l w_l * R(student_l(x), teacher_l(x))   R = Omega_P, Omega_I, AT, FitNets
-  + kd_weight * KD(student(x), teacher(x))
-  + weight_decay * ||theta_backbone||^2 / 2         L2
-  + l2_sp * ||theta_backbone - theta^0||^2 / 2      L2-SP (theta^0: the teacher)
+  CE(student(x), y)                          task loss (label smoothing)
+  + sum_terms weight * sum_l w_l * R(...)    teacher-based terms (Omega_P,
+                                             Omega_I, AT, FitNets, KD, L2-SP:
+                                             :mod:`ot_transfer_jax.regularizers`)
+  + weight_decay * ||theta_backbone||^2 / 2
   + head_decay * ||theta_head||^2 / 2
 
 The step is written for the *global* batch and compiled once with ``jax.jit``
@@ -16,26 +16,15 @@ over a device :class:`~jax.sharding.Mesh`: the batch is sharded along the
 BatchNorm statistics and every layer's OT problem are computed over the global
 batch, and results do not depend on the number of devices (or hosts).
 
-Config (``ml_collections.ConfigDict``, see ``experiments/configs``)::
-
-  model:     name, kwargs, freeze_batchnorm  the student (create_model)
-  teacher:   name, kwargs, num_classes       the frozen network
-  num_classes
-  loss:      method ('none' | 'ot' | 'feature_matching' | 'attention' |
-             'fitnets'), weight, student_layers, teacher_layers,
-             layer_weights (None: all 1), ot (solve_neuron_ot options +
-             warm_start), kd_weight, kd_temperature, label_smoothing,
-             weight_decay, l2_sp, head_decay, max_bad_steps
-  optimizer: name ('sgd' | 'adamw'), learning_rate, momentum, nesterov,
-             adamw_weight_decay, schedule ('cosine' | 'step' | 'constant'),
-             warmup_steps, step_boundaries (fractions of training),
-             step_factor, backbone_lr_multiplier
+Config keys read here (``experiments/configs/common.py`` lists them all):
+``model.freeze_batchnorm``, ``loss`` (``terms``, ``label_smoothing``,
+``weight_decay``, ``head_decay``) and ``optimizer``.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax
 import flax.linen as nn
@@ -47,14 +36,12 @@ from absl import logging
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ot_transfer_jax import losses, ot
+from ot_transfer_jax import losses, regularizers
 from ot_transfer_jax.features import apply_with_features, validate_layers
+from ot_transfer_jax.regularizers import HEAD, split_head
 
 PyTree = Any
 Batch = Mapping[str, jax.Array]
-
-METHODS = ("none", "ot", "feature_matching", "attention", "fitnets")
-HEAD = "head"
 
 
 @struct.dataclass
@@ -64,32 +51,36 @@ class TrainState:
   Attributes:
     step: scalar int32, optimizer steps taken (skipped bad steps included).
     params: the student's parameters.
-    hint_params: FitNets regressors ``{layer: Dense params}`` (else ``{}``).
     batch_stats: the student's BatchNorm statistics (``{}`` without BN).
-    opt_state: optax state of ``{"model": params, "hint": hint_params}``.
+    reg_params: the loss terms' trainable parameters, ``{term: {key: ...}}``
+      (FitNets' regressors; ``{}`` leaves for the others).
+    reg_state: the loss terms' state, ``{term: {key: ...}}``, e.g. Omega_P's
+      Sinkhorn potentials of the last step, warm-starting the next solve.
+    opt_state: optax state of ``{"model": params, "regularizers": reg_params}``.
     rng: PRNG key; the step's key is ``fold_in(rng, step)``, so a resumed run
       draws the same randomness.
-    ot_potentials: ``{layer: (f, g)}`` Sinkhorn potentials of the last step,
-      warm-starting the next one (zeros at step 0: a valid start, without
-      the epsilon scaling of a true cold start, so step 0 takes more
-      iterations).
     bad_steps: scalar int32, consecutive steps skipped for a non-finite loss
       or gradient.
   """
 
   step: jax.Array
   params: PyTree
-  hint_params: PyTree
   batch_stats: PyTree
+  reg_params: PyTree
+  reg_state: PyTree
   opt_state: PyTree
   rng: jax.Array
-  ot_potentials: PyTree
   bad_steps: jax.Array
 
   @property
   def variables(self) -> dict:
     """The student's ``{"params", "batch_stats"}`` for ``model.apply``."""
     return model_variables(self.params, self.batch_stats)
+
+  @property
+  def trainable(self) -> dict:
+    """What the optimizer updates."""
+    return {"model": self.params, "regularizers": self.reg_params}
 
 
 def model_variables(params: PyTree, batch_stats: PyTree) -> dict:
@@ -100,41 +91,6 @@ def model_variables(params: PyTree, batch_stats: PyTree) -> dict:
   return variables
 
 
-# ---------------------------------------------------------------------------
-# Layers and regularizers
-# ---------------------------------------------------------------------------
-
-
-def layer_pairs(loss_cfg) -> Tuple[Tuple[str, str, float], ...]:
-  """``((student_layer, teacher_layer, weight), ...)`` from the loss config."""
-  method = loss_cfg.method
-  if method not in METHODS:
-    raise ValueError(f"loss.method={method!r} is not one of {METHODS}.")
-  if method == "none":
-    return ()
-  s_layers = tuple(loss_cfg.student_layers)
-  t_layers = tuple(loss_cfg.teacher_layers or s_layers)
-  weights = loss_cfg.get("layer_weights") or (1.0,) * len(s_layers)
-  if not (len(s_layers) == len(t_layers) == len(weights)) or not s_layers:
-    raise ValueError(
-        "loss.student_layers, loss.teacher_layers and loss.layer_weights must "
-        f"be non-empty and of equal length; got {s_layers}, {t_layers}, "
-        f"{tuple(weights)}.")
-  return tuple(zip(s_layers, t_layers, (float(w) for w in weights)))
-
-
-def unique_layers(pairs) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
-  """The distinct student and teacher layers of ``layer_pairs``, in order."""
-  return (tuple(dict.fromkeys(p[0] for p in pairs)),
-          tuple(dict.fromkeys(p[1] for p in pairs)))
-
-
-def needs_teacher(config) -> bool:
-  """Whether the loss or the initialisation reads the teacher."""
-  return (bool(layer_pairs(config.loss)) or config.loss.kd_weight > 0
-          or config.loss.l2_sp > 0 or config.get("init_from_teacher", False))
-
-
 def init_model(model: nn.Module, rng: jax.Array,
                sample_image: jax.Array) -> dict:
   """``model.init`` compiled: eager random initialisers are slow on CPU."""
@@ -142,116 +98,9 @@ def init_model(model: nn.Module, rng: jax.Array,
                                                              sample_image)
 
 
-def _pair_key(student_layer: str, teacher_layer: str) -> str:
-  return f"{student_layer}->{teacher_layer}"
-
-
-def ot_options(loss_cfg) -> dict:
-  """``solve_neuron_ot`` keywords of ``loss.ot`` (without ``warm_start``)."""
-  options = dict(loss_cfg.ot)
-  options.pop("warm_start", None)
-  return options
-
-
-def check_layer_shapes(config, feature_shapes: Mapping[str, Tuple[Tuple[int, ...],
-                                                                 Tuple[int, ...]]]):
-  """Raises a clear ``ValueError`` when a method cannot compare two layers.
-
-  Args:
-    feature_shapes: ``{pair_key: (student_shape, teacher_shape)}``.
-  """
-  method = config.loss.method
-  for key, (s_shape, t_shape) in feature_shapes.items():
-    try:
-      if method == "ot":
-        ot.check_activation_shapes(s_shape, t_shape,
-                                   config.loss.ot.get("spatial", "flatten"))
-      elif method == "feature_matching":
-        options = {k: v for k, v in config.loss.ot.items()
-                   if k in ("spatial", "normalize")}
-        jax.eval_shape(functools.partial(losses.feature_matching, **options),
-                       jax.ShapeDtypeStruct(s_shape, jnp.float32),
-                       jax.ShapeDtypeStruct(t_shape, jnp.float32))
-      elif method == "attention":
-        jax.eval_shape(losses.attention_transfer,
-                       jax.ShapeDtypeStruct(s_shape, jnp.float32),
-                       jax.ShapeDtypeStruct(t_shape, jnp.float32))
-      elif method == "fitnets":
-        ot.check_activation_shapes(s_shape, t_shape, "flatten")
-    except ValueError as e:
-      raise ValueError(f"loss.method={method!r} on layers {key}: {e}") from None
-
-
-class HintRegressor(nn.Module):
-  """FitNets regressor: a 1x1 convolution (dense on the neuron axis).
-
-  ``(m, *positions, n_s) -> (m, *positions, n_t)``.
-  """
-
-  features: int
-
-  @nn.compact
-  def __call__(self, x):
-    return nn.Dense(self.features, use_bias=False)(x.astype(jnp.float32))
-
-
-def init_hint_params(config, rng, feature_shapes) -> dict:
-  """FitNets regressors for every regularised layer pair (else ``{}``)."""
-  if config.loss.method != "fitnets":
-    return {}
-  params = {}
-  for i, (key, (s_shape, t_shape)) in enumerate(sorted(feature_shapes.items())):
-    params[key] = HintRegressor(t_shape[-1]).init(
-        jax.random.fold_in(rng, i), jnp.zeros(s_shape, jnp.float32))["params"]
-  return params
-
-
-def init_ot_potentials(config, feature_shapes) -> dict:
-  """Zero potentials for each OT-regularised layer pair (step 0)."""
-  if config.loss.method != "ot":
-    return {}
-  return {
-      key: (jnp.zeros((s[-1],), jnp.float32), jnp.zeros((t[-1],), jnp.float32))
-      for key, (s, t) in feature_shapes.items()
-  }
-
-
-def regularizer_terms(config, s_feats, t_feats, hint_params, ot_potentials):
-  """Per-layer regulariser values and statistics.
-
-  Returns:
-    ``(total, metrics, new_potentials)``: the weighted sum over layers, a
-    dict of per-layer scalars, and the OT potentials for the next step.
-  """
-  loss_cfg = config.loss
-  total = jnp.zeros((), jnp.float32)
-  metrics, potentials = {}, {}
-  warm = bool(loss_cfg.get("ot", {}).get("warm_start", True))
-  for s_layer, t_layer, weight in layer_pairs(loss_cfg):
-    key = _pair_key(s_layer, t_layer)
-    s, t = s_feats[s_layer], t_feats[t_layer]
-    if loss_cfg.method == "ot":
-      res = ot.solve_neuron_ot(
-          s, t, init=ot_potentials[key] if warm else None,
-          **ot_options(loss_cfg))
-      value = res.value
-      potentials[key] = res.potentials
-      metrics[f"matched_fraction/{key}"] = res.matched_fraction
-      metrics[f"sinkhorn_iters/{key}"] = res.n_iters
-      metrics[f"sinkhorn_converged/{key}"] = res.converged.astype(jnp.float32)
-    elif loss_cfg.method == "feature_matching":
-      value = losses.feature_matching(
-          s, t, **{k: v for k, v in loss_cfg.ot.items()
-                   if k in ("spatial", "normalize")})
-    elif loss_cfg.method == "attention":
-      value = losses.attention_transfer(s, t)
-    elif loss_cfg.method == "fitnets":
-      projected = HintRegressor(t.shape[-1]).apply({"params": hint_params[key]},
-                                                   s)
-      value = losses.fitnets_hint(projected, t)
-    metrics[f"reg/{key}"] = value
-    total = total + weight * value
-  return total, metrics, potentials
+def needs_teacher(config) -> bool:
+  """Whether the loss or the initialisation reads the teacher."""
+  return bool(config.loss.terms) or config.init_from_teacher
 
 
 # ---------------------------------------------------------------------------
@@ -259,77 +108,62 @@ def regularizer_terms(config, s_feats, t_feats, hint_params, ot_potentials):
 # ---------------------------------------------------------------------------
 
 
-def split_head(params: Mapping[str, Any]) -> Tuple[dict, dict]:
-  """``(backbone, head)`` parameters: the ``head`` module and the rest."""
-  params = dict(params)
-  head = params.pop(HEAD, {})
-  return params, head
-
-
-def make_loss_fn(config, model: nn.Module, teacher: nn.Module) -> Callable:
+def make_loss_fn(config, model: nn.Module,
+                 teacher: Optional[nn.Module]) -> Callable:
   """The training objective as a pure function (see the module docstring).
 
   Returns:
-    ``loss_fn(trainable, batch_stats, teacher_vars, reference_params,
-    ot_potentials, batch, rng) -> (loss, (metrics, new_batch_stats,
-    new_potentials))`` where ``trainable = {"model": params, "hint": ...}``,
-    ``batch = {"image": (B, H, W, C), "label": (B,)}`` (global batch) and
-    ``reference_params`` is the L2-SP anchor (the teacher's backbone).
+    ``loss_fn(trainable, batch_stats, reg_state, teacher_vars, batch, rng) ->
+    (loss, (metrics, new_batch_stats, new_reg_state))`` with ``trainable =
+    {"model": params, "regularizers": reg_params}`` and ``batch = {"image":
+    (B, H, W, C), "label": (B,)}`` (the global batch). ``metrics`` logs every
+    term: ``loss = ce + sum_t weight_t * reg/<t> + weight_decay * l2 +
+    head_decay * head_l2``.
   """
   loss_cfg = config.loss
-  pairs = layer_pairs(loss_cfg)
-  s_layers, t_layers = unique_layers(pairs)
-  need_teacher = bool(pairs) or loss_cfg.kd_weight > 0
-
+  terms = regularizers.terms_from_config(loss_cfg.terms)
+  s_layers, t_layers = regularizers.captured_layers(terms)
+  run_teacher = any(t.reads in ("features", "logits") for t in terms)
+  if terms and teacher is None:
+    raise ValueError("loss.terms needs a teacher, but there is none.")
   # Frozen BatchNorm (running statistics, as the teacher) is common when
   # fine-tuning on scarce data; then an unchanged student computes exactly
   # the teacher's function.
-  bn_train = not config.model.get("freeze_batchnorm", False)
+  bn_train = not config.model.freeze_batchnorm
 
-  def loss_fn(trainable, batch_stats, teacher_vars, reference_params,
-              ot_potentials, batch, rng):
+  def loss_fn(trainable, batch_stats, reg_state, teacher_vars, batch, rng):
     params = trainable["model"]
     logits, s_feats, new_state = apply_with_features(
         model, model_variables(params, batch_stats), batch["image"], s_layers,
         train=bn_train, rngs={"dropout": rng})
     logits = logits.astype(jnp.float32)
-    num_classes = logits.shape[-1]
-    labels = optax.smooth_labels(
-        jax.nn.one_hot(batch["label"], num_classes), loss_cfg.label_smoothing)
+    labels = optax.smooth_labels(jax.nn.one_hot(batch["label"],
+                                                logits.shape[-1]),
+                                 loss_cfg.label_smoothing)
     ce = jnp.mean(optax.softmax_cross_entropy(logits, labels))
-    loss = ce
-    metrics = {"ce": ce}
-
-    if need_teacher:
-      t_logits, t_feats, _ = apply_with_features(
-          teacher, teacher_vars, batch["image"], t_layers, train=False)
-      t_feats = jax.lax.stop_gradient(t_feats)
-      t_logits = jax.lax.stop_gradient(t_logits)
-    new_potentials = ot_potentials
-    if pairs:
-      reg, reg_metrics, new_potentials = regularizer_terms(
-          config, s_feats, t_feats, trainable["hint"], ot_potentials)
-      loss = loss + loss_cfg.weight * reg
-      metrics.update(reg_metrics, reg=reg)
-    if loss_cfg.kd_weight > 0:
-      kd = losses.kd_loss(logits, t_logits, loss_cfg.kd_temperature)
-      loss = loss + loss_cfg.kd_weight * kd
-      metrics["kd"] = kd
-
     backbone, head = split_head(params)
-    if loss_cfg.weight_decay > 0:
-      loss = loss + loss_cfg.weight_decay * losses.l2(backbone)
-    if loss_cfg.l2_sp > 0:
-      sp = losses.l2_sp(backbone, reference_params, alpha=loss_cfg.l2_sp)
-      loss = loss + sp
-      metrics["l2_sp"] = sp
-    if loss_cfg.head_decay > 0:
-      loss = loss + loss_cfg.head_decay * losses.l2(head)
-
-    metrics["accuracy"] = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-    metrics["loss"] = loss
+    views = {}
+    if run_teacher:
+      t_logits, t_feats, _ = jax.lax.stop_gradient(apply_with_features(
+          teacher, teacher_vars, batch["image"], t_layers, train=False))
+      views.update(features=(s_feats, t_feats), logits=(logits, t_logits))
+    if terms:
+      views["params"] = (backbone, jax.lax.stop_gradient(
+          split_head(teacher_vars["params"])[0]))
+    metrics, new_reg_state = regularizers.apply_terms(
+        terms, trainable["regularizers"], reg_state, views)
+    loss = ce
+    for term in terms:
+      loss = loss + term.weight * metrics[f"reg/{term.name}"]
+    metrics["ce"] = ce
+    for name, tree in (("weight_decay", backbone), ("head_decay", head)):
+      if loss_cfg[name] > 0:
+        metrics[name] = loss_cfg[name] * losses.l2(tree)
+        loss = loss + metrics[name]
+    metrics.update(loss=loss, accuracy=jnp.mean(
+        jnp.argmax(logits, -1) == batch["label"]))
     return loss, (metrics, new_state.get("batch_stats", batch_stats),
-                  new_potentials)
+                  new_reg_state)
 
   return loss_fn
 
@@ -341,8 +175,8 @@ def make_loss_fn(config, model: nn.Module, teacher: nn.Module) -> Callable:
 
 def make_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
   """Learning rate per step: linear warmup, then cosine, step or constant."""
-  lr, warmup = opt_cfg.learning_rate, int(opt_cfg.get("warmup_steps", 0))
-  name = opt_cfg.get("schedule", "cosine")
+  lr, warmup = opt_cfg.learning_rate, int(opt_cfg.warmup_steps)
+  name = opt_cfg.schedule
   if name == "cosine":
     if warmup == 0:
       return optax.cosine_decay_schedule(lr, max(total_steps, 1))
@@ -350,11 +184,11 @@ def make_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
         0.0, lr, warmup, max(total_steps, warmup + 1), end_value=0.0)
   if name == "step":
     factors = {}
-    for frac in opt_cfg.get("step_boundaries", (0.5, 0.75)):
+    for frac in opt_cfg.step_boundaries:
       # Boundaries that round to one step (short runs) multiply there.
       # join_schedules restarts the count after the warmup: shift back.
       step = round(frac * total_steps) - warmup
-      factors[step] = factors.get(step, 1.0) * opt_cfg.get("step_factor", 0.1)
+      factors[step] = factors.get(step, 1.0) * opt_cfg.step_factor
     main = optax.piecewise_constant_schedule(lr, factors)
   elif name == "constant":
     main = optax.constant_schedule(lr)
@@ -368,31 +202,27 @@ def make_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
 
 
 def _base_optimizer(opt_cfg, schedule) -> optax.GradientTransformation:
-  name = opt_cfg.get("name", "sgd")
-  if name == "sgd":
-    return optax.sgd(schedule, momentum=opt_cfg.get("momentum", 0.9),
-                     nesterov=opt_cfg.get("nesterov", False))
-  if name == "adamw":
-    return optax.adamw(schedule,
-                       weight_decay=opt_cfg.get("adamw_weight_decay", 0.0))
-  raise ValueError(f"optimizer.name={name!r} is not one of ('sgd', 'adamw').")
+  if opt_cfg.name != "sgd":
+    raise ValueError(f"optimizer.name={opt_cfg.name!r}: only 'sgd' (with "
+                     "optimizer.momentum) is implemented.")
+  return optax.sgd(schedule, momentum=opt_cfg.momentum)
 
 
 def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
-  """The optax optimizer of ``{"model": params, "hint": hint_params}``.
+  """The optax optimizer of ``{"model": params, "regularizers": reg_params}``.
 
   With ``backbone_lr_multiplier != 1`` the pre-trained backbone gets that
-  fraction of the learning rate of the new head and the FitNets regressors
+  fraction of the learning rate of the new head and the terms' parameters
   (``optax.multi_transform``). ``grad_clip_norm`` clips the global gradient
   norm first.
   """
   schedule = make_schedule(opt_cfg, total_steps)
-  mult = float(opt_cfg.get("backbone_lr_multiplier", 1.0))
+  mult = float(opt_cfg.backbone_lr_multiplier)
   if mult == 1.0:
     tx = _base_optimizer(opt_cfg, schedule)
   else:
     tx = _split_optimizer(opt_cfg, schedule, mult)
-  clip = opt_cfg.get("grad_clip_norm")
+  clip = opt_cfg.grad_clip_norm
   if clip:
     # Clipping the global norm first keeps one bad batch from blowing up a
     # fine-tuned network (e.g. with frozen BatchNorm statistics).
@@ -410,7 +240,8 @@ def _split_optimizer(opt_cfg, schedule, mult) -> optax.GradientTransformation:
     return {
         "model": jax.tree_util.tree_map_with_path(label_model,
                                                   trainable["model"]),
-        "hint": jax.tree_util.tree_map(lambda _: "head", trainable["hint"]),
+        "regularizers": jax.tree_util.tree_map(lambda _: "head",
+                                               trainable["regularizers"]),
     }
 
   return optax.multi_transform(
@@ -423,49 +254,35 @@ def _split_optimizer(opt_cfg, schedule, mult) -> optax.GradientTransformation:
 # ---------------------------------------------------------------------------
 
 
-def feature_shapes(config, model, variables, teacher, teacher_vars,
-                   sample_image) -> dict:
-  """``{pair_key: (student_shape, teacher_shape)}`` of the regularised layers.
-
-  Validates the layer names first: an unknown path raises a ``ValueError``
-  listing the available ones.
-  """
-  pairs = layer_pairs(config.loss)
-  if not pairs:
-    return {}
-  s_layers, t_layers = unique_layers(pairs)
-  for name, net, net_vars, layers in (("student", model, variables, s_layers),
-                                      ("teacher", teacher, teacher_vars,
-                                       t_layers)):
-    try:
-      validate_layers(net, net_vars, sample_image, layers)
-    except ValueError as e:
-      raise ValueError(f"In the {name} ({net.__class__.__name__}): {e}") from None
-  s_feats = jax.eval_shape(
-      lambda v, x: apply_with_features(model, v, x, s_layers, train=False)[1],
+def _feature_shapes(net, variables, sample_image, layers, who):
+  """``{layer: ShapeDtypeStruct}`` of ``net``'s activations at ``layers``."""
+  try:
+    validate_layers(net, variables, sample_image[:1], layers)
+  except ValueError as e:
+    raise ValueError(f"In the {who} ({net.__class__.__name__}): {e}") from None
+  return jax.eval_shape(
+      lambda v, x: apply_with_features(net, v, x, layers, train=False)[1],
       variables, sample_image)
-  t_feats = jax.eval_shape(
-      lambda v, x: apply_with_features(teacher, v, x, t_layers, train=False)[1],
-      teacher_vars, sample_image)
-  shapes = {
-      _pair_key(s, t): (tuple(s_feats[s].shape), tuple(t_feats[t].shape))
-      for s, t, _ in pairs
-  }
-  check_layer_shapes(config, shapes)
-  return shapes
 
 
 def create_train_state(config, model, teacher, teacher_vars, rng,
-                       sample_image, tx, init_variables=None) -> TrainState:
-  """A fresh :class:`TrainState`.
+                       sample_image, tx, init_variables=None,
+                       context: Optional[regularizers.Context] = None
+                       ) -> TrainState:
+  """A fresh :class:`TrainState`; checks every loss term against the networks.
 
   Args:
     sample_image: ``(B, H, W, C)`` with the training batch size, so that the
       regularised layers' shapes (and so the OT potentials) are known.
     init_variables: student variables to start from (transfer learning: the
       teacher's with a new head); ``None`` initialises at random.
+    context: what the terms' ``init`` may read (e.g. training images).
+
+  Raises:
+    ValueError: an unknown layer (listing the available ones), a term that
+      cannot compare its layers, or a bad term option.
   """
-  init_rng, hint_rng, state_rng = jax.random.split(rng, 3)
+  init_rng, reg_rng, state_rng = jax.random.split(rng, 3)
   if init_variables is None:
     init_variables = init_model(model, init_rng, sample_image[:1])
   else:
@@ -473,17 +290,38 @@ def create_train_state(config, model, teacher, teacher_vars, rng,
     init_variables = jax.tree_util.tree_map(jnp.copy, init_variables)
   params = init_variables["params"]
   batch_stats = init_variables.get("batch_stats", {})
-  shapes = feature_shapes(config, model, model_variables(params, batch_stats),
-                          teacher, teacher_vars, sample_image)
-  hint_params = init_hint_params(config, hint_rng, shapes)
+  terms = regularizers.terms_from_config(config.loss.terms)
+  views = {}
+  if terms:
+    s_layers, t_layers = regularizers.captured_layers(terms)
+    abstract = lambda tree: jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree)
+    s_logits = jax.eval_shape(
+        lambda v, x: model.apply(v, x, train=False),
+        model_variables(params, batch_stats), sample_image)
+    t_logits = jax.eval_shape(lambda v, x: teacher.apply(v, x, train=False),
+                              teacher_vars, sample_image)
+    views = {
+        "features": (_feature_shapes(model, model_variables(params, batch_stats),
+                                     sample_image, s_layers, "student"),
+                     _feature_shapes(teacher, teacher_vars, sample_image,
+                                     t_layers, "teacher")),
+        "logits": (s_logits, t_logits),
+        "params": (abstract(split_head(params)[0]),
+                   abstract(split_head(teacher_vars["params"])[0])),
+    }
+  context = context or regularizers.Context(teacher=teacher,
+                                            teacher_vars=teacher_vars)
+  reg_params, reg_state = regularizers.init_terms(terms, reg_rng, views,
+                                                  context)
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
-      hint_params=hint_params,
       batch_stats=batch_stats,
-      opt_state=tx.init({"model": params, "hint": hint_params}),
+      reg_params=reg_params,
+      reg_state=reg_state,
+      opt_state=tx.init({"model": params, "regularizers": reg_params}),
       rng=state_rng,
-      ot_potentials=init_ot_potentials(config, shapes),
       bad_steps=jnp.zeros((), jnp.int32),
   )
 
@@ -613,25 +451,23 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
 
 
 def make_train_step(config, model, teacher, tx, mesh: Mesh) -> Callable:
-  """``train_step(state, teacher_vars, reference_params, batch) -> (state, metrics)``.
+  """``train_step(state, teacher_vars, batch) -> (state, metrics)``.
 
   Jit-compiled once for the mesh; the state is donated. A step whose loss,
-  gradient or update is not finite is skipped (the state is kept, ``step`` advances,
-  ``bad_steps`` counts consecutive skips, ``metrics["skipped"] = 1``).
+  gradient or update is not finite is skipped (the state is kept, ``step``
+  advances, ``bad_steps`` counts consecutive skips, ``metrics["skipped"] = 1``).
   """
-  loss_fn = make_loss_fn(config, model, teacher)
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  grad_fn = jax.value_and_grad(make_loss_fn(config, model, teacher),
+                               has_aux=True)
 
-  def train_step(state, teacher_vars, reference_params, batch):
+  def train_step(state, teacher_vars, batch):
     rng = jax.random.fold_in(state.rng, state.step)
-    trainable = {"model": state.params, "hint": state.hint_params}
-    (loss, (metrics, batch_stats, potentials)), grads = grad_fn(
-        trainable, state.batch_stats, teacher_vars, reference_params,
-        state.ot_potentials, batch, rng)
-    updates, opt_state = tx.update(grads, state.opt_state, trainable)
-    new_trainable = optax.apply_updates(trainable, updates)
-    grad_norm = optax.tree.norm(grads)
-    update_norm = optax.tree.norm(updates)
+    (loss, (metrics, batch_stats, reg_state)), grads = grad_fn(
+        state.trainable, state.batch_stats, state.reg_state, teacher_vars,
+        batch, rng)
+    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    grad_norm, update_norm = optax.tree.norm(grads), optax.tree.norm(updates)
     # A finite gradient can still overflow the update (huge learning rate).
     ok = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
           & jnp.isfinite(update_norm))
@@ -639,26 +475,20 @@ def make_train_step(config, model, teacher, tx, mesh: Mesh) -> Callable:
         lambda a, b: jnp.where(ok, a, b), new, old)
     new_state = state.replace(
         step=state.step + 1,
-        params=keep(new_trainable["model"], state.params),
-        hint_params=keep(new_trainable["hint"], state.hint_params),
+        params=keep(trainable["model"], state.params),
+        reg_params=keep(trainable["regularizers"], state.reg_params),
         batch_stats=keep(batch_stats, state.batch_stats),
         opt_state=keep(opt_state, state.opt_state),
-        ot_potentials=keep(potentials, state.ot_potentials),
-        bad_steps=jnp.where(ok, 0, state.bad_steps + 1),
-    )
-    metrics.update(
-        grad_norm=grad_norm,
-        param_norm=optax.tree.norm(state.params),
-        update_norm=update_norm,
-        skipped=(~ok).astype(jnp.float32),
-    )
+        reg_state=keep(reg_state, state.reg_state),
+        bad_steps=jnp.where(ok, 0, state.bad_steps + 1))
+    metrics.update(grad_norm=grad_norm, update_norm=update_norm,
+                   param_norm=optax.tree.norm(state.params),
+                   skipped=(~ok).astype(jnp.float32))
     return new_state, metrics
 
   replicated, data = _replicated(mesh), _batch_sharded(mesh)
-  return jax.jit(train_step,
-                 in_shardings=(replicated, replicated, replicated, data),
-                 out_shardings=(replicated, replicated),
-                 donate_argnums=(0,))
+  return jax.jit(train_step, in_shardings=(replicated, replicated, data),
+                 out_shardings=(replicated, replicated), donate_argnums=(0,))
 
 
 def make_eval_step(model, mesh: Mesh) -> Callable:

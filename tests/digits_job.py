@@ -12,9 +12,8 @@ TEACHER_STEPS = 40
 
 
 def tiny_config(teacher_dir, method="ot", **overrides):
-  c = digits_transfer.get_config()
+  c = digits_transfer.get_config(method)
   c.update({**TINY, **overrides})
-  c.method = method
   c.teacher.job.num_steps = TEACHER_STEPS
   c.teacher.workdir = str(teacher_dir)
   return c
@@ -26,8 +25,8 @@ def cli_overrides(teacher_dir, **overrides):
   return [f"--config.{k}={v}" for k, v in flags.items()]
 
 
-def main_command(workdir, teacher_dir, *extra):
+def main_command(workdir, teacher_dir, *extra, method="ot"):
   """``python -m experiments.main`` on the tiny digits_transfer config."""
   return [sys.executable, "-m", "experiments.main", "--config",
-          os.path.join(REPO, "experiments/configs/digits_transfer.py"),
+          os.path.join(REPO, f"experiments/configs/digits_transfer.py:{method}"),
           f"--workdir={workdir}", *cli_overrides(teacher_dir), *extra]

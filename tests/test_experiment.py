@@ -2,20 +2,22 @@
 
 import json
 import os
+import re
 import subprocess
 
 import numpy as np
 import pytest
 
 from experiments import reproduce
-from ot_transfer_jax import checkpoint, data, experiment, train
-from ot_transfer_jax.metric_writers import read_metrics
+from experiments import loop
+from ot_transfer_jax import checkpoint, data, train
+from experiments.metric_writers import read_metrics
 
 from digits_job import REPO, main_command, tiny_config
 
 
 def test_job_writes_outputs_and_restores(teacher_dir, tmp_path):
-  final = experiment.train_and_evaluate(tiny_config(teacher_dir), str(tmp_path))
+  final = loop.train_and_evaluate(tiny_config(teacher_dir), str(tmp_path))
   with open(tmp_path / "final_metrics.json") as f:
     assert json.load(f) == final
   for key in ("test_accuracy", "val_accuracy", "step", "best_val_accuracy",
@@ -29,7 +31,7 @@ def test_job_writes_outputs_and_restores(teacher_dir, tmp_path):
   assert splits == {"train", "val", "test"}
   train_rec = [r for r in records if r["split"] == "train"]
   assert [r["step"] for r in train_rec] == [5, 10, 15, 20]
-  assert "matched_fraction/stage1->stage1" in train_rec[-1]
+  assert "matched_fraction/ot/stage1->stage1" in train_rec[-1]
   assert os.listdir(tmp_path / "tensorboard")
 
   with open(tmp_path / "analysis.json") as f:
@@ -52,23 +54,62 @@ def test_job_writes_outputs_and_restores(teacher_dir, tmp_path):
   assert test["accuracy"] == pytest.approx(final["test_accuracy"])
 
   # Rerunning a finished job resumes at its end and reports the same numbers.
-  assert experiment.train_and_evaluate(tiny_config(teacher_dir),
+  assert loop.train_and_evaluate(tiny_config(teacher_dir),
                                        str(tmp_path)) == final
 
 
 def test_config_key_typo_gives_one_paragraph(teacher_dir, tmp_path):
   proc = subprocess.run(main_command(tmp_path, teacher_dir,
-                              "--config.loss.wieght=1"),
+                              "--config.loss.terms.ot.wieght=1"),
                         cwd=REPO, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2
   assert "Traceback" not in proc.stderr
   assert "'wieght'" in proc.stderr and 'Did you mean "weight"' in proc.stderr
 
 
-def test_unknown_method_lists_the_defined_ones(teacher_dir, tmp_path):
+def test_command_line_override_wins_over_the_method(teacher_dir, tmp_path):
+  proc = subprocess.run(main_command(
+      tmp_path, teacher_dir, "--config.loss.terms.ot.weight=0.5",
+      "--config.num_steps=5", "--config.loss.head_decay=0.02"),
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  saved = checkpoint.restore(str(tmp_path)).config
+  assert saved.loss.terms.ot.weight == 0.5  # The method sets 0.1.
+  assert saved.loss.head_decay == 0.02  # The method sets 0.01.
+  last = read_metrics(str(tmp_path), split="train")[-1]
+  assert last["loss"] == pytest.approx(
+      last["ce"] + 0.5 * last["reg/ot"] + last["head_decay"], rel=1e-5)
+
+
+def _readme_block(after: str) -> str:
+  """The first ```python block of README.md after the text ``after``."""
+  with open(os.path.join(REPO, "README.md")) as f:
+    readme = f.read()
+  return re.search(r"```python\n(.*?)```", readme.split(after, 1)[1],
+                   re.S).group(1)
+
+
+def test_a_regularizer_defined_outside_the_package_trains(teacher_dir,
+                                                          tmp_path):
+  """The README's "add your own regulariser" config, through experiments.main."""
+  config_file = tmp_path / "my_config.py"
+  config_file.write_text(_readme_block("Add your own regulariser"))
+  command = main_command(tmp_path / "run", teacher_dir)
+  command[command.index("--config") + 1] = str(config_file)
+  proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  last = read_metrics(str(tmp_path / "run"), split="train")[-1]
+  gap = last["gap/mean_gap/stage3->stage3"]
+  assert last["reg/mean_gap"] == pytest.approx(3.0 * gap**2, rel=1e-4)
+  assert last["reg/mean_gap"] > 0
+  assert last["loss"] == pytest.approx(
+      last["ce"] + 2.0 * last["reg/mean_gap"], rel=1e-5)
+
+
+def test_unknown_method_lists_the_defined_ones(teacher_dir):
   with pytest.raises(ValueError, match="choose one of .*'l2_sp'"):
-    experiment.train_and_evaluate(tiny_config(teacher_dir, method="magic"),
-                                  str(tmp_path))
+    tiny_config(teacher_dir, method="magic")
 
 
 @pytest.mark.parametrize("method", ["ot", "l2_sp", "finetune_l2"])
@@ -77,22 +118,23 @@ def test_teacher_dependent_methods_without_teacher_are_refused(tmp_path,
   c = tiny_config(tmp_path / "none", method=method)
   c.teacher.source = "none"
   with pytest.raises(ValueError, match="needs a teacher"):
-    experiment.train_and_evaluate(c, str(tmp_path))
+    loop.train_and_evaluate(c, str(tmp_path))
 
 
 def test_analysis_layer_typo_fails_before_training(teacher_dir, tmp_path):
-  c = tiny_config(teacher_dir, analysis_layers=("stage9",))
-  with pytest.raises(ValueError, match="analysis_layers.*'stage9'"):
-    experiment.train_and_evaluate(c, str(tmp_path))
+  c = tiny_config(teacher_dir)
+  c.analysis.layers = ("stage9",)
+  with pytest.raises(ValueError, match="analysis.layers.*'stage9'"):
+    loop.train_and_evaluate(c, str(tmp_path))
   assert not (tmp_path / "checkpoints").exists()
 
 
 def test_cli_errors_are_one_message(teacher_dir, tmp_path):
   proc = subprocess.run(
-      main_command(tmp_path, teacher_dir, "--config.method=magic"), cwd=REPO,
+      main_command(tmp_path, teacher_dir, method="magic"), cwd=REPO,
       capture_output=True, text=True, timeout=120)
-  assert proc.returncode == 1 and "Traceback" not in proc.stderr
-  assert "Error: method='magic' is not defined" in proc.stderr
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert "Unknown method 'magic'" in proc.stderr
 
 
 def test_restore_without_checkpoints_says_what_to_do(tmp_path):
@@ -101,9 +143,9 @@ def test_restore_without_checkpoints_says_what_to_do(tmp_path):
 
 
 def test_reproduce_writes_results_table_and_figures(teacher_dir, tmp_path):
-  config = tiny_config(teacher_dir)
-  records, table = reproduce.run_all(config, str(tmp_path), seeds=2,
-                                     methods=["scratch", "ot"])
+  configs = {m: tiny_config(teacher_dir, m) for m in ("scratch", "ot")}
+  records, table = reproduce.run_all(configs, str(tmp_path), seeds=2,
+                                     baseline="scratch")
   with open(tmp_path / "results.json") as f:
     saved = json.load(f)
   assert saved == records and len(records) == 4
@@ -116,26 +158,22 @@ def test_reproduce_writes_results_table_and_figures(teacher_dir, tmp_path):
   for name in ("results.md", "learning_curves.png", "ot_plan.png",
                "matched_fraction_depth.png", "matched_fraction_training.png"):
     assert os.path.getsize(tmp_path / name) > 0, name
-  # Seeds differ in their data draw; methods share it.
-  with pytest.raises(ValueError, match="Unknown methods"):
-    reproduce.run_all(config, str(tmp_path), seeds=1, methods=["nope"])
+  assert "| ot | 2 |" in table.split("same seeds")[-1]  # Paired table.
 
 
 @pytest.mark.parametrize("name", ["digits_distill", "digits_cross_arch"])
 def test_every_digits_method_runs(name, tmp_path):
   module = __import__(f"experiments.configs.{name}", fromlist=["get_config"])
-  config = module.get_config()
   assert f"experiments/configs/{name}.py" in module.__doc__
-  config.update({"num_steps": 3, "eval_every": 3, "log_every": 1,
-                 "checkpoint_every": 3})
-  config.teacher.job.num_steps = 5
-  config.teacher.workdir = str(tmp_path / "teacher")
-  for method in config.method_order:
-    config.method = method
-    final = experiment.train_and_evaluate(config, str(tmp_path / method))
+  for method in module.get_config().method_order:
+    config = module.get_config(method)
+    config.update({"num_steps": 3, "eval_every": 3, "log_every": 1,
+                   "checkpoint_every": 3})
+    config.teacher.job.num_steps = 5
+    config.teacher.workdir = str(tmp_path / "teacher")
+    final = loop.train_and_evaluate(config, str(tmp_path / method))
     assert final["step"] == 3 and 0 <= final["test_accuracy"] <= 1
     last_train = read_metrics(str(tmp_path / method), split="train")[-1]
-    if config.methods[method].get("loss", {}).get("method", "none") != "none":
-      assert np.isfinite(last_train["reg"]) and last_train["reg"] > 0, method
-    if config.methods[method].get("loss", {}).get("kd_weight", 0) > 0:
-      assert last_train["kd"] > 0, method
+    for name in config.loss.terms:  # Every term is logged, and active.
+      assert np.isfinite(last_train[f"reg/{name}"]), (method, name)
+      assert last_train[f"reg/{name}"] > 0, (method, name)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from ot_transfer_jax.metric_writers import (MetricWriter, Progress,
+from experiments.metric_writers import (MetricWriter, Progress,
                                             eta_seconds, format_duration,
                                             read_metrics, steps_per_second)
 

@@ -14,7 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from ot_transfer_jax import checkpoint, experiment
+from experiments import loop
+from ot_transfer_jax import checkpoint
 
 from digits_job import REPO, main_command, tiny_config
 
@@ -112,12 +113,12 @@ def test_non_finite_steps_stop_the_run_and_keep_good_checkpoints(
     teacher_dir, tmp_path):
   config = tiny_config(teacher_dir, num_steps=40, log_every=1,
                        checkpoint_every=2)
-  config.methods.ot.optimizer = {"learning_rate": 1e30,
-                                 "grad_clip_norm": 0.0}
+  config.optimizer.learning_rate = 1e30
+  config.optimizer.grad_clip_norm = 0.0
   config.loss.max_bad_steps = 3
-  with pytest.raises(FloatingPointError,
+  with pytest.raises(loop.Diverged,
                      match="consecutive training steps had a non-finite"):
-    experiment.train_and_evaluate(config, str(tmp_path))
+    loop.train_and_evaluate(config, str(tmp_path))
   assert not (tmp_path / "final_metrics.json").exists()
   restored = checkpoint.restore(str(tmp_path))
   for leaf in jax.tree_util.tree_leaves(restored.variables):
@@ -126,15 +127,15 @@ def test_non_finite_steps_stop_the_run_and_keep_good_checkpoints(
 
 def test_checkpoint_of_another_model_is_refused(teacher_dir, tmp_path):
   config = tiny_config(teacher_dir, num_steps=10, checkpoint_every=10)
-  experiment.train_and_evaluate(config, str(tmp_path))
+  loop.train_and_evaluate(config, str(tmp_path))
   config.num_steps = 20
   config.model.kwargs = {"width": 0.5}
-  config.methods.ot.init_from_teacher = False
+  config.init_from_teacher = False
   with pytest.raises(checkpoint.CheckpointError,
                      match=r"does not fit this run's model/config: "
                      r"batch_stats\.stage1\.bn\.mean is float32\(16,\) in "
                      r"the checkpoint and float32\(8,\) in this run"):
-    experiment.train_and_evaluate(config, str(tmp_path))
+    loop.train_and_evaluate(config, str(tmp_path))
 
 
 class _Exploit:

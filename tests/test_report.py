@@ -5,8 +5,8 @@ import logging
 import numpy as np
 import pytest
 
-from ot_transfer_jax import report
-from ot_transfer_jax.metric_writers import MetricWriter
+from experiments import report
+from experiments.metric_writers import MetricWriter
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LAYERS = ("stage1", "stage2", "stage3")

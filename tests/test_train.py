@@ -7,29 +7,32 @@ import textwrap
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
-from ot_transfer_jax import data, train
+from experiments.configs import common
+from ot_transfer_jax import data, losses, regularizers, train
 from ot_transfer_jax.models import create_model
 
 
-def make_config(method="ot", **loss):
-  cfg = ml_collections.ConfigDict()
-  cfg.model = {"name": "digits_cnn", "kwargs": {"width": 0.5}}
-  cfg.teacher = {"name": "digits_cnn", "kwargs": {}}
-  cfg.num_classes = 10
-  cfg.loss = {
-      "method": method, "weight": 0.1, "student_layers": ("stage2", "stage3"),
-      "teacher_layers": ("stage2", "stage3"), "layer_weights": None,
-      "ot": {"warm_start": True}, "kd_weight": 0.0, "kd_temperature": 4.0,
-      "label_smoothing": 0.0, "weight_decay": 5e-4, "l2_sp": 0.0,
-      "head_decay": 5e-4,
-  }
-  cfg.loss.update(loss)
-  cfg.optimizer = {"name": "sgd", "learning_rate": 0.1, "momentum": 0.9,
-                   "schedule": "cosine", "warmup_steps": 10}
+NUM_CLASSES = 10
+LAYERS = ("stage2", "stage3")
+
+
+def make_config(method="ot", weight=0.1, layers=LAYERS, width=0.5,
+                **options):
+  """A digits config whose loss has one ``method`` term (none for "none")."""
+  cfg = common.base_config()
+  cfg.model.kwargs = {"width": width}
+  cfg.loss.weight_decay = 5e-4
+  cfg.loss.head_decay = 5e-4
+  if method != "none":
+    reads = regularizers.get(method).reads
+    cfg.loss.terms[method] = common.term(
+        method, weight, student_layers=layers if reads == "features" else (),
+        **options)
+  cfg.optimizer.learning_rate = 0.1
+  cfg.optimizer.warmup_steps = 10
   return cfg
 
 
@@ -48,9 +51,8 @@ def batches(ds, batch_size=64, seed=0):
 def setup(cfg, steps, teacher_vars=None, mesh=None, seed=0,
           init_from_teacher=False):
   mesh = mesh or train.make_mesh()
-  model = create_model(cfg.model.name, cfg.num_classes, **cfg.model.kwargs)
-  teacher = create_model(cfg.teacher.name, cfg.num_classes,
-                         **cfg.teacher.kwargs)
+  model = create_model(cfg.model.name, NUM_CLASSES, **cfg.model.kwargs)
+  teacher = create_model("digits_cnn", NUM_CLASSES)
   sample = jnp.zeros((64, 8, 8, 1))
   if teacher_vars is None:
     teacher_vars = teacher.init(jax.random.PRNGKey(1), sample[:1])
@@ -69,15 +71,13 @@ def run(cfg, ds, steps, teacher_vars=None, mesh=None):
   teacher_vars = train.replicate(teacher_vars, mesh)
   history = []
   for _, batch in zip(range(steps), batches(ds)):
-    state, metrics = step(state, teacher_vars, {},
-                          train.shard_batch(batch, mesh))
+    state, metrics = step(state, teacher_vars, train.shard_batch(batch, mesh))
     history.append(jax.device_get(metrics))
   return model, state, history
 
 
 def test_ot_training_on_digits_reaches_90_percent(digits):
-  teacher_cfg = make_config("none")
-  teacher_cfg.model = {"name": "digits_cnn", "kwargs": {}}
+  teacher_cfg = make_config("none", width=1.0)
   teacher_model, teacher_state, _ = run(teacher_cfg, digits, 200)
   cfg = make_config("ot")
   model, state, history = run(cfg, digits, 200,
@@ -91,11 +91,12 @@ def test_ot_training_on_digits_reaches_90_percent(digits):
   assert test["count"] == len(digits.test)
   assert test["accuracy"] > 0.90
   last = history[-1]
-  for key in ("reg/stage2->stage2", "sinkhorn_iters/stage3->stage3", "grad_norm", "ce", "accuracy"):
+  for key in ("reg/ot/stage2->stage2", "sinkhorn_iters/ot/stage3->stage3",
+              "grad_norm", "ce", "accuracy"):
     assert np.isfinite(last[key]), key
   # Unequal widths (student at half width): no matched fraction.
-  assert np.isnan(last["matched_fraction/stage3->stage3"])
-  assert history[-1]["reg"] < history[0]["reg"]
+  assert np.isnan(last["matched_fraction/ot/stage3->stage3"])
+  assert history[-1]["reg/ot"] < history[0]["reg/ot"]
   assert all(h["skipped"] == 0 for h in history)
 
 
@@ -103,43 +104,74 @@ def test_identical_student_has_matched_fraction_one(digits):
   # Conv stages: at initialisation the dense stage3 has dead ReLU units,
   # which are indistinguishable, so the plan rightly splits their mass
   # (tests/test_ot.py::test_duplicate_neurons_share_mass).
-  cfg = make_config("ot", weight=1.0, student_layers=("stage1", "stage2"),
-                    teacher_layers=("stage1", "stage2"))
-  cfg.model = {"name": "digits_cnn", "kwargs": {}, "freeze_batchnorm": True}
+  cfg = make_config("ot", weight=1.0, layers=("stage1", "stage2"), width=1.0)
+  cfg.model.freeze_batchnorm = True
   model, teacher, teacher_vars, state, step, mesh = setup(
       cfg, 5, init_from_teacher=True)
-  _, metrics = step(state, teacher_vars, {},
+  _, metrics = step(state, teacher_vars,
                     train.shard_batch(next(batches(digits)), mesh))
   for key in ("stage1->stage1", "stage2->stage2"):
-    assert float(metrics[f"matched_fraction/{key}"]) == pytest.approx(
+    assert float(metrics[f"matched_fraction/ot/{key}"]) == pytest.approx(
         1.0, abs=0.02)
 
 
 @pytest.mark.parametrize("method", ["feature_matching", "attention", "fitnets"])
 def test_baseline_methods_train(digits, method):
-  cfg = make_config(method, student_layers=("stage2",),
-                    teacher_layers=("stage2",))
-  if method == "feature_matching":
-    cfg.model = {"name": "digits_cnn", "kwargs": {}}
+  cfg = make_config(method, layers=("stage2",),
+                    width=1.0 if method == "feature_matching" else 0.5)
   _, state, history = run(cfg, digits, 3)
   assert int(state.step) == 3
-  assert all(np.isfinite(h["reg"]) and h["reg"] > 0 for h in history)
+  assert all(np.isfinite(h[f"reg/{method}"]) and h[f"reg/{method}"] > 0
+             for h in history)
   if method == "fitnets":
-    assert set(state.hint_params) == {"stage2->stage2"}
+    kernel = state.reg_params["fitnets"]["stage2->stage2"]["Dense_0"]["kernel"]
+    assert kernel.shape == (16, 32)  # Half-width student -> teacher.
 
 
-def test_kd_and_l2_sp_terms(digits):
-  cfg = make_config("none", kd_weight=1.0, l2_sp=0.1, weight_decay=0.0)
-  cfg.model = {"name": "digits_cnn", "kwargs": {}}
-  model, teacher, teacher_vars, state, step, mesh = setup(cfg, 3)
-  backbone, _ = train.split_head(teacher_vars["params"])
-  state, m1 = step(state, teacher_vars, backbone,
-                   train.shard_batch(next(batches(digits)), mesh))
-  assert float(m1["kd"]) > 0 and float(m1["l2_sp"]) > 0
+def test_loss_is_the_weighted_sum_of_its_logged_terms(digits):
+  """ce + sum_t weight_t * reg/t + weight_decay + head_decay, each checked by
+  hand: KD from the logits, L2-SP from the parameters."""
+  cfg = make_config("ot", weight=0.3, width=1.0)
+  cfg.loss.terms.kd = common.term("kd", 0.7, temperature=2.0)
+  cfg.loss.terms.l2_sp = common.term("l2_sp", 0.05)
+  cfg.model.freeze_batchnorm = True  # So the student's logits are model.apply's.
+  model, teacher, teacher_vars, state, _, _ = setup(cfg, 3)
+  # A student away from the teacher, so that L2-SP is not 0.
+  state = state.replace(params=jax.tree_util.tree_map(
+      lambda x: 1.1 * x, teacher_vars["params"]))
+  batch = next(batches(digits))
+  loss_fn = train.make_loss_fn(cfg, model, teacher)
+  loss, (m, _, _) = loss_fn(state.trainable, state.batch_stats,
+                            state.reg_state, teacher_vars, batch,
+                            jax.random.PRNGKey(0))
+  assert float(loss) == pytest.approx(float(
+      m["ce"] + 0.3 * m["reg/ot"] + 0.7 * m["reg/kd"] + 0.05 * m["reg/l2_sp"]
+      + m["weight_decay"] + m["head_decay"]), rel=1e-6)
+  # KD: T^2 KL(softmax(t/T) || softmax(s/T)) by hand, float64.
+  s_logits = np.asarray(model.apply(state.variables, batch["image"]), np.float64)
+  t_logits = np.asarray(teacher.apply(teacher_vars, batch["image"]), np.float64)
+  log_softmax = lambda z: z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(
+      -1, keepdims=True)) - z.max(-1, keepdims=True)
+  p_t = np.exp(log_softmax(t_logits / 2))
+  kl = np.sum(p_t * (log_softmax(t_logits / 2) - log_softmax(s_logits / 2)), -1)
+  assert float(m["reg/kd"]) == pytest.approx(4 * kl.mean(), rel=1e-4)
+  # L2-SP: ||0.1 theta_backbone||^2 / 2; decays: beta/2 ||.||^2.
+  backbone, head = regularizers.split_head(teacher_vars["params"])
+  sq = lambda tree: sum(float(np.sum(np.square(np.asarray(x, np.float64))))
+                        for x in jax.tree_util.tree_leaves(tree))
+  assert float(m["reg/l2_sp"]) == pytest.approx(0.5 * 0.01 * sq(backbone),
+                                                rel=1e-5)
+  assert float(m["weight_decay"]) == pytest.approx(
+      5e-4 * 0.5 * 1.21 * sq(backbone), rel=1e-5)
+  assert float(m["head_decay"]) == pytest.approx(5e-4 * 0.5 * 1.21 * sq(head),
+                                                 rel=1e-5)
+  # Omega_P's value is the layer-weighted sum of its logged per-layer values.
+  assert float(m["reg/ot"]) == pytest.approx(
+      float(m["reg/ot/stage2->stage2"] + m["reg/ot/stage3->stage3"]), rel=1e-6)
 
 
 def test_unknown_layer_lists_available(digits):
-  cfg = make_config("ot", student_layers=("stage9",))
+  cfg = make_config("ot", layers=("stage9",))
   with pytest.raises(ValueError) as err:
     setup(cfg, 1)
   msg = str(err.value)
@@ -152,9 +184,19 @@ def test_feature_matching_refuses_unequal_widths():
     setup(cfg, 1)
 
 
-def test_unknown_method_rejected():
-  with pytest.raises(ValueError, match="not one of"):
-    setup(make_config("delta_plus"), 1)
+def test_unknown_regularizer_and_option_rejected():
+  cfg = make_config("ot")
+  with cfg.unlocked():
+    cfg.loss.terms.ot.regularizer = "delta_plus"
+  with pytest.raises(ValueError, match="loss.terms.ot: Unknown regularizer "
+                     "'delta_plus'; registered: .*'ot'"):
+    setup(cfg, 1)
+  with pytest.raises(ValueError, match="no option.*'epsilonn'"):
+    make_config("ot", epsilonn=0.1)
+  cfg = make_config("kd")
+  cfg.loss.terms.kd.student_layers = ("stage2",)
+  with pytest.raises(ValueError, match="'kd' reads logits, not layers"):
+    setup(cfg, 1)
 
 
 def test_transfer_init_copies_backbone_and_keeps_new_head():
@@ -175,10 +217,9 @@ def test_transfer_init_copies_backbone_and_keeps_new_head():
 
 
 def test_schedules_and_backbone_multiplier():
-  cfg = ml_collections.ConfigDict({"learning_rate": 1.0, "schedule": "step",
-                                   "warmup_steps": 0,
-                                   "step_boundaries": (0.5,),
-                                   "step_factor": 0.1})
+  cfg = common.base_config().optimizer
+  cfg.update({"learning_rate": 1.0, "schedule": "step", "warmup_steps": 0,
+              "step_boundaries": (0.5,), "step_factor": 0.1})
   sched = train.make_schedule(cfg, 100)
   assert float(sched(10)) == pytest.approx(1.0)
   assert float(sched(60)) == pytest.approx(0.1)
@@ -191,11 +232,12 @@ def test_schedules_and_backbone_multiplier():
   assert float(sched(5)) == pytest.approx(0.5)
   assert float(sched(49)) == pytest.approx(1.0)
   assert float(sched(50)) == pytest.approx(0.1)
-  cfg = ml_collections.ConfigDict({"name": "sgd", "learning_rate": 1.0,
-                                   "momentum": 0.0, "schedule": "constant",
-                                   "backbone_lr_multiplier": 0.1})
+  cfg = common.base_config().optimizer
+  cfg.update({"learning_rate": 1.0, "momentum": 0.0, "schedule": "constant",
+              "backbone_lr_multiplier": 0.1})
   tx = train.make_optimizer(cfg, 10)
-  params = {"model": {"head": jnp.ones(2), "stage1": jnp.ones(2)}, "hint": {}}
+  params = {"model": {"head": jnp.ones(2), "stage1": jnp.ones(2)},
+            "regularizers": {}}
   grads = jax.tree_util.tree_map(jnp.ones_like, params)
   updates, _ = tx.update(grads, tx.init(params), params)
   np.testing.assert_allclose(updates["model"]["head"], -1.0)
@@ -216,8 +258,7 @@ def test_non_finite_step_is_skipped(digits):
   batch = next(batches(digits))
   batch["image"] = batch["image"].copy()
   batch["image"][0, 0, 0, 0] = np.nan
-  state, metrics = step(state, teacher_vars, {}, train.shard_batch(batch,
-                                                                   mesh))
+  state, metrics = step(state, teacher_vars, train.shard_batch(batch, mesh))
   assert float(metrics["skipped"]) == 1.0
   assert int(state.bad_steps) == 1 and int(state.step) == 1
   jax.tree_util.tree_map(np.testing.assert_array_equal, before,
@@ -240,7 +281,7 @@ MULTI_DEVICE = textwrap.dedent("""
       state, tv = train.replicate(state, mesh), train.replicate(tv, mesh)
       losses = []
       for _, b in zip(range(5), t.batches(ds)):
-        state, m = step(state, tv, {{}}, train.shard_batch(b, mesh))
+        state, m = step(state, tv, train.shard_batch(b, mesh))
         losses.append(float(m["loss"]))
       assert step._cache_size() == 1, step._cache_size()
       out[n] = (np.array(losses), jax.device_get(state.params))
@@ -287,7 +328,7 @@ ANY_DEVICE_COUNT = textwrap.dedent("""
       model, _, tv, state, step, _ = t.setup(cfg, 2, mesh=mesh)
       state, tv = train.replicate(state, mesh), train.replicate(tv, mesh)
       for _, b in zip(range(2), t.batches(ds, batch_size=10)):
-        state, m = step(state, tv, {{}}, train.shard_batch(b, mesh))
+        state, m = step(state, tv, train.shard_batch(b, mesh))
       params[name] = jax.device_get(state.params)
     if n > 2:
       flat = lambda t: np.concatenate([np.ravel(x) for x in

@@ -64,8 +64,8 @@ def last_stages(model_name: str, count: int) -> tuple:
 def step_seconds(model_name, method, layers, batch, repeats):
   cfg = common.base_config()
   cfg.model.name = model_name
-  cfg.loss.method, cfg.loss.weight = method, 0.1
-  cfg.loss.student_layers = cfg.loss.teacher_layers = layers
+  if method != "none":
+    cfg.loss.terms[method] = common.term(method, 0.1, student_layers=layers)
   model = create_model(model_name, 10)
   shape = input_shape(model_name)
   sample = jnp.zeros((batch, *shape))
@@ -85,7 +85,7 @@ def step_seconds(model_name, method, layers, batch, repeats):
   teacher_vars = train.replicate(teacher_vars, mesh)
 
   def call():
-    holder["state"], metrics = step(holder["state"], teacher_vars, {}, data)
+    holder["state"], metrics = step(holder["state"], teacher_vars, data)
     return metrics
 
   for _ in range(3):  # Compile, then let warm-started potentials settle.

@@ -13,8 +13,8 @@ with internet:
 (TensorFlow + network): `tfds build caltech_birds2011 --file_format=array_record`.
 
 Launch one method:
-  python -m experiments.main --config experiments/configs/cub200_resnet50.py \
-      --workdir workdirs/cub200_resnet50/frac0.15/ot --config.method=ot \
+  python -m experiments.main --config experiments/configs/cub200_resnet50.py:ot \
+      --workdir workdirs/cub200_resnet50/frac0.15/ot \
       --config.data.train_fraction=0.15
 All methods x seeds for each data fraction (one workdir per fraction):
   for f in 0.15 0.3 0.5 1.0; do
@@ -24,8 +24,8 @@ All methods x seeds for each data fraction (one workdir per fraction):
   done
 """
 
-from experiments.configs import paper
+from experiments.configs import common, paper
 
 
-def get_config():
-  return paper.imagenet_transfer("caltech_birds2011", "resnet50", train_fraction=1.0)
+def get_config(method=None):
+  return common.select_method(*paper.imagenet_transfer("caltech_birds2011", "resnet50", train_fraction=1.0), method)

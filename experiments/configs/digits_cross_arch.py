@@ -12,36 +12,50 @@ representation:
   fitnets    CE + FitNets hint on stage2 (learned 1x1 regressor)
   ot         CE + Omega_P on stage1-3 (widths differ: no projection needed)
 
-Launch one method:
-  python -m experiments.main --config experiments/configs/digits_cross_arch.py \
-      --workdir workdirs/digits_cross_arch/ot --config.method=ot
+Launch one method (default: ot):
+  python -m experiments.main \
+      --config experiments/configs/digits_cross_arch.py:ot \
+      --workdir workdirs/digits_cross_arch/ot
 All methods x seeds:
   python -m experiments.reproduce \
       --config experiments/configs/digits_cross_arch.py --seeds 3
 """
 
-from experiments.configs import digits_transfer
+from experiments.configs import common, digits_transfer
 
 LAYERS = ("stage1", "stage2", "stage3")
 
 
-def get_config():
-  c = digits_transfer.get_config()
+def experiment():
+  c = digits_transfer.experiment()
   c.model.kwargs = {"width": 0.5}
-  c.analysis_layers = ()  # Unequal widths: no matched fraction to plot.
-  c.method = "ot"
-  c.baseline_method = "scratch"
-  c.method_order = ("scratch", "attention", "fitnets", "ot")
-  decay = {"weight_decay": 5e-4, "head_decay": 5e-4}
-  c.methods = {
-      "scratch": {"loss": decay},
-      "attention": {"loss": {**decay, "method": "attention", "weight": 100.0,
-                             "student_layers": ("stage1", "stage2"),
-                             "teacher_layers": ("stage1", "stage2")}},
-      "fitnets": {"loss": {**decay, "method": "fitnets", "weight": 1.0,
-                           "student_layers": ("stage2",),
-                           "teacher_layers": ("stage2",)}},
-      "ot": {"loss": {**decay, "method": "ot", "weight": 0.1,
-                      "student_layers": LAYERS, "teacher_layers": LAYERS}},
-  }
+  c.analysis.layers = ()  # Unequal widths: no matched fraction to plot.
+  c.loss.weight_decay = 5e-4
+  c.loss.head_decay = 5e-4
   return c
+
+
+def scratch(c):
+  del c  # CE and weight decay only.
+
+
+def attention(c):
+  c.loss.terms.attention = common.term(
+      "attention", 100.0, student_layers=("stage1", "stage2"))
+
+
+def fitnets(c):
+  c.loss.terms.fitnets = common.term("fitnets", 1.0,
+                                     student_layers=("stage2",))
+
+
+def ot(c):
+  c.loss.terms.ot = common.term("ot", 0.1, student_layers=LAYERS)
+
+
+METHODS = {"scratch": scratch, "attention": attention, "fitnets": fitnets,
+           "ot": ot}
+
+
+def get_config(method=None):
+  return common.select_method(experiment(), METHODS, method)

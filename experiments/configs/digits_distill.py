@@ -12,9 +12,10 @@ so Omega_I (feature matching) does not apply; Omega_P needs no projection.
   ot         CE + Omega_P on stage1-3
   ot_kd      CE + Omega_P + KD
 
-Launch one method:
-  python -m experiments.main --config experiments/configs/digits_distill.py \
-      --workdir workdirs/digits_distill/ot --config.method=ot
+Launch one method (default: ot):
+  python -m experiments.main \
+      --config experiments/configs/digits_distill.py:ot \
+      --workdir workdirs/digits_distill/ot
 All methods x seeds:
   python -m experiments.reproduce \
       --config experiments/configs/digits_distill.py --seeds 3
@@ -36,7 +37,7 @@ def teacher_job():
   return t
 
 
-def get_config():
+def experiment():
   c = common.base_config()
   c.data.val_per_class = 20
   c.vary_data_seed = False  # The teacher trained on this same split.
@@ -47,24 +48,43 @@ def get_config():
   c.teacher.job = teacher_job()
   c.loss.weight_decay = 5e-4
   c.loss.head_decay = 5e-4
-  c.analysis_layers = ()  # Unequal widths: no matched fraction to plot.
   c.num_steps = 300
   c.eval_every = 50
   c.method = "ot"
   c.baseline_method = "student"
-  c.method_order = ("student", "kd", "fitnets", "attention", "ot", "ot_kd")
-  ot = {"method": "ot", "weight": 1.0, "student_layers": LAYERS,
-        "teacher_layers": LAYERS}
-  c.methods = {
-      "student": {},
-      "kd": {"loss": {"kd_weight": 1.0}},
-      "fitnets": {"loss": {"method": "fitnets", "weight": 1.0,
-                           "student_layers": ("stage2",),
-                           "teacher_layers": ("stage2",)}},
-      "attention": {"loss": {"method": "attention", "weight": 100.0,
-                             "student_layers": ("stage1", "stage2"),
-                             "teacher_layers": ("stage1", "stage2")}},
-      "ot": {"loss": ot},
-      "ot_kd": {"loss": {**ot, "kd_weight": 1.0}},
-  }
   return c
+
+
+def student(c):
+  del c  # CE and weight decay only.
+
+
+def kd(c):
+  c.loss.terms.kd = common.term("kd", 1.0)
+
+
+def fitnets(c):
+  c.loss.terms.fitnets = common.term("fitnets", 1.0,
+                                     student_layers=("stage2",))
+
+
+def attention(c):
+  c.loss.terms.attention = common.term(
+      "attention", 100.0, student_layers=("stage1", "stage2"))
+
+
+def ot(c):
+  c.loss.terms.ot = common.term("ot", 1.0, student_layers=LAYERS)
+
+
+def ot_kd(c):
+  ot(c)
+  kd(c)
+
+
+METHODS = {"student": student, "kd": kd, "fitnets": fitnets,
+           "attention": attention, "ot": ot, "ot_kd": ot_kd}
+
+
+def get_config(method=None):
+  return common.select_method(experiment(), METHODS, method)

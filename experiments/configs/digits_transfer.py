@@ -18,9 +18,10 @@ noisy. This protocol (and lr 0.05, weight 0.1) came from a small exploratory
 sweep; it is the same for every method, as is gradient clipping at norm 5
 (without it, plain fine-tuning diverged on one seed of ten).
 
-Launch one method:
-  python -m experiments.main --config experiments/configs/digits_transfer.py \
-      --workdir workdirs/digits_transfer/ot --config.method=ot
+Launch one method (default: ot):
+  python -m experiments.main \
+      --config experiments/configs/digits_transfer.py:ot \
+      --workdir workdirs/digits_transfer/ot
 All methods x seeds, table and figures:
   python -m experiments.reproduce \
       --config experiments/configs/digits_transfer.py --seeds 3
@@ -43,7 +44,8 @@ def teacher_job():
   return t
 
 
-def get_config():
+def experiment():
+  """Everything the methods share."""
   c = common.base_config()
   c.data.classes = (5, 6, 7, 8, 9)
   c.data.samples_per_class = 5
@@ -52,9 +54,7 @@ def get_config():
   c.teacher.source = "train"
   c.teacher.name = "digits_cnn"
   c.teacher.job = teacher_job()
-  c.loss.student_layers = LAYERS
-  c.loss.teacher_layers = LAYERS
-  c.analysis_layers = LAYERS
+  c.analysis.layers = LAYERS
   c.batch_size = 25  # = 5 classes x 5 examples: one epoch per step.
   c.num_steps = 200
   c.eval_every = 20
@@ -64,18 +64,46 @@ def get_config():
   c.optimizer.grad_clip_norm = 5.0
   c.method = "ot"
   c.baseline_method = "scratch"
-  c.method_order = ("scratch", "finetune_l2", "l2_sp", "feature_matching",
-                    "ot")
-  from_teacher = {"init_from_teacher": True,
-                  "model": {"freeze_batchnorm": True}}
-  c.methods = {
-      "scratch": {"loss": {"weight_decay": 5e-4, "head_decay": 5e-4}},
-      "finetune_l2": {**from_teacher,
-                      "loss": {"weight_decay": 5e-4, "head_decay": 5e-4}},
-      "l2_sp": {**from_teacher, "loss": {"l2_sp": 0.1, "head_decay": 0.01}},
-      "feature_matching": {**from_teacher, "loss": {
-          "method": "feature_matching", "weight": 0.1, "head_decay": 0.01}},
-      "ot": {**from_teacher, "loss": {
-          "method": "ot", "weight": 0.1, "head_decay": 0.01}},
-  }
   return c
+
+
+def scratch(c):
+  c.loss.weight_decay = 5e-4
+  c.loss.head_decay = 5e-4
+
+
+def from_teacher(c):
+  c.init_from_teacher = True
+  c.model.freeze_batchnorm = True
+
+
+def finetune_l2(c):
+  from_teacher(c)
+  scratch(c)
+
+
+def l2_sp(c):
+  from_teacher(c)
+  c.loss.terms.l2_sp = common.term("l2_sp", 0.1)
+  c.loss.head_decay = 0.01
+
+
+def feature_matching(c):
+  from_teacher(c)
+  c.loss.terms.feature_matching = common.term(
+      "feature_matching", 0.1, student_layers=LAYERS)
+  c.loss.head_decay = 0.01
+
+
+def ot(c):
+  from_teacher(c)
+  c.loss.terms.ot = common.term("ot", 0.1, student_layers=LAYERS)
+  c.loss.head_decay = 0.01
+
+
+METHODS = {"scratch": scratch, "finetune_l2": finetune_l2, "l2_sp": l2_sp,
+           "feature_matching": feature_matching, "ot": ot}
+
+
+def get_config(method=None):
+  return common.select_method(experiment(), METHODS, method)

@@ -6,7 +6,10 @@ and ``stanford_dogs_resnet101.py`` call :func:`cifar100_distillation` and
 
 Regulariser weights marked UNTUNED below are documented starting points, not
 values from the paper (whose full text we do not have): sweep them on the
-validation split, e.g. ``--config.methods.ot.loss.weight=0.1``.
+validation split, e.g. ``--config.loss.terms.ot.weight=0.1``.
+
+Each builder returns ``(config, methods)`` for
+:func:`experiments.configs.common.select_method`.
 """
 
 import math
@@ -100,33 +103,27 @@ def cifar100_distillation(teacher_name: str, student_name: str, *,
   c.teacher.name = teacher_name
   c.teacher.job = _cifar_protocol(teacher_name)
   c.vary_data_seed = False  # The teacher trained on this same split.
-  c.loss.student_layers = CIFAR_LAYERS
-  c.loss.teacher_layers = CIFAR_LAYERS
-  c.loss.kd_temperature = 4.0
-  # Teacher and student have the same resolution at every stage.
-  c.loss.ot.spatial = "flatten"
-  c.analysis_layers = CIFAR_LAYERS
+  c.analysis.layers = CIFAR_LAYERS
   c.method = "ot"
-  ot = {"method": "ot", "weight": CIFAR_OT_WEIGHT}
-  methods = {
-      "student": {},
-      "kd": {"loss": {"kd_weight": CIFAR_KD_WEIGHT}},
-      "fitnets": {"loss": {"method": "fitnets", "weight": FITNETS_WEIGHT,
-                           "student_layers": (FITNETS_LAYER,),
-                           "teacher_layers": (FITNETS_LAYER,)}},
-      "attention": {"loss": {"method": "attention", "weight": AT_WEIGHT}},
-      "ot": {"loss": dict(ot)},
-      "ot_kd": {"loss": {**ot, "kd_weight": CIFAR_KD_WEIGHT}},
-  }
-  order = ["student", "kd", "fitnets", "attention", "ot", "ot_kd"]
-  if feature_matching:
-    methods["feature_matching"] = {"loss": {"method": "feature_matching",
-                                            "weight": CIFAR_OT_WEIGHT}}
-    order.insert(4, "feature_matching")
-  c.methods = methods
-  c.method_order = tuple(order)
   c.baseline_method = "student"
-  return c
+  # Teacher and student have the same resolution at every stage: the
+  # default spatial='flatten' applies.
+  ot = common.with_term("ot", CIFAR_OT_WEIGHT, student_layers=CIFAR_LAYERS)
+  kd = common.with_term("kd", CIFAR_KD_WEIGHT, temperature=4.0)
+  methods = {
+      "student": common.unchanged,
+      "kd": kd,
+      "fitnets": common.with_term("fitnets", FITNETS_WEIGHT,
+                                  student_layers=(FITNETS_LAYER,)),
+      "attention": common.with_term("attention", AT_WEIGHT,
+                                    student_layers=CIFAR_LAYERS),
+  }
+  if feature_matching:
+    methods["feature_matching"] = common.with_term(
+        "feature_matching", CIFAR_OT_WEIGHT, student_layers=CIFAR_LAYERS)
+  methods["ot"] = ot
+  methods["ot_kd"] = common.combine(ot, kd)
+  return c, methods
 
 
 # ---------------------------------------------------------------------------
@@ -192,22 +189,27 @@ def imagenet_transfer(dataset: str, model_name: str, *,
   c.optimizer.step_boundaries = (TRANSFER_LR_DROP / TRANSFER_STEPS,)
   c.optimizer.step_factor = 0.1
   c.optimizer.backbone_lr_multiplier = 1.0  # L2-SP: one learning rate.
-  c.loss.student_layers = IMAGENET_LAYERS
-  c.loss.teacher_layers = IMAGENET_LAYERS
-  c.loss.ot.spatial = "flatten"  # Same network: same resolutions.
-  c.analysis_layers = IMAGENET_LAYERS
-  c.analysis_batch_size = 128
+  c.analysis.layers = IMAGENET_LAYERS
+  c.analysis.batch_size = 128
   c.method = "ot"
-  c.methods = {
-      "finetune_l2": {"loss": {"weight_decay": FINETUNE_L2,
-                               "head_decay": FINETUNE_L2}},
-      "l2_sp": {"loss": {"l2_sp": L2SP_ALPHA, "head_decay": L2SP_BETA}},
-      "feature_matching": {"loss": {"method": "feature_matching",
-                                    "weight": TRANSFER_OT_WEIGHT,
-                                    "head_decay": L2SP_BETA}},
-      "ot": {"loss": {"method": "ot", "weight": TRANSFER_OT_WEIGHT,
-                      "head_decay": L2SP_BETA}},
-  }
-  c.method_order = ("finetune_l2", "l2_sp", "feature_matching", "ot")
   c.baseline_method = "finetune_l2"
-  return c
+
+  def head_decay(c):
+    c.loss.head_decay = L2SP_BETA
+
+  def finetune_l2(c):
+    c.loss.weight_decay = FINETUNE_L2
+    c.loss.head_decay = FINETUNE_L2
+
+  # Same network: same resolutions, the default spatial='flatten' applies.
+  methods = {
+      "finetune_l2": finetune_l2,
+      "l2_sp": common.combine(head_decay,
+                              common.with_term("l2_sp", L2SP_ALPHA)),
+      "feature_matching": common.combine(head_decay, common.with_term(
+          "feature_matching", TRANSFER_OT_WEIGHT,
+          student_layers=IMAGENET_LAYERS)),
+      "ot": common.combine(head_decay, common.with_term(
+          "ot", TRANSFER_OT_WEIGHT, student_layers=IMAGENET_LAYERS)),
+  }
+  return c, methods

@@ -29,7 +29,7 @@ import numpy as np
 from absl import logging
 from matplotlib.figure import Figure
 
-from ot_transfer_jax.metric_writers import read_metrics
+from experiments.metric_writers import read_metrics
 
 SUMMARY_KEYS = ("test_accuracy_best_val", "test_accuracy_last")
 MATCHED_FRACTION = "matched_fraction/"

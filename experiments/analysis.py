@@ -1,0 +1,64 @@
+"""The paper's Figure 2: OT between the trained student's and the teacher's layers."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from ot_transfer_jax import data, ot
+from ot_transfer_jax.features import apply_with_features
+
+# A ResNet-50's last stage would be 4M numbers of JSON.
+MAX_SAVED_PLAN = 512 * 512
+
+
+def layer_analysis(model, variables, teacher, teacher_vars, images, layers,
+                   ot_options) -> dict:
+  """OT between each student layer and the teacher's layer of the same name.
+
+  Args:
+    images: ``(B, H, W, C)`` normalised validation images.
+    layers: module paths present in both networks.
+    ot_options: keywords of :func:`ot_transfer_jax.ot.solve_neuron_ot`.
+
+  Returns:
+    ``{"layers": [...], "matched_fraction": [float | None], "plans":
+    {layer: (n_s, n_t) nested lists}}``, layers in the given order; plans
+    only for layers of at most ``MAX_SAVED_PLAN`` entries.
+  """
+  layers = tuple(layers)
+  if teacher is None or not layers:
+    return {"layers": [], "matched_fraction": [], "plans": {}}
+
+  @jax.jit
+  def solve(variables, teacher_vars, images):
+    _, s_feats, _ = apply_with_features(model, variables, images, layers,
+                                        train=False)
+    _, t_feats, _ = apply_with_features(teacher, teacher_vars, images, layers,
+                                        train=False)
+    return {layer: ot.solve_neuron_ot(s_feats[layer], t_feats[layer],
+                                      **ot_options) for layer in layers}
+
+  results = jax.device_get(solve(variables, teacher_vars, images))
+  out = {"layers": list(layers), "matched_fraction": [], "plans": {}}
+  for layer in layers:
+    mf = float(results[layer].matched_fraction)
+    out["matched_fraction"].append(None if np.isnan(mf) else mf)
+    plan = np.asarray(results[layer].plan)
+    if plan.size <= MAX_SAVED_PLAN:
+      out["plans"][layer] = plan.round(6).tolist()
+  return out
+
+
+def run_analysis(job, variables) -> dict:
+  """:func:`layer_analysis` of a finished run on its first validation batch
+  (test batch without a validation split), as configured in ``analysis``."""
+  cfg = job.config.analysis
+  # The global first batch: process 0 alone analyses.
+  first = next(data.eval_batches(
+      job.ds.val if job.has_val else job.ds.test, batch_size=cfg.batch_size,
+      image_size=job.config.data.image_size, mean=job.mean, std=job.std))
+  return layer_analysis(job.model, variables, job.teacher,
+                        jax.device_get(job.teacher_vars),
+                        first["image"][first["mask"]], cfg.layers,
+                        dict(cfg.ot))

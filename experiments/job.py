@@ -1,0 +1,198 @@
+"""Setting a run up: data, teacher, student, optimizer and steps, as one frozen ``Job``.
+
+:func:`setup` does everything before the first step and checks what can be
+checked there; :mod:`experiments.loop` runs the steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import Mesh
+
+from ot_transfer_jax import checkpoint, data, models, regularizers, train
+from ot_transfer_jax.features import validate_layers
+
+# torchvision's ImageNet statistics: pretrained teachers expect them.
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """Everything a run needs that does not change while it trains.
+
+  ``initial_state`` is the fresh (step-0) state, replicated on the mesh;
+  ``teacher`` is ``None`` when nothing reads one.
+  """
+
+  config: ml_collections.ConfigDict
+  workdir: str
+  ds: data.Datasets
+  model: Any
+  teacher: Optional[Any]
+  teacher_vars: Any
+  mesh: Mesh
+  tx: optax.GradientTransformation
+  initial_state: train.TrainState
+  train_step: Callable
+  eval_step: Callable
+  mean: np.ndarray
+  std: np.ndarray
+
+  @property
+  def has_val(self) -> bool:
+    return len(self.ds.val) > 0
+
+  def train_batches(self, start_step: int):
+    """Host batches of this process from ``start_step`` on (exact resume)."""
+    c = self.config
+    return data.train_batches(
+        self.ds.train, global_batch_size=c.batch_size, seed=c.seed,
+        augment=c.augment, image_size=c.data.image_size, mean=self.mean,
+        std=self.std, process_index=jax.process_index(),
+        process_count=jax.process_count(), start_step=start_step)
+
+  def eval_batches(self, source, batch_size: Optional[int] = None):
+    return data.eval_batches(
+        source, batch_size=batch_size or self.config.eval_batch_size,
+        image_size=self.config.data.image_size, mean=self.mean, std=self.std,
+        process_index=jax.process_index(), process_count=jax.process_count())
+
+  def evaluate(self, variables, source) -> dict:
+    """Accuracy and mean loss of ``variables`` on a split."""
+    return train.evaluate(self.eval_step, variables,
+                          self.eval_batches(source), self.mesh)
+
+
+def normalization(config, ds) -> tuple[np.ndarray, np.ndarray]:
+  """Per-channel (mean, std): the training set's, or ImageNet's when
+  ``config.imagenet_normalization`` (pretrained ImageNet teachers)."""
+  if config.imagenet_normalization:
+    return IMAGENET_MEAN, IMAGENET_STD
+  return ds.mean, ds.std
+
+
+def load_teacher(config, workdir: str, train_teacher: Callable):
+  """``(teacher_model, teacher_variables)``, or ``(None, {})`` without one.
+
+  ``config.teacher.source``:
+    ``"none"``: no teacher (training a teacher, or a plain baseline);
+    ``"train"``: ``train_teacher(config.teacher.job, teacher_workdir)`` in
+      ``config.teacher.workdir`` (default ``WORKDIR/teacher``) unless that run
+      has finished already, then restore it: methods and seeds share one
+      cached teacher;
+    ``"checkpoint"``: restore the run in ``config.teacher.path``;
+    ``"torchvision"``: ImageNet ResNet weights from the ``.safetensors`` file
+      ``config.teacher.path`` (torchvision layout);
+    ``"random"``: ``config.teacher.name`` at random initialisation, with
+      ``config.teacher.num_classes`` classes (smoke tests, debugging).
+  """
+  t = config.teacher
+  if t.source == "none":
+    return None, {}
+  if t.source == "train":
+    tdir = t.workdir or os.path.join(workdir, "teacher")
+    # Decided from the (shared) checkpoints, the same on every process.
+    finished = os.path.isdir(checkpoint.checkpoint_dir(tdir)) and (
+        checkpoint.make_manager(tdir, reading=True).latest_step()
+        == t.job.num_steps)
+    if not finished:
+      logging.info("Training the teacher in %s", tdir)
+      train_teacher(t.job, tdir)
+    restored = checkpoint.restore(tdir)
+    return restored.model, restored.variables
+  if t.source == "checkpoint":
+    restored = checkpoint.restore(t.path)
+    return restored.model, restored.variables
+  if t.source == "torchvision":
+    from ot_transfer_jax.models import pretrained
+    if not os.path.isfile(t.path):
+      raise FileNotFoundError(
+          f"teacher.path={t.path!r}: no such file. Save torchvision's "
+          f"ImageNet {t.name} weights as safetensors on a machine with "
+          "internet (README, 'Models and representation capture') and point "
+          "--config.teacher.path at the file.")
+    variables = pretrained.load_torchvision_resnet(t.path, t.name)
+    num_classes = variables["params"]["head"]["kernel"].shape[-1]
+    return models.create_model(t.name, num_classes, **t.kwargs), variables
+  if t.source == "random":
+    if not t.image_shape:
+      raise ValueError("teacher.source='random' needs teacher.image_shape "
+                       "(H, W, C) to initialise the network.")
+    teacher = models.create_model(t.name, t.num_classes, **t.kwargs)
+    return teacher, train.init_model(teacher, jax.random.PRNGKey(0),
+                                     jnp.zeros((1, *t.image_shape)))
+  raise ValueError(f"teacher.source={t.source!r} is not one of ('none', "
+                   "'train', 'checkpoint', 'torchvision', 'random').")
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str,
+          train_teacher: Callable) -> Job:
+  """Data, teacher, student state, optimizer and compiled steps of a run.
+
+  Args:
+    train_teacher: ``(teacher_config, teacher_workdir) -> Any``, called when
+      ``teacher.source='train'`` and the teacher run is not finished.
+
+  Raises:
+    ValueError: a config the run cannot use (unknown layer or option, a term
+      without a teacher, ...), before any training step.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  ds = data.get_datasets(config.data)
+  model = models.create_model(config.model.name, ds.num_classes,
+                              **config.model.kwargs)
+  teacher, teacher_vars = load_teacher(config, workdir, train_teacher)
+  if teacher is None and train.needs_teacher(config):
+    uses = [f"loss.terms.{name}" for name in config.loss.terms]
+    uses += ["init_from_teacher"] if config.init_from_teacher else []
+    raise ValueError(
+        f"{' and '.join(uses)} needs a teacher, but teacher.source='none'. "
+        "Set teacher.source to 'train', 'checkpoint' or 'torchvision'.")
+  mean, std = normalization(config, ds)
+  mesh = train.make_mesh(batch_size=config.batch_size)
+  sample = jnp.zeros((config.batch_size, *ds.image_shape), jnp.float32)
+  rng = jax.random.PRNGKey(config.seed)
+  tx = train.make_optimizer(config.optimizer, config.num_steps)
+  init_vars = None
+  if config.init_from_teacher:
+    fresh = train.init_model(model, jax.random.fold_in(rng, 1), sample[:1])
+    init_vars = train.transfer_init(fresh, teacher_vars)
+  context = regularizers.Context(teacher=teacher, teacher_vars=teacher_vars,
+                                 **_training_sample(ds, mean, std, config))
+  state = train.create_train_state(config, model, teacher, teacher_vars, rng,
+                                   sample, tx, init_variables=init_vars,
+                                   context=context)
+  if config.analysis.layers and teacher is not None:
+    # Checked now, not after hours of training.
+    for name, net, net_vars in (("student", model, state.variables),
+                                ("teacher", teacher, teacher_vars)):
+      try:
+        validate_layers(net, net_vars, sample[:1], config.analysis.layers)
+      except ValueError as e:
+        raise ValueError(f"analysis.layers, in the {name}: {e}") from None
+  state, teacher_vars = train.replicate((state, teacher_vars), mesh)
+  return Job(config=config, workdir=workdir, ds=ds, model=model,
+             teacher=teacher, teacher_vars=teacher_vars, mesh=mesh, tx=tx,
+             initial_state=state,
+             train_step=train.make_train_step(config, model, teacher, tx, mesh),
+             eval_step=train.make_eval_step(model, mesh), mean=mean, std=std)
+
+
+def _training_sample(ds, mean, std, config) -> dict:
+  """``{"images", "labels"}``: the first evaluation batch of the training split
+  (normalised), for terms whose ``init`` reads data (e.g. DELTA)."""
+  first = next(data.eval_batches(ds.train, batch_size=config.batch_size,
+                                 image_size=config.data.image_size,
+                                 mean=mean, std=std))
+  return {"images": first["image"][first["mask"]],
+          "labels": first["label"][first["mask"]]}

@@ -1,0 +1,231 @@
+"""The end-to-end run: ``train_and_evaluate(config, workdir)``.
+
+What ``python -m experiments.main`` runs. It resumes automatically from
+``WORKDIR/checkpoints`` (state, data position and RNG included: batches and
+randomness are functions of the step), so rerunning a killed command ends with
+the same final metrics.
+
+Outputs in ``WORKDIR``:
+
+* ``final_metrics.json``: ``test_accuracy``, ``val_accuracy`` (last
+  evaluation), ``step``, ``best_val_accuracy``, ``test_accuracy_at_best_val``,
+  ``best_step`` (``None`` without a validation split: nothing to select on),
+  ``method``, ``seed``;
+* ``metrics.jsonl`` and ``tensorboard/``: training and evaluation metrics;
+* ``analysis.json``: per analysed layer, the OT plan between the student and
+  the teacher on validation data and its matched fraction (paper Fig. 2);
+* ``checkpoints/``: orbax checkpoints (see :mod:`ot_transfer_jax.checkpoint`).
+
+Model selection uses the validation split only; the test accuracy is recorded
+at every evaluation but only ever *reported* at the best-validation step and
+at the last step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from experiments import analysis
+from experiments.job import Job, setup
+from experiments.metric_writers import MetricWriter, Progress
+from ot_transfer_jax import checkpoint, train
+
+FINAL_METRICS = "final_metrics.json"
+ANALYSIS = "analysis.json"
+
+
+class Preempted(Exception):
+  """SIGTERM: a checkpoint was saved; rerunning the command resumes."""
+
+
+class Diverged(Exception):
+  """Too many consecutive non-finite steps; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class History:
+  """Model selection on the validation split, and the last evaluation.
+
+  Without a validation split nothing is selected: the ``best_*`` fields stay
+  ``None`` and only the last evaluation is reported.
+  """
+
+  best_step: Optional[int] = None
+  best_val_accuracy: Optional[float] = None
+  test_accuracy_at_best_val: Optional[float] = None
+  last_step: Optional[int] = None
+  last_val_accuracy: Optional[float] = None
+  last_test_accuracy: Optional[float] = None
+
+  def record(self, step: int, val_accuracy: Optional[float],
+             test_accuracy: float) -> None:
+    if val_accuracy is not None and (self.best_val_accuracy is None or
+                                     val_accuracy > self.best_val_accuracy):
+      self.best_step, self.best_val_accuracy = step, val_accuracy
+      self.test_accuracy_at_best_val = test_accuracy
+    self.last_step, self.last_val_accuracy = step, val_accuracy
+    self.last_test_accuracy = test_accuracy
+
+
+def itstime(step: int, every: int, total: int) -> bool:
+  """Whether a periodic action (log, eval, checkpoint) runs after ``step``."""
+  return step == total or (every > 0 and step % every == 0)
+
+
+class _Interrupted:
+  """SIGTERM sets a flag; the loop then checkpoints and exits cleanly."""
+
+  def __init__(self):
+    self.flag = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # Not the main thread: no handler, no flag.
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM: saving a checkpoint before exiting.")
+    self.flag = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def stop(self, log_step: bool) -> bool:
+    """Whether to checkpoint and exit now. With several processes all must
+    agree (saving is collective), so they vote at log steps."""
+    if jax.process_count() == 1:
+      return self.flag
+    if not log_step:
+      return False
+    from jax.experimental import multihost_utils
+    votes = multihost_utils.process_allgather(np.int32(self.flag))
+    return bool(np.max(votes))
+
+
+def _meta(job: Job, history: History) -> dict:
+  """What a checkpoint stores besides the state (JSON)."""
+  return {"config": checkpoint.config_to_json(job.config),
+          "num_classes": job.ds.num_classes,
+          "mean": np.asarray(job.mean).tolist(),
+          "std": np.asarray(job.std).tolist(),
+          "history": dataclasses.asdict(history)}
+
+
+def resume(job: Job, manager) -> tuple[train.TrainState, History]:
+  """The latest checkpoint's state and history, or a fresh start."""
+  restored = checkpoint.restore_latest(manager, job.workdir, job.initial_state)
+  if restored is None:
+    return job.initial_state, History()
+  state, meta = restored
+  saved, now = meta["config"], checkpoint.config_to_json(job.config)
+  changed = sorted(k for k in set(saved) | set(now)
+                   if saved.get(k) != now.get(k))
+  if changed:  # Same shapes, other settings: allowed (e.g. more steps).
+    logging.warning("Resuming %s with config keys changed since the "
+                    "checkpoint: %s", job.workdir, changed)
+  logging.info("Resumed from step %d in %s", int(state.step), job.workdir)
+  return state, History(**meta["history"])
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> dict:
+  """Trains the student described by ``config`` in ``workdir``; resumes.
+
+  Returns:
+    The final metrics (also written to ``WORKDIR/final_metrics.json``).
+
+  Raises:
+    Preempted: SIGTERM; a checkpoint was saved.
+    Diverged: ``loss.max_bad_steps`` consecutive non-finite steps.
+  """
+  job = setup(config, workdir, train_teacher=train_and_evaluate)
+  manager = checkpoint.make_manager(workdir, max_to_keep=config.max_to_keep)
+  state, history = resume(job, manager)
+  batches = job.train_batches(start_step=int(state.step))
+  total = config.num_steps
+  with MetricWriter(workdir, process_index=jax.process_index()) as writer, \
+      _Interrupted() as interrupted:
+    progress = Progress(total, start_step=int(state.step))
+    for step in range(int(state.step) + 1, total + 1):
+      batch = train.shard_batch(next(batches), job.mesh)
+      state, metrics = job.train_step(state, job.teacher_vars, batch)
+      if itstime(step, config.log_every, total):
+        metrics = jax.device_get(metrics)
+        writer.write(step, metrics, split="train")
+        progress.update(step, loss=metrics["loss"], acc=metrics["accuracy"])
+        if int(state.bad_steps) >= config.loss.max_bad_steps:
+          raise Diverged(
+              f"{int(state.bad_steps)} consecutive training steps had a "
+              f"non-finite loss or gradient (at step {step}); stopping. The "
+              f"last good checkpoint in {checkpoint.checkpoint_dir(workdir)} "
+              "is kept. Lower the learning rate, raise the ot term's "
+              "relative_epsilon, or check the input data.")
+      if itstime(step, config.eval_every, total):
+        history.record(step, *_evaluate(job, state, writer, step))
+      stop = interrupted.stop(step % config.log_every == 0)
+      if itstime(step, config.checkpoint_every, total) or stop:
+        checkpoint.save(manager, step, state, _meta(job, history))
+      if stop and step < total:
+        raise Preempted(
+            f"Stopped by SIGTERM at step {step}; checkpoint saved in "
+            f"{checkpoint.checkpoint_dir(workdir)}. Rerun the same command to "
+            "resume.")
+  return finish(job, state, history)
+
+
+def _evaluate(job: Job, state, writer, step: int):
+  """``(val_accuracy or None, test_accuracy)``, both written to the metrics."""
+  variables = state.variables
+  accuracies = []
+  for split, source in (("val", job.ds.val if job.has_val else None),
+                        ("test", job.ds.test)):
+    if source is None:
+      accuracies.append(None)
+      continue
+    result = job.evaluate(variables, source)
+    writer.write(step, {"accuracy": result["accuracy"],
+                        "loss": result["loss"]}, split=split)
+    accuracies.append(result["accuracy"])
+  return tuple(accuracies)
+
+
+def finish(job: Job, state, history: History) -> dict:
+  """Writes ``analysis.json`` and ``final_metrics.json`` (process 0)."""
+  final = {
+      "method": job.config.method,
+      "seed": job.config.seed,
+      "step": int(state.step),
+      "test_accuracy": history.last_test_accuracy,
+      "val_accuracy": history.last_val_accuracy,
+      "best_val_accuracy": history.best_val_accuracy,
+      "best_step": history.best_step,
+      "test_accuracy_at_best_val": history.test_accuracy_at_best_val,
+  }
+  if jax.process_index() == 0:
+    _write_json(os.path.join(job.workdir, ANALYSIS),
+                analysis.run_analysis(job, jax.device_get(state.variables)))
+    _write_json(os.path.join(job.workdir, FINAL_METRICS), final)
+  logging.info("Final metrics: %s", final)
+  return final
+
+
+def _write_json(path: str, obj: Any) -> None:
+  """Atomic JSON write (temporary file, then rename)."""
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)

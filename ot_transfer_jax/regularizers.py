@@ -1,0 +1,428 @@
+"""The teacher-based terms of the training loss: one object per method, one registry.
+
+A *regulariser* compares the trainable student with the frozen teacher. It
+says what it reads (``reads``):
+
+* ``"features"``: activations of a pair of layers, ``(m, *positions, n)``,
+  one call per ``(student_layer, teacher_layer)`` pair;
+* ``"logits"``: the two networks' logits, ``(m, k)``;
+* ``"params"``: the student's backbone parameters and the teacher's (the
+  ``head`` excluded), for penalties in parameter space such as L2-SP.
+
+and implements two pure functions::
+
+    init(rng, student, teacher, context) -> (params, state)
+    apply(params, state, student, teacher) -> (value, metrics, new_state)
+
+``init`` receives ``jax.ShapeDtypeStruct`` s (pytrees of them for ``"params"``)
+and returns the term's trainable parameters (FitNets' regressor) and its
+non-trainable state (Omega_P's Sinkhorn potentials, carried from step to
+step). ``apply`` returns a float32 scalar, a dict of scalar metrics and the
+next state; the teacher's input is already ``stop_gradient``-ed.
+
+The training loss (:func:`ot_transfer_jax.train.make_loss_fn`) loops over the
+configured :class:`Term` s without knowing their names. Add your own::
+
+    from ot_transfer_jax import regularizers
+
+    @regularizers.register("cosine")
+    class Cosine(regularizers.Regularizer):
+      option_defaults = {"eps": 1e-6}
+
+      def apply(self, params, state, student, teacher):
+        ...
+        return value, {}, state
+
+then ``loss.terms.cosine = regularizers.term_config("cosine", weight=..., ...)``
+in an experiment config. ``regularizer`` may also be an import path
+``"package.module:Class"``, so a command line can use a regulariser defined
+outside this package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ot_transfer_jax import losses, ot
+
+PyTree = Any
+READS = ("features", "logits", "params")
+HEAD = "head"
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """What ``init`` may read beyond shapes (e.g. DELTA's channel weights).
+
+  Attributes:
+    student_layer, teacher_layer: the layer pair (``"features"`` terms).
+    teacher: the teacher module and ``teacher_vars`` its variables.
+    images: ``(N, H, W, C)`` normalised training images, labels ``(N,)``
+      (a sample; ``None`` when unavailable, e.g. in unit tests).
+  """
+
+  student_layer: Optional[str] = None
+  teacher_layer: Optional[str] = None
+  teacher: Optional[nn.Module] = None
+  teacher_vars: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  images: Any = None
+  labels: Any = None
+
+
+class Regularizer:
+  """Base class: options checked against ``option_defaults``; no parameters."""
+
+  reads: ClassVar[str] = "features"
+  option_defaults: ClassVar[Mapping[str, Any]] = {}
+
+  def __init__(self, **options: Any):
+    unknown = sorted(set(options) - set(self.option_defaults))
+    if unknown:
+      raise ValueError(
+          f"{type(self).__name__} has no option(s) {unknown}; its options "
+          f"(with defaults) are {dict(self.option_defaults)}.")
+    self.options = {**self.option_defaults, **options}
+
+  def init(self, rng: jax.Array, student: Any, teacher: Any,
+           context: Context) -> Tuple[PyTree, PyTree]:
+    del rng, student, teacher, context
+    return {}, {}
+
+  def apply(self, params: PyTree, state: PyTree, student: Any,
+            teacher: Any) -> Tuple[jax.Array, dict, PyTree]:
+    raise NotImplementedError
+
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register(name: str) -> Callable[[type], type]:
+  """Class decorator: makes ``name`` usable as ``loss.terms.<key>.regularizer``."""
+
+  def add(cls: type) -> type:
+    if cls.reads not in READS:
+      raise ValueError(f"{cls.__name__}.reads={cls.reads!r} is not one of "
+                       f"{READS}.")
+    _REGISTRY[name] = cls
+    return cls
+
+  return add
+
+
+def names() -> Tuple[str, ...]:
+  """The registered regularisers."""
+  return tuple(sorted(_REGISTRY))
+
+
+def get(name: str) -> type:
+  """The class registered as ``name``, or imported from ``"module:Class"``."""
+  if ":" in name:
+    module, _, attr = name.partition(":")
+    try:
+      return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+      raise ValueError(f"Cannot import regularizer {name!r}: {e}. Use "
+                       "'package.module:Class' with the package importable "
+                       "(e.g. on PYTHONPATH).") from None
+  if name not in _REGISTRY:
+    raise ValueError(f"Unknown regularizer {name!r}; registered: {names()} "
+                     "(or give 'package.module:Class').")
+  return _REGISTRY[name]
+
+
+# ---------------------------------------------------------------------------
+# Layer regularisers
+# ---------------------------------------------------------------------------
+
+
+@register("ot")
+class OmegaP(Regularizer):
+  """Omega_P: entropic OT between the two layers' neurons (the method).
+
+  Options: keywords of :func:`ot_transfer_jax.ot.solve_neuron_ot`, and
+  ``warm_start`` (start Sinkhorn from the previous step's potentials).
+  State: the potentials ``(f (n_s,), g (n_t,))``, zero at step 0 (a valid
+  start, without the epsilon scaling of a true cold start).
+  """
+
+  option_defaults = {
+      "relative_epsilon": ot.DEFAULT_RELATIVE_EPSILON,
+      "spatial": "flatten",
+      "normalize": "none",
+      "threshold": 1e-3,
+      "max_iterations": 2000,
+      "grad": "envelope",
+      "warm_start": True,
+  }
+
+  def _solve_options(self) -> dict:
+    return {k: v for k, v in self.options.items() if k != "warm_start"}
+
+  def init(self, rng, student, teacher, context):
+    del rng, context
+    ot.check_activation_shapes(student.shape, teacher.shape,
+                               self.options["spatial"])
+    return {}, (jnp.zeros((student.shape[-1],), jnp.float32),
+                jnp.zeros((teacher.shape[-1],), jnp.float32))
+
+  def apply(self, params, state, student, teacher):
+    res = ot.solve_neuron_ot(
+        student, teacher, init=state if self.options["warm_start"] else None,
+        **self._solve_options())
+    metrics = {"matched_fraction": res.matched_fraction,
+               "sinkhorn_iters": res.n_iters,
+               "sinkhorn_converged": res.converged.astype(jnp.float32)}
+    return res.value, metrics, res.potentials
+
+
+@register("feature_matching")
+class OmegaI(Regularizer):
+  """Omega_I: the identity coupling (plain feature matching); equal widths."""
+
+  option_defaults = {"spatial": "flatten", "normalize": "none"}
+
+  def apply(self, params, state, student, teacher):
+    return losses.feature_matching(student, teacher, **self.options), {}, state
+
+
+@register("attention")
+class AttentionTransfer(Regularizer):
+  """AT: distance of normalised spatial attention maps (conv layers)."""
+
+  option_defaults = {"p": 2.0}
+
+  def apply(self, params, state, student, teacher):
+    return losses.attention_transfer(student, teacher, **self.options), {}, state
+
+
+class HintRegressor(nn.Module):
+  """FitNets regressor: a 1x1 convolution (dense on the neuron axis).
+
+  ``(m, *positions, n_s) -> (m, *positions, n_t)``.
+  """
+
+  features: int
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(self.features, use_bias=False)(x.astype(jnp.float32))
+
+
+@register("fitnets")
+class FitNets(Regularizer):
+  """FitNets: L2 between the teacher and the student through a learned regressor."""
+
+  def init(self, rng, student, teacher, context):
+    del context
+    ot.check_activation_shapes(student.shape, teacher.shape, "flatten")
+    params = HintRegressor(teacher.shape[-1]).init(
+        rng, jnp.zeros(student.shape, jnp.float32))["params"]
+    return params, {}
+
+  def apply(self, params, state, student, teacher):
+    projected = HintRegressor(teacher.shape[-1]).apply({"params": params},
+                                                       student)
+    return losses.fitnets_hint(projected, teacher), {}, state
+
+
+# ---------------------------------------------------------------------------
+# Logit and parameter regularisers
+# ---------------------------------------------------------------------------
+
+
+@register("kd")
+class KnowledgeDistillation(Regularizer):
+  """KD: temperature-softened KL between the logits (same label space)."""
+
+  reads = "logits"
+  option_defaults = {"temperature": 4.0}
+
+  def apply(self, params, state, student, teacher):
+    return losses.kd_loss(student, teacher, self.options["temperature"]), {}, state
+
+
+@register("l2_sp")
+class L2SP(Regularizer):
+  """L2-SP: ``||theta_backbone - theta_teacher||^2 / 2`` (the weight is alpha)."""
+
+  reads = "params"
+
+  def apply(self, params, state, student, teacher):
+    return losses.l2_sp(student, teacher, alpha=1.0), {}, state
+
+
+# ---------------------------------------------------------------------------
+# Terms: a configured regulariser with its weight and layers
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+  """``weight * sum_l layer_weight_l * R(student_l, teacher_l)`` in the loss.
+
+  ``pairs`` is ``((student_layer, teacher_layer, layer_weight), ...)`` for a
+  ``"features"`` regulariser and ``()`` otherwise.
+  """
+
+  name: str
+  regularizer: Regularizer
+  weight: float
+  pairs: Tuple[Tuple[str, str, float], ...] = ()
+
+  @property
+  def reads(self) -> str:
+    return self.regularizer.reads
+
+
+def term_config(regularizer: str, *, weight: float,
+                student_layers: Sequence[str] = (),
+                teacher_layers: Sequence[str] = (),
+                layer_weights: Sequence[float] = (), **options) -> dict:
+  """One entry of ``config.loss.terms``, every key present.
+
+  ``teacher_layers`` defaults to ``student_layers``, ``layer_weights`` to 1
+  per layer; ``options`` are the regulariser's (merged over its defaults, so
+  the config lists them all and a command line can override any).
+  """
+  cls = get(regularizer)
+  cls(**options)  # Unknown options fail here, when the config is written.
+  return {"regularizer": regularizer, "weight": float(weight),
+          "student_layers": tuple(student_layers),
+          "teacher_layers": tuple(teacher_layers),
+          "layer_weights": tuple(float(w) for w in layer_weights),
+          "options": {**cls.option_defaults, **options}}
+
+
+def terms_from_config(terms_cfg: Mapping[str, Any]) -> Tuple[Term, ...]:
+  """The loss terms of ``config.loss.terms``, layer terms first, then by name.
+
+  Raises:
+    ValueError: unknown regulariser or option, layers given to a term that
+      does not read features (or missing for one that does), or lists of
+      unequal lengths; the message names the term.
+  """
+  out = []
+  for name in sorted(terms_cfg):
+    cfg = terms_cfg[name]
+    where = f"loss.terms.{name}"
+    try:
+      cls = get(cfg["regularizer"])
+      reg = cls(**dict(cfg["options"]))
+    except ValueError as e:
+      raise ValueError(f"{where}: {e}") from None
+    s_layers = tuple(cfg["student_layers"])
+    t_layers = tuple(cfg["teacher_layers"]) or s_layers
+    weights = tuple(cfg["layer_weights"]) or (1.0,) * len(s_layers)
+    if reg.reads != "features":
+      if s_layers or cfg["teacher_layers"]:
+        raise ValueError(f"{where}: {cfg['regularizer']!r} reads "
+                         f"{reg.reads}, not layers; remove its student_layers "
+                         "and teacher_layers.")
+      pairs = ()
+    else:
+      if not s_layers or not len(s_layers) == len(t_layers) == len(weights):
+        raise ValueError(
+            f"{where}: student_layers, teacher_layers and layer_weights must "
+            f"be non-empty and of equal length; got {s_layers}, {t_layers}, "
+            f"{weights}.")
+      pairs = tuple(zip(s_layers, t_layers, (float(w) for w in weights)))
+    out.append(Term(name, reg, float(cfg["weight"]), pairs))
+  order = {reads: i for i, reads in enumerate(READS)}
+  return tuple(sorted(out, key=lambda t: order[t.reads]))
+
+
+def pair_key(student_layer: str, teacher_layer: str) -> str:
+  return f"{student_layer}->{teacher_layer}"
+
+
+def captured_layers(terms: Sequence[Term]) -> Tuple[Tuple[str, ...],
+                                                    Tuple[str, ...]]:
+  """The distinct student and teacher layers the terms read, in order."""
+  pairs = [p for t in terms for p in t.pairs]
+  return (tuple(dict.fromkeys(p[0] for p in pairs)),
+          tuple(dict.fromkeys(p[1] for p in pairs)))
+
+
+def split_head(params: Mapping[str, Any]) -> Tuple[dict, dict]:
+  """``(backbone, head)`` parameters: the ``head`` module and the rest."""
+  params = dict(params)
+  head = params.pop(HEAD, {})
+  return params, head
+
+
+def _inputs(term: Term, views: Mapping[str, Any]):
+  """``[(key, student, teacher)]``: what ``term`` reads from ``views``.
+
+  ``views`` holds ``"features": (student_feats, teacher_feats)``,
+  ``"logits": (s, t)`` and ``"params": (s_backbone, t_backbone)``.
+  """
+  if term.reads == "features":
+    s_feats, t_feats = views["features"]
+    return [(pair_key(s, t), s_feats[s], t_feats[t]) for s, t, _ in term.pairs]
+  s, t = views[term.reads]
+  return [(term.reads, s, t)]
+
+
+def init_terms(terms: Sequence[Term], rng: jax.Array,
+               views: Mapping[str, Any],
+               context: Context = Context()) -> Tuple[dict, dict]:
+  """``(params, state)``: ``{term: {key: ...}}`` for every term and input.
+
+  ``views`` as in :func:`apply_terms`, of ``jax.ShapeDtypeStruct`` s. Each
+  term's ``apply`` is then traced with ``jax.eval_shape``, so a pair of
+  layers it cannot compare fails here, naming the term and the layers.
+  """
+  params, state = {}, {}
+  for i, term in enumerate(terms):
+    params[term.name], state[term.name] = {}, {}
+    for j, (key, s, t) in enumerate(_inputs(term, views)):
+      layers = dict(zip(("student_layer", "teacher_layer"), key.split("->")))
+      ctx = dataclasses.replace(context, **layers) if term.pairs else context
+      try:
+        p, st = term.regularizer.init(
+            jax.random.fold_in(jax.random.fold_in(rng, i), j), s, t, ctx)
+        jax.eval_shape(term.regularizer.apply, p, st, s, t)
+      except (ValueError, TypeError) as e:
+        raise ValueError(f"loss.terms.{term.name} "
+                         f"({type(term.regularizer).__name__}) on {key}: "
+                         f"{e}") from None
+      params[term.name][key], state[term.name][key] = p, st
+  return params, state
+
+
+def apply_terms(terms: Sequence[Term], params: Mapping, state: Mapping,
+                views: Mapping[str, Any]) -> Tuple[dict, dict]:
+  """Every term's value, and what to log.
+
+  Args:
+    views: ``{"features": (student_feats, teacher_feats), "logits":
+      (student_logits, teacher_logits), "params": (student_backbone,
+      teacher_backbone)}``, the teacher's side constant; only the views the
+      terms read need be present.
+
+  Returns:
+    ``(metrics, new_state)``. ``metrics["reg/<term>"]`` is the term's value
+    ``sum_l layer_weight_l * R_l`` *before* the term's weight (the loss adds
+    ``weight * value``); ``reg/<term>/<key>`` the value per layer pair (or
+    ``logits`` / ``params``); ``<metric>/<term>/<key>`` the regulariser's own
+    metrics (e.g. ``matched_fraction/ot/stage2->stage2``).
+  """
+  metrics, new_state = {}, {}
+  for term in terms:
+    value = jnp.zeros((), jnp.float32)
+    new_state[term.name] = {}
+    weights = [w for _, _, w in term.pairs] or [1.0]
+    for (key, s, t), w in zip(_inputs(term, views), weights):
+      v, m, new_state[term.name][key] = term.regularizer.apply(
+          params[term.name][key], state[term.name][key], s, t)
+      value = value + w * v
+      metrics[f"reg/{term.name}/{key}"] = v
+      metrics.update({f"{k}/{term.name}/{key}": x for k, x in m.items()})
+    metrics[f"reg/{term.name}"] = value
+  return metrics, new_state
