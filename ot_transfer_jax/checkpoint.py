@@ -1,43 +1,70 @@
-"""Orbax checkpoints: atomic, resumable, and loadable without unpickling.
+"""Orbax checkpoints: atomic, checksummed, resumable, loadable without unpickling.
 
-A run's checkpoints live in ``WORKDIR/checkpoints/<step>/`` with two items:
+A run's checkpoints live in ``WORKDIR/checkpoints/<step>/`` with three items:
 
 * ``state``: the whole :class:`~ot_transfer_jax.train.TrainState` (student
   parameters, BatchNorm statistics, optimizer state, step, RNG, OT
   potentials), as arrays (tensorstore / OCDBT);
 * ``meta``: JSON: the run's config and its evaluation history (best
   validation accuracy so far, ...), so a resumed run ends exactly as an
-  uninterrupted one.
+  uninterrupted one;
+* ``checksums``: JSON ``{key path: sha256 of the array's bytes}`` for every
+  array of ``state`` (key paths like ``params.stage2.conv.kernel`` or
+  ``opt_state.1.0.trace.model.head.bias``), plus ``meta``'s, computed at save
+  and verified at every restore: a flipped bit is an error naming the array
+  and the step, not a silently different model.
 
 Orbax writes a step into a temporary directory and renames it when complete,
 so a run killed mid-write (even by SIGKILL) leaves the previous checkpoint as
 the latest one; leftover temporary directories are ignored and cleaned up.
+Resuming (:func:`restore_latest`) takes the newest *intact* step: a damaged
+one is renamed ``<step>.corrupt-<n>`` (kept for inspection, never deleted;
+orbax ignores the name) and the previous step is tried, with a log line.
 Nothing here unpickles or evaluates: arrays come from tensorstore, the rest
 from JSON.
 
-For users who only want a trained model::
+For users who only want a trained model (the run of ``python -m
+experiments.main --config experiments/configs/digits_transfer.py --workdir
+workdirs/digits_transfer/ot``)::
 
-  restored = ot_transfer_jax.checkpoint.restore("workdirs/digits/ot/seed0")
-  logits = restored.model.apply(restored.variables, images)
+  restored = ot_transfer_jax.checkpoint.restore("workdirs/digits_transfer/ot")
+  # images: uint8 (N, H, W, C) as the dataset stores them, or floats in
+  # [0, 1]; predict normalises them as in training.
+  class_ids = restored.predict(images)  # (N,) the dataset's ids, e.g. 5-9
+  logits = restored.logits(images)      # (N, num_classes), model order
+  for images, class_ids in restored.test_batches():  # the run's test split
+    ...
+
+This module imports only jax, flax, optax, ott-jax, orbax and numpy; the data
+stack (grain, TFDS) is imported by :meth:`Restored.test_batches` alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import os
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import jax
-import ml_collections
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 CHECKPOINT_DIR = "checkpoints"
+CORRUPT_MARK = ".corrupt-"
+_META_KEY = "<meta>"  # The checksum of the meta item (not an array path).
 
 
 class CheckpointError(ValueError):
   """A checkpoint directory that cannot be used, with what to do about it."""
+
+
+class DamagedCheckpointError(CheckpointError):
+  """A step whose files cannot be read or do not match their checksums."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -59,107 +86,363 @@ def make_manager(workdir: str, *, max_to_keep: int = 3,
       enable_async_checkpointing=False,
       cleanup_tmp_directories=not reading,
   )
-  return ocp.CheckpointManager(
+  manager = ocp.CheckpointManager(
       checkpoint_dir(workdir), options=options,
       item_handlers={"state": ocp.StandardCheckpointHandler(),
-                     "meta": ocp.JsonCheckpointHandler()})
+                     "meta": ocp.JsonCheckpointHandler(),
+                     "checksums": ocp.JsonCheckpointHandler()})
+  # orbax removes leftover temporary steps in a background thread; wait for
+  # it, so that an error raised right after (a bad config) exits cleanly
+  # instead of that thread failing with a traceback at interpreter shutdown.
+  wait_for_cleanup = getattr(manager, "_maybe_await_cleanup_tmp_directory",
+                             None)
+  if wait_for_cleanup is not None:
+    wait_for_cleanup()
+  return manager
+
+
+# ---------------------------------------------------------------------------
+# Key paths and checksums
+# ---------------------------------------------------------------------------
+
+
+def _key_name(key) -> str:
+  """One key of a pytree path, the same for a live and a restored tree
+  (a dataclass field and the dict key orbax saves it under)."""
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def key_path(path) -> str:
+  """``params.stage2.conv.kernel``: a pytree key path as orbax names it."""
+  return ".".join(_key_name(k) for k in path)
+
+
+def flat_arrays(tree: Any) -> dict[str, Any]:
+  """``{key path: leaf}`` of a pytree (empty containers and None dropped)."""
+  return {key_path(p): leaf
+          for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _host(x) -> np.ndarray:
+  """A leaf's bytes on the host; a replicated global array reads its local
+  copy, so every process can checksum without a collective."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    x = x.addressable_data(0)
+  return np.ascontiguousarray(np.asarray(x))
+
+
+def _digest(x) -> str:
+  x = _host(x)
+  h = hashlib.sha256()
+  h.update(f"{x.dtype.str}{x.shape}".encode())
+  h.update(x.tobytes())
+  return h.hexdigest()
+
+
+def _canonical_json(obj: Any) -> Any:
+  """What ``obj`` reads back as after a JSON round trip (tuples -> lists)."""
+  return json.loads(json.dumps(obj))
+
+
+def checksums(state: Any, meta: dict) -> dict[str, str]:
+  """``{key path: sha256}`` of every array of ``state``, and of ``meta``."""
+  out = {path: _digest(leaf) for path, leaf in flat_arrays(state).items()}
+  out[_META_KEY] = hashlib.sha256(json.dumps(
+      _canonical_json(meta), sort_keys=True).encode()).hexdigest()
+  return out
+
+
+def verify(state: Any, meta: dict, expected: dict[str, str], step: int,
+           where: str) -> None:
+  """Raises :class:`DamagedCheckpointError` naming the first array (in key
+  path order) whose bytes differ from the checksum saved with it."""
+  actual = checksums(state, meta)
+  for path in sorted(expected.keys() | actual.keys()):
+    if expected.get(path) != actual.get(path):
+      what = "the meta item (config and history)" if path == _META_KEY else (
+          f"array {path}")
+      raise DamagedCheckpointError(
+          f"The checkpoint of step {step} in {where} is damaged: {what} does "
+          "not match the checksum saved with it (bit rot or a partial "
+          "copy). Rerunning the training command resumes from the newest "
+          "intact step, moving this one aside to "
+          f"{step}{CORRUPT_MARK}<n>; checkpoint.restore(workdir, step=...) "
+          "loads an earlier step.")
+
+
+# ---------------------------------------------------------------------------
+# Saving and resuming
+# ---------------------------------------------------------------------------
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
          meta: dict) -> None:
-  """Saves ``state`` (a pytree of arrays) and ``meta`` (JSON) at ``step``."""
+  """Saves ``state`` (a pytree of arrays), ``meta`` (JSON) and their
+  checksums at ``step``."""
   manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
+      checksums=ocp.args.JsonSave(checksums(state, meta))))
   manager.wait_until_finished()
 
 
-def _corrupt(workdir: str, step: int, err: Exception) -> CheckpointError:
-  return CheckpointError(
-      f"The checkpoint of step {step} in {checkpoint_dir(workdir)} cannot be "
-      f"read ({type(err).__name__}: {str(err)[:300]}). If the directory was "
-      "copied partially or edited, delete that step's folder to resume from "
-      "the previous checkpoint, or use a fresh --workdir to start over.")
+def _step_dir(manager: ocp.CheckpointManager, step: int) -> str:
+  return os.path.join(str(manager.directory), str(step))
+
+
+def _has_checksums(manager: ocp.CheckpointManager, step: int) -> bool:
+  return os.path.isdir(os.path.join(_step_dir(manager, step), "checksums"))
+
+
+def _unreadable(where: str, step: int, err: Exception) -> DamagedCheckpointError:
+  return DamagedCheckpointError(
+      f"The checkpoint of step {step} in {where} cannot be read "
+      f"({type(err).__name__}: {str(err)[:300]}). Rerunning the training "
+      "command resumes from the newest intact step and moves this one aside "
+      f"to {step}{CORRUPT_MARK}<n>; or use a fresh --workdir to start over.")
+
+
+def check_compatible(saved: Any, wanted: Any, step: int, where: str,
+                     model: str = "?") -> None:
+  """Raises :class:`CheckpointError` naming the first key path whose
+  presence, shape or dtype differs between a saved and a wanted tree.
+
+  Args:
+    saved, wanted: pytrees of leaves with ``.shape`` and ``.dtype`` (orbax
+      array metadata, ``jax.ShapeDtypeStruct``s or arrays).
+  """
+  saved, wanted = flat_arrays(saved), flat_arrays(wanted)
+  for path in sorted(saved.keys() | wanted.keys()):
+    s, w = saved.get(path), wanted.get(path)
+    if s is None or w is None:
+      diff = (f"{path} is saved but this run has no such array" if w is None
+              else f"this run has {path} but the checkpoint does not")
+    elif tuple(s.shape) != tuple(w.shape) or np.dtype(s.dtype) != np.dtype(
+        w.dtype):
+      diff = (f"{path} is {np.dtype(s.dtype).name}{tuple(s.shape)} in the "
+              f"checkpoint and {np.dtype(w.dtype).name}{tuple(w.shape)} in "
+              "this run")
+    else:
+      continue
+    raise CheckpointError(
+        f"The checkpoint of step {step} in {where} does not fit this run's "
+        f"model/config: {diff} ({len(saved)} saved arrays, {len(wanted)} "
+        f"expected). It was written by model {model}. Use another --workdir "
+        "for a different configuration, or rerun with the config that wrote "
+        "it.")
+
+
+def _restore_step(manager: ocp.CheckpointManager, step: int, target: Any,
+                  where: str) -> tuple[Any, dict]:
+  """``(state, meta)`` of one step, checked for fit, then for integrity.
+
+  Args:
+    target: a pytree of arrays or ``jax.ShapeDtypeStruct``s (with
+      shardings) giving the wanted structure; ``None``: the saved structure,
+      as host numpy arrays.
+
+  Raises:
+    DamagedCheckpointError: unreadable files or a checksum mismatch.
+    CheckpointError: a readable checkpoint of another model (no fit).
+  """
+  try:
+    meta = manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))["meta"]
+    saved_tree = manager.item_metadata(step)["state"].tree
+  except Exception as e:  # orbax raises many types for a damaged directory.
+    raise _unreadable(where, step, e) from None
+  if target is None:
+    # Host numpy arrays, read by every process whatever the topology that
+    # wrote them: the target's leaf type tells orbax what to build.
+    target = jax.tree_util.tree_map(lambda m: np.zeros(m.shape, m.dtype),
+                                    saved_tree)
+  else:
+    target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+    check_compatible(saved_tree, target, step, where,
+                     meta.get("config", {}).get("model", "?"))
+  has_sums = _has_checksums(manager, step)
+  try:
+    items = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target),
+        **({"checksums": ocp.args.JsonRestore()} if has_sums else {})))
+  except Exception as e:
+    raise _unreadable(where, step, e) from None
+  if has_sums:
+    verify(items["state"], meta, items["checksums"], step, where)
+  else:
+    logging.warning("The checkpoint of step %d in %s has no checksums "
+                    "(written by an older version): not verified.", step,
+                    where)
+  return items["state"], meta
+
+
+def _set_aside(manager: ocp.CheckpointManager, step: int) -> str:
+  """Renames a damaged step to ``<step>.corrupt-<n>`` (a name orbax does not
+  read as a step), on process 0; all processes then see the same steps."""
+  src = _step_dir(manager, step)
+  n = 1
+  while os.path.exists(f"{src}{CORRUPT_MARK}{n}"):
+    n += 1
+  dst = f"{src}{CORRUPT_MARK}{n}"
+  if jax.process_index() == 0:
+    os.rename(src, dst)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"checkpoint_set_aside_{step}_{n}")
+  manager.reload()
+  return dst
 
 
 def restore_latest(manager: ocp.CheckpointManager, workdir: str,
                    target_state: Any) -> Optional[tuple[Any, dict]]:
-  """The latest complete checkpoint as ``(state, meta)``; None if there is none.
+  """The newest intact checkpoint as ``(state, meta)``; None if there is none.
+
+  For resuming. Steps are tried newest first; a damaged one (unreadable, or
+  an array that does not match its checksum) is logged, renamed
+  ``<step>.corrupt-<n>`` (kept, never deleted) and the previous step is
+  tried. When every step is damaged, None: the run starts over.
 
   Args:
     target_state: a state with the expected structure, shapes and shardings
       (e.g. a freshly created one); the restored arrays take its placement.
 
   Raises:
-    CheckpointError: when the checkpoint cannot be read or does not fit the
-      target (another model or config wrote it).
+    CheckpointError: the newest readable checkpoint does not fit the target
+      (another model or config wrote it): nothing is renamed.
   """
-  step = manager.latest_step()
-  if step is None:
-    return None
-  abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
-                                    target_state)
+  where = checkpoint_dir(workdir)
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      return _restore_step(manager, step, target_state, where)
+    except DamagedCheckpointError as e:
+      moved = _set_aside(manager, step)
+      logging.warning("%s Moved it to %s; resuming from the previous intact "
+                      "step, if any.", e, moved)
+  return None
+
+
+# ---------------------------------------------------------------------------
+# Inference
+# ---------------------------------------------------------------------------
+
+
+class _Attrs(dict):
+  """A read-only nested dict with attribute access: the saved config when
+  ml_collections (experiment stack) is not installed."""
+
+  def __getattr__(self, name):
+    try:
+      value = self[name]
+    except KeyError:
+      raise AttributeError(name) from None
+    return _Attrs(value) if isinstance(value, dict) else value
+
+
+def _as_config(tree: dict):
   try:
-    meta = manager.restore(step, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore()))["meta"]
-    saved = _saved_shapes(manager, step)
-  except Exception as e:  # orbax raises many types for a damaged directory.
-    raise _corrupt(workdir, step, e) from None
-  wanted = _shapes(abstract)
-  if saved != wanted:
-    raise CheckpointError(
-        f"The checkpoint of step {step} in {checkpoint_dir(workdir)} does not "
-        f"fit this run's model/config ({len(saved)} saved arrays vs "
-        f"{len(wanted)} expected, or of other shapes). It was written by model "
-        f"{meta.get('config', {}).get('model', '?')}. Use another --workdir "
-        "for a different configuration, or rerun with the config that wrote "
-        "it.")
-  try:
-    state = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))["state"]
-  except Exception as e:
-    raise _corrupt(workdir, step, e) from None
-  return state, meta
-
-
-def _shapes(tree: Any) -> list:
-  """The sorted shapes of a pytree's leaves: a structure-free fingerprint
-  (saved trees come back as dicts, live ones as dataclasses)."""
-  return sorted(tuple(x.shape) for x in jax.tree_util.tree_leaves(tree))
-
-
-def _saved_shapes(manager: ocp.CheckpointManager, step: int) -> list:
-  """The sorted leaf shapes of a saved state, from its metadata alone."""
-  return _shapes(manager.item_metadata(step)["state"].tree)
+    import ml_collections
+  except ImportError:
+    return _Attrs(tree)
+  return ml_collections.ConfigDict(tree)
 
 
 @dataclasses.dataclass(frozen=True)
 class Restored:
-  """A trained student, ready for ``model.apply(variables, images)``."""
+  """A trained student with its input normalisation and label mapping.
+
+  ``predict(images)`` and ``logits(images)`` take images as the dataset
+  stores them (uint8 ``(N, H, W, C)``) or floats in [0, 1], at the model's
+  resolution, and normalise them exactly as training and evaluation did.
+  ``test_batches()`` reads the run's test split.
+  """
 
   model: Any
   variables: dict
-  config: ml_collections.ConfigDict
+  #: The run's config: an ``ml_collections.ConfigDict`` (a read-only
+  #: attribute dict without ml_collections).
+  config: Any
   step: int
   meta: dict
   #: Per-channel input normalisation the model was trained with:
   #: ``model.apply(variables, (images - mean) / std)``, images in [0, 1].
   mean: np.ndarray
   std: np.ndarray
+  #: int64 (num_classes,): the dataset's class id of each model output
+  #: (``config.data.classes``, e.g. 5..9 for outputs 0..4).
+  class_ids: np.ndarray
+
+  @functools.cached_property
+  def _apply(self):
+    return jax.jit(functools.partial(self.model.apply, train=False))
+
+  def normalize(self, images: np.ndarray) -> np.ndarray:
+    """uint8 or [0, 1] float ``(N, H, W, C)`` -> float32 model inputs."""
+    images = np.asarray(images)
+    if images.ndim != 4:
+      raise ValueError(f"images must be (N, H, W, C); got shape {images.shape}.")
+    x = (images.astype(np.float32) / 255 if images.dtype == np.uint8
+         else images.astype(np.float32))
+    # The same float32 arithmetic as the data pipeline: bit-identical inputs.
+    return (x - self.mean) / self.std
+
+  def logits(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """float32 ``(N, num_classes)`` logits, outputs in the model's order
+    (``class_ids[k]`` is output k's dataset class)."""
+    x = self.normalize(images)
+    out = []
+    for start in range(0, len(x), batch_size):
+      chunk = x[start:start + batch_size]
+      pad = batch_size - len(chunk)  # One shape: one compilation.
+      padded = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]),
+                                               chunk.dtype)]) if pad else chunk
+      logits = self._apply(self.variables, jnp.asarray(padded))
+      out.append(np.asarray(logits, np.float32)[:len(chunk)])
+    if not out:
+      return np.zeros((0, len(self.class_ids)), np.float32)
+    return np.concatenate(out)
+
+  def predict(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """int64 ``(N,)``: the dataset's class id of each image's prediction."""
+    return self.class_ids[np.argmax(self.logits(images, batch_size), -1)]
+
+  def test_batches(self, batch_size: int = 256
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The run's test split (``data.get_datasets(config.data).test``) in order.
+
+    Yields:
+      ``(images, class_ids)``: uint8 ``(B, H, W, C)`` at the model's
+      resolution and int64 ``(B,)`` dataset class ids (the last batch may be
+      smaller). Needs the data stack (``ot_transfer_jax.data``).
+    """
+    from ot_transfer_jax import data  # The experiment stack: lazily.
+    ds = data.get_datasets(self.config.data)
+    size = self.config.data.get("image_size")
+    for start in range(0, len(ds.test), batch_size):
+      examples = [ds.test[i] for i in range(start, min(start + batch_size,
+                                                        len(ds.test)))]
+      yield (np.stack([data.fit_image(e["image"], size) for e in examples]),
+             self.class_ids[np.array([e["label"] for e in examples])])
 
 
 def restore(workdir: str, step: Optional[int] = None) -> Restored:
   """The student of a run's checkpoint, for evaluation or fine-tuning.
+
+  Reads only (safe while the run is still writing); verifies the checksums.
 
   Args:
     workdir: the run's ``--workdir``.
     step: a checkpointed step; the latest when None.
 
   Returns:
-    :class:`Restored` with the model rebuilt from the saved config and its
-    ``{"params", "batch_stats"}`` variables (numpy arrays).
+    :class:`Restored` with the model rebuilt from the saved config, its
+    ``{"params", "batch_stats"}`` variables (numpy arrays), the input
+    normalisation and the label mapping.
 
   Raises:
-    CheckpointError: no checkpoint there, or one that cannot be read.
+    CheckpointError: no checkpoint there, or one that cannot be read or does
+      not match its checksums (the message names the array and the step).
   """
   # Local imports: keep this module light to import.
   from ot_transfer_jax import models, train
@@ -176,27 +459,19 @@ def restore(workdir: str, step: Optional[int] = None) -> Restored:
     raise CheckpointError(
         f"No complete checkpoint{'' if step is None else f' of step {step}'} "
         f"in {path} (available steps: {list(manager.all_steps())}).")
-  try:
-    # Host numpy arrays, read by every process whatever the topology that
-    # wrote them: the target's leaf type tells orbax what to build.
-    tree = manager.item_metadata(step)["state"].tree
-    target = jax.tree_util.tree_map(
-        lambda m: np.zeros(m.shape, m.dtype), tree)
-    items = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-  except Exception as e:
-    raise _corrupt(workdir, step, e) from None
-  meta = items["meta"]
-  config = ml_collections.ConfigDict(meta["config"])
+  state, meta = _restore_step(manager, step, None, path)
+  config = _as_config(meta["config"])
   model = models.create_model(config.model.name, meta["num_classes"],
                               **config.model.get("kwargs", {}))
-  state = items["state"]
+  classes = meta["config"].get("data", {}).get("classes")
+  class_ids = np.asarray(classes if classes is not None
+                         else range(meta["num_classes"]), np.int64)
   variables = train.model_variables(state["params"], state.get("batch_stats"))
   return Restored(model=model, variables=variables, config=config, step=step,
                   meta=meta, mean=np.asarray(meta["mean"], np.float32),
-                  std=np.asarray(meta["std"], np.float32))
+                  std=np.asarray(meta["std"], np.float32), class_ids=class_ids)
 
 
-def config_to_json(config: ml_collections.ConfigDict) -> dict:
-  """A JSON-safe dict of the config (tuples become lists)."""
+def config_to_json(config) -> dict:
+  """A JSON-safe dict of an ``ml_collections.ConfigDict`` (tuples -> lists)."""
   return json.loads(config.to_json())

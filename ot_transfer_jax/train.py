@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -364,10 +365,53 @@ def transfer_init(student_init: Mapping[str, Any],
 # ---------------------------------------------------------------------------
 
 
-def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-  """A 1-D data-parallel mesh over all (global) devices, axis ``"data"``."""
-  devices = jax.devices() if devices is None else devices
+def make_mesh(devices: Optional[Sequence[jax.Device]] = None, *,
+              batch_size: Optional[int] = None) -> Mesh:
+  """A 1-D data-parallel mesh, axis ``"data"``.
+
+  Args:
+    devices: the devices to use (default: all global devices).
+    batch_size: the global training batch size. When it does not divide over
+      all devices, the mesh is the largest subset that it divides (with the
+      same number of devices on each process), and a warning says so. A
+      step on fewer devices computes exactly what it computes on one: no
+      padding enters the loss, the BatchNorm statistics or the OT problems.
+      E.g. a batch of 25 runs on 1 of 2 or 4 devices and on 5 of 8.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  if batch_size is not None:
+    used = data_parallel_devices(devices, batch_size)
+    if len(used) < len(devices):
+      logging.warning(
+          "The global batch size %d does not divide over %d devices: the "
+          "train step runs on %d of them (the most it divides over). Choose "
+          "a batch size that is a multiple of %d to use them all.",
+          batch_size, len(devices), len(used), len(devices))
+    devices = used
   return Mesh(np.asarray(devices), ("data",))
+
+
+def data_parallel_devices(devices: Sequence[jax.Device],
+                          batch_size: int) -> list:
+  """The largest subset of ``devices`` whose size divides ``batch_size``,
+  with ``k`` devices from each process (each process feeds its own
+  ``batch_size / process_count`` rows to its own devices).
+
+  Raises:
+    ValueError: the batch does not divide over the processes.
+  """
+  by_process: dict[int, list] = {}
+  for d in devices:
+    by_process.setdefault(d.process_index, []).append(d)
+  processes = len(by_process)
+  per_process = min(len(v) for v in by_process.values())
+  for k in range(per_process, 0, -1):
+    if batch_size % (k * processes) == 0:
+      return [d for p in sorted(by_process) for d in by_process[p][:k]]
+  raise ValueError(
+      f"The global batch size {batch_size} must be divisible by the "
+      f"{processes} processes (each reads its own equal share); choose a "
+      f"multiple of {processes}.")
 
 
 def _replicated(mesh: Mesh) -> NamedSharding:
@@ -384,7 +428,8 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
   """This process's rows of the global batch -> a global sharded array.
 
   Each process passes its own ``B / process_count`` rows; on one process this
-  is the whole batch. The leading dimension must divide by the device count.
+  is the whole batch. The leading dimension must divide by the device count
+  (``make_mesh(batch_size=B)`` picks a mesh it divides over).
   """
   sharding = _batch_sharded(mesh)
   n = mesh.devices.size
@@ -395,7 +440,7 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
       raise ValueError(
           f"The global batch size {global_rows} must be divisible by the "
           f"{n} devices of the mesh; choose a batch size that is a multiple of "
-          f"{n}.")
+          f"{n}, or build the mesh with train.make_mesh(batch_size=...).")
     out[k] = jax.make_array_from_process_local_data(sharding, np.asarray(v))
   return out
 
@@ -470,12 +515,34 @@ def make_eval_step(model, mesh: Mesh) -> Callable:
 
 
 def evaluate(eval_step: Callable, variables, batches, mesh: Mesh) -> dict:
-  """Accuracy and mean loss over an iterable of (masked) host batches."""
+  """Accuracy and mean loss over an iterable of (masked) host batches.
+
+  A batch whose rows do not divide over this process's devices of the mesh
+  is padded with masked-out rows: the sums, so the metrics, are unchanged.
+  """
   totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
+  local_devices = max(1, mesh.devices.size // jax.process_count())
   for batch in batches:
+    batch = pad_batch(batch, local_devices)
     out = jax.device_get(eval_step(variables, shard_batch(batch, mesh)))
     for k in totals:
       totals[k] += float(out[k])
   count = max(totals["count"], 1.0)
   return {"accuracy": totals["correct"] / count,
           "loss": totals["loss"] / count, "count": totals["count"]}
+
+
+def pad_batch(batch: Mapping[str, np.ndarray], multiple: int) -> dict:
+  """``batch`` with zero rows appended up to a multiple of ``multiple`` rows,
+  and a boolean ``mask`` (False on the added rows; kept if present)."""
+  rows = len(next(iter(batch.values())))
+  pad = -rows % multiple
+  batch = dict(batch)
+  if "mask" not in batch:
+    batch["mask"] = np.ones((rows,), bool)
+  if not pad:
+    return batch
+  return {k: np.concatenate([np.asarray(v),
+                             np.zeros((pad, *np.shape(v)[1:]),
+                                      np.asarray(v).dtype)])
+          for k, v in batch.items()}

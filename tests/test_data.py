@@ -196,6 +196,20 @@ def test_tfds_not_prepared_says_how_to_prepare(tmp_path):
   assert "tfds build cifar10" in message and "--file_format=array_record" in message
 
 
+@pytest.mark.parametrize("name,nearest", [("cifar1000", "'cifar100'"),
+                                          ("stanford_dog", "'stanford_dogs'"),
+                                          ("fashion_mnis", "'fashion_mnist'")])
+def test_unknown_dataset_name_suggests_the_nearest_not_the_catalogue(
+    name, nearest):
+  with pytest.raises(ValueError) as error:
+    data.get_datasets({"name": name})
+  message = str(error.value)
+  assert f"data.name={name!r} is not a known dataset. Did you mean {nearest}" in (
+      message)
+  # TFDS's own message lists hundreds of datasets, one per line.
+  assert "\n" not in message and len(message) < 400, message
+
+
 def test_ot_digits_builds_as_array_record_without_tensorflow(tmp_path):
   data.OtDigits(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
   ds = data.get_datasets({"name": "ot_digits", "data_dir": str(tmp_path)})

@@ -22,9 +22,10 @@ EXPERIMENT_TOOLS = {"tensorflow-datasets": "tensorflow_datasets",
                     "matplotlib": "matplotlib", "scikit-learn": "sklearn",
                     "torch": "torch", "tensorflow": "tensorflow",
                     "pillow": "PIL", "safetensors": "safetensors",
-                    "pot": "ot", "pytest": "pytest"}
+                    "pot": "ot", "pytest": "pytest",
+                    "ml-collections": "ml_collections"}
 CORE = {"jax", "flax", "optax", "ott-jax", "orbax-checkpoint", "numpy",
-        "ml-collections"}
+        "absl-py"}
 
 
 def _core_requirements(requirements):
@@ -82,7 +83,8 @@ _BLOCKED_RUN = _ABSENT + textwrap.dedent("""
     import pathlib, re
 
     import ot_transfer_jax
-    from ot_transfer_jax import checkpoint, features, losses, models, ot, train
+    from ot_transfer_jax import (checkpoint, delta_weights, features, losses,
+                                 models, ot, train)
     from ot_transfer_jax.models import create_model
 
     readme = pathlib.Path("README.md").read_text()

@@ -125,18 +125,6 @@ def test_non_finite_steps_stop_the_run_and_keep_good_checkpoints(
     assert np.all(np.isfinite(leaf))
 
 
-def test_damaged_checkpoint_says_what_to_do(teacher_dir, tmp_path):
-  config = tiny_config(teacher_dir, num_steps=10, checkpoint_every=10)
-  loop.train_and_evaluate(config, str(tmp_path))
-  for f in (tmp_path / "checkpoints" / "10" / "state").rglob("*"):
-    if f.is_file():
-      f.write_bytes(b"\0garbage")
-  config.num_steps = 20
-  with pytest.raises(checkpoint.CheckpointError,
-                     match=r"step 10 .* cannot be read.*delete that step"):
-    loop.train_and_evaluate(config, str(tmp_path))
-
-
 def test_checkpoint_of_another_model_is_refused(teacher_dir, tmp_path):
   config = tiny_config(teacher_dir, num_steps=10, checkpoint_every=10)
   loop.train_and_evaluate(config, str(tmp_path))
@@ -144,7 +132,9 @@ def test_checkpoint_of_another_model_is_refused(teacher_dir, tmp_path):
   config.model.kwargs = {"width": 0.5}
   config.init_from_teacher = False
   with pytest.raises(checkpoint.CheckpointError,
-                     match="does not fit this run's model/config"):
+                     match=r"does not fit this run's model/config: "
+                     r"batch_stats\.stage1\.bn\.mean is float32\(16,\) in "
+                     r"the checkpoint and float32\(8,\) in this run"):
     loop.train_and_evaluate(config, str(tmp_path))
 
 

@@ -306,3 +306,60 @@ def test_two_devices_match_one_device_and_compile_once():
       capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "OK" in proc.stdout
+
+
+ANY_DEVICE_COUNT = textwrap.dedent("""
+    import jax, numpy as np
+    n = jax.device_count()
+    import sys; sys.path.insert(0, {path!r})
+    import test_train as t
+    from ot_transfer_jax import train
+    # 25 = 5 x 5 divides over 1 of 2 or 4 devices; 24 over all; 10 over 2.
+    assert train.make_mesh(batch_size=25).devices.size == 1
+    assert train.make_mesh(batch_size=24).devices.size == n
+    assert train.make_mesh(batch_size=10).devices.size == 2
+    ds = t.data.get_datasets({{"name": "digits"}})
+    cfg = t.make_config("ot")
+    meshes = {{"one": train.make_mesh(jax.devices()[:1])}}
+    if n > 2:  # Training on 2 of 4 devices (on 2 of 2 it is the usual case).
+      meshes["picked"] = train.make_mesh(batch_size=10)
+    params = {{}}
+    for name, mesh in meshes.items():
+      model, _, tv, state, step, _ = t.setup(cfg, 2, mesh=mesh)
+      state, tv = train.replicate(state, mesh), train.replicate(tv, mesh)
+      for _, b in zip(range(2), t.batches(ds, batch_size=10)):
+        state, m = step(state, tv, {{}}, train.shard_batch(b, mesh))
+      params[name] = jax.device_get(state.params)
+    if n > 2:
+      flat = lambda t: np.concatenate([np.ravel(x) for x in
+                                       jax.tree_util.tree_leaves(t)])
+      diff = np.linalg.norm(flat(params["picked"]) - flat(params["one"]))
+      assert diff <= 1e-4 * np.linalg.norm(flat(params["one"])), diff
+    # Evaluation pads each 25-row batch with masked rows over all n devices.
+    variables = {{"params": params["one"], "batch_stats": state.batch_stats}}
+    evals = []
+    for mesh in (meshes["one"], train.make_mesh()):
+      batches = t.data.eval_batches(ds.test, batch_size=25, image_size=None,
+                                    mean=ds.mean, std=ds.std)
+      evals.append(train.evaluate(train.make_eval_step(model, mesh),
+                                  jax.device_get(variables), batches, mesh))
+    one, full = evals
+    assert full["count"] == one["count"] == len(ds.test), (full, one)
+    assert full["accuracy"] == one["accuracy"], (full, one)
+    np.testing.assert_allclose(full["loss"], one["loss"], rtol=1e-5)
+    print("OK", n, one)
+""")
+
+
+@pytest.mark.parametrize("devices", [2, 4])
+def test_a_batch_that_does_not_divide_over_the_devices_runs_exactly(devices):
+  """make_mesh(batch_size=B) trains on the largest device subset B divides
+  over (no padding in the loss); evaluation pads with masked rows."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  here = os.path.dirname(os.path.abspath(__file__))
+  proc = subprocess.run(
+      [sys.executable, "-c", ANY_DEVICE_COUNT.format(path=here)], env=env,
+      capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.startswith(f"OK {devices}")

@@ -39,12 +39,8 @@ def relu_activations(rng: np.random.Generator, batch: int,
           for n in widths]
 
 
-def write(out_dir: str, name: str, rows: list, columns: Sequence[str],
-          extra: dict) -> str:
-  """Writes ``name.json`` and ``name.md``; returns the markdown table."""
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
-    json.dump({"machine": machine(), **extra, "rows": rows}, f, indent=2)
+def markdown_table(rows: list, columns: Sequence[str]) -> str:
+  """Rows (dicts) as a markdown table; missing cells are left empty."""
   lines = ["| " + " | ".join(columns) + " |",
            "|" + "---:|" * len(columns)]
   for row in rows:
@@ -54,7 +50,16 @@ def write(out_dir: str, name: str, rows: list, columns: Sequence[str],
       cells.append("" if v is None else f"{v:.4g}" if isinstance(v, float)
                    else str(v))
     lines.append("| " + " | ".join(cells) + " |")
-  table = "\n".join(lines)
+  return "\n".join(lines)
+
+
+def write(out_dir: str, name: str, rows: list, columns: Sequence[str],
+          extra: dict) -> str:
+  """Writes ``name.json`` and ``name.md``; returns the markdown table."""
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+    json.dump({"machine": machine(), **extra, "rows": rows}, f, indent=2)
+  table = markdown_table(rows, columns)
   with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
     f.write(table + "\n")
   return table

@@ -11,7 +11,8 @@ activations of one mini-batch, after compilation, the median of `repeats`:
   small step between calls, the previous potentials passed as `init`;
 * `cost_ms`: the cost matrix alone (one GEMM): the floor;
 * `pot_sinkhorn_ms` (`ot.sinkhorn2`, log-domain, same epsilon) and
-  `pot_emd_ms` (`ot.emd2`, exact), numpy;
+  `pot_emd_ms` (`ot.emd2`, exact), numpy, when POT is installed (the test
+  extra; left out otherwise);
 * `iters` / `warm_iters`: Sinkhorn iterations; `err_pct`: relative error of
   Omega_P against the exact OT value;
 * `temp_mb`: peak temporary memory of the compiled step (XLA's count).
@@ -20,6 +21,8 @@ Writes `OUT/ot_solver.json` and `OUT/ot_solver.md`.
 """
 
 import argparse
+import time
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,9 +32,17 @@ from experiments.benchmarks.common import median_seconds, relu_activations, writ
 from ot_transfer_jax import cost_matrix, neuron_descriptors, solve_neuron_ot
 
 
-def bench_pair(student, teacher, repeats, pot_max_neurons, options):
-  import ot as pot  # Test-only dependency: the references.
+def _pot():
+  """POT (the exact reference) when installed, else None: the benchmarks run
+  without it, e.g. on an accelerator machine with only the core installed."""
+  try:
+    import ot as pot  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return pot
 
+
+def bench_pair(student, teacher, repeats, pot_max_neurons, options):
   s, t = jnp.asarray(student), jnp.asarray(teacher)
   def objective(s, t, init):
     res = solve_neuron_ot(s, t, init=init, **options)
@@ -68,7 +79,8 @@ def bench_pair(student, teacher, repeats, pot_max_neurons, options):
          "iters": int(res.n_iters),
          "warm_iters": float(np.median(jax.device_get(state["iters"]))),
          "warm_over_cost": warm_s / cost_s}
-  if max(s.shape[-1], t.shape[-1]) <= pot_max_neurons:
+  pot = _pot()
+  if pot is not None and max(s.shape[-1], t.shape[-1]) <= pot_max_neurons:
     c = np.asarray(cost(s, t), np.float64)
     a = np.full(c.shape[0], 1 / c.shape[0])
     b = np.full(c.shape[1], 1 / c.shape[1])
@@ -92,6 +104,28 @@ COLUMNS = ("n_s", "n_t", "ot_ms", "iters", "err_pct", "pot_sinkhorn_ms",
            "warm_ms", "warm_iters", "warm_over_cost", "temp_mb")
 
 
+def bench_widths(neurons: Sequence[int], batch: int, repeats: int,
+                 pot_max_neurons: int, options: dict,
+                 deadline: Optional[float] = None) -> list:
+  """Rows for n:n and n:n/2 at each width of ``neurons``; a pair not started
+  before ``deadline`` (``time.monotonic()``) is recorded as skipped."""
+  rng = np.random.default_rng(0)
+  rows = []
+  for n in neurons:
+    for n_t in (n, n // 2):
+      student, teacher = relu_activations(rng, batch, (n, n_t))
+      row = {"n_s": n, "n_t": n_t}
+      if deadline is not None and time.monotonic() > deadline:
+        rows.append({**row, "skipped": "time budget"})
+        continue
+      row.update(bench_pair(student, teacher, repeats, pot_max_neurons,
+                            options))
+      rows.append(row)
+      print({k: round(v, 3) if isinstance(v, float) else v
+             for k, v in row.items()}, flush=True)
+  return rows
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--neurons", default="64,256,512,1024,2048,4096")
@@ -105,16 +139,8 @@ def main(argv=None):
   parser.add_argument("--out", default="benchmarks_out")
   args = parser.parse_args(argv)
   options = {"relative_epsilon": args.relative_epsilon}
-  rng = np.random.default_rng(0)
-  rows = []
-  for n in (int(x) for x in args.neurons.split(",")):
-    for n_t in (n, n // 2):
-      student, teacher = relu_activations(rng, args.batch, (n, n_t))
-      row = {"n_s": n, "n_t": n_t, **bench_pair(
-          student, teacher, args.repeats, args.pot_max_neurons, options)}
-      rows.append(row)
-      print({k: round(v, 3) if isinstance(v, float) else v
-             for k, v in row.items()}, flush=True)
+  rows = bench_widths([int(x) for x in args.neurons.split(",")], args.batch,
+                      args.repeats, args.pot_max_neurons, options)
   table = write(args.out, "ot_solver", rows, COLUMNS,
                 {"batch": args.batch, "repeats": args.repeats, **options})
   print(table)

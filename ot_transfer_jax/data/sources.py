@@ -7,13 +7,17 @@ split and subsample without touching the images of the examples left out).
 """
 
 import dataclasses
+import difflib
 import functools
 import os
+import re
 from typing import Protocol, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
+
+from ot_transfer_jax.data.idx import IDX_DATASETS
 
 
 class Source(Protocol):
@@ -61,7 +65,10 @@ class TfdsSource:
 
   def __init__(self, name: str, split: str, data_dir: str | None = None):
     self._keys = TFDS_KEYS.get(name, TfdsKeys())
-    builder = tfds.builder(name, data_dir=data_dir)
+    try:
+      builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.DatasetNotFoundError as e:
+      raise ValueError(unknown_dataset_message(name, str(e))) from None
     try:
       self._records = builder.as_data_source(split=split)
     except Exception as e:  # TFDS raises a different error for each way of not being ready.
@@ -91,6 +98,22 @@ class TfdsSource:
     # One pass over the split; it decodes the images too (TFDS can only skip decoding
     # with TensorFlow installed).
     return np.array([self._records[i][self._keys.label] for i in range(len(self))], np.int64)
+
+
+def unknown_dataset_message(name: str, tfds_message: str) -> str:
+  """One paragraph for a ``data.name`` TFDS does not know: the nearest names,
+  not TFDS's message, which lists its whole catalogue (hundreds of lines)."""
+  # TFDS's own suggestion ("Did you mean: cifar1000 -> cifar100 ?"), then
+  # difflib over the catalogue it lists ("\t- name" lines).
+  suggested = re.findall(r"Did you mean: \S+ -> (\S+?) ?\?", tfds_message)
+  catalogue = re.findall(r"^\s*- (\S+)$", tfds_message, re.M)
+  local = ["digits", *sorted(IDX_DATASETS)]
+  suggested += difflib.get_close_matches(name, local + catalogue, n=3, cutoff=0.6)
+  suggested = list(dict.fromkeys(s for s in suggested if s != name))[:3]
+  hint = f" Did you mean {' or '.join(map(repr, suggested))}?" if suggested else ""
+  return (f"data.name={name!r} is not a known dataset.{hint} Use one of {local}, a "
+          "TFDS dataset name (the TFDS catalogue lists them), or 'folder:/root' for your"
+          " own images in /root/{train,test}/<class name>/.")
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
