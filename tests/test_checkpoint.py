@@ -14,7 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from ot_transfer_jax import checkpoint, experiment
+from experiments import loop
+from ot_transfer_jax import checkpoint
 
 from digits_job import REPO, tiny_config
 
@@ -25,7 +26,7 @@ README = pathlib.Path(REPO) / "README.md"
 def run_dir(teacher_dir, tmp_path_factory):
   """A finished tiny digits_transfer run (checkpoints at steps 10 and 20)."""
   path = tmp_path_factory.mktemp("run")
-  experiment.train_and_evaluate(tiny_config(teacher_dir), str(path))
+  loop.train_and_evaluate(tiny_config(teacher_dir), str(path))
   return path
 
 
@@ -93,7 +94,7 @@ def test_resume_falls_back_to_the_newest_intact_step(teacher_dir, run_dir,
   os.remove(work / "final_metrics.json")
 
   with caplog.at_level(logging.WARNING):
-    final = experiment.train_and_evaluate(tiny_config(teacher_dir), str(work))
+    final = loop.train_and_evaluate(tiny_config(teacher_dir), str(work))
   assert "Moved it to" in caplog.text and "20.corrupt-1" in caplog.text
   assert (work / "checkpoints" / "20.corrupt-1").is_dir()  # Kept, renamed.
   assert final == _final(run_dir)  # Steps 10-20 retrained exactly.
@@ -104,14 +105,14 @@ def test_resume_falls_back_to_the_newest_intact_step(teacher_dir, run_dir,
 
 def test_every_step_damaged_starts_over_keeping_them(teacher_dir, tmp_path):
   config = tiny_config(teacher_dir, num_steps=10, checkpoint_every=10)
-  first = experiment.train_and_evaluate(config, str(tmp_path))
+  first = loop.train_and_evaluate(config, str(tmp_path))
   for f in (tmp_path / "checkpoints" / "10" / "state").rglob("*"):
     if f.is_file():
       f.write_bytes(b"\0garbage")
   with pytest.raises(checkpoint.CheckpointError,
                      match=r"step 10 .* cannot be read.*newest intact step"):
     checkpoint.restore(str(tmp_path))
-  assert experiment.train_and_evaluate(config, str(tmp_path)) == first
+  assert loop.train_and_evaluate(config, str(tmp_path)) == first
   assert (tmp_path / "checkpoints" / "10.corrupt-1").is_dir()
 
 
