@@ -44,6 +44,12 @@ def parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
+    if "Traceback (most recent call last)" in str(e):
+      # get_config raised (e.g. an unknown file.py:METHOD): its last line.
+      lines = [l for l in str(e).splitlines()
+               if re.match(r"^\w+(Error|Exception): ", l)]
+      sys.stderr.write(f"Error: {lines[-1].split(': ', 1)[1] if lines else e}\n")
+      sys.exit(2)
     if "--config." not in str(e):  # A plain flag: absl's message says it.
       sys.stderr.write(f"Error: {e}\nRun with --help for the flags.\n")
       sys.exit(2)

@@ -3,6 +3,9 @@
 Activations are ``(batch, [height, width,] neurons)``; the teacher's are held
 constant (``stop_gradient``). Every function returns a float32 scalar and works
 under ``jax.jit``, ``jax.grad`` and ``jax.vmap`` for float32 or bfloat16 inputs.
+The feature losses take ``axis_name=``: inside ``jax.pmap`` / ``jax.shard_map``
+over a batch-sharded axis they return the global-batch value on every device,
+with the per-shard gradient convention of :mod:`ot_transfer_jax.ot`.
 
 ============================  ================================================
 ``ot_regularizer``            Omega_P = <P*, C>, neurons matched by entropic OT
@@ -17,6 +20,7 @@ under ``jax.jit``, ``jax.grad`` and ``jax.vmap`` for float32 or bfloat16 inputs.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import jax
@@ -37,7 +41,8 @@ def ot_regularizer(student: jax.Array, teacher: jax.Array,
     teacher: ``(m, *positions', n_t)`` activations of the same batch.
     **options: any keyword of :func:`ot_transfer_jax.ot.solve_neuron_ot`
       (``epsilon``, ``relative_epsilon``, ``spatial``, ``normalize``,
-      ``threshold``, ``max_iterations``, ``grad``, ``init``).
+      ``threshold``, ``max_iterations``, ``grad``, ``init``, ``axis_name``,
+      ``precision``).
 
   Returns:
     Scalar float32. With the default ``grad="envelope"`` its gradient treats
@@ -46,9 +51,16 @@ def ot_regularizer(student: jax.Array, teacher: jax.Array,
   return ot.solve_neuron_ot(student, teacher, **options).value
 
 
-def _matched_descriptors(student, teacher, spatial, normalize, what):
+def _global_mean(x: jax.Array, axis_name: ot.AxisName) -> jax.Array:
+  """Mean of ``x`` over the global batch when its first axis is sharded."""
+  return ot.global_sum(jnp.sum(x), axis_name) / (
+      x.size * ot.axis_size(axis_name))
+
+
+def _matched_descriptors(student, teacher, spatial, normalize, what,
+                         axis_name):
   """(D, n) descriptors of two layers that must have equal widths."""
-  ot.check_activation_shapes(student.shape, teacher.shape, spatial)
+  ot.check_activations(student, teacher, spatial)
   if student.shape[-1] != teacher.shape[-1]:
     raise ValueError(
         f"{what} pairs neuron j of the student with neuron j of the teacher, "
@@ -57,14 +69,15 @@ def _matched_descriptors(student, teacher, spatial, normalize, what):
         f"(shapes {tuple(student.shape)} and {tuple(teacher.shape)}). Use "
         "ot_regularizer, which matches layers of any widths, or project the "
         "student first (fitnets_hint).")
-  a = ot.neuron_descriptors(student, spatial=spatial, normalize=normalize)
-  t = ot.neuron_descriptors(teacher, spatial=spatial, normalize=normalize)
-  return a, jax.lax.stop_gradient(t)
+  describe = functools.partial(ot.neuron_descriptors, spatial=spatial,
+                               normalize=normalize, axis_name=axis_name)
+  return describe(student), jax.lax.stop_gradient(describe(teacher))
 
 
 def feature_matching(student: jax.Array, teacher: jax.Array, *,
                      spatial: ot.Spatial = "flatten",
-                     normalize: ot.Normalize = "none") -> jax.Array:
+                     normalize: ot.Normalize = "none",
+                     axis_name: ot.AxisName = None) -> jax.Array:
   """Omega_I: the identity coupling ``P = I / n``.
 
   ``mean_j ||a_j - t_j||^2 / D``, i.e. the mean squared difference of the two
@@ -73,19 +86,21 @@ def feature_matching(student: jax.Array, teacher: jax.Array, *,
 
   Args:
     student, teacher: ``(m, *positions, n)``, equal widths ``n``.
-    spatial, normalize: as in :func:`ot_transfer_jax.ot.neuron_descriptors`.
+    spatial, normalize, axis_name: as in
+      :func:`ot_transfer_jax.ot.neuron_descriptors`.
 
   Raises:
     ValueError: when the widths (or, for ``"flatten"``, positions) differ.
   """
   a, t = _matched_descriptors(student, teacher, spatial, normalize,
-                              "feature_matching (Omega_I)")
-  return jnp.mean(jnp.square(a - t))
+                              "feature_matching (Omega_I)", axis_name)
+  return _global_mean(jnp.square(a - t), axis_name)
 
 
 def delta(student: jax.Array, teacher: jax.Array,
           channel_weights: jax.Array, *, spatial: ot.Spatial = "flatten",
-          normalize: ot.Normalize = "none") -> jax.Array:
+          normalize: ot.Normalize = "none",
+          axis_name: ot.AxisName = None) -> jax.Array:
   """DELTA (Li et al. 2019): channel-weighted feature-map distance.
 
   ``sum_j w_j ||a_j - t_j||^2 / D``. With ``w_j = 1 / n`` this is
@@ -95,15 +110,19 @@ def delta(student: jax.Array, teacher: jax.Array,
 
   Args:
     student, teacher: ``(m, *positions, n)``, equal widths.
-    channel_weights: ``(n,)`` non-negative weights.
+    channel_weights: ``(n,)`` non-negative weights (the same on every
+      device under ``axis_name``).
+    spatial, normalize, axis_name: as in :func:`feature_matching`.
   """
-  a, t = _matched_descriptors(student, teacher, spatial, normalize, "delta")
+  a, t = _matched_descriptors(student, teacher, spatial, normalize, "delta",
+                              axis_name)
   n = a.shape[-1]
-  if channel_weights.shape != (n,):
+  if jnp.shape(channel_weights) != (n,):
     raise ValueError(f"channel_weights must have shape ({n},) (one per "
-                     f"neuron), got {tuple(channel_weights.shape)}.")
-  w = jax.lax.stop_gradient(channel_weights.astype(jnp.float32))
-  return jnp.sum(w * jnp.mean(jnp.square(a - t), axis=0))
+                     f"neuron), got {tuple(jnp.shape(channel_weights))}.")
+  w = jax.lax.stop_gradient(jnp.asarray(channel_weights, jnp.float32))
+  # sum_j w_j mean_D(.) = n * mean_{D, j}(w_j .), one global mean.
+  return n * _global_mean(w * jnp.square(a - t), axis_name)
 
 
 def _attention_map(x: jax.Array, p: float) -> jax.Array:
@@ -115,7 +134,8 @@ def _attention_map(x: jax.Array, p: float) -> jax.Array:
 
 
 def attention_transfer(student: jax.Array, teacher: jax.Array, *,
-                       p: float = 2.0) -> jax.Array:
+                       p: float = 2.0,
+                       axis_name: ot.AxisName = None) -> jax.Array:
   """AT (Zagoruyko & Komodakis 2017): distance of spatial attention maps.
 
   The attention map of a ``(m, h, w, c)`` layer is ``mean_c |a_c|^p``
@@ -126,36 +146,42 @@ def attention_transfer(student: jax.Array, teacher: jax.Array, *,
     student: ``(m, h, w, c_s)``.
     teacher: ``(m, h, w, c_t)``; same ``m, h, w``.
     p: exponent of the attention map (2 in the paper).
+    axis_name: the batch is sharded over this device axis (maps are per
+      example, so only the final mean is global).
   """
-  if student.ndim != 4 or teacher.ndim != 4:
+  if jnp.ndim(student) != 4 or jnp.ndim(teacher) != 4:
     raise ValueError(
         "attention_transfer needs convolutional activations (m, h, w, c); got "
-        f"student {tuple(student.shape)}, teacher {tuple(teacher.shape)}.")
-  ot.check_activation_shapes(student.shape, teacher.shape, "flatten")
+        f"student {tuple(jnp.shape(student))}, teacher "
+        f"{tuple(jnp.shape(teacher))}.")
+  ot.check_activations(student, teacher, "flatten")
   q_t = jax.lax.stop_gradient(_attention_map(teacher, p))
-  return jnp.mean(jnp.square(_attention_map(student, p) - q_t))
+  return _global_mean(jnp.square(_attention_map(student, p) - q_t), axis_name)
 
 
-def fitnets_hint(student_projected: jax.Array,
-                 teacher: jax.Array) -> jax.Array:
+def fitnets_hint(student_projected: jax.Array, teacher: jax.Array, *,
+                 axis_name: ot.AxisName = None) -> jax.Array:
   """FitNets (Romero et al. 2015): L2 between regressed student and teacher.
 
   Args:
     student_projected: the student's features passed through a learned
       regressor (e.g. a 1x1 convolution) to the teacher's shape.
     teacher: teacher features, same shape.
+    axis_name: the batch is sharded over this device axis.
 
   Returns:
-    ``mean((student_projected - teacher)^2)``.
+    ``mean((student_projected - teacher)^2)`` (over the global batch).
   """
-  if student_projected.shape != teacher.shape:
+  if jnp.shape(student_projected) != jnp.shape(teacher):
     raise ValueError(
         f"fitnets_hint needs the regressed student features to have the "
-        f"teacher's shape: got {tuple(student_projected.shape)} vs "
-        f"{tuple(teacher.shape)}. Make the regressor output "
-        f"{teacher.shape[-1]} channels at the teacher's resolution.")
+        f"teacher's shape: got {tuple(jnp.shape(student_projected))} vs "
+        f"{tuple(jnp.shape(teacher))}. Make the regressor output "
+        f"{jnp.shape(teacher)[-1]} channels at the teacher's resolution.")
+  ot.check_activations(student_projected, teacher, "flatten")
   t = jax.lax.stop_gradient(teacher.astype(jnp.float32))
-  return jnp.mean(jnp.square(student_projected.astype(jnp.float32) - t))
+  return _global_mean(
+      jnp.square(student_projected.astype(jnp.float32) - t), axis_name)
 
 
 def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array,

@@ -16,8 +16,10 @@ Gradient modes (``grad=``), all giving the same forward value:
 
 * ``"envelope"`` (default, the method): ``P*`` is held constant, so
   ``dOmega/dC = P*``. This is the exact gradient of the entropic objective
-  ``min_P <P, C> - eps H(P)`` (envelope / Danskin theorem) and costs one GEMM
-  backward; nothing is differentiated through the Sinkhorn loop.
+  ``min_P <P, C> - eps H(P)`` (envelope / Danskin theorem). It is given in
+  closed form by a ``custom_vjp``, ``dOmega/da_j = (2/D) sum_k P_jk (a_j -
+  t_k)``: one GEMM backward from the plan of the forward pass; nothing is
+  differentiated through the cost matrix or the Sinkhorn loop.
 * ``"unroll"``: the full derivative of ``<P*(C), C>``, backpropagating
   through every Sinkhorn iteration (memory grows with the iteration count).
   It differs from the envelope gradient by the term that moves ``P*``; it is
@@ -27,15 +29,37 @@ Implicit differentiation (ott-jax ``ImplicitDiff``) is not offered: with
 ott-jax 0.6 / lineax its linear solve returned NaN or raised in float32 for
 several of our shapes (unequal widths always), even with tight tolerances and
 a ridge.
+
+Global batch across devices (``axis_name=``): inside ``jax.pmap`` or
+``jax.shard_map`` with the batch split over an axis, every function here takes
+``axis_name`` and computes the quantity of the *global* batch. The cost is a
+sum over the batch (``|a|^2 + |t|^2 - 2 a.t``), so each device computes its
+partial ``n_s x n_t`` terms (and normalisation statistics) and one ``psum``
+gives the global ones; every device then solves the same small OT problem.
+Gradient convention: JAX's own rules for ``psum``, so Omega_P behaves like
+any ``lax.pmean``-reduced loss. Under ``shard_map`` its gradient with respect
+to a device's shard of the activations is exactly that shard's part of the
+gradient of the global Omega_P (concatenated over devices: the single-device
+gradient on the global batch), and gradients of replicated ``P()`` parameters
+come out summed over devices. Under ``pmap`` -- where every device's copy of a
+replicated value counts, so ``psum``'s transpose sums the cotangents -- the
+per-device gradient is ``axis_size`` times that part; the usual ``pmap``
+recipe (per-device loss ``task + alpha * Omega_P``, then ``lax.pmean`` of the
+gradients) therefore gives the exact global gradient. Taking ``jax.grad``
+outside ``pmap``, of one device's output, gives the per-shard part itself.
+``shard_map(..., check_vma=False)`` follows ``pmap``'s rule.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Literal, Optional, Tuple
+import operator
+from typing import Any, Literal, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 from ott.geometry import epsilon_scheduler, geometry
 from ott.problems.linear import linear_problem
@@ -44,10 +68,20 @@ from ott.solvers.linear import implicit_differentiation, sinkhorn
 Spatial = Literal["flatten", "pool"]
 Normalize = Literal["none", "l2", "standardize"]
 GradMode = Literal["envelope", "unroll"]
+Precision = Literal["highest", "high", "default", "bfloat16"]
+AxisName = Optional[Union[str, Sequence[str]]]
 
 SPATIAL_MODES = ("flatten", "pool")
 NORMALIZE_MODES = ("none", "l2", "standardize")
 GRAD_MODES = ("envelope", "unroll")
+#: Precision of the cost matrix's GEMM: "highest" (full float32, the
+#: default), "high" / "default" (the backend's faster passes: bf16x3 / TF32 /
+#: bf16 on accelerators, float32 on CPU), "bfloat16" (operands cast to
+#: bfloat16 everywhere, float32 accumulation).
+PRECISIONS = ("highest", "high", "default", "bfloat16")
+_LAX_PRECISION = {"highest": jax.lax.Precision.HIGHEST,
+                  "high": jax.lax.Precision.HIGH,
+                  "default": jax.lax.Precision.DEFAULT}
 
 #: Default entropic regularisation, relative to the mean of the cost matrix.
 #: At 0.01 the entropic value is within ~1-2 % of exact OT on ReLU features
@@ -101,8 +135,67 @@ class NeuronTransport:
 
 
 def _check_choice(name: str, value: str, choices: Tuple[str, ...]) -> None:
-  if value not in choices:
+  if not isinstance(value, str) or value not in choices:
     raise ValueError(f"{name}={value!r} is not one of {choices}.")
+
+
+def _is_traced(x: Any) -> bool:
+  return isinstance(x, jax.core.Tracer)
+
+
+def _real_scalar(name: str, value: Any) -> Optional[float]:
+  """``value`` as a float, or None when traced; ValueError if not a number.
+
+  Python, NumPy and JAX scalars are treated alike (a bool is not a number).
+  """
+  if isinstance(value, (str, bytes)):
+    dtype, shape = None, None
+  elif hasattr(value, "dtype"):
+    dtype, shape = value.dtype, tuple(value.shape)
+  else:
+    array = np.asarray(value)
+    dtype, shape = array.dtype, array.shape
+  real = dtype is not None and (jnp.issubdtype(dtype, jnp.floating) or (
+      jnp.issubdtype(dtype, jnp.integer) and dtype != bool))
+  if not real or shape != ():
+    raise ValueError(
+        f"{name} must be a real number (a scalar), got {value!r} of type "
+        f"{type(value).__name__}. Pass e.g. {name}=0.01.")
+  return None if _is_traced(value) else float(value)
+
+
+def _check_positive(name: str, value: Any, hint: str) -> None:
+  """ValueError unless a concrete ``value`` is a positive finite number."""
+  v = _real_scalar(name, value)
+  if v is not None and not (v > 0 and math.isfinite(v)):
+    raise ValueError(
+        f"{name} must be a positive finite number, got {value!r}. {hint}")
+
+
+def _check_count(name: str, value: Any) -> int:
+  """A concrete integer >= 1 (an iteration count sets the loop's bounds)."""
+  if isinstance(value, (bool, np.bool_)) or _is_traced(value):
+    value_ok = None
+  else:
+    try:
+      value_ok = operator.index(value)
+    except TypeError:
+      value_ok = None
+  if value_ok is None or value_ok < 1:
+    raise ValueError(
+        f"{name} must be an integer >= 1, got {value!r}. Iteration counts "
+        "are static (they size the solver's loop): pass a Python int.")
+  return value_ok
+
+
+def _check_dtype(x: Any, who: str) -> None:
+  dtype = np.dtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(
+        f"The {who} activations have dtype {dtype}; the regulariser needs "
+        "real floating-point activations. Cast them first, e.g. "
+        "x.astype(jnp.float32) (or take the real part / magnitude of complex "
+        "values).")
 
 
 def check_activation_shapes(
@@ -116,6 +209,7 @@ def check_activation_shapes(
   layer, ``(m, h, w, n)`` for a convolution. Student and teacher must share the
   batch; ``spatial="flatten"`` also needs equal positions (same rank and same
   ``h, w``), ``spatial="pool"`` averages positions away so any may differ.
+  Under ``axis_name=`` the shapes are each device's shard.
   """
   _check_choice("spatial", spatial, SPATIAL_MODES)
   given = f"student {tuple(student_shape)}, teacher {tuple(teacher_shape)}"
@@ -125,8 +219,11 @@ def check_activation_shapes(
           f"Activations must be (batch, [positions...,] neurons); the {who} "
           f"has shape {tuple(shape)} (given: {given}). Add a batch axis, e.g. "
           "x[None] for a single example.")
-    if shape[0] == 0 or shape[-1] == 0:
-      raise ValueError(f"Empty batch or layer: {given}.")
+    if 0 in tuple(shape):
+      raise ValueError(
+          f"The {who} activations have an empty axis (size 0): {given}. "
+          "Every axis (batch, positions, neurons) needs at least one entry; "
+          "check the batch split and the captured layer.")
   if student_shape[0] != teacher_shape[0]:
     raise ValueError(
         f"Student and teacher must see the same mini-batch, but the batch "
@@ -140,11 +237,83 @@ def check_activation_shapes(
         "positions away.")
 
 
+def check_activations(student: jax.Array, teacher: jax.Array,
+                      spatial: str = "flatten") -> None:
+  """:func:`check_activation_shapes` plus a floating-point dtype check."""
+  _check_dtype(student, "student")
+  _check_dtype(teacher, "teacher")
+  check_activation_shapes(jnp.shape(student), jnp.shape(teacher), spatial)
+
+
+# ---------------------------------------------------------------------------
+# Sums over a batch-sharded device axis
+# ---------------------------------------------------------------------------
+
+
+def _varying_axes(x: jax.Array) -> frozenset:
+  """Mesh axes along which ``x`` varies inside ``shard_map`` (else empty)."""
+  aval = jax.typeof(x)
+  vma = getattr(aval, "vma", None)
+  if vma is None:
+    vma = getattr(getattr(aval, "manual_axis_type", None), "varying", ())
+  return frozenset(vma)
+
+
+def _axes(axis_name: AxisName) -> Tuple[str, ...]:
+  return tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (
+      axis_name,)
+
+
+def _pcast_varying(x: jax.Array, axis_name: AxisName) -> jax.Array:
+  """``x`` typed as varying over ``axis_name`` (no-op outside shard_map)."""
+  missing = tuple(a for a in _axes(axis_name) if a not in _varying_axes(x))
+  return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def global_sum(x: Any, axis_name: AxisName = None) -> Any:
+  """``lax.psum`` of per-device partial sums over ``axis_name``.
+
+  Args:
+    x: an array or pytree of arrays, this device's partial sums.
+    axis_name: the batch-sharded axis of ``jax.pmap`` / ``jax.shard_map``, a
+      tuple of axes, or None (single device: returns ``x``).
+
+  Returns:
+    The same on every device; differentiated by JAX's own rules for
+    ``psum`` (see the module docstring).
+  """
+  return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def axis_size(axis_name: AxisName) -> int:
+  """Number of devices along ``axis_name`` (1 when None); static."""
+  if axis_name is None:
+    return 1
+  return math.prod(jax.lax.axis_size(a) for a in _axes(axis_name))
+
+
+def _replicated(x: jax.Array, axis_name: AxisName) -> jax.Array:
+  """``x`` made invariant across ``axis_name`` inside ``shard_map``.
+
+  ott-jax's Sinkhorn needs every input mesh-invariant (its ``lax.cond``
+  branches must have equal types); values that already are cost nothing.
+  """
+  if axis_name is None or not (set(_axes(axis_name)) & _varying_axes(x)):
+    return x
+  return jax.lax.pmean(x, axis_name)
+
+
+# ---------------------------------------------------------------------------
+# Descriptors -> cost -> solve
+# ---------------------------------------------------------------------------
+
+
 def neuron_descriptors(
     activations: jax.Array,
     *,
     spatial: Spatial = "flatten",
     normalize: Normalize = "none",
+    axis_name: AxisName = None,
 ) -> jax.Array:
   """Describes each neuron by its activations over the batch.
 
@@ -157,9 +326,12 @@ def neuron_descriptors(
       ``"standardize"`` gives each descriptor zero mean and unit variance (then
       ``C_jk = 2 (1 - corr_jk)``). Normalising removes scale differences
       between architectures; dead neurons stay zero.
+    axis_name: the batch is sharded over this ``pmap`` / ``shard_map`` axis;
+      the normalisation statistics are then those of the global batch.
 
   Returns:
-    ``(D, n)``, one column per neuron, float32 (float64 for float64 input).
+    ``(D, n)``, one column per neuron (this device's rows of the global
+    descriptors under ``axis_name``), float32 (float64 for float64 input).
   """
   _check_choice("spatial", spatial, SPATIAL_MODES)
   _check_choice("normalize", normalize, NORMALIZE_MODES)
@@ -168,48 +340,102 @@ def neuron_descriptors(
   if spatial == "pool" and x.ndim > 2:
     x = jnp.mean(x, axis=tuple(range(1, x.ndim - 1)))
   x = x.reshape(-1, x.shape[-1])
+  d = x.shape[0] * axis_size(axis_name)
+
+  def column_mean(y):
+    return global_sum(jnp.sum(y, axis=0), axis_name) / d
+
   if normalize == "l2":
     # max(., tiny) keeps dead neurons at 0 with a finite gradient.
-    rms = jnp.sqrt(jnp.maximum(jnp.mean(x * x, axis=0), _TINY))
+    rms = jnp.sqrt(jnp.maximum(column_mean(x * x), _TINY))
     x = x / rms
   elif normalize == "standardize":
-    x = x - jnp.mean(x, axis=0)
-    std = jnp.sqrt(jnp.maximum(jnp.mean(x * x, axis=0), _TINY))
+    x = x - column_mean(x)
+    std = jnp.sqrt(jnp.maximum(column_mean(x * x), _TINY))
     x = x / std
   return x
 
 
-def cost_matrix(student_desc: jax.Array, teacher_desc: jax.Array) -> jax.Array:
+def _matmul(x: jax.Array, y: jax.Array, precision: str) -> jax.Array:
+  """``x @ y`` accumulated in float32 at the given ``PRECISIONS`` entry."""
+  if precision == "bfloat16":
+    return jnp.matmul(x.astype(jnp.bfloat16), y.astype(jnp.bfloat16),
+                      preferred_element_type=jnp.float32).astype(x.dtype)
+  return jnp.matmul(x, y, precision=_LAX_PRECISION[precision])
+
+
+def cost_matrix(student_desc: jax.Array, teacher_desc: jax.Array, *,
+                axis_name: AxisName = None,
+                precision: Precision = "highest") -> jax.Array:
   """Mean squared difference between every pair of neuron descriptors.
 
   Args:
     student_desc: ``(D, n_s)``.
     teacher_desc: ``(D, n_t)``.
+    axis_name: the rows ``D`` are sharded over this device axis: each device
+      computes its partial ``|a|^2``, ``|t|^2`` and ``a.t`` and one ``psum``
+      gives the global matrix (``n_s x n_t`` floats communicated).
+    precision: of the ``a.t`` GEMM, see ``PRECISIONS``.
 
   Returns:
     ``(n_s, n_t)`` with ``C_jk = ||a_j - t_k||^2 / D``, computed with one GEMM
-    (``|a|^2 + |t|^2 - 2 a.t``) and clipped at 0 against round-off.
+    (``|a|^2 + |t|^2 - 2 a.t``) and clipped at 0 against round-off; the same
+    on every device.
   """
-  d = student_desc.shape[0]
-  sq_s = jnp.sum(student_desc * student_desc, axis=0)
-  sq_t = jnp.sum(teacher_desc * teacher_desc, axis=0)
-  cross = jnp.matmul(student_desc.T, teacher_desc,
-                     precision=jax.lax.Precision.HIGHEST)
+  _check_choice("precision", precision, PRECISIONS)
+  d = student_desc.shape[0] * axis_size(axis_name)
+  sq_s, sq_t, cross = global_sum(
+      (jnp.sum(student_desc * student_desc, axis=0),
+       jnp.sum(teacher_desc * teacher_desc, axis=0),
+       _matmul(student_desc.T, teacher_desc, precision)), axis_name)
   return jnp.maximum(sq_s[:, None] + sq_t[None, :] - 2.0 * cross, 0.0) / d
 
 
-def _epsilon(cost: jax.Array, epsilon: Optional[float],
-             relative_epsilon: float) -> jax.Array:
-  """Absolute epsilon; the relative default follows the cost scale."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _envelope_gradient(a, t, plan, d, precision, axis_name):
+  """Zero, with the envelope gradient of ``<plan, C(a, t)>`` in ``a``.
+
+  ``value = stop_gradient(<P, C>) + global_sum(_envelope_gradient(...))``:
+  the forward pass needs nothing more than the plan, the backward pass is
+  one GEMM, and the ``psum`` routes the cotangent by JAX's own rules.
+  """
+  del t, plan, d, precision
+  return _pcast_varying(jnp.zeros((), a.dtype), axis_name) if axis_name \
+      else jnp.zeros((), a.dtype)
+
+
+def _envelope_gradient_fwd(a, t, plan, d, precision, axis_name):
+  return _envelope_gradient(a, t, plan, d, precision, axis_name), (a, t, plan)
+
+
+def _envelope_gradient_bwd(d, precision, axis_name, residuals, cotangent):
+  # C_jk = |a_j - t_k|^2 / D, so dOmega/da_j = (2/D) sum_k P_jk (a_j - t_k):
+  # one GEMM, on this device's rows only (the plan is global).
+  del axis_name
+  a, t, plan = residuals
+  grad = a * jnp.sum(plan, axis=1) - _matmul(t, plan.T, precision)
+  return (cotangent * (2.0 / d) * grad, None, None)
+
+
+_envelope_gradient.defvjp(_envelope_gradient_fwd, _envelope_gradient_bwd)
+
+
+def _epsilon(cost: jax.Array, epsilon: Any, relative_epsilon: Any,
+             dtype) -> jax.Array:
+  """Absolute epsilon; NaN when a traced value turns out invalid."""
   if epsilon is not None:
-    return jnp.asarray(epsilon, jnp.float32)
-  # The plan is a constant of the regulariser, and so is its temperature.
-  scale = jax.lax.stop_gradient(jnp.mean(cost))
-  return relative_epsilon * jnp.maximum(scale, _TINY)
+    eps = jnp.asarray(epsilon, dtype)
+  else:
+    # The plan is a constant of the regulariser, and so is its temperature.
+    scale = jax.lax.stop_gradient(jnp.mean(cost))
+    eps = jnp.asarray(relative_epsilon, dtype) * jnp.maximum(scale, _TINY)
+  # Concrete values were checked up front; a traced invalid one poisons the
+  # solve (NaN value, converged=False) instead of returning a plausible value.
+  return jnp.where((eps > 0) & jnp.isfinite(eps), eps, jnp.nan)
 
 
-def _solver(grad: str, threshold: float, max_iterations: int,
-            inner_iterations: int, min_iterations: int) -> sinkhorn.Sinkhorn:
+def _solver(threshold: float, max_iterations: int, inner_iterations: int,
+            min_iterations: int) -> sinkhorn.Sinkhorn:
   return sinkhorn.Sinkhorn(
       lse_mode=True,
       threshold=threshold,
@@ -217,10 +443,24 @@ def _solver(grad: str, threshold: float, max_iterations: int,
       inner_iterations=inner_iterations,
       min_iterations=min_iterations,
       # None: a loop that "unroll" can backpropagate through. "envelope"
-      # feeds the solver constants, so nothing is ever differentiated there.
-      implicit_diff=None if grad == "unroll" else
-      implicit_differentiation.ImplicitDiff(),
+      # feeds it constants, so no differentiation machinery runs at all.
+      implicit_diff=None,
   )
+
+
+def _check_init(init: Any, n_s: int, n_t: int) -> None:
+  expected = f"f ({n_s},) for the student's {n_s} neurons and g ({n_t},) " \
+      f"for the teacher's {n_t}"
+  if not (isinstance(init, (tuple, list)) and len(init) == 2):
+    raise ValueError(
+        f"init must be a pair (f, g) of potentials, {expected}; got "
+        f"{type(init).__name__}. Pass a previous result's .potentials.")
+  shapes = tuple(tuple(jnp.shape(p)) for p in init)
+  if shapes != ((n_s,), (n_t,)):
+    raise ValueError(
+        f"init potentials have shapes f {shapes[0]} and g {shapes[1]}, but "
+        f"this problem needs {expected}. Pass the .potentials of a solve of "
+        "the same layer pair (student first), or init=None for a cold start.")
 
 
 def solve_neuron_ot(
@@ -237,6 +477,8 @@ def solve_neuron_ot(
     anneal: bool = True,
     grad: GradMode = "envelope",
     init: Optional[Tuple[jax.Array, jax.Array]] = None,
+    axis_name: AxisName = None,
+    precision: Precision = "highest",
 ) -> NeuronTransport:
   """Entropic OT between a student layer's and a teacher layer's neurons.
 
@@ -265,28 +507,55 @@ def solve_neuron_ot(
       module docstring.
     init: ``(f, g)`` potentials of a previous solve, ``(n_s,)`` and ``(n_t,)``,
       to warm-start Sinkhorn (plans move slowly between training steps).
+    axis_name: inside ``jax.pmap`` / ``jax.shard_map`` with the batch sharded
+      over this axis (or tuple of axes), solve the OT problem of the *global*
+      batch: each device's partial cost terms are summed with one ``psum``
+      and every device solves the same ``n_s x n_t`` problem. The value is
+      replicated; the gradient is the per-shard gradient of the global
+      Omega_P (see the module docstring for what to ``psum`` afterwards).
+    precision: of the cost matrix's GEMM (and the envelope gradient's):
+      ``"highest"`` (default, full float32), ``"high"``, ``"default"`` (the
+      backend's fastest: TF32 / bf16 passes on GPUs and TPUs), ``"bfloat16"``
+      (operands cast to bfloat16, float32 accumulation).
 
   Returns:
-    A :class:`NeuronTransport`.
+    A :class:`NeuronTransport` (replicated under ``axis_name``).
 
   Raises:
-    ValueError: for shapes that cannot be compared (see
-      :func:`check_activation_shapes`), an unknown option, or a non-positive
-      ``epsilon``.
+    ValueError: for activations that cannot be compared (see
+      :func:`check_activations`), an unknown option, a concrete epsilon or
+      relative_epsilon that is not a positive finite number, iteration counts
+      below 1, a non-positive threshold, or ``init`` of the wrong shapes.
+      A traced epsilon that is invalid gives a NaN value, ``converged=False``.
   """
-  check_activation_shapes(student.shape, teacher.shape, spatial)
+  check_activations(student, teacher, spatial)
   _check_choice("grad", grad, GRAD_MODES)
-  for name, val in (("epsilon", epsilon), ("relative_epsilon",
-                                           relative_epsilon)):
-    if isinstance(val, (int, float)) and not (val > 0 and math.isfinite(val)):
-      raise ValueError(
-          f"{name} must be a positive finite number, got {val!r}. The default "
-          f"is relative_epsilon={DEFAULT_RELATIVE_EPSILON} (times mean cost).")
-  a = neuron_descriptors(student, spatial=spatial, normalize=normalize)
-  t = jax.lax.stop_gradient(
-      neuron_descriptors(teacher, spatial=spatial, normalize=normalize))
-  cost = cost_matrix(a, t)
-  eps = _epsilon(cost, epsilon, relative_epsilon)
+  _check_choice("precision", precision, PRECISIONS)
+  hint = (f"The default is relative_epsilon={DEFAULT_RELATIVE_EPSILON} "
+          "(times mean cost).")
+  if epsilon is not None:
+    _check_positive("epsilon", epsilon, hint)
+  _check_positive("relative_epsilon", relative_epsilon, hint)
+  _check_positive("threshold", threshold,
+                  "It bounds the L1 marginal error, e.g. threshold=1e-3.")
+  max_iterations = _check_count("max_iterations", max_iterations)
+  if inner_iterations is not None:
+    inner_iterations = _check_count("inner_iterations", inner_iterations)
+  if not isinstance(anneal, (bool, np.bool_)):
+    raise ValueError(f"anneal must be True or False, got {anneal!r}.")
+  n_s, n_t = student.shape[-1], teacher.shape[-1]
+  if init is not None:
+    _check_init(init, n_s, n_t)
+    init = tuple(_replicated(jnp.asarray(p), axis_name) for p in init)
+
+  describe = functools.partial(neuron_descriptors, spatial=spatial,
+                               normalize=normalize, axis_name=axis_name)
+  a = describe(student)
+  t = jax.lax.stop_gradient(describe(teacher))
+  cost = cost_matrix(a, t, axis_name=axis_name, precision=precision)
+  eps = _epsilon(cost, epsilon, relative_epsilon, cost.dtype)
+  if epsilon is not None:
+    eps = _replicated(eps, axis_name)
 
   envelope = grad == "envelope"
   geom_cost = jax.lax.stop_gradient(cost) if envelope else cost
@@ -297,16 +566,20 @@ def solve_neuron_ot(
   schedule = (epsilon_scheduler.Epsilon(eps, ANNEAL_INIT, ANNEAL_DECAY)
               if annealing else eps)
   geom = geometry.Geometry(cost_matrix=geom_cost, epsilon=schedule)
-  out = _solver(grad, threshold, max_iterations, inner_iterations,
+  out = _solver(threshold, max_iterations, inner_iterations,
                 ANNEAL_ITERATIONS if annealing else 0)(
                     linear_problem.LinearProblem(geom), init=init)
+  # The plan is built once: value, gradient and matched fraction reuse it.
   plan = out.matrix
   if envelope:
     plan = jax.lax.stop_gradient(plan)
-  value = jnp.sum(plan * cost)
+    d = a.shape[0] * axis_size(axis_name)
+    value = jnp.sum(plan * geom_cost) + global_sum(
+        _envelope_gradient(a, t, plan, d, precision, axis_name), axis_name)
+  else:
+    value = jnp.sum(plan * cost)
 
-  n_s, n_t = cost.shape
-  matched = jnp.trace(plan) if n_s == n_t else jnp.asarray(jnp.nan, jnp.float32)
+  matched = jnp.trace(plan) if n_s == n_t else jnp.asarray(jnp.nan, cost.dtype)
   return NeuronTransport(
       value=value,
       plan=plan,

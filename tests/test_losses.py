@@ -116,3 +116,14 @@ def test_baselines_jit_vmap_bfloat16(fn, args, rng):
   assert float(out) == pytest.approx(ref, rel=5e-2)
   batched = jax.vmap(fn)(jnp.stack([s, s]), jnp.stack([t, t]))
   np.testing.assert_allclose(batched, [ref, ref], rtol=1e-5)
+
+
+@pytest.mark.parametrize("fn,shape", [(feature_matching, (4, 2, 2, 3)),
+                                      (attention_transfer, (4, 2, 2, 3)),
+                                      (fitnets_hint, (4, 2, 2, 3))])
+def test_baselines_reject_non_float_and_empty_activations(fn, shape):
+  with pytest.raises(ValueError, match=r"dtype int32.*astype\(jnp.float32\)"):
+    fn(jnp.ones(shape, jnp.int32), jnp.ones(shape))
+  empty = (4, 0, 2, 3)
+  with pytest.raises(ValueError, match="empty axis"):
+    fn(jnp.ones(empty), jnp.ones(empty))

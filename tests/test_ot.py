@@ -297,3 +297,109 @@ def test_non_positive_epsilon_rejected(kwargs):
 def test_unknown_grad_mode_rejected():
   with pytest.raises(ValueError, match="grad='implicit' is not one of"):
     ot_regularizer(jnp.ones((4, 3)), jnp.ones((4, 3)), grad="implicit")
+
+
+@pytest.mark.parametrize("name,value", [
+    ("epsilon", np.float32(-1.0)), ("epsilon", jnp.asarray(0.0)),
+    ("epsilon", np.float64("nan")), ("epsilon", jnp.inf), ("epsilon", -2),
+    ("relative_epsilon", np.float32(0.0)),
+    ("relative_epsilon", jnp.asarray(-0.01)),
+])
+def test_invalid_epsilon_rejected_for_every_scalar_kind(name, value):
+  with pytest.raises(ValueError, match=f"{name} must be a positive finite"):
+    ot_regularizer(jnp.ones((4, 3)), jnp.ones((4, 3)), **{name: value})
+
+
+@pytest.mark.parametrize("name,value", [("epsilon", 0.0), ("epsilon", -1.0),
+                                        ("epsilon", np.inf),
+                                        ("relative_epsilon", 0.0),
+                                        ("relative_epsilon", np.nan)])
+def test_traced_invalid_epsilon_gives_nan_not_converged(layer_pair, name,
+                                                        value):
+  student, teacher = layer_pair(8, 6, 5)
+
+  @jax.jit
+  def solve(eps):
+    res = solve_neuron_ot(student, teacher, **{name: eps})
+    return res.value, res.converged
+
+  value_, converged = solve(jnp.float32(value))
+  assert np.isnan(float(value_)) and not bool(converged)
+  g = jax.jit(jax.grad(lambda s, e: ot_regularizer(s, teacher, **{name: e})))(
+      jnp.asarray(student), jnp.float32(value))
+  assert np.all(np.isnan(np.asarray(g)))
+  # The same function with a valid traced epsilon is fine.
+  assert np.isfinite(float(solve(jnp.float32(0.05))[0]))
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    ({"epsilon": "0.1"}, "epsilon must be a real number"),
+    ({"relative_epsilon": None}, "relative_epsilon must be a real number"),
+    ({"epsilon": True}, "epsilon must be a real number"),
+    ({"epsilon": jnp.ones(2)}, "epsilon must be a real number (a scalar)"),
+    ({"threshold": 0.0}, "threshold must be a positive finite number"),
+    ({"threshold": -1e-3}, "threshold must be a positive finite number"),
+    ({"threshold": "tight"}, "threshold must be a real number"),
+    ({"max_iterations": 0}, "max_iterations must be an integer >= 1"),
+    ({"max_iterations": 2.5}, "max_iterations must be an integer >= 1"),
+    ({"inner_iterations": 0}, "inner_iterations must be an integer >= 1"),
+    ({"anneal": "yes"}, "anneal must be True or False"),
+    ({"precision": "fp8"}, "precision='fp8' is not one of"),
+    ({"normalize": 1}, "normalize=1 is not one of"),
+])
+def test_bad_options_raise_clear_errors(kwargs, fragment):
+  with pytest.raises(ValueError) as err:
+    ot_regularizer(jnp.ones((4, 3)), jnp.ones((4, 3)), **kwargs)
+  assert fragment in str(err.value)
+
+
+def test_init_of_wrong_shapes_names_both():
+  s, t = jnp.ones((4, 3)), jnp.ones((4, 5))
+  swapped = (jnp.zeros(5), jnp.zeros(3))
+  with pytest.raises(ValueError) as err:
+    ot_regularizer(s, t, init=swapped)
+  msg = str(err.value)
+  assert "f (5,) and g (3,)" in msg and "f (3,)" in msg and "g (5,)" in msg
+  with pytest.raises(ValueError, match="init must be a pair"):
+    ot_regularizer(s, t, init=jnp.zeros(8))
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_, jnp.complex64])
+def test_non_float_activations_say_what_to_cast(dtype):
+  with pytest.raises(ValueError) as err:
+    ot_regularizer(jnp.ones((4, 3), dtype), jnp.ones((4, 3)))
+  msg = str(err.value)
+  assert f"student activations have dtype {jnp.dtype(dtype)}" in msg
+  assert "x.astype(jnp.float32)" in msg
+  with pytest.raises(ValueError, match="teacher activations have dtype"):
+    ot_regularizer(jnp.ones((4, 3)), np.ones((4, 3), np.int64))
+
+
+@pytest.mark.parametrize("shape", [(4, 0, 4, 3), (0, 3), (4, 0)])
+def test_empty_axis_rejected(shape):
+  with pytest.raises(ValueError) as err:
+    ot_regularizer(jnp.ones(shape), jnp.ones(shape))
+  assert "empty axis" in str(err.value) and str(shape) in str(err.value)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("positions,n_s,n_t", [((), 24, 24), ((), 24, 16),
+                                               ((2, 2), 16, 16),
+                                               ((2, 2), 16, 12)])
+def test_closed_form_gradient_equals_autodiff_envelope(layer_pair, dtype,
+                                                       positions, n_s, n_t):
+  # The custom VJP's (2/D) sum_k P_jk (a_j - t_k) against autodiff of the
+  # previous implementation, <stop_gradient(P), C(a, t)>.
+  student, teacher = layer_pair(16, n_s, n_t, positions=positions)
+  s, t = jnp.asarray(student, dtype), jnp.asarray(teacher, dtype)
+  plan = jax.lax.stop_gradient(solve_neuron_ot(s, t).plan)
+
+  def previous(s):
+    return jnp.sum(plan * cost_matrix(neuron_descriptors(s),
+                                      neuron_descriptors(t)))
+
+  want = np.asarray(jax.grad(previous)(s), np.float32)
+  got = jax.grad(ot_regularizer)(s, t)
+  assert got.dtype == dtype
+  got = np.asarray(got, np.float32)
+  assert np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want)

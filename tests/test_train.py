@@ -328,7 +328,7 @@ ANY_DEVICE_COUNT = textwrap.dedent("""
       model, _, tv, state, step, _ = t.setup(cfg, 2, mesh=mesh)
       state, tv = train.replicate(state, mesh), train.replicate(tv, mesh)
       for _, b in zip(range(2), t.batches(ds, batch_size=10)):
-        state, m = step(state, tv, {{}}, train.shard_batch(b, mesh))
+        state, m = step(state, tv, train.shard_batch(b, mesh))
       params[name] = jax.device_get(state.params)
     if n > 2:
       flat = lambda t: np.concatenate([np.ravel(x) for x in
