@@ -10,7 +10,8 @@ Outputs in ``WORKDIR``:
 * ``final_metrics.json``: ``test_accuracy``, ``val_accuracy`` (last
   evaluation), ``step``, ``best_val_accuracy``, ``test_accuracy_at_best_val``,
   ``best_step`` (``None`` without a validation split: nothing to select on),
-  ``method``, ``seed``;
+  ``method``, ``seed``, ``history_from_step`` (where the reported history
+  starts: 0, or the step a resume with ``allow_resume_with_changes`` began);
 * ``metrics.jsonl`` and ``tensorboard/``: training and evaluation metrics;
 * ``analysis.json``: per analysed layer, the OT plan between the student and
   the teacher on validation data and its matched fraction (paper Fig. 2);
