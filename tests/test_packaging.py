@@ -84,7 +84,7 @@ _BLOCKED_RUN = _ABSENT + textwrap.dedent("""
 
     import ot_transfer_jax
     from ot_transfer_jax import (checkpoint, delta_weights, features, losses,
-                                 models, ot, train)
+                                 models, ot, regularizers, train)
     from ot_transfer_jax.models import create_model
 
     readme = pathlib.Path("README.md").read_text()
