@@ -378,7 +378,8 @@ def make_mesh(devices: Optional[Sequence[jax.Device]] = None, *,
       step on fewer devices computes exactly what it computes on one: no
       padding enters the loss, the BatchNorm statistics or the OT problems.
       E.g. a batch of 25 runs on 1 of 2 or 4 devices and on 5 of 8.
-    max_devices: use at most this many devices (None or 0: no limit). Data
+    max_devices: use at most this many devices (None or 0: no limit; at
+      least one per process). Data
       parallelism sums partial results in a device-count-dependent order, so
       only a fixed device count gives bit-identical runs on any machine.
   """
@@ -405,9 +406,11 @@ def data_parallel_devices(devices: Sequence[jax.Device], batch_size: int,
   divides ``batch_size``, with ``k`` devices from each process (each process
   feeds its own ``batch_size / process_count`` rows to its own devices).
 
+  With several processes, ``max_devices`` below their number still gives
+  each process one device.
+
   Raises:
-    ValueError: the batch does not divide over the processes, or
-      ``max_devices`` is below the number of processes.
+    ValueError: the batch does not divide over the processes.
   """
   by_process: dict[int, list] = {}
   for d in devices:
@@ -415,11 +418,8 @@ def data_parallel_devices(devices: Sequence[jax.Device], batch_size: int,
   processes = len(by_process)
   per_process = min(len(v) for v in by_process.values())
   if max_devices:
-    if max_devices < processes:
-      raise ValueError(
-          f"max_devices={max_devices} is below the {processes} processes, "
-          f"which all train; set it to at least {processes} (or 0: no limit).")
-    per_process = min(per_process, max_devices // processes)
+    # Every process trains on its own rows: at least one device each.
+    per_process = min(per_process, max(1, max_devices // processes))
   for k in range(per_process, 0, -1):
     if batch_size % (k * processes) == 0:
       return [d for p in sorted(by_process) for d in by_process[p][:k]]

@@ -148,6 +148,10 @@ def test_checkpoint_of_another_model_is_refused(teacher_dir, tmp_path):
   config.num_steps = 20
   config.model.kwargs = {"width": 0.5}
   config.init_from_teacher = False
+  with pytest.raises(ValueError, match=r"other settings .*model\.kwargs"):
+    loop.train_and_evaluate(config, str(tmp_path))
+  # Even when other settings are allowed, other shapes cannot be restored.
+  config.allow_resume_with_changes = True
   with pytest.raises(checkpoint.CheckpointError,
                      match=r"does not fit this run's model/config: "
                      r"batch_stats\.stage1\.bn\.mean is float32\(16,\) in "
