@@ -16,7 +16,8 @@ images. A teacher trained by the config is trained once, in
 ``WORKDIR/teacher``. Writes ``WORKDIR/results.json`` (one record per run:
 ``method``, ``seed``, ``status`` ("finished" or "diverged"),
 ``test_accuracy_best_val``, ``test_accuracy_last``, ``val_accuracy_best``,
-``best_step``, ``step``, ``workdir``),
+``best_step``, ``step``, ``hyperparameters`` (each loss term's weight, weight
+and head decay, by config key), ``workdir``),
 ``WORKDIR/results.md`` and the figures, and prints the table.
 
 Each method's config is ``get_config(method)`` of the config file; the
@@ -83,6 +84,16 @@ def _has_key(cfg, dotted: str) -> bool:
   return True
 
 
+def hyperparameters(config) -> dict:
+  """The weights a run used, by config key: each loss term's weight, weight
+  decay and head decay (what a sweep chooses per method)."""
+  out = {f"loss.terms.{name}.weight": term.weight
+         for name, term in config.loss.terms.items()}
+  out["loss.weight_decay"] = config.loss.weight_decay
+  out["loss.head_decay"] = config.loss.head_decay
+  return out
+
+
 def run_all(configs: dict, root: str, seeds: int, baseline=None) -> tuple:
   """Runs (or reuses) every method x seed; returns the records and the table.
 
@@ -107,7 +118,9 @@ def run_all(configs: dict, root: str, seeds: int, baseline=None) -> tuple:
         logging.error("%s seed %d diverged: %s", method, seed, e)
         records.append({"method": method, "seed": seed, "status": "diverged",
                         "test_accuracy_best_val": None,
-                        "test_accuracy_last": None, "workdir": workdir})
+                        "test_accuracy_last": None,
+                        "hyperparameters": hyperparameters(cfg),
+                        "workdir": workdir})
         continue
       records.append({
           "method": method, "seed": seed, "status": "finished",
@@ -115,6 +128,7 @@ def run_all(configs: dict, root: str, seeds: int, baseline=None) -> tuple:
           "test_accuracy_last": final["test_accuracy"],
           "val_accuracy_best": final["best_val_accuracy"],
           "best_step": final["best_step"], "step": final["step"],
+          "hyperparameters": hyperparameters(cfg),
           "workdir": workdir,
       })
       runs.setdefault(method, []).append(workdir)

@@ -175,17 +175,20 @@ def channel_weights(model: nn.Module, variables: Mapping, images: jax.Array,
   Args:
     model: the network with the *target* head (``num_classes`` outputs), e.g.
       the transfer student.
-    variables: the teacher's variables with a head of that shape (e.g.
-      ``train.transfer_init``'s output); the head's values are ignored:
-      a new one is fitted on ``images``/``labels`` (step 1).
+    variables: the teacher's variables; its ``head`` (of any number of
+      classes) is replaced by one fitted on ``images``/``labels`` (step 1).
     images: ``(m, H, W, C)`` normalised target training images.
     labels: int ``(m,)`` target labels.
     layers: the regularised layers.
   """
-  features = head_inputs(model, variables, images)
+  # The teacher's own head may have another number of classes: swap in one of
+  # the target's shape before the first forward pass.
+  width = variables["params"]["head"]["kernel"].shape[0]
+  placeholder = {"kernel": jnp.zeros((width, num_classes)), "bias": jnp.zeros((num_classes,))}
+  features = head_inputs(model, {**variables, "params": {**variables["params"],
+                                                         "head": placeholder}}, images)
   head = fit_linear_head(features, labels, num_classes, steps=head_steps)
-  params = {**variables["params"], "head": head}
-  fitted = {**variables, "params": params}
+  fitted = {**variables, "params": {**variables["params"], "head": head}}
   return {layer: delta_channel_weights(
       channel_removal_increase(model, fitted, images, labels, layer), temperature)
           for layer in layers}

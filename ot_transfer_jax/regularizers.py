@@ -49,7 +49,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ot_transfer_jax import losses, ot
+from ot_transfer_jax import delta_weights, losses, ot
 
 PyTree = Any
 READS = ("features", "logits", "params")
@@ -189,6 +189,54 @@ class OmegaI(Regularizer):
 
   def apply(self, params, state, student, teacher):
     return losses.feature_matching(student, teacher, **self.options), {}, state
+
+
+@register("delta")
+class Delta(Regularizer):
+  """DELTA (Li et al. 2019): channel-weighted feature matching; equal widths.
+
+  The weights are the teacher's behaviour-based attention on the *target*
+  task (:mod:`ot_transfer_jax.delta_weights`): ``init`` fits a linear head
+  for the target labels on the teacher's frozen features of the training
+  images in ``context``, zeroes each channel of the teacher layer in turn,
+  and turns the cross-entropy increases into ``softmax(z / temperature)``
+  (``z`` standardised). State: those weights, ``(n,)``, constant.
+  Uniform weights would make this Omega_I (``feature_matching``).
+  """
+
+  option_defaults = {"temperature": delta_weights.DEFAULT_TEMPERATURE,
+                     "head_steps": 300, "spatial": "flatten",
+                     "normalize": "none"}
+
+  def init(self, rng, student, teacher, context):
+    del rng
+    if context.teacher is None or context.images is None or context.labels is None:
+      raise ValueError(
+          "delta computes its channel weights from the teacher and labelled "
+          "training images of the target task, and none were given (Context."
+          "teacher / images / labels). Use feature_matching for uniform weights.")
+    labels = jnp.asarray(context.labels)
+    # The sample holds every target class (the training set, or a sample of it).
+    num_classes = int(jnp.max(labels)) + 1
+    model = context.teacher.clone(num_classes=num_classes)
+    layer = context.teacher_layer
+    compute = jax.jit(lambda v, x, y: delta_weights.channel_weights(
+        model, v, x, y, (layer,), num_classes,
+        temperature=self.options["temperature"],
+        head_steps=self.options["head_steps"])[layer])
+    weights = compute(context.teacher_vars, jnp.asarray(context.images), labels)
+    if weights.shape != (student.shape[-1],):
+      raise ValueError(
+          f"delta pairs channel j of the student with channel j of the teacher: "
+          f"the teacher layer {layer!r} has {weights.shape[0]} channels, the "
+          f"student's {student.shape[-1]}. Use ot for layers of other widths.")
+    return {}, {"channel_weights": weights}
+
+  def apply(self, params, state, student, teacher):
+    value = losses.delta(student, teacher, state["channel_weights"],
+                         spatial=self.options["spatial"],
+                         normalize=self.options["normalize"])
+    return value, {}, state
 
 
 @register("attention")

@@ -106,3 +106,31 @@ def test_channel_weights_per_layer_sum_to_one_and_favour_useful_channels():
   w = np.asarray(weights["stage1"])
   assert w.shape == (3,) and np.isclose(w.sum(), 1.0)
   assert w[1] > max(w[0], w[2])
+
+
+def test_delta_regularizer_computes_its_weights_from_the_teacher_in_init():
+  from ot_transfer_jax import regularizers
+  teacher = create_model("small_cnn", 4, width=0.25)  # Another label space (4).
+  teacher_vars = random_variables(teacher, (4, 12, 12, 1))
+  images = jax.random.normal(jax.random.key(2), (12, 12, 12, 1))
+  labels = jnp.arange(12) % 3  # The target task: 3 classes.
+  context = regularizers.Context(student_layer="stage2", teacher_layer="stage2",
+                                 teacher=teacher, teacher_vars=teacher_vars,
+                                 images=images, labels=labels)
+  reg = regularizers.get("delta")()
+  layer = jax.ShapeDtypeStruct((6, 6, 6, 8), jnp.float32)
+  params, state = reg.init(jax.random.key(0), layer, layer, context)
+  model = teacher.clone(num_classes=3)
+  expected = delta_weights.channel_weights(model, teacher_vars, images, labels, ("stage2",), 3)
+  np.testing.assert_allclose(state["channel_weights"], expected["stage2"], rtol=1e-4)
+  assert params == {} and np.isclose(float(state["channel_weights"].sum()), 1.0)
+  s, t = (jax.random.normal(jax.random.key(k), (6, 6, 6, 8)) for k in (3, 4))
+  value, _, new_state = reg.apply(params, state, s, t)
+  np.testing.assert_allclose(value, losses.delta(s, t, state["channel_weights"]), rtol=1e-6)
+  assert new_state is state
+
+  with pytest.raises(ValueError, match="8 channels, the student's 5"):
+    reg.init(jax.random.key(0), jax.ShapeDtypeStruct((6, 6, 6, 5), jnp.float32), layer,
+             context)
+  with pytest.raises(ValueError, match="training images.*feature_matching"):
+    reg.init(jax.random.key(0), layer, layer, regularizers.Context(teacher_layer="stage2"))

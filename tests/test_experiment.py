@@ -154,6 +154,8 @@ def test_reproduce_writes_results_table_and_figures(teacher_dir, tmp_path):
   for r in records:
     for key in ("test_accuracy_best_val", "test_accuracy_last"):
       assert 0 <= r[key] <= 1
+    assert r["hyperparameters"] == reproduce.hyperparameters(configs[r["method"]])
+  assert "loss.terms.ot.weight" in records[-1]["hyperparameters"]
   assert "| scratch | 2 |" in table and "| ot | 2 |" in table
   for name in ("results.md", "learning_curves.png", "ot_plan.png",
                "matched_fraction_depth.png", "matched_fraction_training.png"):
