@@ -86,7 +86,7 @@ def load_teacher(config, workdir: str, train_teacher: Callable,
                  before_training: Optional[Callable] = None):
   """``(teacher_model, teacher_variables)``, or ``(None, {})`` without one.
 
-  ``before_training(teacher, abstract_teacher_vars)`` is called before a
+  ``before_training(teacher, untrained_teacher_vars)`` is called before a
   teacher is trained (``source='train'``), to check the student's config
   first: a typo must not cost the teacher's training time.
 
@@ -120,7 +120,7 @@ def load_teacher(config, workdir: str, train_teacher: Callable,
         finished = False
     if not finished:
       if before_training is not None:
-        before_training(*abstract_teacher(t.job))
+        before_training(*untrained_teacher(t.job))
       logging.info("Training the teacher in %s", tdir)
       train_teacher(t.job, tdir)
       restored = checkpoint.restore(tdir)
@@ -158,16 +158,14 @@ def load_teacher(config, workdir: str, train_teacher: Callable,
                    "'train', 'checkpoint', 'torchvision', 'random').")
 
 
-def abstract_teacher(job_config) -> tuple[Any, Any]:
-  """``(model, variables as ShapeDtypeStructs)`` of the network a teacher
-  job trains, without training (or allocating) it."""
+def untrained_teacher(job_config) -> tuple[Any, Any]:
+  """``(model, variables)`` of the network a teacher job trains, at its
+  random initialisation: what checks of the student need, without training."""
   tds = data.get_datasets(job_config.data)
   teacher = models.create_model(job_config.model.name, tds.num_classes,
                                 **job_config.model.kwargs)
-  variables = jax.eval_shape(
-      functools.partial(teacher.init, train=False), jax.random.PRNGKey(0),
-      jax.ShapeDtypeStruct((1, *tds.image_shape), jnp.float32))
-  return teacher, variables
+  return teacher, train.init_model(teacher, jax.random.PRNGKey(0),
+                                   jnp.zeros((1, *tds.image_shape)))
 
 
 # Settings a resume may change: they do not change what the steps already
@@ -240,11 +238,12 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
                                     context=context)
 
   def check(teacher, teacher_vars):
-    """Everything about the student and its loss, with abstract arrays."""
+    """Everything about the student and its loss, against an untrained
+    teacher of the right architecture (terms' init may read its features)."""
     _check_teacher_needed(config, teacher)
     if teacher is None:
       return
-    state = jax.eval_shape(lambda tv: student_state(teacher, tv), teacher_vars)
+    state = student_state(teacher, teacher_vars)
     _check_analysis_layers(config, model, state.variables, teacher,
                            teacher_vars, sample[:1])
     # Tracing one step checks what only the step reads (e.g. OT options).
