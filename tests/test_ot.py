@@ -446,3 +446,16 @@ def test_gradient_adds_one_gemm_to_the_value(layer_pair):
   value = gemms(ot_regularizer)
   assert value >= 1
   assert gemms(jax.value_and_grad(ot_regularizer)) == value + 1
+
+
+@pytest.mark.parametrize("grad", ["envelope", "unroll"])
+def test_vmap_gradient_is_each_members_gradient(layer_pair, grad):
+  pairs = [layer_pair(16, 12, 10) for _ in range(3)]
+  s = jnp.stack([p[0] for p in pairs])
+  t = jnp.stack([p[1] for p in pairs])
+  batched = jax.grad(lambda s: jnp.sum(jax.vmap(
+      lambda a, b: ot_regularizer(a, b, grad=grad, threshold=1e-6))(s, t)))(s)
+  for i in range(3):
+    single = jax.grad(ot_regularizer)(s[i], t[i], grad=grad, threshold=1e-6)
+    assert float(jnp.linalg.norm(batched[i] - single)) <= 1e-3 * float(
+        jnp.linalg.norm(single))
