@@ -4,6 +4,7 @@ import contextlib
 import logging as std_logging
 import os
 import re
+import shlex
 import sys
 
 from absl import logging
@@ -39,6 +40,7 @@ def parse_flags(argv):
   user needs the key, the nearest existing one and how to list them.
   """
   from absl import flags
+  _check_config_file(argv)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -72,20 +74,62 @@ def _bad_override(e: Exception) -> None:
   sys.exit(2)
 
 
+def _check_config_file(argv) -> None:
+  """One ``Error:`` line for a ``--config`` file that does not exist
+  (ml_collections would fail on the first ``--config.key`` with a trace)."""
+  for i, arg in enumerate(argv):
+    if arg == "--config" and i + 1 < len(argv):
+      path = argv[i + 1]
+    elif arg.startswith("--config="):
+      path = arg.split("=", 1)[1]
+    else:
+      continue
+    path = path.split(":", 1)[0]
+    if not os.path.isfile(path):
+      _exit_error(f"--config {path}: no such file. Pass an experiment "
+                  "config, e.g. experiments/configs/digits_transfer.py"
+                  "[:METHOD] (relative to the current directory).")
+
+
+def check_paths(workdir: str) -> None:
+  """Exits with one ``Error:`` line for a ``--workdir`` that exists but is
+  not a directory (before any work)."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    _exit_error(f"--workdir {workdir} is a file, not a directory. Pass a "
+                "directory (created if missing) for the checkpoints and "
+                "outputs.")
+
+
+def _exit_error(message: str, code: int = 1) -> None:
+  sys.stderr.write(f"Error: {message}\n")
+  sys.exit(code)
+
+
+def resume_command() -> str:
+  """The command line of this process, to rerun it (it resumes)."""
+  return shlex.join(["python", "-m", "experiments.main", *sys.argv[1:]])
+
+
 @contextlib.contextmanager
 def user_errors():
   """The errors a user can fix, as one message on stderr, not a traceback.
 
   Bad input (ValueError and its kin: unknown layer, shapes, dataset not
-  prepared, damaged checkpoint) and a diverged run exit with status 1;
-  a preempted run (SIGTERM, checkpoint saved) with 143.
+  prepared, damaged checkpoint; OSError: an unreadable or unwritable path)
+  and a diverged run exit with status 1. A preempted run (checkpoint saved)
+  exits with 143 after SIGTERM and 130 after SIGINT (Ctrl-C), printing where
+  the checkpoint is and the command that resumes.
   """
   from experiments.loop import Diverged, Preempted
   try:
     yield
   except Preempted as e:
-    sys.stderr.write(f"{e}\n")
-    sys.exit(143)
-  except (ValueError, FileNotFoundError, Diverged) as e:
-    sys.stderr.write(f"Error: {e}\n")
-    sys.exit(1)
+    sys.stderr.write(f"{e} Resume: {resume_command()}\n")
+    sys.exit(e.exit_code)
+  except KeyboardInterrupt:  # Ctrl-C outside the training loop.
+    sys.stderr.write(
+        "Interrupted by SIGINT (no checkpoint written since the last one). "
+        f"Resume: {resume_command()}\n")
+    sys.exit(130)
+  except (ValueError, OSError, Diverged) as e:
+    _exit_error(str(e))

@@ -7,6 +7,7 @@ checked there; :mod:`experiments.loop` runs the steps.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Callable, Optional
 
@@ -81,8 +82,13 @@ def normalization(config, ds) -> tuple[np.ndarray, np.ndarray]:
   return ds.mean, ds.std
 
 
-def load_teacher(config, workdir: str, train_teacher: Callable):
+def load_teacher(config, workdir: str, train_teacher: Callable,
+                 before_training: Optional[Callable] = None):
   """``(teacher_model, teacher_variables)``, or ``(None, {})`` without one.
+
+  ``before_training(teacher, untrained_teacher_vars)`` is called before a
+  teacher is trained (``source='train'``), to check the student's config
+  first: a typo must not cost the teacher's training time.
 
   ``config.teacher.source``:
     ``"none"``: no teacher (training a teacher, or a plain baseline);
@@ -105,10 +111,27 @@ def load_teacher(config, workdir: str, train_teacher: Callable):
     finished = os.path.isdir(checkpoint.checkpoint_dir(tdir)) and (
         checkpoint.make_manager(tdir, reading=True).latest_step()
         == t.job.num_steps)
+    if finished:
+      try:
+        restored = checkpoint.restore(tdir)
+      except checkpoint.DamagedCheckpointError as e:
+        # Resuming the teacher's run moves the damaged step aside.
+        logging.warning("%s", e)
+        finished = False
     if not finished:
+      if before_training is not None:
+        before_training(*untrained_teacher(t.job))
       logging.info("Training the teacher in %s", tdir)
       train_teacher(t.job, tdir)
-    restored = checkpoint.restore(tdir)
+      restored = checkpoint.restore(tdir)
+    differences = config_differences(restored.meta["config"],
+                                     checkpoint.config_to_json(t.job))
+    if differences:
+      raise ValueError(
+          f"The teacher in {tdir} was trained with other settings than "
+          f"teacher.job: {'; '.join(differences[:8])}. Point "
+          "--config.teacher.workdir at a new directory to train this "
+          "teacher, or set teacher.job to the settings it was trained with.")
     return restored.model, restored.variables
   if t.source == "checkpoint":
     restored = checkpoint.restore(t.path)
@@ -135,6 +158,49 @@ def load_teacher(config, workdir: str, train_teacher: Callable):
                    "'train', 'checkpoint', 'torchvision', 'random').")
 
 
+def untrained_teacher(job_config) -> tuple[Any, Any]:
+  """``(model, variables)`` of the network a teacher job trains, at its
+  random initialisation: what checks of the student need, without training."""
+  tds = data.get_datasets(job_config.data)
+  teacher = models.create_model(job_config.model.name, tds.num_classes,
+                                **job_config.model.kwargs)
+  return teacher, train.init_model(teacher, jax.random.PRNGKey(0),
+                                   jnp.zeros((1, *tds.image_shape)))
+
+
+# Settings a resume may change: they do not change what the steps already
+# taken computed, nor the data, model or method they describe. Any other
+# difference is another run (prefixes of dotted config keys).
+RESUMABLE_CHANGES = (
+    "num_steps", "log_every", "eval_every", "checkpoint_every", "max_to_keep",
+    "eval_batch_size", "analysis", "data.data_dir", "teacher.workdir",
+    "teacher.job",  # The teacher's own workdir checks its run.
+    "loss.max_bad_steps", "allow_resume_with_changes", "method_order",
+    "baseline_method", "vary_data_seed", "max_devices")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict:
+  if isinstance(tree, dict) and tree:
+    out = {}
+    for key, value in tree.items():
+      out.update(_flatten(value, f"{prefix}{key}."))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def config_differences(saved: dict, now: dict) -> list[str]:
+  """``["key: saved -> now", ...]`` for the settings that make two JSON
+  configs different runs (everything but ``RESUMABLE_CHANGES``)."""
+  saved, now = _flatten(saved), _flatten(now)
+  harmless = lambda key: any(key == p or key.startswith(p + ".")
+                             for p in RESUMABLE_CHANGES)
+  missing = "(unset)"
+  return [f"{key}: {saved.get(key, missing)!r} -> {now.get(key, missing)!r}"
+          for key in sorted(saved.keys() | now.keys())
+          if not harmless(key) and saved.get(key, missing) != now.get(
+              key, missing)]
+
+
 def setup(config: ml_collections.ConfigDict, workdir: str,
           train_teacher: Callable) -> Job:
   """Data, teacher, student state, optimizer and compiled steps of a run.
@@ -151,41 +217,76 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
   ds = data.get_datasets(config.data)
   model = models.create_model(config.model.name, ds.num_classes,
                               **config.model.kwargs)
-  teacher, teacher_vars = load_teacher(config, workdir, train_teacher)
-  if teacher is None and train.needs_teacher(config):
-    uses = [f"loss.terms.{name}" for name in config.loss.terms]
-    uses += ["init_from_teacher"] if config.init_from_teacher else []
-    raise ValueError(
-        f"{' and '.join(uses)} needs a teacher, but teacher.source='none'. "
-        "Set teacher.source to 'train', 'checkpoint' or 'torchvision'.")
   mean, std = normalization(config, ds)
-  mesh = train.make_mesh(batch_size=config.batch_size)
   sample = jnp.zeros((config.batch_size, *ds.image_shape), jnp.float32)
   rng = jax.random.PRNGKey(config.seed)
   tx = train.make_optimizer(config.optimizer, config.num_steps)
-  init_vars = None
-  if config.init_from_teacher:
-    fresh = train.init_model(model, jax.random.fold_in(rng, 1), sample[:1])
-    init_vars = train.transfer_init(fresh, teacher_vars)
-  context = regularizers.Context(teacher=teacher, teacher_vars=teacher_vars,
-                                 **_training_sample(ds, mean, std, config))
-  state = train.create_train_state(config, model, teacher, teacher_vars, rng,
-                                   sample, tx, init_variables=init_vars,
-                                   context=context)
-  if config.analysis.layers and teacher is not None:
-    # Checked now, not after hours of training.
-    for name, net, net_vars in (("student", model, state.variables),
-                                ("teacher", teacher, teacher_vars)):
-      try:
-        validate_layers(net, net_vars, sample[:1], config.analysis.layers)
-      except ValueError as e:
-        raise ValueError(f"analysis.layers, in the {name}: {e}") from None
+  # The largest device set the batch divides over: exact on any device count.
+  mesh = train.make_mesh(batch_size=config.batch_size,
+                         max_devices=config.get("max_devices", 0))
+  training_sample = _training_sample(ds, mean, std, config)
+
+  def student_state(teacher, teacher_vars):
+    init_vars = None
+    if config.init_from_teacher:
+      fresh = train.init_model(model, jax.random.fold_in(rng, 1), sample[:1])
+      init_vars = train.transfer_init(fresh, teacher_vars)
+    context = regularizers.Context(teacher=teacher, teacher_vars=teacher_vars,
+                                   **training_sample)
+    return train.create_train_state(config, model, teacher, teacher_vars, rng,
+                                    sample, tx, init_variables=init_vars,
+                                    context=context)
+
+  def check(teacher, teacher_vars):
+    """Everything about the student and its loss, against an untrained
+    teacher of the right architecture (terms' init may read its features)."""
+    _check_teacher_needed(config, teacher)
+    if teacher is None:
+      return
+    state = student_state(teacher, teacher_vars)
+    _check_analysis_layers(config, model, state.variables, teacher,
+                           teacher_vars, sample[:1])
+    # Tracing one step checks what only the step reads (e.g. OT options).
+    batch = {"image": jax.ShapeDtypeStruct(sample.shape, jnp.float32),
+             "label": jax.ShapeDtypeStruct(sample.shape[:1], jnp.int32)}
+    jax.eval_shape(train.make_train_step(config, model, teacher, tx, mesh),
+                   state, teacher_vars, batch)
+
+  teacher, teacher_vars = load_teacher(config, workdir, train_teacher,
+                                       before_training=check)
+  _check_teacher_needed(config, teacher)
+  state = student_state(teacher, teacher_vars)
+  if teacher is not None:
+    _check_analysis_layers(config, model, state.variables, teacher,
+                           teacher_vars, sample[:1])
   state, teacher_vars = train.replicate((state, teacher_vars), mesh)
   return Job(config=config, workdir=workdir, ds=ds, model=model,
              teacher=teacher, teacher_vars=teacher_vars, mesh=mesh, tx=tx,
              initial_state=state,
              train_step=train.make_train_step(config, model, teacher, tx, mesh),
              eval_step=train.make_eval_step(model, mesh), mean=mean, std=std)
+
+
+def _check_teacher_needed(config, teacher) -> None:
+  if teacher is None and train.needs_teacher(config):
+    uses = [f"loss.terms.{name}" for name in config.loss.terms]
+    uses += ["init_from_teacher"] if config.init_from_teacher else []
+    raise ValueError(
+        f"{' and '.join(uses)} needs a teacher, but teacher.source='none'. "
+        "Set teacher.source to 'train', 'checkpoint' or 'torchvision'.")
+
+
+def _check_analysis_layers(config, model, variables, teacher, teacher_vars,
+                           sample) -> None:
+  """Checked before training, not after hours of it."""
+  if not config.analysis.layers:
+    return
+  for name, net, net_vars in (("student", model, variables),
+                              ("teacher", teacher, teacher_vars)):
+    try:
+      validate_layers(net, net_vars, sample, config.analysis.layers)
+    except ValueError as e:
+      raise ValueError(f"analysis.layers, in the {name}: {e}") from None
 
 
 def _training_sample(ds, mean, std, config) -> dict:

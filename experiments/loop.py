@@ -10,7 +10,8 @@ Outputs in ``WORKDIR``:
 * ``final_metrics.json``: ``test_accuracy``, ``val_accuracy`` (last
   evaluation), ``step``, ``best_val_accuracy``, ``test_accuracy_at_best_val``,
   ``best_step`` (``None`` without a validation split: nothing to select on),
-  ``method``, ``seed``;
+  ``method``, ``seed``, ``history_from_step`` (where the reported history
+  starts: 0, or the step a resume with ``allow_resume_with_changes`` began);
 * ``metrics.jsonl`` and ``tensorboard/``: training and evaluation metrics;
 * ``analysis.json``: per analysed layer, the OT plan between the student and
   the teacher on validation data and its matched fraction (paper Fig. 2);
@@ -35,7 +36,7 @@ import numpy as np
 from absl import logging
 
 from experiments import analysis
-from experiments.job import Job, setup
+from experiments.job import Job, config_differences, setup
 from experiments.metric_writers import MetricWriter, Progress
 from ot_transfer_jax import checkpoint, train
 
@@ -44,7 +45,14 @@ ANALYSIS = "analysis.json"
 
 
 class Preempted(Exception):
-  """SIGTERM: a checkpoint was saved; rerunning the command resumes."""
+  """SIGTERM or SIGINT: a checkpoint was saved; rerunning the command resumes.
+
+  ``exit_code`` is the shell's for the signal: 143 (SIGTERM), 130 (SIGINT).
+  """
+
+  def __init__(self, message: str, exit_code: int):
+    super().__init__(message)
+    self.exit_code = exit_code
 
 
 class Diverged(Exception):
@@ -59,6 +67,9 @@ class History:
   ``None`` and only the last evaluation is reported.
   """
 
+  #: The step this history starts from: 0, or where a resume with changed
+  #: settings (``allow_resume_with_changes``) began a new section.
+  from_step: int = 0
   best_step: Optional[int] = None
   best_val_accuracy: Optional[float] = None
   test_accuracy_at_best_val: Optional[float] = None
@@ -82,27 +93,47 @@ def itstime(step: int, every: int, total: int) -> bool:
 
 
 class _Interrupted:
-  """SIGTERM sets a flag; the loop then checkpoints and exits cleanly."""
+  """SIGTERM or SIGINT (Ctrl-C) sets a flag; the loop then checkpoints and
+  exits cleanly. A second SIGINT stops at once, without saving (the last
+  checkpoint is still a clean resume point)."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.flag = False
-    self._previous = None
+    self.signum: Optional[int] = None
+    self._previous = {}
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # Not the main thread: no handler, no flag.
-      self._previous = None
+    for signum in self.SIGNALS:
+      try:
+        self._previous[signum] = signal.signal(signum, self._handle)
+      except ValueError:  # Not the main thread: no handler, no flag.
+        pass
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM: saving a checkpoint before exiting.")
-    self.flag = True
+    del frame
+    if self.flag and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    name = signal.Signals(signum).name
+    logging.warning("%s: saving a checkpoint before exiting%s.", name,
+                    " (Ctrl-C again: exit now, without it)"
+                    if signum == signal.SIGINT else "")
+    self.flag, self.signum = True, signum
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+
+  @property
+  def signal_name(self) -> str:
+    return signal.Signals(self.signum or signal.SIGTERM).name
+
+  @property
+  def exit_code(self) -> int:
+    """The shell's convention: 128 + the signal's number."""
+    return 128 + int(self.signum or signal.SIGTERM)
 
   def stop(self, log_step: bool) -> bool:
     """Whether to checkpoint and exit now. With several processes all must
@@ -126,19 +157,42 @@ def _meta(job: Job, history: History) -> dict:
 
 
 def resume(job: Job, manager) -> tuple[train.TrainState, History]:
-  """The latest checkpoint's state and history, or a fresh start."""
-  restored = checkpoint.restore_latest(manager, job.workdir, job.initial_state)
+  """The newest intact checkpoint's state and history, or a fresh start.
+
+  A checkpoint written with other settings (data, model, method, loss,
+  optimizer, seed, ...: see ``RESUMABLE_CHANGES`` for what may change) is
+  refused, unless ``allow_resume_with_changes``: then the run continues with
+  a new history section (model selection restarts at the resumed step).
+  """
+  now = checkpoint.config_to_json(job.config)
+  allowed = job.config.get("allow_resume_with_changes", False)
+  changes = []
+
+  def check(step: int, meta: dict) -> None:
+    changes[:] = config_differences(meta["config"], now)
+    if changes and not allowed:
+      shown = "; ".join(changes[:8]) + ("; ..." if len(changes) > 8 else "")
+      raise ValueError(
+          f"{job.workdir} holds a run with other settings (checkpoint of "
+          f"step {step}): {shown}. Use a new --workdir for this run, or "
+          "continue that one with the new settings by adding "
+          "--config.allow_resume_with_changes=True (model selection then "
+          f"restarts from step {step}, so no reported metric mixes the two).")
+
+  restored = checkpoint.restore_latest(manager, job.workdir, job.initial_state,
+                                       check_meta=check)
   if restored is None:
     return job.initial_state, History()
   state, meta = restored
-  saved, now = meta["config"], checkpoint.config_to_json(job.config)
-  changed = sorted(k for k in set(saved) | set(now)
-                   if saved.get(k) != now.get(k))
-  if changed:  # Same shapes, other settings: allowed (e.g. more steps).
-    logging.warning("Resuming %s with config keys changed since the "
-                    "checkpoint: %s", job.workdir, changed)
-  logging.info("Resumed from step %d in %s", int(state.step), job.workdir)
-  return state, History(**meta["history"])
+  step = int(state.step)
+  history = History(**meta["history"])
+  if changes:
+    logging.warning("Resuming %s at step %d with changed settings, as "
+                    "allowed: %s. A new history section starts here.",
+                    job.workdir, step, "; ".join(changes))
+    history = History(from_step=step)
+  logging.info("Resumed from step %d in %s", step, job.workdir)
+  return state, history
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
@@ -157,7 +211,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   state, history = resume(job, manager)
   batches = job.train_batches(start_step=int(state.step))
   total = config.num_steps
-  with MetricWriter(workdir, process_index=jax.process_index()) as writer, \
+  with MetricWriter(workdir, process_index=jax.process_index(),
+                    resume_step=int(state.step)) as writer, \
       _Interrupted() as interrupted:
     progress = Progress(total, start_step=int(state.step))
     for step in range(int(state.step) + 1, total + 1):
@@ -181,9 +236,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         checkpoint.save(manager, step, state, _meta(job, history))
       if stop and step < total:
         raise Preempted(
-            f"Stopped by SIGTERM at step {step}; checkpoint saved in "
-            f"{checkpoint.checkpoint_dir(workdir)}. Rerun the same command to "
-            "resume.")
+            f"Stopped by {interrupted.signal_name} at step {step}; checkpoint "
+            f"saved in {checkpoint.checkpoint_dir(workdir)}. Rerun the same "
+            "command to resume.", interrupted.exit_code)
   return finish(job, state, history)
 
 
@@ -214,6 +269,8 @@ def finish(job: Job, state, history: History) -> dict:
       "best_val_accuracy": history.best_val_accuracy,
       "best_step": history.best_step,
       "test_accuracy_at_best_val": history.test_accuracy_at_best_val,
+      # > 0 when a resume changed the settings: the above is from there on.
+      "history_from_step": history.from_step,
   }
   if jax.process_index() == 0:
     _write_json(os.path.join(job.workdir, ANALYSIS),

@@ -15,8 +15,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from experiments import loop
-from experiments.cli import (maybe_initialize_distributed, parse_flags,
-                             quiet_orbax, user_errors)
+from experiments.cli import (check_paths, maybe_initialize_distributed,
+                             parse_flags, quiet_orbax, user_errors)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to an experiment config (get_config(method)), "
@@ -28,6 +28,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
+  check_paths(_WORKDIR.value)
   maybe_initialize_distributed()
   quiet_orbax()
   with user_errors():

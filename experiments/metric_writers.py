@@ -11,10 +11,11 @@ TensorBoard files are written with the ``tensorboard`` package's own protobufs
 and record writer, so TensorFlow is not needed.
 
 Resumed runs append to the same files. A run killed after its last checkpoint
-logs some steps twice; :func:`read_metrics` keeps the last record of each
-``(split, step)``, and each TensorBoard writer starts with a
-``SessionLog.START`` event, which makes TensorBoard drop the stale events at
-and after the resumed step.
+has logged steps past it: ``MetricWriter(..., resume_step=s)`` first drops
+the records after step ``s`` from ``metrics.jsonl`` (atomically: a new file
+renamed over the old one), so no step is ever logged twice, and each
+TensorBoard writer starts with a ``SessionLog.START`` event at step ``s + 1``,
+which makes TensorBoard drop its stale events from there on.
 
 :class:`Progress` formats a one-line status with throughput and ETA.
 """
@@ -50,17 +51,21 @@ class MetricWriter:
   """
 
   def __init__(self, workdir: str, *, tensorboard: bool = True,
-               process_index: int = 0):
+               process_index: int = 0, resume_step: Optional[int] = None):
     """Opens (creating or appending to) the metric files of ``workdir``.
 
     Args:
       workdir: the run's directory.
       tensorboard: also write TensorBoard event files.
       process_index: ``jax.process_index()``; other processes write nothing.
+      resume_step: the step the run resumes from (0: from scratch); records
+        of later steps, logged by a run that went past its last checkpoint,
+        are dropped. None keeps every record.
     """
     self._workdir = workdir
     self._tensorboard = tensorboard
     self._active = process_index == 0
+    self._resume_step = resume_step
     self._tb_writers: Dict[str, EventFileWriter] = {}
     self._file = None
     if self._active:
@@ -68,6 +73,8 @@ class MetricWriter:
       path = os.path.join(workdir, METRICS_FILE)
       if os.path.exists(path):
         _repair_last_line(path)
+        if resume_step is not None:
+          truncate_metrics(path, resume_step)
       self._file = open(path, "a", encoding="utf-8")
 
   def write(self, step: int, metrics: Mapping[str, Any],
@@ -112,9 +119,10 @@ class MetricWriter:
       writer = EventFileWriter(
           os.path.join(self._workdir, TENSORBOARD_DIR, split))
       # Marks a (re)start: TensorBoard discards this split's earlier events at
-      # steps >= `step`, left by a run that went past its last checkpoint.
+      # steps >= the start's, left by a run that went past its last checkpoint.
+      start = step if self._resume_step is None else self._resume_step + 1
       writer.add_event(event_pb2.Event(
-          wall_time=wall_time, step=step,
+          wall_time=wall_time, step=start,
           session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
       self._tb_writers[split] = writer
     summary = summary_pb2.Summary(value=[
@@ -171,6 +179,31 @@ def _repair_last_line(path: str) -> None:
       f.truncate(start)
     elif not complete:
       f.write(b"\n")
+
+
+def truncate_metrics(path: str, last_step: int) -> int:
+  """Drops the records of steps after ``last_step`` from a metrics file.
+
+  Atomic: the kept lines go to a temporary file renamed over ``path``, so a
+  crash leaves either the old or the new file, never a mix.
+
+  Returns:
+    The number of records dropped.
+  """
+  with open(path, encoding="utf-8") as f:
+    lines = f.read().split("\n")
+  kept = [line for line in lines if line.strip() and not (
+      (record := _parse_line(line)) is not None
+      and record.get("step", 0) > last_step)]
+  dropped = sum(1 for line in lines if line.strip()) - len(kept)
+  if dropped:
+    logging.info("%s: dropping %d records after step %d (logged past the "
+                 "last checkpoint).", path, dropped, last_step)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+  return dropped
 
 
 def read_metrics(path_or_workdir: str,

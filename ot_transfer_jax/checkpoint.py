@@ -46,7 +46,7 @@ import functools
 import hashlib
 import json
 import os
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -235,7 +235,8 @@ def check_compatible(saved: Any, wanted: Any, step: int, where: str,
 
 
 def _restore_step(manager: ocp.CheckpointManager, step: int, target: Any,
-                  where: str) -> tuple[Any, dict]:
+                  where: str, check_meta: Optional[Callable[[int, dict], None]]
+                  = None) -> tuple[Any, dict]:
   """``(state, meta)`` of one step, checked for fit, then for integrity.
 
   Args:
@@ -253,6 +254,8 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, target: Any,
     saved_tree = manager.item_metadata(step)["state"].tree
   except Exception as e:  # orbax raises many types for a damaged directory.
     raise _unreadable(where, step, e) from None
+  if check_meta is not None:
+    check_meta(step, meta)
   if target is None:
     # Host numpy arrays, read by every process whatever the topology that
     # wrote them: the target's leaf type tells orbax what to build.
@@ -296,7 +299,9 @@ def _set_aside(manager: ocp.CheckpointManager, step: int) -> str:
 
 
 def restore_latest(manager: ocp.CheckpointManager, workdir: str,
-                   target_state: Any) -> Optional[tuple[Any, dict]]:
+                   target_state: Any,
+                   check_meta: Optional[Callable[[int, dict], None]] = None
+                   ) -> Optional[tuple[Any, dict]]:
   """The newest intact checkpoint as ``(state, meta)``; None if there is none.
 
   For resuming. Steps are tried newest first; a damaged one (unreadable, or
@@ -307,6 +312,9 @@ def restore_latest(manager: ocp.CheckpointManager, workdir: str,
   Args:
     target_state: a state with the expected structure, shapes and shardings
       (e.g. a freshly created one); the restored arrays take its placement.
+    check_meta: ``(step, meta) -> None``, called with a step's meta before
+      its arrays are read; what it raises propagates (e.g. a resume with
+      other settings, refused).
 
   Raises:
     CheckpointError: the newest readable checkpoint does not fit the target
@@ -315,7 +323,7 @@ def restore_latest(manager: ocp.CheckpointManager, workdir: str,
   where = checkpoint_dir(workdir)
   for step in sorted(manager.all_steps(), reverse=True):
     try:
-      return _restore_step(manager, step, target_state, where)
+      return _restore_step(manager, step, target_state, where, check_meta)
     except DamagedCheckpointError as e:
       moved = _set_aside(manager, step)
       logging.warning("%s Moved it to %s; resuming from the previous intact "

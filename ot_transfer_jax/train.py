@@ -366,7 +366,8 @@ def transfer_init(student_init: Mapping[str, Any],
 
 
 def make_mesh(devices: Optional[Sequence[jax.Device]] = None, *,
-              batch_size: Optional[int] = None) -> Mesh:
+              batch_size: Optional[int] = None,
+              max_devices: Optional[int] = None) -> Mesh:
   """A 1-D data-parallel mesh, axis ``"data"``.
 
   Args:
@@ -377,25 +378,36 @@ def make_mesh(devices: Optional[Sequence[jax.Device]] = None, *,
       step on fewer devices computes exactly what it computes on one: no
       padding enters the loss, the BatchNorm statistics or the OT problems.
       E.g. a batch of 25 runs on 1 of 2 or 4 devices and on 5 of 8.
+    max_devices: use at most this many devices (None or 0: no limit; at
+      least one per process). Data
+      parallelism sums partial results in a device-count-dependent order, so
+      only a fixed device count gives bit-identical runs on any machine.
   """
   devices = list(jax.devices() if devices is None else devices)
   if batch_size is not None:
-    used = data_parallel_devices(devices, batch_size)
+    used = data_parallel_devices(devices, batch_size, max_devices)
     if len(used) < len(devices):
-      logging.warning(
-          "The global batch size %d does not divide over %d devices: the "
-          "train step runs on %d of them (the most it divides over). Choose "
-          "a batch size that is a multiple of %d to use them all.",
-          batch_size, len(devices), len(used), len(devices))
+      if max_devices and len(used) == max_devices:
+        logging.info("Training on %d of the %d devices (max_devices=%d).",
+                     len(used), len(devices), max_devices)
+      else:
+        logging.warning(
+            "The global batch size %d does not divide over %d devices: the "
+            "train step runs on %d of them (the most it divides over). "
+            "Choose a batch size that is a multiple of %d to use them all.",
+            batch_size, len(devices), len(used), len(devices))
     devices = used
   return Mesh(np.asarray(devices), ("data",))
 
 
-def data_parallel_devices(devices: Sequence[jax.Device],
-                          batch_size: int) -> list:
-  """The largest subset of ``devices`` whose size divides ``batch_size``,
-  with ``k`` devices from each process (each process feeds its own
-  ``batch_size / process_count`` rows to its own devices).
+def data_parallel_devices(devices: Sequence[jax.Device], batch_size: int,
+                          max_devices: Optional[int] = None) -> list:
+  """The largest subset of ``devices`` (at most ``max_devices``) whose size
+  divides ``batch_size``, with ``k`` devices from each process (each process
+  feeds its own ``batch_size / process_count`` rows to its own devices).
+
+  With several processes, ``max_devices`` below their number still gives
+  each process one device.
 
   Raises:
     ValueError: the batch does not divide over the processes.
@@ -405,6 +417,9 @@ def data_parallel_devices(devices: Sequence[jax.Device],
     by_process.setdefault(d.process_index, []).append(d)
   processes = len(by_process)
   per_process = min(len(v) for v in by_process.values())
+  if max_devices:
+    # Every process trains on its own rows: at least one device each.
+    per_process = min(per_process, max(1, max_devices // processes))
   for k in range(per_process, 0, -1):
     if batch_size % (k * processes) == 0:
       return [d for p in sorted(by_process) for d in by_process[p][:k]]

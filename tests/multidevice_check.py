@@ -6,9 +6,12 @@ case: ``{"case": ..., "value_rel": ..., "grad_rel": ...}`` (relative errors of
 the value and of the concatenated per-shard gradients against the
 single-device computation on the global batch), then ``{"done": true}``.
 
-The OT cases use ``relative_epsilon=0.05``: at the default 0.01, float32
-round-off alone (a different summation order, even jit vs eager on one device)
-moves a cold solve's value by up to ~1e-5, the tolerance checked here.
+The OT cases use ``relative_epsilon=0.05`` and ``threshold=1e-5``: at the
+default 0.01, float32 round-off alone (a different summation order, even jit
+vs eager on one device) moves a cold solve's value by up to ~1e-5, the
+tolerance checked here; and where the default stopping rule (marginal error
+1e-3) fires depends on round-off too (with Anderson acceleration it moved the
+gradient by up to 1e-4), so the solves are compared near their fixed point.
 """
 
 import os
@@ -31,6 +34,7 @@ from ot_transfer_jax import losses, ot  # noqa: E402
 AXIS = "batch"
 MESH = jax.sharding.Mesh(np.array(jax.devices()[:2]), (AXIS,))
 RNG = np.random.default_rng(0)
+OT_OPTIONS = {"relative_epsilon": 0.05, "threshold": 1e-5}
 
 
 def activations(positions, n_s, n_t, batch=8):
@@ -92,7 +96,7 @@ def ot_cases():
       layouts.items(), widths.items()):
     student, teacher = activations(pos, n_s, n_t)
     for normalize in ot.NORMALIZE_MODES:
-      options = {"normalize": normalize, "relative_epsilon": 0.05}
+      options = {"normalize": normalize, **OT_OPTIONS}
       cold = ot.solve_neuron_ot(student, teacher, **options)
       init = cold.potentials
       moved = student * 1.01 + 0.01
@@ -147,18 +151,17 @@ def upstream_varying_cost():
 def varying_init_case():
   """Warm-start potentials that differ per device are made replicated."""
   student, teacher = activations((), 6, 4)
-  f, g = ot.solve_neuron_ot(student, teacher,
-                            relative_epsilon=0.05).potentials
+  f, g = ot.solve_neuron_ot(student, teacher, **OT_OPTIONS).potentials
 
   def value(s, t):
     noise = 0.0 * jnp.sum(s)  # varies across the mesh, numerically 0
     return ot.solve_neuron_ot(s, t, init=(f + noise, g + noise),
-                              relative_epsilon=0.05, axis_name=AXIS).value
+                              axis_name=AXIS, **OT_OPTIONS).value
 
   v = jax.jit(jax.shard_map(value, mesh=MESH, in_specs=(P(AXIS), P(AXIS)),
                             out_specs=P()))(student, teacher)
   ref = jax.jit(lambda s, t: ot.solve_neuron_ot(
-      s, t, init=(f, g), relative_epsilon=0.05).value)(student, teacher)
+      s, t, init=(f, g), **OT_OPTIONS).value)(student, teacher)
   print(json.dumps({"case": "ot/varying_init/shard_map",
                     "value_rel": relative(v, ref), "grad_rel": 0.0,
                     "replicated": True}), flush=True)

@@ -104,17 +104,23 @@ def test_resume_falls_back_to_the_newest_intact_step(teacher_dir, run_dir,
                          checkpoint.restore(str(run_dir)).variables)
 
 
-def test_every_step_damaged_starts_over_keeping_them(teacher_dir, tmp_path):
-  config = tiny_config(teacher_dir, num_steps=10, checkpoint_every=10)
-  first = loop.train_and_evaluate(config, str(tmp_path))
-  for f in (tmp_path / "checkpoints" / "10" / "state").rglob("*"):
+def test_a_teacher_whose_only_step_is_damaged_is_retrained(teacher_dir,
+                                                           tmp_path):
+  """Every step damaged: the run starts over, keeping the damaged step."""
+  teacher = _copy(teacher_dir, tmp_path / "teacher")
+  (step,) = checkpoint.make_manager(str(teacher), reading=True).all_steps()
+  for f in (teacher / "checkpoints" / str(step) / "state").rglob("*"):
     if f.is_file():
       f.write_bytes(b"\0garbage")
   with pytest.raises(checkpoint.CheckpointError,
-                     match=r"step 10 .* cannot be read.*newest intact step"):
-    checkpoint.restore(str(tmp_path))
-  assert loop.train_and_evaluate(config, str(tmp_path)) == first
-  assert (tmp_path / "checkpoints" / "10.corrupt-1").is_dir()
+                     match=rf"step {step} .* cannot be read.*newest intact"):
+    checkpoint.restore(str(teacher))
+  config = tiny_config(teacher, num_steps=2, eval_every=2, checkpoint_every=2)
+  assert loop.train_and_evaluate(config, str(tmp_path / "student"))["step"] == 2
+  assert (teacher / "checkpoints" / f"{step}.corrupt-1").is_dir()
+  jax.tree_util.tree_map(np.testing.assert_array_equal,  # Retrained exactly.
+                         checkpoint.restore(str(teacher)).variables,
+                         checkpoint.restore(str(teacher_dir)).variables)
 
 
 def test_a_checkpoint_of_other_shapes_names_the_first_differing_path(

@@ -75,6 +75,30 @@ def test_resume_appends_and_read_keeps_last_record_per_step(tmp_path):
       ("train", 30, 2.0), ("train", 40, 2.0)]
 
 
+def test_resume_step_drops_the_records_logged_past_the_checkpoint(tmp_path):
+  with MetricWriter(str(tmp_path)) as writer:
+    for step in (10, 20, 30):
+      writer.write(step, {"loss": 1.0})
+      writer.write(step, {"accuracy": 0.5}, split="val")
+  time.sleep(1.05)  # Event files are named by the second they were opened in.
+  # Killed after step 30, resumed from the checkpoint at step 10 (logging
+  # every 20 steps now: the stale step 30 must not survive).
+  with MetricWriter(str(tmp_path), resume_step=10) as writer:
+    assert [(r["split"], r["step"]) for r in strict_json_lines(
+        tmp_path / "metrics.jsonl")] == [("train", 10), ("val", 10)]
+    writer.write(20, {"loss": 2.0})
+  lines = strict_json_lines(tmp_path / "metrics.jsonl")
+  assert [(r["split"], r["step"], r.get("loss")) for r in lines] == [
+      ("train", 10, 1.0), ("val", 10, None), ("train", 20, 2.0)]
+  assert not (tmp_path / "metrics.jsonl.tmp").exists()
+  assert load_scalars(tmp_path / "tensorboard" / "train") == {
+      "loss": [(10, 1.0), (20, 2.0)]}
+  # From scratch (no checkpoint survived): nothing is kept.
+  with MetricWriter(str(tmp_path), tensorboard=False, resume_step=0):
+    pass
+  assert strict_json_lines(tmp_path / "metrics.jsonl") == []
+
+
 def test_truncated_last_line_is_dropped(tmp_path):
   path = tmp_path / "metrics.jsonl"
   with MetricWriter(str(tmp_path), tensorboard=False) as writer:

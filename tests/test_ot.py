@@ -403,3 +403,46 @@ def test_closed_form_gradient_equals_autodiff_envelope(layer_pair, dtype,
   assert got.dtype == dtype
   got = np.asarray(got, np.float32)
   assert np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want)
+
+
+def test_anderson_acceleration_cuts_cold_iterations(layer_pair):
+  student, teacher = layer_pair(64, 256, 128)
+  fast = solve_neuron_ot(student, teacher, relative_epsilon=0.005)
+  plain = solve_neuron_ot(student, teacher, relative_epsilon=0.005,
+                          anderson=0)
+  assert bool(fast.converged) and bool(plain.converged)
+  assert int(fast.n_iters) < int(plain.n_iters)
+  assert float(fast.value) == pytest.approx(float(plain.value), rel=5e-3)
+  # Same accuracy against the exact optimum.
+  exact = exact_ot(student, teacher)
+  assert abs(float(fast.value) - exact) <= 0.01 * exact
+
+
+@pytest.mark.parametrize("value", [-1, 2.5, True, "3"])
+def test_bad_anderson_memory_rejected(value):
+  with pytest.raises(ValueError, match="anderson must be an integer >= 0"):
+    ot_regularizer(jnp.ones((4, 3)), jnp.ones((4, 3)), anderson=value)
+
+
+def test_bfloat16_cost_gemm_stays_close(layer_pair):
+  student, teacher = layer_pair(32, 48, 40, positions=(2, 2))
+  fn = jax.value_and_grad(ot_regularizer)
+  v, g = fn(jnp.asarray(student), teacher)
+  v16, g16 = fn(jnp.asarray(student), teacher, precision="bfloat16")
+  assert float(v16) == pytest.approx(float(v), rel=1e-3)
+  assert float(jnp.linalg.norm(g16 - g)) <= 0.05 * float(jnp.linalg.norm(g))
+
+
+def test_gradient_adds_one_gemm_to_the_value(layer_pair):
+  # The envelope gradient is (2/D)(a * rowsum(P) - t P^T): one matrix
+  # product more than the value, whatever XLA fuses around it.
+  student, teacher = layer_pair(16, 24, 20)
+
+  def gemms(fn):
+    text = jax.jit(fn).lower(jnp.asarray(student), teacher).compile(
+    ).as_text()
+    return text.count(" dot(")
+
+  value = gemms(ot_regularizer)
+  assert value >= 1
+  assert gemms(jax.value_and_grad(ot_regularizer)) == value + 1

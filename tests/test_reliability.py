@@ -59,8 +59,9 @@ def _logged_step(workdir):
 def test_interrupted_runs_end_like_an_uninterrupted_one(teacher_dir,
                                                         tmp_path):
   """kill -9 before the first checkpoint, right after one, and mid-write
-  (a half-written step left on disk); SIGTERM mid-run. Each rerun ends with
-  the parameters and metrics of the uninterrupted run."""
+  (a half-written step left on disk); SIGTERM and SIGINT (Ctrl-C) mid-run.
+  Each rerun ends with the parameters, metrics and metric rows of the
+  uninterrupted run."""
   run = lambda wd: subprocess.run(main_command(wd, teacher_dir, *LONG),
                                   cwd=REPO, env=ENV, check=True,
                                   capture_output=True, timeout=300)
@@ -96,17 +97,33 @@ def test_interrupted_runs_end_like_an_uninterrupted_one(teacher_dir,
     if f.is_file():
       f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
 
-  term = tmp_path / "sigterm"
-  code, err = interrupt(term, lambda: _logged_step(term) >= 26, "step 26",
-                        sig=signal.SIGTERM)
-  assert code != 0 and "Stopped by SIGTERM" in err
-  saved = checkpoint.make_manager(str(term), reading=True).latest_step()
-  assert saved is not None and saved % 20 != 0  # Saved on the signal.
+  resumable = {}
+  for sig, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+    # SIGINT from Python's Popen: a background job of a non-interactive
+    # shell would ignore it.
+    workdir = tmp_path / sig.name
+    returncode, err = interrupt(workdir, lambda: _logged_step(workdir) >= 26,
+                                "step 26", sig=sig)
+    lines = [line for line in err.splitlines() if "Stopped by" in line]
+    assert returncode == code and len(lines) == 1, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert f"Stopped by {sig.name} at step" in lines[0]
+    assert f"saved in {workdir / 'checkpoints'}" in lines[0]
+    assert "Resume: python -m experiments.main" in lines[0]
+    saved = checkpoint.make_manager(str(workdir), reading=True).latest_step()
+    assert saved is not None and saved % 20 != 0  # Saved on the signal.
+    resumable[sig.name] = workdir
 
-  for workdir in (early, after, mid_write, term):
+  for workdir in (early, after, mid_write, *resumable.values()):
     run(workdir)
     assert _final(workdir) == _final(straight), workdir.name
     _assert_same_params(_params(workdir), _params(straight), rtol=1e-6)
+    # Steps logged past the last checkpoint were dropped on resume.
+    with open(workdir / "metrics.jsonl") as f:
+      rows = [(r["split"], r["step"]) for r in map(json.loads, f)]
+    assert len(rows) == len(set(rows)), workdir.name
+    with open(straight / "metrics.jsonl") as f:
+      assert rows == [(r["split"], r["step"]) for r in map(json.loads, f)]
 
 
 def test_non_finite_steps_stop_the_run_and_keep_good_checkpoints(
@@ -131,6 +148,10 @@ def test_checkpoint_of_another_model_is_refused(teacher_dir, tmp_path):
   config.num_steps = 20
   config.model.kwargs = {"width": 0.5}
   config.init_from_teacher = False
+  with pytest.raises(ValueError, match=r"other settings .*model\.kwargs"):
+    loop.train_and_evaluate(config, str(tmp_path))
+  # Even when other settings are allowed, other shapes cannot be restored.
+  config.allow_resume_with_changes = True
   with pytest.raises(checkpoint.CheckpointError,
                      match=r"does not fit this run's model/config: "
                      r"batch_stats\.stage1\.bn\.mean is float32\(16,\) in "

@@ -318,6 +318,8 @@ ANY_DEVICE_COUNT = textwrap.dedent("""
     assert train.make_mesh(batch_size=25).devices.size == 1
     assert train.make_mesh(batch_size=24).devices.size == n
     assert train.make_mesh(batch_size=10).devices.size == 2
+    assert train.make_mesh(batch_size=24, max_devices=1).devices.size == 1
+    assert train.make_mesh(batch_size=24, max_devices=3).devices.size == min(n, 3)
     ds = t.data.get_datasets({{"name": "digits"}})
     cfg = t.make_config("ot")
     meshes = {{"one": train.make_mesh(jax.devices()[:1])}}

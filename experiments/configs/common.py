@@ -60,6 +60,10 @@ def base_config() -> ml_collections.ConfigDict:
       "backbone_lr_multiplier": 1.0,
       "grad_clip_norm": 0.0})  # 0: no clipping
   c.batch_size = 64
+  # Data-parallel width: at most this many devices (0: every device the
+  # batch divides over). A fixed width gives bit-identical runs whatever the
+  # machine's device count; more devices only change float rounding.
+  c.max_devices = 0
   c.eval_batch_size = 256
   c.num_steps = 300
   c.log_every = 25
@@ -69,6 +73,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.augment = "none"  # 'none' | 'crop_flip' | 'imagenet'
   c.imagenet_normalization = False  # True for ImageNet-pretrained teachers
   c.seed = 0
+  # Resume a workdir whose checkpoint was written with other settings (data,
+  # model, method, loss, ...): a new history section starts at the resumed
+  # step. Without it such a resume is refused (see experiments/job.py).
+  c.allow_resume_with_changes = False
   # experiments.reproduce sets data.seed = seed too (a new subsample per
   # seed); False keeps data.seed, e.g. when the teacher trained on the same
   # split, so that validation never holds teacher training images.
