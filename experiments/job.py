@@ -223,7 +223,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
   tx = train.make_optimizer(config.optimizer, config.num_steps)
   # The largest device set the batch divides over: exact on any device count.
   mesh = train.make_mesh(batch_size=config.batch_size,
-                         max_devices=config.get("max_devices", 0))
+                         max_devices=config.max_devices)
   training_sample = _training_sample(ds, mean, std, config)
 
   def student_state(teacher, teacher_vars):

@@ -165,7 +165,7 @@ def resume(job: Job, manager) -> tuple[train.TrainState, History]:
   a new history section (model selection restarts at the resumed step).
   """
   now = checkpoint.config_to_json(job.config)
-  allowed = job.config.get("allow_resume_with_changes", False)
+  allowed = job.config.allow_resume_with_changes
   changes = []
 
   def check(step: int, meta: dict) -> None:
@@ -231,7 +231,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
               "relative_epsilon, or check the input data.")
       if itstime(step, config.eval_every, total):
         history.record(step, *_evaluate(job, state, writer, step))
-      stop = interrupted.stop(step % config.log_every == 0)
+      stop = interrupted.stop(itstime(step, config.log_every, total))
       if itstime(step, config.checkpoint_every, total) or stop:
         checkpoint.save(manager, step, state, _meta(job, history))
       if stop and step < total:

@@ -154,7 +154,7 @@ def mean_curve(
 
   Args:
     runs_records: per run (seed), its records of one split
-      (:func:`~ot_transfer_jax.metric_writers.read_metrics`).
+      (:func:`experiments.metric_writers.read_metrics`).
     key: the metric.
 
   Returns:

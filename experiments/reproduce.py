@@ -94,6 +94,20 @@ def hyperparameters(config) -> dict:
   return out
 
 
+def seeded(config, seed: int, root: str):
+  """A copy of ``config`` for ``seed``: ``config.seed`` and, unless
+  ``vary_data_seed`` is False, ``data.seed``; a teacher the config trains
+  goes to ``ROOT/teacher`` (unless ``teacher.workdir`` says where)."""
+  cfg = config.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.seed = seed
+    if cfg.vary_data_seed:
+      cfg.data.seed = seed
+    if cfg.teacher.source == "train" and not cfg.teacher.workdir:
+      cfg.teacher.workdir = os.path.join(root, "teacher")
+  return cfg
+
+
 def run_all(configs: dict, root: str, seeds: int, baseline=None) -> tuple:
   """Runs (or reuses) every method x seed; returns the records and the table.
 
@@ -103,13 +117,7 @@ def run_all(configs: dict, root: str, seeds: int, baseline=None) -> tuple:
   records, runs, analyses = [], {}, {}
   for method, config in configs.items():
     for seed in range(seeds):
-      cfg = config.copy_and_resolve_references()
-      with cfg.unlocked():
-        cfg.seed = seed
-        if cfg.vary_data_seed:
-          cfg.data.seed = seed
-        if cfg.teacher.source == "train" and not cfg.teacher.workdir:
-          cfg.teacher.workdir = os.path.join(root, "teacher")
+      cfg = seeded(config, seed, root)
       workdir = os.path.join(root, method, f"seed{seed}")
       logging.info("=== %s, seed %d -> %s", method, seed, workdir)
       try:

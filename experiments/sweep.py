@@ -103,12 +103,7 @@ def run_sweep(module, root: str, seed: int, methods=None, overrides=None,
       if not reproduce._has_key(cfg, key):
         raise ValueError(f"SWEEP[{method!r}] sets {key!r}, which "
                          f"get_config({method!r}) does not have.")
-      with cfg.unlocked():
-        cfg.seed = seed
-        if cfg.vary_data_seed:
-          cfg.data.seed = seed
-        if cfg.teacher.source == "train" and not cfg.teacher.workdir:
-          cfg.teacher.workdir = os.path.join(root, "teacher")
+      cfg = reproduce.seeded(cfg, seed, root)
       if cfg.data.val_per_class is None and cfg.data.val_fraction is None:
         raise ValueError("The sweep chooses on the validation split, but this "
                          "config has none: set data.val_per_class.")

@@ -58,6 +58,19 @@ def test_job_writes_outputs_and_restores(teacher_dir, tmp_path):
                                        str(tmp_path)) == final
 
 
+def test_periodic_actions_set_to_0_run_at_the_last_step_only(teacher_dir,
+                                                            tmp_path):
+  """every=0 turns a periodic action off; the last step still logs, evaluates
+  and checkpoints (and the SIGTERM/SIGINT vote does not divide by 0)."""
+  final = loop.train_and_evaluate(
+      tiny_config(teacher_dir, num_steps=4, log_every=0, eval_every=0,
+                  checkpoint_every=0), str(tmp_path))
+  assert final["step"] == 4 and final["best_step"] == 4
+  assert [(r["split"], r["step"]) for r in read_metrics(str(tmp_path))] == [
+      ("train", 4), ("val", 4), ("test", 4)]
+  assert checkpoint.restore(str(tmp_path)).step == 4
+
+
 def test_config_key_typo_gives_one_paragraph(teacher_dir, tmp_path):
   proc = subprocess.run(main_command(tmp_path, teacher_dir,
                               "--config.loss.terms.ot.wieght=1"),

@@ -29,7 +29,7 @@ from ot_transfer_jax.models import create_model
 # Native input size per model; every other model is CIFAR-size, 32x32x3.
 INPUTS = {"digits_cnn": (8, 8, 1), "digits_mlp": (8, 8, 1),
           **{f"resnet{d}": (224, 224, 3) for d in (18, 34, 50, 101)}}
-# variant -> (loss method, number of regularised stages, counted from the last).
+# variant -> (regulariser, number of regularised stages, counted from the last).
 VARIANTS = {
     "task only": ("none", 0),
     "+ Omega_I (1 layer)": ("feature_matching", 1),

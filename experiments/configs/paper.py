@@ -30,7 +30,7 @@ CIFAR_LR_DROP_EPOCHS = (150, 180, 210)
 # Omega_P / Omega_I weight: UNTUNED starting value (both are mean squared
 # differences of post-ReLU activations, O(1) per layer, summed over 3 layers).
 CIFAR_OT_WEIGHT = 1.0
-CIFAR_KD_WEIGHT = 1.0  # Ours is CE + kd_weight * KD (RepDistiller: 0.1 CE + 0.9 KD).
+CIFAR_KD_WEIGHT = 1.0  # The kd term's weight: CE + w KD (RepDistiller: 0.1 CE + 0.9 KD).
 FITNETS_WEIGHT = 100.0  # RepDistiller's beta for the hint (MSE).
 FITNETS_LAYER = "stage3"  # The last stage. RepDistiller's hint_layer=2 is stage2.
 AT_WEIGHT = 1000.0  # RepDistiller's beta for AT, on every stage.
@@ -89,7 +89,7 @@ def cifar100_distillation(teacher_name: str, student_name: str, *,
 
   Methods (CE is always there; RepDistiller's weights where it has them):
     student           CE only
-    kd                + KD, T=4, kd_weight 1 (ours is CE + w KD)
+    kd                + KD, T=4, weight 1 (ours is CE + w KD)
     fitnets           + hint on stage3 (1x1 regressor), weight 100
     attention         + AT on stage1-3, weight 1000
     feature_matching  + Omega_I on stage1-3 (equal widths), weight 1 (UNTUNED)
