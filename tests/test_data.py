@@ -139,6 +139,18 @@ def test_eval_batches_cover_every_example_once_with_mask():
   np.testing.assert_allclose(merged["image"][598], expected, rtol=1e-6)
 
 
+@pytest.mark.parametrize("batches", ["train", "eval"])
+def test_a_batch_size_below_1_is_a_clear_error(batches):
+  source = data.DigitsSource("test")
+  make = {"train": lambda: data.train_batches(
+              source, global_batch_size=0, seed=0, augment="none",
+              image_size=None, **STATS),
+          "eval": lambda: data.eval_batches(source, batch_size=0,
+                                            image_size=None, **STATS)}[batches]
+  with pytest.raises(ValueError, match="Batch size 0: it must be at least 1"):
+    make()
+
+
 def write_pngs(root, sizes_by_class):
   for name, sizes in sizes_by_class.items():
     (root / name).mkdir(parents=True)

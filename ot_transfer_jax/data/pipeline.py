@@ -175,6 +175,11 @@ def _normalize(batch: dict, mean: np.ndarray, std: np.ndarray) -> dict:
 
 
 def _local_batch_size(global_batch_size: int, process_count: int) -> int:
+  if global_batch_size < 1:
+    raise ValueError(
+        f"Batch size {global_batch_size}: it must be at least 1. Set the "
+        "config's batch_size, eval_batch_size and analysis.batch_size to "
+        "positive numbers.")
   if global_batch_size % process_count:
     raise ValueError(f"Batch size {global_batch_size} is not divisible by the"
                      f" {process_count} processes.")
