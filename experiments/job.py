@@ -134,6 +134,11 @@ def load_teacher(config, workdir: str, train_teacher: Callable,
           "teacher, or set teacher.job to the settings it was trained with.")
     return restored.model, restored.variables
   if t.source == "checkpoint":
+    if not t.path:
+      raise ValueError(
+          "teacher.source='checkpoint' needs teacher.path, the --workdir of "
+          "the finished run to use as the teacher: add "
+          "--config.teacher.path=DIR.")
     restored = checkpoint.restore(t.path)
     return restored.model, restored.variables
   if t.source == "torchvision":

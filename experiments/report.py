@@ -2,11 +2,13 @@
 
 Inputs, as training writes them::
 
-  results.json            [{"method", "seed", "test_accuracy_best_val",
-                            "test_accuracy_last", "val_accuracy_best",
-                            "best_step", "step", "workdir"}, ...]
+  results.json            [{"method", "seed", "status",
+                            "test_accuracy_best_val", "test_accuracy_last",
+                            "val_accuracy_best", "best_step", "step",
+                            "hyperparameters", "workdir"}, ...]
   WORKDIR/metrics.jsonl   metric_writers.MetricWriter; train records carry
-                          "loss", "accuracy", "matched_fraction/<layer>", ...
+                          "loss", "accuracy",
+                          "matched_fraction/<term>/<s>-><t>", ...
   WORKDIR/analysis.json   {"layers": [...] (depth order),
                            "matched_fraction": [float | null, ...],
                            "plans": {layer: (n_s, n_t) nested lists}}
@@ -237,8 +239,9 @@ def plot_matched_fraction_training(runs: Mapping[str, Sequence[str]],
   Args:
     runs: method -> the workdirs of its seeds.
     path: the PNG to write.
-    layer_key: the layer pair, with or without the ``matched_fraction/``
-      prefix (e.g. ``"stage2->stage2"``); None: one panel per pair logged.
+    layer_key: the term and layer pair, with or without the
+      ``matched_fraction/`` prefix (e.g. ``"ot/stage2->stage2"``); None: one
+      panel per pair logged.
 
   Raises:
     NoDataError: no run logged a matched fraction (of ``layer_key``).

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from experiments import reproduce
-from experiments import loop
+from experiments import job, loop
 from ot_transfer_jax import checkpoint, data, train
 from experiments.metric_writers import read_metrics
 
@@ -148,6 +148,14 @@ def test_cli_errors_are_one_message(teacher_dir, tmp_path):
       capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
   assert "Unknown method 'magic'" in proc.stderr
+
+
+def test_a_checkpoint_teacher_without_a_path_says_what_to_set(tmp_path):
+  c = tiny_config(tmp_path / "teacher")
+  c.teacher.source = "checkpoint"
+  with pytest.raises(ValueError, match=r"needs teacher.path.*"
+                     r"--config.teacher.path=DIR"):
+    job.load_teacher(c, str(tmp_path), loop.train_and_evaluate)
 
 
 def test_restore_without_checkpoints_says_what_to_do(tmp_path):

@@ -91,10 +91,10 @@ def make_run(workdir, seed, ot_metrics):
                  "ce": 1.5, "accuracy": step / 250}
       if ot_metrics:
         for layer in LAYERS[1:]:
-          metrics[f"matched_fraction/{layer}->{layer}"] = min(
+          metrics[f"matched_fraction/ot/{layer}->{layer}"] = min(
               1.0, 0.2 + step / 250 + 0.02 * rng.random())
-          metrics[f"sinkhorn_iters/{layer}->{layer}"] = 40
-        metrics["reg"] = 0.1
+          metrics[f"sinkhorn_iters/ot/{layer}->{layer}"] = 40
+        metrics["reg/ot"] = 0.1
       writer.write(step, metrics)
       if step % 50 == 0:
         writer.write(step, {"accuracy": 0.5 + step / 500 + 0.01 * seed,
@@ -131,7 +131,7 @@ def test_figures(tmp_path, runs):
   report.plot_learning_curves(runs, str(out / "curves.png"))
   report.plot_matched_fraction_training(runs, str(out / "training.png"))
   report.plot_matched_fraction_training(runs, str(out / "stage2.png"),
-                                        layer_key="stage2->stage2")
+                                        layer_key="ot/stage2->stage2")
   analyses = {"none": [make_analysis(0, with_plans=False)],
               "ot": [make_analysis(0), make_analysis(1)]}
   report.plot_matched_fraction_depth(analyses, str(out / "depth.png"))
@@ -147,7 +147,7 @@ def test_figures_without_data_raise(tmp_path, runs):
                                           str(tmp_path / "a.png"))
   with pytest.raises(report.NoDataError):
     report.plot_matched_fraction_training(runs, str(tmp_path / "b.png"),
-                                          layer_key="stage9->stage9")
+                                          layer_key="ot/stage9->stage9")
   with MetricWriter(str(tmp_path / "eval_only"), tensorboard=False) as writer:
     writer.write(0, {"accuracy": 0.1}, split="val")
   with pytest.raises(report.NoDataError):
