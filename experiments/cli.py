@@ -66,11 +66,13 @@ def _bad_override(e: Exception) -> None:
     message = re.sub(r"^'+|'+$", "", message)
   message = " ".join(message.split())
   message = re.sub(r"^'?(\w+)'", r"'\1'", message)
+  end = "" if message.endswith((".", "?")) else "."
   sys.stderr.write(
-      f"Error: bad --config override: {message}. Every key must exist in "
+      f"Error: bad --config override: {message}{end} Every key must exist in "
       "the config file's get_config() (see its docstring, or "
-      "experiments/configs/common.py for the full list with defaults; a method's terms are under loss.terms.<name>); "
-      "values must have the key's type.\n")
+      "experiments/configs/common.py for the full list with defaults; a "
+      "method's terms are under loss.terms.<name>); values must have the "
+      "key's type.\n")
   sys.exit(2)
 
 
