@@ -176,12 +176,16 @@ def untrained_teacher(job_config) -> tuple[Any, Any]:
 # Settings a resume may change: they do not change what the steps already
 # taken computed, nor the data, model or method they describe. Any other
 # difference is another run (prefixes of dotted config keys).
+_RUN_SETTINGS = (
+    "log_every", "eval_every", "checkpoint_every", "max_to_keep",
+    "eval_batch_size", "analysis", "data.data_dir", "loss.max_bad_steps",
+    "allow_resume_with_changes", "method_order", "baseline_method",
+    "vary_data_seed", "max_devices")
 RESUMABLE_CHANGES = (
-    "num_steps", "log_every", "eval_every", "checkpoint_every", "max_to_keep",
-    "eval_batch_size", "analysis", "data.data_dir", "teacher.workdir",
-    "teacher.job",  # The teacher's own workdir checks its run.
-    "loss.max_bad_steps", "allow_resume_with_changes", "method_order",
-    "baseline_method", "vary_data_seed", "max_devices")
+    "num_steps", *_RUN_SETTINGS, "teacher.workdir",
+    # The same settings of the teacher's job; not its num_steps: a longer
+    # teacher job trains the cached teacher on, so a different teacher.
+    *(f"teacher.job.{key}" for key in _RUN_SETTINGS))
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict:

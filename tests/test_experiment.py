@@ -158,6 +158,16 @@ def test_a_checkpoint_teacher_without_a_path_says_what_to_set(tmp_path):
     job.load_teacher(c, str(tmp_path), loop.train_and_evaluate)
 
 
+def test_a_longer_teacher_job_is_another_run_for_the_student(tmp_path):
+  saved = checkpoint.config_to_json(tiny_config(tmp_path))
+  now = tiny_config(tmp_path, num_steps=40, log_every=2)
+  now.teacher.job.log_every = 3
+  assert job.config_differences(saved, checkpoint.config_to_json(now)) == []
+  now.teacher.job.num_steps += 10  # Trains the cached teacher on.
+  assert job.config_differences(saved, checkpoint.config_to_json(now)) == [
+      "teacher.job.num_steps: 40 -> 50"]
+
+
 def test_restore_without_checkpoints_says_what_to_do(tmp_path):
   with pytest.raises(checkpoint.CheckpointError, match="train first"):
     checkpoint.restore(str(tmp_path))
