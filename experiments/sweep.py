@@ -23,9 +23,8 @@ order) is chosen, per method and key; test accuracies are neither printed nor
 used. Writes ``WORKDIR/sweep.json`` (``records``: one per run with ``method``,
 ``key``, ``value``, ``seed``, ``val_accuracy_best``, ``best_step``,
 ``workdir``, kept across invocations; ``chosen``: ``{method: {key: value}}``)
-and ``WORKDIR/sweep.md``, and prints
-the table and the chosen values: copy them into the config, with a comment
-naming this command.
+and ``WORKDIR/sweep.md``, and prints the table and the chosen values: copy
+them into the config, with a comment naming this command.
 """
 
 import json
