@@ -368,10 +368,10 @@ def terms_from_config(terms_cfg: Mapping[str, Any]) -> Tuple[Term, ...]:
     t_layers = tuple(cfg["teacher_layers"]) or s_layers
     weights = tuple(cfg["layer_weights"]) or (1.0,) * len(s_layers)
     if reg.reads != "features":
-      if s_layers or cfg["teacher_layers"]:
+      if s_layers or cfg["teacher_layers"] or cfg["layer_weights"]:
         raise ValueError(f"{where}: {cfg['regularizer']!r} reads "
-                         f"{reg.reads}, not layers; remove its student_layers "
-                         "and teacher_layers.")
+                         f"{reg.reads}, not layers; remove its student_layers, "
+                         "teacher_layers and layer_weights.")
       pairs = ()
     else:
       if not s_layers or not len(s_layers) == len(t_layers) == len(weights):

@@ -197,6 +197,10 @@ def test_unknown_regularizer_and_option_rejected():
   cfg.loss.terms.kd.student_layers = ("stage2",)
   with pytest.raises(ValueError, match="'kd' reads logits, not layers"):
     setup(cfg, 1)
+  cfg = make_config("kd")
+  cfg.loss.terms.kd.layer_weights = (2.0,)  # Would be ignored: refused.
+  with pytest.raises(ValueError, match="'kd' reads logits, not layers"):
+    setup(cfg, 1)
 
 
 def test_transfer_init_copies_backbone_and_keeps_new_head():
