@@ -300,6 +300,13 @@ MULTI_DEVICE = textwrap.dedent("""
 """)
 
 
+def test_a_negative_max_devices_is_refused():
+  with pytest.raises(ValueError, match=r"max_devices=-1: use 0 .* or a "
+                     "positive limit"):
+    train.make_mesh(batch_size=4, max_devices=-1)
+  assert train.make_mesh(batch_size=4, max_devices=0).devices.size >= 1
+
+
 def test_two_devices_match_one_device_and_compile_once():
   env = dict(os.environ,
              XLA_FLAGS="--xla_force_host_platform_device_count=2",
