@@ -176,12 +176,16 @@ def untrained_teacher(job_config) -> tuple[Any, Any]:
 # Settings a resume may change: they do not change what the steps already
 # taken computed, nor the data, model or method they describe. Any other
 # difference is another run (prefixes of dotted config keys).
+_RUN_SETTINGS = (
+    "log_every", "eval_every", "checkpoint_every", "max_to_keep",
+    "eval_batch_size", "analysis", "data.data_dir", "loss.max_bad_steps",
+    "allow_resume_with_changes", "method_order", "baseline_method",
+    "vary_data_seed", "max_devices")
 RESUMABLE_CHANGES = (
-    "num_steps", "log_every", "eval_every", "checkpoint_every", "max_to_keep",
-    "eval_batch_size", "analysis", "data.data_dir", "teacher.workdir",
-    "teacher.job",  # The teacher's own workdir checks its run.
-    "loss.max_bad_steps", "allow_resume_with_changes", "method_order",
-    "baseline_method", "vary_data_seed", "max_devices")
+    "num_steps", *_RUN_SETTINGS, "teacher.workdir",
+    # The same settings of the teacher's job; not its num_steps: a longer
+    # teacher job trains the cached teacher on, so a different teacher.
+    *(f"teacher.job.{key}" for key in _RUN_SETTINGS))
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict:
@@ -294,11 +298,26 @@ def _check_analysis_layers(config, model, variables, teacher, teacher_vars,
       raise ValueError(f"analysis.layers, in the {name}: {e}") from None
 
 
+# Training images a term's init may read (DELTA): enough for a linear head.
+TRAINING_SAMPLE = 512
+
+
 def _training_sample(ds, mean, std, config) -> dict:
-  """``{"images", "labels"}``: the first evaluation batch of the training split
-  (normalised), for terms whose ``init`` reads data (e.g. DELTA)."""
-  first = next(data.eval_batches(ds.train, batch_size=config.batch_size,
+  """``{"images", "labels", "num_classes"}`` for terms whose ``init`` reads
+  data (e.g. DELTA): the first ``TRAINING_SAMPLE / num_classes`` training
+  images of every class (all of a small training set), in index order,
+  normalised; no images when no term needs them."""
+  terms = regularizers.terms_from_config(config.loss.terms)
+  if not any(t.regularizer.needs_data for t in terms):
+    return {"num_classes": ds.num_classes}
+  labels = np.asarray(ds.train.labels)
+  per_class = -(-TRAINING_SAMPLE // ds.num_classes)
+  keep = np.sort(np.concatenate([np.flatnonzero(labels == c)[:per_class]
+                                 for c in range(ds.num_classes)]))
+  subset = data.SubsetSource(ds.train, keep, np.arange(ds.num_classes))
+  batch = next(data.eval_batches(subset, batch_size=len(keep),
                                  image_size=config.data.image_size,
                                  mean=mean, std=std))
-  return {"images": first["image"][first["mask"]],
-          "labels": first["label"][first["mask"]]}
+  return {"images": batch["image"][batch["mask"]],
+          "labels": batch["label"][batch["mask"]],
+          "num_classes": ds.num_classes}

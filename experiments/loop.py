@@ -203,7 +203,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     The final metrics (also written to ``WORKDIR/final_metrics.json``).
 
   Raises:
-    Preempted: SIGTERM; a checkpoint was saved.
+    Preempted: SIGTERM or SIGINT; a checkpoint was saved.
     Diverged: ``loss.max_bad_steps`` consecutive non-finite steps.
   """
   job = setup(config, workdir, train_teacher=train_and_evaluate)

@@ -35,8 +35,9 @@ workdirs/digits_transfer/ot``)::
   for images, class_ids in restored.test_batches():  # the run's test split
     ...
 
-This module imports only jax, flax, optax, ott-jax, orbax and numpy; the data
-stack (grain, TFDS) is imported by :meth:`Restored.test_batches` alone.
+This module imports only the core (jax, flax, optax, ott-jax, orbax, numpy,
+absl); the data stack (grain, TFDS) is imported by
+:meth:`Restored.test_batches` alone.
 """
 
 from __future__ import annotations

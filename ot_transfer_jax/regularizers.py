@@ -64,7 +64,9 @@ class Context:
     student_layer, teacher_layer: the layer pair (``"features"`` terms).
     teacher: the teacher module and ``teacher_vars`` its variables.
     images: ``(N, H, W, C)`` normalised training images, labels ``(N,)``
-      (a sample; ``None`` when unavailable, e.g. in unit tests).
+      (a class-balanced sample; ``None`` when unavailable, e.g. in unit
+      tests, or when no term sets ``needs_data``).
+    num_classes: the target task's number of classes.
   """
 
   student_layer: Optional[str] = None
@@ -73,6 +75,7 @@ class Context:
   teacher_vars: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   images: Any = None
   labels: Any = None
+  num_classes: Optional[int] = None
 
 
 class Regularizer:
@@ -80,6 +83,8 @@ class Regularizer:
 
   reads: ClassVar[str] = "features"
   option_defaults: ClassVar[Mapping[str, Any]] = {}
+  # Whether ``init`` reads ``Context.images`` / ``labels`` (built only then).
+  needs_data: ClassVar[bool] = False
 
   def __init__(self, **options: Any):
     unknown = sorted(set(options) - set(self.option_defaults))
@@ -204,6 +209,7 @@ class Delta(Regularizer):
   Uniform weights would make this Omega_I (``feature_matching``).
   """
 
+  needs_data = True
   option_defaults = {"temperature": delta_weights.DEFAULT_TEMPERATURE,
                      "head_steps": 300, "spatial": "flatten",
                      "normalize": "none"}
@@ -216,8 +222,8 @@ class Delta(Regularizer):
           "training images of the target task, and none were given (Context."
           "teacher / images / labels). Use feature_matching for uniform weights.")
     labels = jnp.asarray(context.labels)
-    # The sample holds every target class (the training set, or a sample of it).
-    num_classes = int(jnp.max(labels)) + 1
+    # The task's classes, not the sample's: a sample may miss a class.
+    num_classes = context.num_classes or int(jnp.max(labels)) + 1
     model = context.teacher.clone(num_classes=num_classes)
     layer = context.teacher_layer
     compute = jax.jit(lambda v, x, y: delta_weights.channel_weights(
@@ -368,10 +374,10 @@ def terms_from_config(terms_cfg: Mapping[str, Any]) -> Tuple[Term, ...]:
     t_layers = tuple(cfg["teacher_layers"]) or s_layers
     weights = tuple(cfg["layer_weights"]) or (1.0,) * len(s_layers)
     if reg.reads != "features":
-      if s_layers or cfg["teacher_layers"]:
+      if s_layers or cfg["teacher_layers"] or cfg["layer_weights"]:
         raise ValueError(f"{where}: {cfg['regularizer']!r} reads "
-                         f"{reg.reads}, not layers; remove its student_layers "
-                         "and teacher_layers.")
+                         f"{reg.reads}, not layers; remove its student_layers, "
+                         "teacher_layers and layer_weights.")
       pairs = ()
     else:
       if not s_layers or not len(s_layers) == len(t_layers) == len(weights):

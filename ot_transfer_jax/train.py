@@ -410,8 +410,12 @@ def data_parallel_devices(devices: Sequence[jax.Device], batch_size: int,
   each process one device.
 
   Raises:
-    ValueError: the batch does not divide over the processes.
+    ValueError: the batch does not divide over the processes, or a negative
+      ``max_devices``.
   """
+  if max_devices is not None and max_devices < 0:
+    raise ValueError(f"max_devices={max_devices}: use 0 (every device the "
+                     "batch divides over) or a positive limit.")
   by_process: dict[int, list] = {}
   for d in devices:
     by_process.setdefault(d.process_index, []).append(d)

@@ -1,5 +1,6 @@
 """The end-to-end job: outputs, restore, resume after SIGKILL, reproduce."""
 
+import dataclasses
 import json
 import os
 import re
@@ -158,6 +159,16 @@ def test_a_checkpoint_teacher_without_a_path_says_what_to_set(tmp_path):
     job.load_teacher(c, str(tmp_path), loop.train_and_evaluate)
 
 
+def test_a_longer_teacher_job_is_another_run_for_the_student(tmp_path):
+  saved = checkpoint.config_to_json(tiny_config(tmp_path))
+  now = tiny_config(tmp_path, num_steps=40, log_every=2)
+  now.teacher.job.log_every = 3
+  assert job.config_differences(saved, checkpoint.config_to_json(now)) == []
+  now.teacher.job.num_steps += 10  # Trains the cached teacher on.
+  assert job.config_differences(saved, checkpoint.config_to_json(now)) == [
+      "teacher.job.num_steps: 40 -> 50"]
+
+
 def test_restore_without_checkpoints_says_what_to_do(tmp_path):
   with pytest.raises(checkpoint.CheckpointError, match="train first"):
     checkpoint.restore(str(tmp_path))
@@ -200,3 +211,28 @@ def test_every_digits_method_runs(name, tmp_path):
     for name in config.loss.terms:  # Every term is logged, and active.
       assert np.isfinite(last_train[f"reg/{name}"]), (method, name)
       assert last_train[f"reg/{name}"] > 0, (method, name)
+
+
+def test_terms_that_read_data_get_every_class(teacher_dir, monkeypatch):
+  """DELTA's init fits a head on a class-balanced sample of the training set,
+  knowing the task's classes, even when the data are sorted by class."""
+  from experiments import job
+  from experiments.configs import common
+  c = tiny_config(teacher_dir, method="scratch")
+  c.data.samples_per_class = None  # ~500 images: more than the sample.
+  monkeypatch.setattr(job, "TRAINING_SAMPLE", 100)
+  ds = data.get_datasets(c.data)
+  assert len(ds.train) > 2 * job.TRAINING_SAMPLE
+  sorted_train = data.SubsetSource(ds.train, np.argsort(ds.train.labels,
+                                                        kind="stable"),
+                                   np.arange(ds.num_classes))
+  ds = dataclasses.replace(ds, train=sorted_train)
+  assert job._training_sample(ds, ds.mean, ds.std, c) == {
+      "num_classes": ds.num_classes}  # No term reads data: no images.
+  with c.unlocked():
+    c.loss.terms.delta = common.term("delta", 0.1, student_layers=("stage2",))
+  sample = job._training_sample(ds, ds.mean, ds.std, c)
+  assert sample["num_classes"] == 5
+  per_class = -(-job.TRAINING_SAMPLE // 5)
+  np.testing.assert_array_equal(np.bincount(sample["labels"]), [per_class] * 5)
+  assert sample["images"].shape == (len(sample["labels"]), 8, 8, 1)

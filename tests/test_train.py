@@ -197,6 +197,10 @@ def test_unknown_regularizer_and_option_rejected():
   cfg.loss.terms.kd.student_layers = ("stage2",)
   with pytest.raises(ValueError, match="'kd' reads logits, not layers"):
     setup(cfg, 1)
+  cfg = make_config("kd")
+  cfg.loss.terms.kd.layer_weights = (2.0,)  # Would be ignored: refused.
+  with pytest.raises(ValueError, match="'kd' reads logits, not layers"):
+    setup(cfg, 1)
 
 
 def test_transfer_init_copies_backbone_and_keeps_new_head():
@@ -294,6 +298,13 @@ MULTI_DEVICE = textwrap.dedent("""
     assert diff <= 1e-4 * np.linalg.norm(flat(out[1][1])), diff
     print("OK", out[1][0])
 """)
+
+
+def test_a_negative_max_devices_is_refused():
+  with pytest.raises(ValueError, match=r"max_devices=-1: use 0 .* or a "
+                     "positive limit"):
+    train.make_mesh(batch_size=4, max_devices=-1)
+  assert train.make_mesh(batch_size=4, max_devices=0).devices.size >= 1
 
 
 def test_two_devices_match_one_device_and_compile_once():
