@@ -89,8 +89,8 @@ def test_resume_falls_back_to_the_newest_intact_step(teacher_dir, run_dir,
                 key=lambda f: f.stat().st_size)
   _flip(largest)
   with pytest.raises(checkpoint.CheckpointError,
-                     match=r"step 20 .* damaged: array (params|opt_state)\.\S+ "
-                     r"does not"):
+                     match=r"step 20 .* (damaged: array (params|opt_state)\.\S+ "
+                     r"does not|cannot be read)"):  # Checksum, or no decode.
     checkpoint.restore(str(work))
   os.remove(work / "final_metrics.json")
 
