@@ -55,9 +55,10 @@ def test_one_flipped_byte_in_any_read_array_file_is_detected(run_dir,
                                                              tmp_path):
   """Every file of the OCDBT stores, at its middle and (array data) at 8
   more offsets: a flipped byte is an error naming the step, and the array
-  when the file still decodes; or the file is never read (orbax leaves
-  superseded b-tree nodes behind)."""
+  when the file still decodes; or the byte is never read (orbax leaves
+  superseded b-tree nodes behind) and the restored arrays are intact."""
   step_dir = run_dir / "checkpoints" / "20"
+  reference = checkpoint.restore(str(run_dir))
   named, trials = set(), 0
   for rel in _data_files(step_dir):
     size = (step_dir / rel).stat().st_size
@@ -73,10 +74,11 @@ def test_one_flipped_byte_in_any_read_array_file_is_detected(run_dir,
         assert "step 20" in str(e), e
         named.update(re.findall(r"array (\S+) does not match", str(e)))
         continue
-      unread = _copy(run_dir, tmp_path / f"unread{trials}")
-      (unread / "checkpoints" / "20" / rel).unlink()
-      assert checkpoint.restore(str(unread)).step == 20, (
-          f"a flip in {rel} at {offset} went undetected, yet it is read")
+      # Undetected: then the flipped byte is one orbax never reads (a
+      # superseded b-tree node or chunk), and what it restores is intact.
+      restored = checkpoint.restore(str(work))
+      jax.tree_util.tree_map(np.testing.assert_array_equal,
+                             restored.variables, reference.variables)
   assert any(n.startswith("params.") for n in named), named
   assert any(n.startswith("opt_state.") for n in named), named
 
