@@ -35,26 +35,13 @@ def experiment():
   return c
 
 
-def scratch(c):
-  del c  # CE and weight decay only.
-
-
-def attention(c):
-  c.loss.terms.attention = common.term(
-      "attention", 100.0, student_layers=("stage1", "stage2"))
-
-
-def fitnets(c):
-  c.loss.terms.fitnets = common.term("fitnets", 1.0,
-                                     student_layers=("stage2",))
-
-
-def ot(c):
-  c.loss.terms.ot = common.term("ot", 0.1, student_layers=LAYERS)
-
-
-METHODS = {"scratch": scratch, "attention": attention, "fitnets": fitnets,
-           "ot": ot}
+METHODS = {
+    "scratch": common.unchanged,  # CE and weight decay only.
+    "attention": common.with_term("attention", 100.0,
+                                  student_layers=("stage1", "stage2")),
+    "fitnets": common.with_term("fitnets", 1.0, student_layers=("stage2",)),
+    "ot": common.with_term("ot", 0.1, student_layers=LAYERS),
+}
 
 
 def get_config(method=None):

@@ -63,35 +63,17 @@ def experiment():
   return c
 
 
-def student(c):
-  del c  # CE and weight decay only.
-
-
-def kd(c):
-  c.loss.terms.kd = common.term("kd", 1.0)
-
-
-def fitnets(c):
-  c.loss.terms.fitnets = common.term("fitnets", 1.0,
-                                     student_layers=("stage2",))
-
-
-def attention(c):
-  c.loss.terms.attention = common.term(
-      "attention", 100.0, student_layers=("stage1", "stage2"))
-
-
-def ot(c):
-  c.loss.terms.ot = common.term("ot", 1.0, student_layers=LAYERS)
-
-
-def ot_kd(c):
-  ot(c)
-  kd(c)
-
-
-METHODS = {"student": student, "kd": kd, "fitnets": fitnets,
-           "attention": attention, "ot": ot, "ot_kd": ot_kd}
+kd = common.with_term("kd", 1.0)
+ot = common.with_term("ot", 1.0, student_layers=LAYERS)
+METHODS = {
+    "student": common.unchanged,  # CE and weight decay only.
+    "kd": kd,
+    "fitnets": common.with_term("fitnets", 1.0, student_layers=("stage2",)),
+    "attention": common.with_term("attention", 100.0,
+                                  student_layers=("stage1", "stage2")),
+    "ot": ot,
+    "ot_kd": common.combine(ot, kd),
+}
 
 
 def get_config(method=None):

@@ -60,26 +60,14 @@ def experiment():
   return c
 
 
-def scratch(c):
-  del c  # CE and weight decay only.
-
-
-def fitnets(c):
-  c.loss.terms.fitnets = common.term("fitnets", WEIGHTS["fitnets"],
-                                     student_layers=("stage2",))
-
-
-def attention(c):
-  c.loss.terms.attention = common.term("attention", WEIGHTS["attention"],
-                                       student_layers=LAYERS)
-
-
-def ot(c):
-  c.loss.terms.ot = common.term("ot", WEIGHTS["ot"], student_layers=LAYERS)
-
-
-METHODS = {"scratch": scratch, "fitnets": fitnets, "attention": attention,
-           "ot": ot}
+METHODS = {
+    "scratch": common.unchanged,  # CE and weight decay only.
+    "fitnets": common.with_term("fitnets", WEIGHTS["fitnets"],
+                                student_layers=("stage2",)),
+    "attention": common.with_term("attention", WEIGHTS["attention"],
+                                  student_layers=LAYERS),
+    "ot": common.with_term("ot", WEIGHTS["ot"], student_layers=LAYERS),
+}
 
 
 def get_config(method=None):

@@ -89,35 +89,18 @@ def experiment():
   return c
 
 
-def student(c):
-  del c  # CE and weight decay only.
-
-
-def kd(c):
-  c.loss.terms.kd = common.term("kd", WEIGHTS["kd"])
-
-
-def fitnets(c):
-  c.loss.terms.fitnets = common.term("fitnets", WEIGHTS["fitnets"],
-                                     student_layers=("stage2",))
-
-
-def attention(c):
-  c.loss.terms.attention = common.term("attention", WEIGHTS["attention"],
-                                       student_layers=LAYERS)
-
-
-def ot(c):
-  c.loss.terms.ot = common.term("ot", WEIGHTS["ot"], student_layers=LAYERS)
-
-
-def ot_kd(c):
-  ot(c)
-  kd(c)
-
-
-METHODS = {"student": student, "kd": kd, "fitnets": fitnets,
-           "attention": attention, "ot": ot, "ot_kd": ot_kd}
+kd = common.with_term("kd", WEIGHTS["kd"])
+ot = common.with_term("ot", WEIGHTS["ot"], student_layers=LAYERS)
+METHODS = {
+    "student": common.unchanged,  # CE and weight decay only.
+    "kd": kd,
+    "fitnets": common.with_term("fitnets", WEIGHTS["fitnets"],
+                                student_layers=("stage2",)),
+    "attention": common.with_term("attention", WEIGHTS["attention"],
+                                  student_layers=LAYERS),
+    "ot": ot,
+    "ot_kd": common.combine(ot, kd),
+}
 
 
 def get_config(method=None):
