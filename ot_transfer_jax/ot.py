@@ -48,6 +48,17 @@ recipe (per-device loss ``task + alpha * Omega_P``, then ``lax.pmean`` of the
 gradients) therefore gives the exact global gradient. Taking ``jax.grad``
 outside ``pmap``, of one device's output, gives the per-shard part itself.
 ``shard_map(..., check_vma=False)`` follows ``pmap``'s rule.
+
+Without ``axis_name`` inside ``shard_map``, activations that vary across a
+mesh axis (a batch split over it) are refused with a ``ValueError`` naming the
+axis to pass (:func:`check_axis_name`). Under ``pmap`` and
+``shard_map(..., check_vma=False)``, where values carry no such type, every
+function computes the per-device value: that of the device's own shard.
+
+Precision: activations are computed in float32 (bfloat16 promoted), float64
+stays float64. Under ``jax_enable_x64`` the small ``n_s x n_t`` Sinkhorn solve
+of float32 activations runs in float64 (ott-jax builds part of its state in
+the default float type) and its results come back in float32.
 """
 
 from __future__ import annotations
@@ -242,11 +253,14 @@ def check_activation_shapes(
 
 
 def check_activations(student: jax.Array, teacher: jax.Array,
-                      spatial: str = "flatten") -> None:
-  """:func:`check_activation_shapes` plus a floating-point dtype check."""
+                      spatial: str = "flatten", *,
+                      axis_name: AxisName = None) -> None:
+  """:func:`check_activation_shapes`, a floating-point dtype check and, inside
+  ``shard_map``, :func:`check_axis_name`."""
   _check_dtype(student, "student")
   _check_dtype(teacher, "teacher")
   check_activation_shapes(jnp.shape(student), jnp.shape(teacher), spatial)
+  check_axis_name(axis_name, student=student, teacher=teacher)
 
 
 # ---------------------------------------------------------------------------
@@ -301,6 +315,38 @@ def _replicated(x: jax.Array, axis_name: AxisName) -> jax.Array:
   return jax.lax.pmean(x, axis_name)
 
 
+def check_axis_name(axis_name: AxisName, **arrays: Any) -> None:
+  """ValueError when, inside ``jax.shard_map``, an input varies across a mesh
+  axis that ``axis_name`` does not name.
+
+  Such an input is a shard of a batch split over that axis: without its name
+  the result would be the OT (or mean) of one device's shard, and ott-jax's
+  Sinkhorn would fail deep inside with a ``cond`` TypeError. Under
+  ``jax.pmap`` (which does not type values by device) and
+  ``shard_map(..., check_vma=False)`` nothing can be detected: without
+  ``axis_name`` every function computes the per-device value, i.e. on the
+  device's shard of the batch.
+
+  Args:
+    axis_name: as passed to the function, None included.
+    **arrays: the inputs by name (``student=...``, ``teacher=...``).
+  """
+  named = set() if axis_name is None else set(_axes(axis_name))
+  for who, x in arrays.items():
+    missing = sorted(_varying_axes(x) - named)
+    if not missing:
+      continue
+    axes = ", ".join(repr(a) for a in missing)
+    wanted = sorted(named | set(missing))
+    fix = repr(wanted[0]) if len(wanted) == 1 else repr(tuple(wanted))
+    raise ValueError(
+        f"The {who} activations vary across the shard_map mesh axis {axes} "
+        f"(the batch is split over it), but axis_name={axis_name!r}. Pass "
+        f"axis_name={fix} to get the value of the global batch on every "
+        "device (docs/usage.md, 'Several devices'); for the per-device value "
+        "of each shard instead, run under shard_map(..., check_vma=False).")
+
+
 # ---------------------------------------------------------------------------
 # Descriptors -> cost -> solve
 # ---------------------------------------------------------------------------
@@ -333,6 +379,7 @@ def neuron_descriptors(
   """
   _check_choice("spatial", spatial, SPATIAL_MODES)
   _check_choice("normalize", normalize, NORMALIZE_MODES)
+  check_axis_name(axis_name, layer=activations)
   # Low-precision inputs (bfloat16) are computed in float32; float64 stays.
   x = activations.astype(jnp.promote_types(activations.dtype, jnp.float32))
   if spatial == "pool" and x.ndim > 2:
@@ -380,6 +427,7 @@ def cost_matrix(student_desc: jax.Array, teacher_desc: jax.Array, *,
     (``|a|^2 + |t|^2 - 2 a.t``) and clipped at 0 against round-off; the same
     on every device.
   """
+  check_axis_name(axis_name, student=student_desc, teacher=teacher_desc)
   sq_s, sq_t, cross, _, d = _cost_terms(student_desc, teacher_desc, axis_name,
                                         precision)
   return _assemble_cost(sq_s, sq_t, cross, d)
@@ -559,7 +607,7 @@ def solve_neuron_ot(
       below 1, a non-positive threshold, or ``init`` of the wrong shapes.
       A traced epsilon that is invalid gives a NaN value, ``converged=False``.
   """
-  check_activations(student, teacher, spatial)
+  check_activations(student, teacher, spatial, axis_name=axis_name)
   _check_choice("grad", grad, GRAD_MODES)
   _check_choice("precision", precision, PRECISIONS)
   hint = (f"The default is relative_epsilon={DEFAULT_RELATIVE_EPSILON} "
@@ -600,15 +648,23 @@ def solve_neuron_ot(
   envelope = grad == "envelope"
   if envelope:
     scaled_cost = jax.lax.stop_gradient(scaled_cost)
+  # Under jax_enable_x64, ott-jax builds some of its state in float64 (e.g.
+  # Anderson's history), which a float32 solve cannot mix with: the small
+  # n_s x n_t solve then runs in float64 and its results come back in the
+  # activations' precision. Without x64 this is float32 throughout.
+  dtype = scaled_cost.dtype
+  solve_dtype = jnp.promote_types(dtype, jnp.result_type(float))
   cold = init is None
   if not cold:
-    init = tuple(p / unit for p in init)
+    init = tuple((p / unit).astype(solve_dtype) for p in init)
   annealing = anneal and cold
   if inner_iterations is None:
     inner_iterations = 10 if cold else 2
-  schedule = (epsilon_scheduler.Epsilon(eps / unit, ANNEAL_INIT, ANNEAL_DECAY)
-              if annealing else eps / unit)
-  geom = geometry.Geometry(cost_matrix=scaled_cost, epsilon=schedule)
+  solve_eps = (eps / unit).astype(solve_dtype)
+  schedule = (epsilon_scheduler.Epsilon(solve_eps, ANNEAL_INIT, ANNEAL_DECAY)
+              if annealing else solve_eps)
+  geom = geometry.Geometry(cost_matrix=scaled_cost.astype(solve_dtype),
+                           epsilon=schedule)
   # Anderson's inner linear solve is a while loop: "unroll" could not
   # backpropagate through it.
   accelerate = anderson if envelope else 0
@@ -616,7 +672,7 @@ def solve_neuron_ot(
                 ANNEAL_ITERATIONS if annealing else 0, accelerate)(
                     linear_problem.LinearProblem(geom), init=init)
   # The plan is built once: value, gradient and matched fraction reuse it.
-  plan = out.matrix
+  plan = out.matrix.astype(dtype)
   value = unit * jnp.sum(plan * scaled_cost)
   if envelope:
     plan = jax.lax.stop_gradient(plan)
@@ -633,7 +689,7 @@ def solve_neuron_ot(
       matched_fraction=jax.lax.stop_gradient(matched),
       converged=out.converged,
       n_iters=out.n_iters,
-      f=jax.lax.stop_gradient(out.f * unit),
-      g=jax.lax.stop_gradient(out.g * unit),
+      f=jax.lax.stop_gradient(out.f.astype(dtype) * unit),
+      g=jax.lax.stop_gradient(out.g.astype(dtype) * unit),
       epsilon=eps,
   )

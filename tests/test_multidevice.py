@@ -18,20 +18,25 @@ HERE = pathlib.Path(__file__).resolve().parent
 TOLERANCE = 1e-5  # relative, float32
 
 
-@pytest.fixture(scope="module")
-def results():
+def run_check(script: str) -> list:
+  """The JSON lines printed by ``tests/<script>`` run on 2 CPU devices."""
   env = dict(os.environ)
   # The checkout under test, not an installed copy.
   env["PYTHONPATH"] = os.pathsep.join(
       [str(HERE.parent), env.get("PYTHONPATH", "")])
   env["JAX_PLATFORMS"] = "cpu"
-  proc = subprocess.run([sys.executable, str(HERE / "multidevice_check.py")],
+  proc = subprocess.run([sys.executable, str(HERE / script)],
                         capture_output=True, text=True, env=env, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
   rows = [json.loads(line) for line in proc.stdout.splitlines()
           if line.startswith("{")]
   assert rows[-1] == {"done": True}
   return rows
+
+
+@pytest.fixture(scope="module")
+def results():
+  return run_check("multidevice_check.py")
 
 
 def expected_cases():
@@ -70,3 +75,23 @@ def test_ott_still_needs_mesh_invariant_inputs(results):
   # them and _replicated() in ot.py may go.
   status = [r for r in results if "upstream_varying_cost_works" in r]
   assert status == [{"upstream_varying_cost_works": False}]
+
+
+@pytest.mark.slow
+def test_axis_name_misuse_is_a_clear_error_or_the_per_device_value():
+  cases = {r["case"]: r for r in run_check("axis_name_check.py")
+           if "case" in r}
+  functions = ("solve_neuron_ot", "ot_regularizer", "neuron_descriptors",
+               "cost_matrix", "feature_matching", "delta",
+               "attention_transfer", "fitnets_hint")
+  for fn in functions:
+    error = cases[f"no_axis_name/{fn}"]["error"]
+    # Never ott-jax's "cond branches must have equal output types".
+    assert error and "vary across the shard_map mesh axis 'batch'" in error \
+        and "Pass axis_name='batch'" in error, (fn, error)
+  error = cases["partial_axis_name"]["error"]
+  assert "mesh axis 'model'" in error and "axis_name='data'" in error \
+      and "Pass axis_name=('data', 'model')" in error, error
+  # Where nothing is detectable, the documented per-device value.
+  for how in ("pmap", "shard_map_check_vma_off"):
+    assert cases[f"per_device/{how}"]["rel"] <= 1e-5, how

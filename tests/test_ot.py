@@ -459,3 +459,32 @@ def test_vmap_gradient_is_each_members_gradient(layer_pair, grad):
     single = jax.grad(ot_regularizer)(s[i], t[i], grad=grad, threshold=1e-6)
     assert float(jnp.linalg.norm(batched[i] - single)) <= 1e-3 * float(
         jnp.linalg.norm(single))
+
+
+@pytest.mark.parametrize("options", [{}, {"grad": "unroll", "anneal": False,
+                                          "epsilon": 0.5}])
+def test_float32_activations_under_x64_give_the_float32_result(layer_pair,
+                                                               options):
+  # ott-jax builds part of its state in float64 under jax_enable_x64, which
+  # a float32 solve used to hit as a "cond branches" TypeError; the solve is
+  # promoted and the results come back in float32.
+  student, teacher = layer_pair(16, 12, 8)
+  ref = solve_neuron_ot(student, teacher, **options)
+  ref_grad = jax.grad(lambda s: ot_regularizer(s, teacher, **options))(
+      jnp.asarray(student))
+  with jax.enable_x64(True):
+    s32, t32 = jnp.asarray(student, jnp.float32), jnp.asarray(teacher,
+                                                              jnp.float32)
+    res = solve_neuron_ot(s32, t32, **options)
+    grad = jax.grad(lambda s: ot_regularizer(s, t32, **options))(s32)
+    warm = solve_neuron_ot(s32, t32, init=res.potentials, **options)
+    res64 = solve_neuron_ot(s32.astype(jnp.float64), t32.astype(jnp.float64),
+                            **options)
+  assert res.value.dtype == res.plan.dtype == res.f.dtype == jnp.float32
+  assert grad.dtype == jnp.float32 and bool(res.converged)
+  np.testing.assert_allclose(float(res.value), float(ref.value), rtol=1e-4)
+  assert np.linalg.norm(grad - ref_grad) <= 1e-3 * np.linalg.norm(ref_grad)
+  assert bool(warm.converged) and warm.value.dtype == jnp.float32
+  # float64 keeps working, in float64.
+  assert res64.value.dtype == jnp.float64 and bool(res64.converged)
+  np.testing.assert_allclose(float(res64.value), float(ref.value), rtol=1e-3)
