@@ -15,7 +15,9 @@ Outputs in ``WORKDIR``:
 * ``metrics.jsonl`` and ``tensorboard/``: training and evaluation metrics;
 * ``analysis.json``: per analysed layer, the OT plan between the student and
   the teacher on validation data and its matched fraction (paper Fig. 2);
-* ``checkpoints/``: orbax checkpoints (see :mod:`ot_transfer_jax.checkpoint`).
+* ``checkpoints/``: orbax checkpoints (see :mod:`ot_transfer_jax.checkpoint`);
+* ``.lock``: held by the running process (one run per workdir, see
+  :mod:`experiments.workdir_lock`).
 
 Model selection uses the validation split only; the test accuracy is recorded
 at every evaluation but only ever *reported* at the best-validation step and
@@ -35,7 +37,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from experiments import analysis
+from experiments import analysis, workdir_lock
 from experiments.job import Job, config_differences, setup
 from experiments.metric_writers import MetricWriter, Progress
 from ot_transfer_jax import checkpoint, train
@@ -205,7 +207,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   Raises:
     Preempted: SIGTERM or SIGINT; a checkpoint was saved.
     Diverged: ``loss.max_bad_steps`` consecutive non-finite steps.
+    workdir_lock.WorkdirLocked: another live run holds ``workdir``.
   """
+  with workdir_lock.hold(workdir):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict,
+                        workdir: str) -> dict:
   job = setup(config, workdir, train_teacher=train_and_evaluate)
   manager = checkpoint.make_manager(workdir, max_to_keep=config.max_to_keep)
   state, history = resume(job, manager)
