@@ -60,7 +60,8 @@ def _global_mean(x: jax.Array, axis_name: ot.AxisName) -> jax.Array:
 def _matched_descriptors(student, teacher, spatial, normalize, what,
                          axis_name):
   """(D, n) descriptors of two layers that must have equal widths."""
-  ot.check_activations(student, teacher, spatial, axis_name=axis_name)
+  student, teacher = ot.check_activations(student, teacher, spatial,
+                                          axis_name=axis_name)
   if student.shape[-1] != teacher.shape[-1]:
     raise ValueError(
         f"{what} pairs neuron j of the student with neuron j of the teacher, "
@@ -154,7 +155,8 @@ def attention_transfer(student: jax.Array, teacher: jax.Array, *,
         "attention_transfer needs convolutional activations (m, h, w, c); got "
         f"student {tuple(jnp.shape(student))}, teacher "
         f"{tuple(jnp.shape(teacher))}.")
-  ot.check_activations(student, teacher, "flatten", axis_name=axis_name)
+  student, teacher = ot.check_activations(student, teacher, "flatten",
+                                          axis_name=axis_name)
   q_t = jax.lax.stop_gradient(_attention_map(teacher, p))
   return _global_mean(jnp.square(_attention_map(student, p) - q_t), axis_name)
 
@@ -178,8 +180,8 @@ def fitnets_hint(student_projected: jax.Array, teacher: jax.Array, *,
         f"teacher's shape: got {tuple(jnp.shape(student_projected))} vs "
         f"{tuple(jnp.shape(teacher))}. Make the regressor output "
         f"{jnp.shape(teacher)[-1]} channels at the teacher's resolution.")
-  ot.check_activations(student_projected, teacher, "flatten",
-                       axis_name=axis_name)
+  student_projected, teacher = ot.check_activations(
+      student_projected, teacher, "flatten", axis_name=axis_name)
   t = jax.lax.stop_gradient(teacher.astype(jnp.float32))
   return _global_mean(
       jnp.square(student_projected.astype(jnp.float32) - t), axis_name)
@@ -198,6 +200,8 @@ def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array,
   Returns:
     The KL divergence averaged over the batch.
   """
+  student_logits = jnp.asarray(student_logits)
+  teacher_logits = jnp.asarray(teacher_logits)
   if student_logits.shape != teacher_logits.shape:
     raise ValueError(
         f"kd_loss needs logits of the same shape, got student "

@@ -203,6 +203,40 @@ def _check_count(name: str, value: Any) -> int:
   return value_ok
 
 
+def _as_array(x: Any, who: str) -> jax.Array:
+  """Arrays (JAX, NumPy, tracers) as they are; other array-likes (nested
+  lists, tuples) converted, or a ValueError saying what to pass."""
+  if isinstance(x, (jax.Array, np.ndarray)):
+    return x
+  try:
+    array = np.asarray(x)
+  except (ValueError, TypeError):  # Ragged nested lists.
+    array = None
+  if array is None or array.dtype.kind not in "biufc":
+    raise ValueError(
+        f"The {who} activations, a {type(x).__name__}, are not a numeric "
+        "array (ragged rows, or not numbers). Pass a jax or numpy array "
+        "(batch, [height, width,] neurons), e.g. jnp.asarray(rows) with rows "
+        "of equal length.")
+  return array
+
+
+def _check_finite(x: Any, what: str, fix: str) -> None:
+  """ValueError if a concrete array holds NaN or inf; traced ones (under
+  ``jit``) cannot be inspected: they give a NaN result instead."""
+  # A device array is reduced where it lives, copied only when it fails.
+  if _is_traced(x) or (not isinstance(x, np.ndarray) and
+                       bool(jnp.all(jnp.isfinite(x)))):
+    return
+  finite = np.isfinite(np.asarray(x))
+  if finite.all():
+    return
+  first = tuple(int(i) for i in np.argwhere(~finite)[0])
+  raise ValueError(
+      f"{what} contain {int((~finite).sum())} non-finite values (NaN or "
+      f"inf) out of {finite.size}, the first at index {first}. {fix}")
+
+
 def _check_dtype(x: Any, who: str) -> None:
   dtype = np.dtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)
   if not jnp.issubdtype(dtype, jnp.floating):
@@ -252,15 +286,32 @@ def check_activation_shapes(
         "positions away.")
 
 
-def check_activations(student: jax.Array, teacher: jax.Array,
-                      spatial: str = "flatten", *,
-                      axis_name: AxisName = None) -> None:
-  """:func:`check_activation_shapes`, a floating-point dtype check and, inside
-  ``shard_map``, :func:`check_axis_name`."""
+def check_activations(student: Any, teacher: Any, spatial: str = "flatten",
+                      *, axis_name: AxisName = None
+                      ) -> Tuple[jax.Array, jax.Array]:
+  """Raises ``ValueError`` unless two layers' activations can be compared.
+
+  Checks :func:`check_activation_shapes`, a real floating-point dtype, finite
+  values (concrete arrays only: under ``jit`` non-finite activations give a
+  NaN result with ``converged=False``) and, inside ``shard_map``,
+  :func:`check_axis_name`.
+
+  Returns:
+    ``(student, teacher)`` as arrays: array-likes (nested lists) converted,
+    arrays unchanged.
+  """
+  student, teacher = _as_array(student, "student"), _as_array(teacher,
+                                                              "teacher")
   _check_dtype(student, "student")
   _check_dtype(teacher, "teacher")
   check_activation_shapes(jnp.shape(student), jnp.shape(teacher), spatial)
   check_axis_name(axis_name, student=student, teacher=teacher)
+  fix = ("Check what produced them (a diverged network, log(0), a bfloat16 "
+         "overflow); Omega_P of NaN is undefined. (Under jax.jit values "
+         "cannot be checked: the result is NaN with converged=False.)")
+  _check_finite(student, "The student activations", fix)
+  _check_finite(teacher, "The teacher activations", fix)
+  return student, teacher
 
 
 # ---------------------------------------------------------------------------
@@ -379,6 +430,7 @@ def neuron_descriptors(
   """
   _check_choice("spatial", spatial, SPATIAL_MODES)
   _check_choice("normalize", normalize, NORMALIZE_MODES)
+  activations = _as_array(activations, "layer")
   check_axis_name(axis_name, layer=activations)
   # Low-precision inputs (bfloat16) are computed in float32; float64 stays.
   x = activations.astype(jnp.promote_types(activations.dtype, jnp.float32))
@@ -427,6 +479,8 @@ def cost_matrix(student_desc: jax.Array, teacher_desc: jax.Array, *,
     (``|a|^2 + |t|^2 - 2 a.t``) and clipped at 0 against round-off; the same
     on every device.
   """
+  student_desc = _as_array(student_desc, "student")
+  teacher_desc = _as_array(teacher_desc, "teacher")
   check_axis_name(axis_name, student=student_desc, teacher=teacher_desc)
   sq_s, sq_t, cross, _, d = _cost_terms(student_desc, teacher_desc, axis_name,
                                         precision)
@@ -534,6 +588,10 @@ def _check_init(init: Any, n_s: int, n_t: int) -> None:
         f"init potentials have shapes f {shapes[0]} and g {shapes[1]}, but "
         f"this problem needs {expected}. Pass the .potentials of a solve of "
         "the same layer pair (student first), or init=None for a cold start.")
+  for name, potential in zip("fg", init):
+    _check_finite(potential, f"The init potentials {name}",
+                  "They come from a solve that diverged or saw non-finite "
+                  "activations: pass init=None for a cold start.")
 
 
 def solve_neuron_ot(
@@ -604,10 +662,14 @@ def solve_neuron_ot(
     ValueError: for activations that cannot be compared (see
       :func:`check_activations`), an unknown option, a concrete epsilon or
       relative_epsilon that is not a positive finite number, iteration counts
-      below 1, a non-positive threshold, or ``init`` of the wrong shapes.
-      A traced epsilon that is invalid gives a NaN value, ``converged=False``.
+      below 1, a non-positive threshold, ``init`` of the wrong shapes, or
+      NaN / inf in concrete activations or ``init``. Under ``jit`` (traced
+      values) nothing can be inspected: non-finite activations or an invalid
+      epsilon give a NaN value with ``converged=False``; non-finite ``init``
+      potentials are restarted from by ott-jax's Sinkhorn (tested).
   """
-  check_activations(student, teacher, spatial, axis_name=axis_name)
+  student, teacher = check_activations(student, teacher, spatial,
+                                       axis_name=axis_name)
   _check_choice("grad", grad, GRAD_MODES)
   _check_choice("precision", precision, PRECISIONS)
   hint = (f"The default is relative_epsilon={DEFAULT_RELATIVE_EPSILON} "

@@ -488,3 +488,49 @@ def test_float32_activations_under_x64_give_the_float32_result(layer_pair,
   # float64 keeps working, in float64.
   assert res64.value.dtype == jnp.float64 and bool(res64.converged)
   np.testing.assert_allclose(float(res64.value), float(ref.value), rtol=1e-3)
+
+
+@pytest.mark.parametrize("where", ["student", "teacher"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_activations_raise_outside_jit(where, bad):
+  s, t = np.ones((4, 3), np.float32), np.ones((4, 5), np.float32)
+  (s if where == "student" else t)[1, 2] = bad
+  for fn in (ot_regularizer, solve_neuron_ot):
+    with pytest.raises(ValueError) as err:
+      fn(jnp.asarray(s), t)
+    msg = str(err.value)
+    assert f"The {where} activations contain 1 non-finite values" in msg
+    assert "index (1, 2)" in msg and "converged=False" in msg
+  # Under jit nothing can be inspected: NaN, not converged (documented).
+  res = jax.jit(solve_neuron_ot)(s, t)
+  assert np.isnan(float(res.value)) and not bool(res.converged)
+
+
+def test_non_finite_init_potentials_raise_outside_jit(layer_pair):
+  student, teacher = layer_pair(8, 4, 3)
+  f, g = solve_neuron_ot(student, teacher).potentials
+  with pytest.raises(ValueError) as err:
+    ot_regularizer(student, teacher, init=(f, g.at[1].set(jnp.nan)))
+  assert "init potentials g contain 1 non-finite" in str(err.value)
+  assert "init=None for a cold start" in str(err.value)
+  # Under jit they cannot be inspected; ott-jax's Sinkhorn recovers from
+  # them (what the docs say): a converged solve of the same problem.
+  cold = solve_neuron_ot(student, teacher)
+  res = jax.jit(solve_neuron_ot)(student, teacher,
+                                 init=(f.at[0].set(jnp.inf), g))
+  assert bool(res.converged)
+  assert float(res.value) == pytest.approx(float(cold.value), rel=1e-3)
+
+
+def test_array_likes_accepted_or_refused_clearly(layer_pair):
+  student, teacher = layer_pair(8, 4, 3)
+  # Nested lists are arrays like any other.
+  assert float(ot_regularizer(student.tolist(), teacher.tolist())) == \
+      pytest.approx(float(ot_regularizer(student, teacher)), rel=1e-5)
+  assert float(feature_matching(student.tolist(), student)) == 0.0
+  for bad in ([[1.0, 2.0], [3.0]], "activations", None):
+    with pytest.raises(ValueError, match="student activations, a .* are not "
+                       "a numeric array .* Pass a jax or numpy array"):
+      ot_regularizer(bad, teacher)
+  with pytest.raises(ValueError, match="dtype int64.*x.astype"):
+    ot_regularizer([[1, 2], [3, 4]], [[1.0, 2.0], [3.0, 4.0]])
