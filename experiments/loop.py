@@ -155,6 +155,8 @@ def _meta(job: Job, history: History) -> dict:
           "num_classes": job.ds.num_classes,
           "mean": np.asarray(job.mean).tolist(),
           "std": np.asarray(job.std).tolist(),
+          # (H, W, C) of the model's inputs: predict checks images against it.
+          "image_shape": list(job.ds.image_shape),
           "history": dataclasses.asdict(history)}
 
 

@@ -29,7 +29,9 @@ workdirs/digits_transfer/ot``)::
 
   restored = ot_transfer_jax.checkpoint.restore("workdirs/digits_transfer/ot")
   # images: uint8 (N, H, W, C) as the dataset stores them, or floats in
-  # [0, 1]; predict normalises them as in training.
+  # [0, 1], at the training resolution (restored.image_shape); predict
+  # normalises them as in training. Anything else (floats in 0..255,
+  # normalised floats, another size) is a ValueError saying what to do.
   class_ids = restored.predict(images)  # (N,) the dataset's ids, e.g. 5-9
   logits = restored.logits(images)      # (N, num_classes), model order
   for images, class_ids in restored.test_batches():  # the run's test split
@@ -57,6 +59,9 @@ from absl import logging
 
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT_MARK = ".corrupt-"
+# How far outside [0, 1] float images may stray (interpolation overshoot)
+# before they are taken for another convention (0..255, normalised).
+_RANGE_SLACK = 0.1
 _META_KEY = "<meta>"  # The checksum of the meta item (not an array path).
 
 
@@ -363,7 +368,9 @@ class Restored:
 
   ``predict(images)`` and ``logits(images)`` take images as the dataset
   stores them (uint8 ``(N, H, W, C)``) or floats in [0, 1], at the model's
-  resolution, and normalise them exactly as training and evaluation did.
+  resolution, and normalise them exactly as training and evaluation did;
+  other shapes and value ranges (floats in 0..255, normalised floats) are a
+  ``ValueError`` saying the conversion to apply.
   ``test_batches()`` reads the run's test split.
   """
 
@@ -381,20 +388,87 @@ class Restored:
   #: int64 (num_classes,): the dataset's class id of each model output
   #: (``config.data.classes``, e.g. 5..9 for outputs 0..4).
   class_ids: np.ndarray
+  #: (H, W, C) of the training inputs; None where unknown (a checkpoint
+  #: written before it was saved, without ``data.image_size``): then only C
+  #: is checked.
+  image_shape: Optional[tuple[int, int, int]] = None
 
   @functools.cached_property
   def _apply(self):
     return jax.jit(functools.partial(self.model.apply, train=False))
 
   def normalize(self, images: np.ndarray) -> np.ndarray:
-    """uint8 or [0, 1] float ``(N, H, W, C)`` -> float32 model inputs."""
+    """uint8 or [0, 1] float ``(N, H, W, C)`` -> float32 model inputs.
+
+    Raises:
+      ValueError: images of another shape than the model trained on, or
+        values outside what training saw (floats far outside [0, 1], e.g.
+        0..255 or already normalised; integers outside 0..255), saying which
+        conversion to apply.
+    """
     images = np.asarray(images)
-    if images.ndim != 4:
-      raise ValueError(f"images must be (N, H, W, C); got shape {images.shape}.")
-    x = (images.astype(np.float32) / 255 if images.dtype == np.uint8
-         else images.astype(np.float32))
+    self._check_shape(images.shape)
+    if images.dtype.kind in "iu":  # e.g. np.array of Python ints: int64.
+      if images.size and (images.min() < 0 or images.max() > 255):
+        raise ValueError(
+            f"Integer images must hold pixel values 0..255 (as uint8 "
+            f"datasets store them); got {images.dtype} values in "
+            f"[{images.min()}, {images.max()}]. Rescale them to 0..255 first.")
+      images = images.astype(np.uint8)
+    if images.dtype == np.uint8:
+      x = images.astype(np.float32) / 255
+    elif images.dtype.kind == "f":
+      x = images.astype(np.float32)
+      self._check_float_range(x)
+    else:
+      raise ValueError(
+          f"images have dtype {images.dtype}; pass uint8 pixels (0..255) or "
+          "floats in [0, 1].")
     # The same float32 arithmetic as the data pipeline: bit-identical inputs.
     return (x - self.mean) / self.std
+
+  def _check_shape(self, shape: tuple) -> None:
+    trained = self.image_shape or (None, None, len(self.mean))
+    said = "x".join("?" if d is None else str(d) for d in trained)
+    if len(shape) != 4:
+      fix = "pass a batch (N, H, W, C)"
+      if len(shape) == 3:
+        fix = ("one image? add the batch axis: images[None]"
+               if shape[-1] == trained[-1] else
+               "one-channel images without their channel axis? "
+               "images[..., None]")
+      raise ValueError(
+          f"images must be (N, H, W, C), here N x {said}; got shape "
+          f"{tuple(shape)}: {fix}.")
+    if any(t is not None and t != d for t, d in zip(trained, shape[1:])):
+      got = "x".join(str(d) for d in shape[1:])
+      raise ValueError(
+          f"This model was trained on {said} images (H x W x C); got {got} "
+          f"(shape {tuple(shape)}). Resize or crop them to {said} as the "
+          "dataset's images were (e.g. test_batches() yields them so).")
+
+  @staticmethod
+  def _check_float_range(x: np.ndarray) -> None:
+    """Training saw [0, 1] (uint8 / 255); far outside it is another
+    convention, silently wrong predictions if accepted."""
+    if not x.size:
+      return
+    if not np.isfinite(x).all():
+      raise ValueError(f"images hold {int((~np.isfinite(x)).sum())} NaN or "
+                       "inf values; pass finite pixels.")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -_RANGE_SLACK:
+      raise ValueError(
+          f"Float images must be in [0, 1] as in training (uint8 / 255); "
+          f"these go down to {lo:.4g}: already normalised ((x - mean) / "
+          "std)? Pass the raw [0, 1] or uint8 images: predict and logits "
+          "normalise them with the run's mean and std themselves.")
+    if hi > 1 + _RANGE_SLACK:
+      guess = " (0..255 pixels?)" if 2 < hi <= 255 else ""
+      raise ValueError(
+          f"Float images must be in [0, 1] as in training (uint8 / 255); "
+          f"these reach {hi:.4g}{guess}. Divide them by 255 (images / 255), "
+          "or pass the uint8 array itself.")
 
   def logits(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """float32 ``(N, num_classes)`` logits, outputs in the model's order
@@ -476,9 +550,16 @@ def restore(workdir: str, step: Optional[int] = None) -> Restored:
   class_ids = np.asarray(classes if classes is not None
                          else range(meta["num_classes"]), np.int64)
   variables = train.model_variables(state["params"], state.get("batch_stats"))
+  mean = np.asarray(meta["mean"], np.float32)
+  image_shape = meta.get("image_shape")
+  size = meta["config"].get("data", {}).get("image_size")
+  if image_shape is None and size:  # Older checkpoints: from the config.
+    image_shape = (size, size, len(mean))
   return Restored(model=model, variables=variables, config=config, step=step,
-                  meta=meta, mean=np.asarray(meta["mean"], np.float32),
-                  std=np.asarray(meta["std"], np.float32), class_ids=class_ids)
+                  meta=meta, mean=mean,
+                  std=np.asarray(meta["std"], np.float32), class_ids=class_ids,
+                  image_shape=None if image_shape is None else tuple(
+                      int(d) for d in image_shape))
 
 
 def config_to_json(config) -> dict:

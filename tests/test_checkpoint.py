@@ -168,6 +168,34 @@ def test_predict_returns_dataset_class_ids_from_normalised_images(run_dir):
     restored.predict(images[0])
 
 
+def test_predict_checks_images_against_what_the_model_trained_on(run_dir):
+  restored = checkpoint.restore(str(run_dir))
+  assert restored.image_shape == (8, 8, 1)
+  images, _ = next(restored.test_batches(batch_size=16))
+  predicted = restored.predict(images)
+  # Integer pixels of another dtype (np.array of ints) are uint8's values.
+  np.testing.assert_array_equal(restored.predict(images.astype(np.int64)),
+                                predicted)
+  cases = [
+      (images.astype(np.float32), r"these reach 2\d\d.*\(0\.\.255 pixels\?\)"
+       r".*Divide them by 255 \(images / 255\)"),
+      (restored.normalize(images), r"go down to -.*already normalised.*Pass "
+       r"the raw \[0, 1\] or uint8 images"),
+      (np.zeros((4, 28, 28, 1), np.uint8), r"trained on 8x8x1 images "
+       r"\(H x W x C\); got 28x28x1.*Resize or crop them to 8x8x1"),
+      (images[..., 0], r"got shape \(16, 8, 8\): one-channel images without "
+       r"their channel axis\? images\[\.\.\., None\]"),
+      (images[0], r"one image\? add the batch axis: images\[None\]"),
+      (images.astype(np.int64) * 2, r"values 0\.\.255.*got int64 values in "
+       r"\[\d+, 5\d\d\]"),
+      (np.where(images > 0, np.nan, 0.0), "NaN or inf"),
+  ]
+  for bad, message in cases:
+    for fn in (restored.predict, restored.logits):
+      with pytest.raises(ValueError, match=message):
+        fn(bad)
+
+
 def _python_block(after: str) -> str:
   section = README.read_text().split(after, 1)[1]
   return re.search(r"```python\n(.*?)```", section, re.S).group(1)
