@@ -72,9 +72,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from ott.geometry import epsilon_scheduler, geometry
-from ott.problems.linear import linear_problem
-from ott.solvers.linear import acceleration, sinkhorn
+
+# ott-jax is imported by the functions that solve, not here: it imports
+# jaxopt and scipy.optimize, which took 8 of the 21 s `import ot_transfer_jax`
+# took on a loaded machine; the descriptors, costs and baselines need none.
 
 Spatial = Literal["flatten", "pool"]
 Normalize = Literal["none", "l2", "standardize"]
@@ -560,7 +561,8 @@ def _epsilon(mean_cost: jax.Array, epsilon: Any, relative_epsilon: Any,
 
 
 def _solver(threshold: float, max_iterations: int, inner_iterations: int,
-            min_iterations: int, anderson: int) -> sinkhorn.Sinkhorn:
+            min_iterations: int, anderson: int) -> "sinkhorn.Sinkhorn":
+  from ott.solvers.linear import acceleration, sinkhorn
   return sinkhorn.Sinkhorn(
       lse_mode=True,
       threshold=threshold,
@@ -670,6 +672,8 @@ def solve_neuron_ot(
   """
   student, teacher = check_activations(student, teacher, spatial,
                                        axis_name=axis_name)
+  from ott.geometry import epsilon_scheduler, geometry
+  from ott.problems.linear import linear_problem
   _check_choice("grad", grad, GRAD_MODES)
   _check_choice("precision", precision, PRECISIONS)
   hint = (f"The default is relative_epsilon={DEFAULT_RELATIVE_EPSILON} "

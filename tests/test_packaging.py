@@ -135,3 +135,17 @@ def test_torchvision_weight_tests_skip_without_torch_saying_why():
   assert "3 skipped" in proc.stdout, proc.stdout[-2000:]
   assert "torch is not installed" in proc.stdout
   assert "pip install -e '.[torch]'" in proc.stdout
+
+
+def test_importing_the_package_defers_ott_jax_and_its_solvers():
+  # ott-jax pulls in jaxopt and scipy.optimize (seconds of import time); the
+  # package imports it only when a solve runs.
+  script = ("import sys, ot_transfer_jax; "
+            "print([m for m in ('ott', 'jaxopt', 'scipy.optimize') "
+            "if m in sys.modules]); "
+            "ot_transfer_jax.ot_regularizer([[1.0, 0.0], [0.0, 1.0]], "
+            "[[0.0, 1.0], [1.0, 0.0]]); print('ott' in sys.modules)")
+  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.split("\n")[:2] == ["[]", "True"], proc.stdout
