@@ -19,7 +19,9 @@ so a run killed mid-write (even by SIGKILL) leaves the previous checkpoint as
 the latest one; leftover temporary directories are ignored and cleaned up.
 Resuming (:func:`restore_latest`) takes the newest *intact* step: a damaged
 one is renamed ``<step>.corrupt-<n>`` (kept for inspection, never deleted;
-orbax ignores the name) and the previous step is tried, with a log line.
+orbax ignores the name) and the previous step is tried, with one warning line
+per damaged step (the TensorStore reason, not orbax's spec dumps; the
+tracebacks its event loop prints after a failed read are dropped).
 Nothing here unpickles or evaluates: arrays come from tensorstore, the rest
 from JSON.
 
@@ -48,7 +50,11 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging as std_logging
 import os
+import re
+import sys
+import traceback
 from typing import Any, Callable, Iterator, Optional
 
 import jax
@@ -202,12 +208,74 @@ def _has_checksums(manager: ocp.CheckpointManager, step: int) -> bool:
   return os.path.isdir(os.path.join(_step_dir(manager, step), "checksums"))
 
 
+# A TensorStore status line: 'OUT_OF_RANGE: Error reading "params.x/0.0" ...'.
+_STATUS_LINE = re.compile(r"\b[A-Z][A-Z_]{3,}: .+")
+
+
+def _reason(err: BaseException) -> str:
+  """One line saying why orbax could not read a step: the first TensorStore
+  status line of the error or its causes (orbax wraps it in multi-line
+  messages with spec dumps), else the error's first line."""
+  chain, seen = [], set()
+  while err is not None and id(err) not in seen:
+    seen.add(id(err))
+    chain.append(err)
+    err = err.__cause__ or err.__context__
+  for e in chain:
+    match = _STATUS_LINE.search(str(e))
+    if match:
+      return match.group(0)[:240]
+  first = next((l.strip() for l in str(chain[0]).splitlines() if l.strip()),
+               "")
+  return f"{type(chain[0]).__name__}: {first}"[:240]
+
+
+class _OrbaxAftermath:
+  """Drops what orbax's asyncio machinery prints after a failed read.
+
+  When TensorStore fails a read, orbax's event loop is torn down while
+  callbacks and tasks of that read are still pending; they later report
+  ``RuntimeError: Event loop is closed`` (through ``sys.unraisablehook``)
+  and "Task exception was never retrieved" (the ``asyncio`` logger), each
+  with a traceback, long after the step was reported as damaged. Installed
+  at the first restore, for the rest of the process (the reports come late);
+  everything else still goes to the previous hook and handlers.
+  """
+
+  installed = False
+
+  @classmethod
+  def install(cls) -> None:
+    if cls.installed:
+      return
+    cls.installed = True
+    previous = sys.unraisablehook
+
+    def unraisable(info):
+      if not (isinstance(info.exc_value, RuntimeError) and
+              str(info.exc_value) == "Event loop is closed"):
+        previous(info)
+
+    sys.unraisablehook = unraisable
+    std_logging.getLogger("asyncio").addFilter(cls._asyncio_filter)
+
+  @staticmethod
+  def _asyncio_filter(record) -> bool:
+    """False (drop) for a never-retrieved failure of an orbax/TensorStore
+    read; other asyncio messages pass."""
+    if "exception was never retrieved" not in str(record.msg):
+      return True
+    text = "".join(traceback.format_exception(*record.exc_info)) if (
+        record.exc_info) else record.getMessage()
+    return not any(name in text for name in ("orbax", "tensorstore"))
+
+
 def _unreadable(where: str, step: int, err: Exception) -> DamagedCheckpointError:
   return DamagedCheckpointError(
       f"The checkpoint of step {step} in {where} cannot be read "
-      f"({type(err).__name__}: {str(err)[:300]}). Rerunning the training "
-      "command resumes from the newest intact step and moves this one aside "
-      f"to {step}{CORRUPT_MARK}<n>; or use a fresh --workdir to start over.")
+      f"({_reason(err)}). Rerunning the training command resumes from the "
+      "newest intact step and moves this one aside to "
+      f"{step}{CORRUPT_MARK}<n>; or use a fresh --workdir to start over.")
 
 
 def check_compatible(saved: Any, wanted: Any, step: int, where: str,
@@ -254,6 +322,7 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, target: Any,
     DamagedCheckpointError: unreadable files or a checksum mismatch.
     CheckpointError: a readable checkpoint of another model (no fit).
   """
+  _OrbaxAftermath.install()  # Before a read fails: its noise comes late.
   try:
     meta = manager.restore(step, args=ocp.args.Composite(
         meta=ocp.args.JsonRestore()))["meta"]

@@ -17,7 +17,7 @@ import pytest
 from experiments import loop
 from ot_transfer_jax import checkpoint
 
-from digits_job import REPO, tiny_config
+from digits_job import REPO, main_command, tiny_config
 
 README = pathlib.Path(REPO) / "README.md"
 
@@ -104,6 +104,57 @@ def test_resume_falls_back_to_the_newest_intact_step(teacher_dir, run_dir,
   jax.tree_util.tree_map(np.testing.assert_array_equal,
                          checkpoint.restore(str(work)).variables,
                          checkpoint.restore(str(run_dir)).variables)
+
+
+def _truncate_arrays(step_dir):
+  """Every array data file of a step cut to 10 bytes (a partial copy)."""
+  for f in step_dir.rglob("*"):
+    if f.is_file() and f.parent.name == "d":
+      f.write_bytes(f.read_bytes()[:10])
+
+
+def test_damaged_steps_give_one_line_each_and_no_traceback(run_dir,
+                                                           teacher_dir,
+                                                           tmp_path):
+  work = _copy(run_dir, tmp_path / "run")
+  for step in ("10", "20"):
+    _truncate_arrays(work / "checkpoints" / step)
+  # Restoring: one error per damaged step, however often it is tried; none
+  # of orbax's "Event loop is closed" tracebacks in between or at exit.
+  script = f"""
+import sys
+from ot_transfer_jax import checkpoint
+for attempt in range(4):
+  for step in (10, 20):
+    try:
+      checkpoint.restore({str(work)!r}, step=step)
+    except checkpoint.DamagedCheckpointError as e:
+      print(e, file=sys.stderr)
+"""
+  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = proc.stderr.splitlines()
+  assert len(lines) == 8 and all(
+      re.match(r"The checkpoint of step (10|20) in .* cannot be read "
+               r"\([A-Z_]+: .*\)\. Rerunning the training command", line)
+      for line in lines), proc.stderr[-3000:]
+
+  # Resuming from the command line: one warning line for the damaged step,
+  # then the run resumes from the intact one and finishes.
+  step_dir = work / "checkpoints"
+  shutil.rmtree(step_dir / "10")
+  shutil.copytree(run_dir / "checkpoints" / "10", step_dir / "10")
+  proc = subprocess.run(main_command(work, teacher_dir), cwd=REPO,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for noise in ("Traceback", "never retrieved", "Event loop", "'driver'"):
+    assert noise not in proc.stderr, proc.stderr[-3000:]
+  damaged = [l for l in proc.stderr.splitlines() if "cannot be read" in l]
+  assert len(damaged) == 1 and "step 20" in damaged[0] and \
+      "Moved it to" in damaged[0], proc.stderr[-3000:]
+  assert (step_dir / "20.corrupt-1").is_dir()
+  assert _final(work)["test_accuracy"] == _final(run_dir)["test_accuracy"]
 
 
 def test_a_teacher_whose_only_step_is_damaged_is_retrained(teacher_dir,
