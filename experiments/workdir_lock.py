@@ -14,7 +14,9 @@ that a second process can stop at once with one line naming them.
   may not reach across hosts): refused, saying how to release it by hand.
 
 A clean exit (or an error, or SIGTERM / SIGINT) empties the file; it is never
-deleted while held, so two processes cannot lock two different files.
+deleted while held, so two processes cannot lock two different files. A run
+that fails before writing anything in a workdir it created (a config or data
+error) removes that workdir again: no empty run directory is left behind.
 With several processes (multi-host), process 0 holds the lock.
 """
 
@@ -26,6 +28,7 @@ import fcntl
 import json
 import os
 import shlex
+import shutil
 import socket
 import sys
 from typing import Iterator, Optional
@@ -65,6 +68,15 @@ def _describe(holder: Optional[dict]) -> str:
           f"{holder.get('started')}")
 
 
+def _remove_if_unused(workdir: str) -> None:
+  """Deletes ``workdir`` if it holds no file but the lock (empty folders
+  aside): what a run that failed before doing anything leaves."""
+  for root, _, files in os.walk(workdir):
+    if any(not (root == workdir and f == LOCK_FILE) for f in files):
+      return
+  shutil.rmtree(workdir, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def hold(workdir: str) -> Iterator[None]:
   """Holds ``WORKDIR/.lock`` while the body runs (creating ``workdir``).
@@ -76,6 +88,7 @@ def hold(workdir: str) -> Iterator[None]:
   if jax.process_index() != 0:
     yield
     return
+  created = not os.path.isdir(workdir)
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, LOCK_FILE)
   fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -106,9 +119,15 @@ def hold(workdir: str) -> Iterator[None]:
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(me).encode(), 0)
     os.fsync(fd)
+    failed = False
     try:
       yield
+    except BaseException:
+      failed = True
+      raise
     finally:
       os.ftruncate(fd, 0)  # Released cleanly: nothing stale left.
+      if failed and created:
+        _remove_if_unused(workdir)
   finally:
     os.close(fd)  # Releases the flock.

@@ -606,11 +606,18 @@ def restore(workdir: str, step: Optional[int] = None) -> Restored:
         f"experiments.main --config ... --workdir {workdir}`, or pass the "
         "workdir of a finished run.")
   manager = make_manager(workdir, reading=True)
-  step = manager.latest_step() if step is None else step
-  if step is None or step not in manager.all_steps():
+  if not manager.all_steps():
     raise CheckpointError(
-        f"No complete checkpoint{'' if step is None else f' of step {step}'} "
-        f"in {path} (available steps: {list(manager.all_steps())}).")
+        f"No complete checkpoint in {path} yet: the run in {workdir} stopped "
+        "(or is still running) before its first checkpoint. Rerun its "
+        f"training command (`python -m experiments.main --config ... "
+        f"--workdir {workdir}`, the same flags) to resume it; it starts from "
+        "step 0.")
+  step = manager.latest_step() if step is None else step
+  if step not in manager.all_steps():
+    raise CheckpointError(
+        f"No complete checkpoint of step {step} in {path} (available steps: "
+        f"{list(manager.all_steps())}).")
   state, meta = _restore_step(manager, step, None, path)
   config = _as_config(meta["config"])
   model = models.create_model(config.model.name, meta["num_classes"],

@@ -287,3 +287,15 @@ print(restored.config.data.classes, restored.predict(images).tolist())
   assert proc.stdout.split() == (
       str(list(restored.config.data.classes)).split()
       + str(restored.predict(images).tolist()).split())
+
+
+def test_restoring_a_run_killed_before_its_first_checkpoint_says_rerun(
+    tmp_path):
+  # What a run killed before its first checkpoint leaves: an empty manager.
+  checkpoint.make_manager(str(tmp_path))
+  with pytest.raises(checkpoint.CheckpointError) as err:
+    checkpoint.restore(str(tmp_path))
+  message = str(err.value)
+  assert "stopped (or is still running) before its first checkpoint" in \
+      message and "Rerun its training command" in message
+  assert f"--workdir {tmp_path}" in message

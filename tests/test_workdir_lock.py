@@ -102,3 +102,37 @@ def test_released_lock_is_free_without_warning(tmp_path, caplog):
       assert holder["pid"] == os.getpid()
     assert (tmp_path / ".lock").read_text() == ""
   assert "Taking over" not in caplog.text
+
+
+def test_a_failure_before_any_output_removes_the_workdir_it_created(
+    tmp_path):
+  for existed in (False, True):
+    workdir = tmp_path / f"run_{existed}"
+    if existed:
+      workdir.mkdir()
+    with pytest.raises(ValueError, match="bad config"):
+      with workdir_lock.hold(str(workdir)):
+        (workdir / "teacher").mkdir()  # Empty folders do not count.
+        raise ValueError("bad config")
+    assert workdir.exists() == existed
+  # Output written: kept, whatever failed afterwards.
+  workdir = tmp_path / "run_with_output"
+  with pytest.raises(ValueError):
+    with workdir_lock.hold(str(workdir)):
+      (workdir / "metrics.jsonl").write_text("{}")
+      raise ValueError("diverged")
+  assert (workdir / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_a_run_stopped_by_validation_leaves_no_workdir(tmp_path):
+  workdir = tmp_path / "new_run"
+  proc = _main(workdir, "--config.data.name=cifar1000")
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "not a known dataset" in _errors(proc.stderr)[0]
+  assert not workdir.exists()
+  # A workdir that existed before is the user's: kept, lock released.
+  workdir.mkdir()
+  proc = _main(workdir, "--config.data.name=cifar1000")
+  assert proc.returncode == 1 and workdir.is_dir()
+  assert (workdir / ".lock").read_text() == ""
