@@ -11,7 +11,9 @@ case, then ``{"done": true}``:
   two mesh axes, ``axis_name`` naming one;
 * ``{"case": "per_device/<how>", "rel": ...}``: without ``axis_name`` under
   ``pmap`` and ``shard_map(check_vma=False)``, the relative difference
-  between each device's value and the single-device value of its shard.
+  between each device's value and the single-device value of its shard;
+* ``{"case": "nnx_recipe", ...}``: docs/usage.md's NNX + shard_map block,
+  its value and gradient against one device, and its training losses.
 """
 
 import os
@@ -86,9 +88,32 @@ def per_device_cases():
     print(json.dumps({"case": f"per_device/{how}", "rel": rel}), flush=True)
 
 
+def nnx_recipe_case():
+  """docs/usage.md's NNX + shard_map recipe, on 2 devices."""
+  import pathlib
+  import re
+  text = (pathlib.Path(__file__).resolve().parents[1] / "docs" /
+          "usage.md").read_text()
+  section = text.split("### NNX modules under `shard_map`", 1)[1]
+  ns = {}
+  exec(compile(re.search(r"```python\n(.*?)```", section, re.S).group(1),
+               "docs/usage.md", "exec"), ns)
+  flat = lambda tree: np.concatenate(
+      [np.ravel(x) for x in jax.tree.leaves(tree)])
+  value = abs(float(ns["loss_shard"]) - float(ns["loss_ref"])) / abs(
+      float(ns["loss_ref"]))
+  grad = np.linalg.norm(flat(ns["grads_shard"]) - flat(ns["grads_ref"])) / (
+      np.linalg.norm(flat(ns["grads_ref"])))
+  print(json.dumps({"case": "nnx_recipe", "devices": ns["n_dev"],
+                    "value_rel": value, "grad_rel": float(grad),
+                    "first_loss": ns["losses"][0],
+                    "last_loss": ns["losses"][-1]}), flush=True)
+
+
 if __name__ == "__main__":
   assert len(jax.devices()) >= 2, jax.devices()
   no_axis_name_cases()
   partial_axis_name_case()
   per_device_cases()
+  nnx_recipe_case()
   print(json.dumps({"done": True}), flush=True)

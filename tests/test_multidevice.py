@@ -78,7 +78,7 @@ def test_ott_still_needs_mesh_invariant_inputs(results):
 
 
 @pytest.mark.slow
-def test_axis_name_misuse_is_a_clear_error_or_the_per_device_value():
+def test_axis_name_misuse_and_the_nnx_shard_map_recipe():
   cases = {r["case"]: r for r in run_check("axis_name_check.py")
            if "case" in r}
   functions = ("solve_neuron_ot", "ot_regularizer", "neuron_descriptors",
@@ -95,3 +95,9 @@ def test_axis_name_misuse_is_a_clear_error_or_the_per_device_value():
   # Where nothing is detectable, the documented per-device value.
   for how in ("pmap", "shard_map_check_vma_off"):
     assert cases[f"per_device/{how}"]["rel"] <= 1e-5, how
+  # docs/usage.md's NNX + shard_map recipe: the global batch, and it trains.
+  nnx_case = cases["nnx_recipe"]
+  assert nnx_case["devices"] == 2
+  assert nnx_case["value_rel"] <= TOLERANCE and nnx_case["grad_rel"] <= (
+      TOLERANCE), nnx_case
+  assert nnx_case["last_loss"] < 0.9 * nnx_case["first_loss"], nnx_case

@@ -102,3 +102,16 @@ def test_ci_runs_the_readme_install_and_test_commands():
   assert commands == expected
   assert "-c constraints.txt" in install
   assert (README.parent / "constraints.txt").exists()
+
+
+def test_usage_nnx_shard_map_recipe_runs_on_one_device():
+  # tests/axis_name_check.py runs it on 2 devices (test_multidevice.py).
+  usage = README.parent / "docs" / "usage.md"
+  section = usage.read_text().split("### NNX modules under `shard_map`", 1)[1]
+  namespace = {}
+  exec(compile(re.search(r"```python\n(.*?)```", section, re.S).group(1),
+               "docs/usage.md", "exec"), namespace)
+  assert abs(float(namespace["loss_shard"]) - float(namespace["loss_ref"])
+             ) <= 1e-5 * abs(float(namespace["loss_ref"]))
+  losses = namespace["losses"]
+  assert len(losses) == 20 and losses[-1] < 0.9 * losses[0]
