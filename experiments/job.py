@@ -19,7 +19,8 @@ import optax
 from absl import logging
 from jax.sharding import Mesh
 
-from ot_transfer_jax import checkpoint, data, models, regularizers, train
+from experiments import data
+from ot_transfer_jax import checkpoint, models, regularizers, train
 from ot_transfer_jax.features import validate_layers
 
 # torchvision's ImageNet statistics: pretrained teachers expect them.
@@ -142,7 +143,7 @@ def load_teacher(config, workdir: str, train_teacher: Callable,
     restored = checkpoint.restore(t.path)
     return restored.model, restored.variables
   if t.source == "torchvision":
-    from ot_transfer_jax.models import pretrained
+    from experiments import pretrained
     if not os.path.isfile(t.path):
       raise FileNotFoundError(
           f"teacher.path={t.path!r}: no such file. Save torchvision's "

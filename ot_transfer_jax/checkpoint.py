@@ -32,12 +32,9 @@ workdirs/digits_transfer/ot``)::
   # [0, 1]; predict normalises them as in training.
   class_ids = restored.predict(images)  # (N,) the dataset's ids, e.g. 5-9
   logits = restored.logits(images)      # (N, num_classes), model order
-  for images, class_ids in restored.test_batches():  # the run's test split
-    ...
 
 This module imports only the core (jax, flax, optax, ott-jax, orbax, numpy,
-absl); the data stack (grain, TFDS) is imported by
-:meth:`Restored.test_batches` alone.
+absl); ``experiments.data.test_batches(restored)`` reads a run's test split.
 """
 
 from __future__ import annotations
@@ -47,7 +44,7 @@ import functools
 import hashlib
 import json
 import os
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -364,7 +361,7 @@ class Restored:
   ``predict(images)`` and ``logits(images)`` take images as the dataset
   stores them (uint8 ``(N, H, W, C)``) or floats in [0, 1], at the model's
   resolution, and normalise them exactly as training and evaluation did.
-  ``test_batches()`` reads the run's test split.
+  ``experiments.data.test_batches(restored)`` reads the run's test split.
   """
 
   model: Any
@@ -415,24 +412,6 @@ class Restored:
   def predict(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """int64 ``(N,)``: the dataset's class id of each image's prediction."""
     return self.class_ids[np.argmax(self.logits(images, batch_size), -1)]
-
-  def test_batches(self, batch_size: int = 256
-                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """The run's test split (``data.get_datasets(config.data).test``) in order.
-
-    Yields:
-      ``(images, class_ids)``: uint8 ``(B, H, W, C)`` at the model's
-      resolution and int64 ``(B,)`` dataset class ids (the last batch may be
-      smaller). Needs the data stack (``ot_transfer_jax.data``).
-    """
-    from ot_transfer_jax import data  # The experiment stack: lazily.
-    ds = data.get_datasets(self.config.data)
-    size = self.config.data.get("image_size")
-    for start in range(0, len(ds.test), batch_size):
-      examples = [ds.test[i] for i in range(start, min(start + batch_size,
-                                                        len(ds.test)))]
-      yield (np.stack([data.fit_image(e["image"], size) for e in examples]),
-             self.class_ids[np.array([e["label"] for e in examples])])
 
 
 def restore(workdir: str, step: Optional[int] = None) -> Restored:

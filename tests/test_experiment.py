@@ -9,10 +9,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from experiments import reproduce
-from experiments import job, loop
-from ot_transfer_jax import checkpoint, data, train
+from experiments import data, job, loop, reproduce
 from experiments.metric_writers import read_metrics
+from ot_transfer_jax import checkpoint, train
 
 from digits_job import REPO, main_command, tiny_config
 

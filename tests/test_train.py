@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import data
 from experiments.configs import common
-from ot_transfer_jax import data, losses, regularizers, train
+from ot_transfer_jax import losses, regularizers, train
 from ot_transfer_jax.models import create_model
 
 
