@@ -20,7 +20,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from experiments import data
-from ot_transfer_jax import checkpoint, models, regularizers, train
+from ot_transfer_jax import checkpoint, models, optim, parallel, regularizers, train
 from ot_transfer_jax.features import validate_layers
 
 # torchvision's ImageNet statistics: pretrained teachers expect them.
@@ -71,8 +71,8 @@ class Job:
 
   def evaluate(self, variables, source) -> dict:
     """Accuracy and mean loss of ``variables`` on a split."""
-    return train.evaluate(self.eval_step, variables,
-                          self.eval_batches(source), self.mesh)
+    return parallel.evaluate(self.eval_step, variables,
+                             self.eval_batches(source), self.mesh)
 
 
 def normalization(config, ds) -> tuple[np.ndarray, np.ndarray]:
@@ -230,11 +230,12 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
   mean, std = normalization(config, ds)
   sample = jnp.zeros((config.batch_size, *ds.image_shape), jnp.float32)
   rng = jax.random.PRNGKey(config.seed)
-  tx = train.make_optimizer(config.optimizer, config.num_steps)
+  terms = regularizers.terms_from_config(config.loss.terms)
+  tx = optim.make_optimizer(config.num_steps, **config.optimizer)
   # The largest device set the batch divides over: exact on any device count.
-  mesh = train.make_mesh(batch_size=config.batch_size,
-                         max_devices=config.max_devices)
-  training_sample = _training_sample(ds, mean, std, config)
+  mesh = parallel.make_mesh(batch_size=config.batch_size,
+                            max_devices=config.max_devices)
+  training_sample = _training_sample(ds, mean, std, config, terms)
 
   def student_state(teacher, teacher_vars):
     init_vars = None
@@ -243,9 +244,17 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
       init_vars = train.transfer_init(fresh, teacher_vars)
     context = regularizers.Context(teacher=teacher, teacher_vars=teacher_vars,
                                    **training_sample)
-    return train.create_train_state(config, model, teacher, teacher_vars, rng,
+    return train.create_train_state(model, teacher, teacher_vars, terms, rng,
                                     sample, tx, init_variables=init_vars,
                                     context=context)
+
+  def train_step(teacher):
+    loss_fn = train.make_loss_fn(
+        model, teacher, terms, label_smoothing=config.loss.label_smoothing,
+        weight_decay=config.loss.weight_decay,
+        head_decay=config.loss.head_decay,
+        bn_train=not config.model.freeze_batchnorm)
+    return train.make_train_step(loss_fn, tx, mesh)
 
   def check(teacher, teacher_vars):
     """Everything about the student and its loss, against an untrained
@@ -259,8 +268,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
     # Tracing one step checks what only the step reads (e.g. OT options).
     batch = {"image": jax.ShapeDtypeStruct(sample.shape, jnp.float32),
              "label": jax.ShapeDtypeStruct(sample.shape[:1], jnp.int32)}
-    jax.eval_shape(train.make_train_step(config, model, teacher, tx, mesh),
-                   state, teacher_vars, batch)
+    jax.eval_shape(train_step(teacher), state, teacher_vars, batch)
 
   teacher, teacher_vars = load_teacher(config, workdir, train_teacher,
                                        before_training=check)
@@ -269,16 +277,16 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
   if teacher is not None:
     _check_analysis_layers(config, model, state.variables, teacher,
                            teacher_vars, sample[:1])
-  state, teacher_vars = train.replicate((state, teacher_vars), mesh)
+  state, teacher_vars = parallel.replicate((state, teacher_vars), mesh)
   return Job(config=config, workdir=workdir, ds=ds, model=model,
              teacher=teacher, teacher_vars=teacher_vars, mesh=mesh, tx=tx,
              initial_state=state,
-             train_step=train.make_train_step(config, model, teacher, tx, mesh),
-             eval_step=train.make_eval_step(model, mesh), mean=mean, std=std)
+             train_step=train_step(teacher),
+             eval_step=parallel.make_eval_step(model, mesh), mean=mean, std=std)
 
 
 def _check_teacher_needed(config, teacher) -> None:
-  if teacher is None and train.needs_teacher(config):
+  if teacher is None and (config.loss.terms or config.init_from_teacher):
     uses = [f"loss.terms.{name}" for name in config.loss.terms]
     uses += ["init_from_teacher"] if config.init_from_teacher else []
     raise ValueError(
@@ -303,12 +311,11 @@ def _check_analysis_layers(config, model, variables, teacher, teacher_vars,
 TRAINING_SAMPLE = 512
 
 
-def _training_sample(ds, mean, std, config) -> dict:
+def _training_sample(ds, mean, std, config, terms) -> dict:
   """``{"images", "labels", "num_classes"}`` for terms whose ``init`` reads
   data (e.g. DELTA): the first ``TRAINING_SAMPLE / num_classes`` training
   images of every class (all of a small training set), in index order,
   normalised; no images when no term needs them."""
-  terms = regularizers.terms_from_config(config.loss.terms)
   if not any(t.regularizer.needs_data for t in terms):
     return {"num_classes": ds.num_classes}
   labels = np.asarray(ds.train.labels)

@@ -38,7 +38,7 @@ from absl import logging
 from experiments import analysis
 from experiments.job import Job, config_differences, setup
 from experiments.metric_writers import MetricWriter, Progress
-from ot_transfer_jax import checkpoint, train
+from ot_transfer_jax import checkpoint, parallel, train
 
 FINAL_METRICS = "final_metrics.json"
 ANALYSIS = "analysis.json"
@@ -216,7 +216,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       _Interrupted() as interrupted:
     progress = Progress(total, start_step=int(state.step))
     for step in range(int(state.step) + 1, total + 1):
-      batch = train.shard_batch(next(batches), job.mesh)
+      batch = parallel.shard_batch(next(batches), job.mesh)
       state, metrics = job.train_step(state, job.teacher_vars, batch)
       if itstime(step, config.log_every, total):
         metrics = jax.device_get(metrics)

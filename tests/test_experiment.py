@@ -11,7 +11,7 @@ import pytest
 
 from experiments import data, job, loop, reproduce
 from experiments.metric_writers import read_metrics
-from ot_transfer_jax import checkpoint, train
+from ot_transfer_jax import checkpoint, parallel
 
 from digits_job import REPO, main_command, tiny_config
 
@@ -46,9 +46,9 @@ def test_job_writes_outputs_and_restores(teacher_dir, tmp_path):
   np.testing.assert_allclose(restored.mean, ds_check.mean)
   np.testing.assert_allclose(restored.std, ds_check.std)
   ds = data.get_datasets(restored.config.data)
-  mesh = train.make_mesh()
-  test = train.evaluate(
-      train.make_eval_step(restored.model, mesh), restored.variables,
+  mesh = parallel.make_mesh()
+  test = parallel.evaluate(
+      parallel.make_eval_step(restored.model, mesh), restored.variables,
       data.eval_batches(ds.test, batch_size=128, image_size=None,
                         mean=ds.mean, std=ds.std), mesh)
   assert test["accuracy"] == pytest.approx(final["test_accuracy"])

@@ -122,6 +122,7 @@ README_EXAMPLES = ("## Use the regulariser", "### Flax NNX")
 PACKAGE_MODULES = {
     "ot_transfer_jax.checkpoint", "ot_transfer_jax.delta_weights",
     "ot_transfer_jax.features", "ot_transfer_jax.losses", "ot_transfer_jax.ot",
+    "ot_transfer_jax.optim", "ot_transfer_jax.parallel",
     "ot_transfer_jax.regularizers", "ot_transfer_jax.train",
     "ot_transfer_jax.models", "ot_transfer_jax.models.cifar_resnet",
     "ot_transfer_jax.models.digits", "ot_transfer_jax.models.layers",
