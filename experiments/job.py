@@ -1,13 +1,19 @@
-"""Setting a run up: data, teacher, student, optimizer and steps, as one frozen ``Job``.
+"""Setting a run up: the teacher, then data, student, optimizer and steps, as one frozen ``Job``.
 
-:func:`setup` does everything before the first step and checks what can be
-checked there; :mod:`experiments.loop` runs the steps.
+A run starts in three steps (:func:`experiments.loop.train_and_evaluate`):
+
+1. :func:`load_teacher`; when a ``teacher.source='train'`` teacher is not
+   trained yet, :func:`check_student` first checks the student's config
+   against an :func:`untrained_teacher` (a typo must not cost the teacher's
+   training time), then the loop trains the teacher;
+2. :func:`setup` builds everything before the first step, top to bottom, and
+   checks what can be checked there;
+3. :mod:`experiments.loop` runs the steps.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from typing import Any, Callable, Optional
 
@@ -83,20 +89,31 @@ def normalization(config, ds) -> tuple[np.ndarray, np.ndarray]:
   return ds.mean, ds.std
 
 
-def load_teacher(config, workdir: str, train_teacher: Callable,
-                 before_training: Optional[Callable] = None):
-  """``(teacher_model, teacher_variables)``, or ``(None, {})`` without one.
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+  """The frozen network the loss and initialisation read; ``model`` is
+  ``None`` (and ``variables`` empty) when the run has none."""
 
-  ``before_training(teacher, untrained_teacher_vars)`` is called before a
-  teacher is trained (``source='train'``), to check the student's config
-  first: a typo must not cost the teacher's training time.
+  model: Optional[Any]
+  variables: Any
+
+
+def teacher_workdir(config, workdir: str) -> str:
+  """Where a ``teacher.source='train'`` teacher trains (and is cached)."""
+  return config.teacher.workdir or os.path.join(workdir, "teacher")
+
+
+def load_teacher(config, workdir: str) -> Optional[Teacher]:
+  """The run's teacher; ``None`` when ``teacher.source='train'`` and that
+  teacher has not finished training (:func:`experiments.loop.ensure_teacher`
+  then trains it).
 
   ``config.teacher.source``:
     ``"none"``: no teacher (training a teacher, or a plain baseline);
-    ``"train"``: ``train_teacher(config.teacher.job, teacher_workdir)`` in
-      ``config.teacher.workdir`` (default ``WORKDIR/teacher``) unless that run
-      has finished already, then restore it: methods and seeds share one
-      cached teacher;
+    ``"train"``: the finished run of ``config.teacher.job`` in
+      ``config.teacher.workdir`` (default ``WORKDIR/teacher``): methods and
+      seeds share one cached teacher; it must have been trained with
+      ``teacher.job``'s settings;
     ``"checkpoint"``: restore the run in ``config.teacher.path``;
     ``"torchvision"``: ImageNet ResNet weights from the ``.safetensors`` file
       ``config.teacher.path`` (torchvision layout);
@@ -105,27 +122,21 @@ def load_teacher(config, workdir: str, train_teacher: Callable,
   """
   t = config.teacher
   if t.source == "none":
-    return None, {}
+    return Teacher(None, {})
   if t.source == "train":
-    tdir = t.workdir or os.path.join(workdir, "teacher")
+    tdir = teacher_workdir(config, workdir)
     # Decided from the (shared) checkpoints, the same on every process.
-    finished = os.path.isdir(checkpoint.checkpoint_dir(tdir)) and (
+    if not (os.path.isdir(checkpoint.checkpoint_dir(tdir)) and (
         checkpoint.make_manager(tdir, reading=True).latest_step()
-        == t.job.num_steps)
-    if finished:
-      try:
-        restored = checkpoint.restore(tdir)
-      except checkpoint.DamagedCheckpointError as e:
-        # Resuming the teacher's run moves the damaged step aside.
-        logging.warning("%s", e)
-        finished = False
-    if not finished:
-      if before_training is not None:
-        before_training(*untrained_teacher(t.job))
-      logging.info("Training the teacher in %s", tdir)
-      train_teacher(t.job, tdir)
+        == t.job.num_steps)):
+      return None
+    try:
       restored = checkpoint.restore(tdir)
-    differences = config_differences(restored.meta["config"],
+    except checkpoint.DamagedCheckpointError as e:
+      # Resuming the teacher's run moves the damaged step aside.
+      logging.warning("%s", e)
+      return None
+    differences = config_differences(restored.meta.config,
                                      checkpoint.config_to_json(t.job))
     if differences:
       raise ValueError(
@@ -133,7 +144,7 @@ def load_teacher(config, workdir: str, train_teacher: Callable,
           f"teacher.job: {'; '.join(differences[:8])}. Point "
           "--config.teacher.workdir at a new directory to train this "
           "teacher, or set teacher.job to the settings it was trained with.")
-    return restored.model, restored.variables
+    return Teacher(restored.model, restored.variables)
   if t.source == "checkpoint":
     if not t.path:
       raise ValueError(
@@ -141,7 +152,7 @@ def load_teacher(config, workdir: str, train_teacher: Callable,
           "the finished run to use as the teacher: add "
           "--config.teacher.path=DIR.")
     restored = checkpoint.restore(t.path)
-    return restored.model, restored.variables
+    return Teacher(restored.model, restored.variables)
   if t.source == "torchvision":
     from experiments import pretrained
     if not os.path.isfile(t.path):
@@ -152,26 +163,27 @@ def load_teacher(config, workdir: str, train_teacher: Callable,
           "--config.teacher.path at the file.")
     variables = pretrained.load_torchvision_resnet(t.path, t.name)
     num_classes = variables["params"]["head"]["kernel"].shape[-1]
-    return models.create_model(t.name, num_classes, **t.kwargs), variables
+    return Teacher(models.create_model(t.name, num_classes, **t.kwargs),
+                   variables)
   if t.source == "random":
     if not t.image_shape:
       raise ValueError("teacher.source='random' needs teacher.image_shape "
                        "(H, W, C) to initialise the network.")
     teacher = models.create_model(t.name, t.num_classes, **t.kwargs)
-    return teacher, train.init_model(teacher, jax.random.PRNGKey(0),
-                                     jnp.zeros((1, *t.image_shape)))
+    return Teacher(teacher, train.init_model(teacher, jax.random.PRNGKey(0),
+                                             jnp.zeros((1, *t.image_shape))))
   raise ValueError(f"teacher.source={t.source!r} is not one of ('none', "
                    "'train', 'checkpoint', 'torchvision', 'random').")
 
 
-def untrained_teacher(job_config) -> tuple[Any, Any]:
-  """``(model, variables)`` of the network a teacher job trains, at its
-  random initialisation: what checks of the student need, without training."""
+def untrained_teacher(job_config) -> Teacher:
+  """The network a teacher job trains, at its random initialisation: what
+  :func:`check_student` needs, without training."""
   tds = data.get_datasets(job_config.data)
   teacher = models.create_model(job_config.model.name, tds.num_classes,
                                 **job_config.model.kwargs)
-  return teacher, train.init_model(teacher, jax.random.PRNGKey(0),
-                                   jnp.zeros((1, *tds.image_shape)))
+  return Teacher(teacher, train.init_model(teacher, jax.random.PRNGKey(0),
+                                           jnp.zeros((1, *tds.image_shape))))
 
 
 # Settings a resume may change: they do not change what the steps already
@@ -212,17 +224,15 @@ def config_differences(saved: dict, now: dict) -> list[str]:
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str,
-          train_teacher: Callable) -> Job:
-  """Data, teacher, student state, optimizer and compiled steps of a run.
-
-  Args:
-    train_teacher: ``(teacher_config, teacher_workdir) -> Any``, called when
-      ``teacher.source='train'`` and the teacher run is not finished.
+          teacher: Teacher) -> Job:
+  """Data, student state, optimizer and compiled steps of a run, around
+  ``teacher`` (:func:`load_teacher`).
 
   Raises:
     ValueError: a config the run cannot use (unknown layer or option, a term
       without a teacher, ...), before any training step.
   """
+  _check_teacher_needed(config, teacher.model)
   os.makedirs(workdir, exist_ok=True)
   ds = data.get_datasets(config.data)
   model = models.create_model(config.model.name, ds.num_classes,
@@ -235,54 +245,46 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
   # The largest device set the batch divides over: exact on any device count.
   mesh = parallel.make_mesh(batch_size=config.batch_size,
                             max_devices=config.max_devices)
-  training_sample = _training_sample(ds, mean, std, config, terms)
-
-  def student_state(teacher, teacher_vars):
-    init_vars = None
-    if config.init_from_teacher:
-      fresh = train.init_model(model, jax.random.fold_in(rng, 1), sample[:1])
-      init_vars = train.transfer_init(fresh, teacher_vars)
-    context = regularizers.Context(teacher=teacher, teacher_vars=teacher_vars,
-                                   **training_sample)
-    return train.create_train_state(model, teacher, teacher_vars, terms, rng,
-                                    sample, tx, init_variables=init_vars,
-                                    context=context)
-
-  def train_step(teacher):
-    loss_fn = train.make_loss_fn(
-        model, teacher, terms, label_smoothing=config.loss.label_smoothing,
-        weight_decay=config.loss.weight_decay,
-        head_decay=config.loss.head_decay,
-        bn_train=not config.model.freeze_batchnorm)
-    return train.make_train_step(loss_fn, tx, mesh)
-
-  def check(teacher, teacher_vars):
-    """Everything about the student and its loss, against an untrained
-    teacher of the right architecture (terms' init may read its features)."""
-    _check_teacher_needed(config, teacher)
-    if teacher is None:
-      return
-    state = student_state(teacher, teacher_vars)
-    _check_analysis_layers(config, model, state.variables, teacher,
-                           teacher_vars, sample[:1])
-    # Tracing one step checks what only the step reads (e.g. OT options).
-    batch = {"image": jax.ShapeDtypeStruct(sample.shape, jnp.float32),
-             "label": jax.ShapeDtypeStruct(sample.shape[:1], jnp.int32)}
-    jax.eval_shape(train_step(teacher), state, teacher_vars, batch)
-
-  teacher, teacher_vars = load_teacher(config, workdir, train_teacher,
-                                       before_training=check)
-  _check_teacher_needed(config, teacher)
-  state = student_state(teacher, teacher_vars)
-  if teacher is not None:
-    _check_analysis_layers(config, model, state.variables, teacher,
-                           teacher_vars, sample[:1])
-  state, teacher_vars = parallel.replicate((state, teacher_vars), mesh)
+  init_vars = None
+  if config.init_from_teacher:
+    fresh = train.init_model(model, jax.random.fold_in(rng, 1), sample[:1])
+    init_vars = train.transfer_init(fresh, teacher.variables)
+  context = regularizers.Context(
+      teacher=teacher.model, teacher_vars=teacher.variables,
+      **_training_sample(ds, mean, std, config, terms))
+  state = train.create_train_state(model, teacher.model, teacher.variables,
+                                   terms, rng, sample, tx,
+                                   init_variables=init_vars, context=context)
+  if teacher.model is not None:
+    _check_analysis_layers(config, model, state.variables, teacher.model,
+                           teacher.variables, sample[:1])
+  loss_fn = train.make_loss_fn(
+      model, teacher.model, terms, label_smoothing=config.loss.label_smoothing,
+      weight_decay=config.loss.weight_decay, head_decay=config.loss.head_decay,
+      bn_train=not config.model.freeze_batchnorm)
+  state, teacher_vars = parallel.replicate((state, teacher.variables), mesh)
   return Job(config=config, workdir=workdir, ds=ds, model=model,
-             teacher=teacher, teacher_vars=teacher_vars, mesh=mesh, tx=tx,
-             initial_state=state,
-             train_step=train_step(teacher),
+             teacher=teacher.model, teacher_vars=teacher_vars, mesh=mesh,
+             tx=tx, initial_state=state,
+             train_step=train.make_train_step(loss_fn, tx, mesh),
              eval_step=parallel.make_eval_step(model, mesh), mean=mean, std=std)
+
+
+def check_student(config: ml_collections.ConfigDict, workdir: str,
+                  teacher: Teacher) -> None:
+  """Builds the run around ``teacher`` (an untrained one of the right
+  architecture, :func:`untrained_teacher`) and traces one step, so that a
+  mistake in the student's config fails before the teacher trains.
+
+  Raises:
+    ValueError: as :func:`setup`, and what only the step reads (e.g. OT
+      options).
+  """
+  job = setup(config, workdir, teacher)
+  shape = (config.batch_size, *job.ds.image_shape)
+  batch = {"image": jax.ShapeDtypeStruct(shape, jnp.float32),
+           "label": jax.ShapeDtypeStruct(shape[:1], jnp.int32)}
+  jax.eval_shape(job.train_step, job.initial_state, job.teacher_vars, batch)
 
 
 def _check_teacher_needed(config, teacher) -> None:

@@ -155,7 +155,7 @@ def test_a_checkpoint_teacher_without_a_path_says_what_to_set(tmp_path):
   c.teacher.source = "checkpoint"
   with pytest.raises(ValueError, match=r"needs teacher.path.*"
                      r"--config.teacher.path=DIR"):
-    job.load_teacher(c, str(tmp_path), loop.train_and_evaluate)
+    job.load_teacher(c, str(tmp_path))
 
 
 def test_a_longer_teacher_job_is_another_run_for_the_student(tmp_path):
