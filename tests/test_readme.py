@@ -4,6 +4,7 @@ import pathlib
 import re
 
 import numpy as np
+import pytest
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
@@ -23,6 +24,7 @@ def test_optax_example_trains():
   assert losses[-1] < 0.8 * losses[0]
 
 
+@pytest.mark.slow
 def test_multi_device_example_matches_one_device():
   namespace = {}
   exec(compile(_python_block("### Several devices"), "README.md", "exec"),
