@@ -80,19 +80,16 @@ _ABSENT = textwrap.dedent("""
     sys.meta_path.insert(0, Absent())
 """)
 _BLOCKED_RUN = _ABSENT + textwrap.dedent("""
-    import pathlib, re
-
     import ot_transfer_jax
     from ot_transfer_jax import (checkpoint, delta_weights, features, losses,
                                  models, ot, regularizers, train)
     from ot_transfer_jax.models import create_model
 
-    readme = pathlib.Path("README.md").read_text()
+    sys.path.insert(0, "tests")
+    from doc_support import run_block  # README.md and docs/*.md
+
     for heading in sys.argv[2:]:
-      block = re.search(r"```python\\n(.*?)```", readme.split(heading, 1)[1],
-                        re.S).group(1)
-      namespace = {}
-      exec(compile(block, "README.md", "exec"), namespace)
+      namespace = run_block(heading)
       losses_ = namespace["losses"]
       assert losses_[-1] < 0.8 * losses_[0], (heading, losses_[0], losses_[-1])
       print("ran", heading, "loss", losses_[0], "->", losses_[-1])
@@ -107,6 +104,7 @@ _BLOCKED_RUN = _ABSENT + textwrap.dedent("""
     assert not loaded, loaded
 """)
 
+# The optax example (README.md) and the NNX one (docs/usage.md).
 README_EXAMPLES = ("## Use the regulariser", "### Flax NNX")
 
 
