@@ -3,7 +3,6 @@
 import dataclasses
 import json
 import os
-import re
 import subprocess
 
 import numpy as np
@@ -13,6 +12,7 @@ from experiments import data, job, loop, reproduce
 from experiments.metric_writers import read_metrics
 from ot_transfer_jax import checkpoint, parallel
 
+import doc_support
 from digits_job import REPO, main_command, tiny_config
 
 
@@ -94,19 +94,11 @@ def test_command_line_override_wins_over_the_method(teacher_dir, tmp_path):
       last["ce"] + 0.5 * last["reg/ot"] + last["head_decay"], rel=1e-5)
 
 
-def _readme_block(after: str) -> str:
-  """The first ```python block of README.md after the text ``after``."""
-  with open(os.path.join(REPO, "README.md")) as f:
-    readme = f.read()
-  return re.search(r"```python\n(.*?)```", readme.split(after, 1)[1],
-                   re.S).group(1)
-
-
 def test_a_regularizer_defined_outside_the_package_trains(teacher_dir,
                                                           tmp_path):
-  """The README's "add your own regulariser" config, through experiments.main."""
+  """The docs' "add your own regulariser" config, through experiments.main."""
   config_file = tmp_path / "my_config.py"
-  config_file.write_text(_readme_block("Add your own regulariser"))
+  config_file.write_text(doc_support.python_block("Add your own regulariser"))
   command = main_command(tmp_path / "run", teacher_dir)
   command[command.index("--config") + 1] = str(config_file)
   proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
