@@ -258,7 +258,13 @@ def ensure_teacher(config: ml_collections.ConfigDict, workdir: str) -> Teacher:
   tdir = job_lib.teacher_workdir(config, workdir)
   logging.info("Training the teacher in %s", tdir)
   train_and_evaluate(config.teacher.job, tdir)
-  return job_lib.load_teacher(config, workdir)
+  teacher = job_lib.load_teacher(config, workdir)
+  if teacher is None:  # Damaged as soon as written: do not loop.
+    raise checkpoint.CheckpointError(
+        f"The teacher trained in {tdir} cannot be restored; rerun the "
+        "command to resume it, or point --config.teacher.workdir at a new "
+        "directory.")
+  return teacher
 
 
 def _evaluate(job: Job, state, writer, step: int):

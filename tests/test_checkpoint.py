@@ -28,6 +28,41 @@ def run_dir(teacher_dir, tmp_path_factory):
   return path
 
 
+def test_run_meta_is_saved_with_the_state_and_restored(tmp_path):
+  """Without training (fast): a state and its RunMeta round-trip through
+  save / restore_latest / restore, which rebuilds the model from the config
+  and maps outputs to the config's classes."""
+  from ot_transfer_jax.models import create_model
+  model = create_model("digits_mlp", 3)
+  variables = model.init(jax.random.PRNGKey(0), np.zeros((1, 8, 8, 1)))
+  state = {"params": variables["params"], "step": jax.numpy.asarray(7)}
+  meta = checkpoint.RunMeta(
+      config={"model": {"name": "digits_mlp", "kwargs": {}},
+              "data": {"classes": [7, 5, 6]}},
+      num_classes=3, mean=(0.25,), std=(0.5,),
+      history={"best_step": 5, "best_val_accuracy": 0.5})
+  manager = checkpoint.make_manager(str(tmp_path))
+  checkpoint.save(manager, 7, state, meta)
+  seen = []
+  _, restored_meta = checkpoint.restore_latest(
+      manager, str(tmp_path), state, check_meta=lambda *a: seen.append(a))
+  assert restored_meta == meta and seen == [(7, meta)]
+  # The JSON item keeps the layout earlier versions wrote (they restore).
+  with open(tmp_path / "checkpoints" / "7" / "meta" / "metadata") as f:
+    assert json.load(f) == {"config": meta.config, "num_classes": 3,
+                            "mean": [0.25], "std": [0.5],
+                            "history": meta.history}
+  restored = checkpoint.restore(str(tmp_path))
+  assert restored.meta == meta and restored.step == 7
+  np.testing.assert_array_equal(restored.class_ids, [7, 5, 6])
+  np.testing.assert_array_equal(restored.mean, [0.25])
+  images = np.full((2, 8, 8, 1), 0.25 + 0.5 * 0.1, np.float32)
+  np.testing.assert_allclose(
+      restored.logits(images),
+      model.apply(variables, np.full((2, 8, 8, 1), 0.1, np.float32)),
+      rtol=1e-5, atol=1e-6)
+
+
 def _copy(run_dir, dst):
   shutil.copytree(run_dir, dst)
   return dst
@@ -49,6 +84,7 @@ def _final(workdir):
     return json.load(f)
 
 
+@pytest.mark.slow
 def test_one_flipped_byte_in_any_read_array_file_is_detected(run_dir,
                                                              tmp_path):
   """Every file of the OCDBT stores, at its middle and (array data) at 8
@@ -81,6 +117,7 @@ def test_one_flipped_byte_in_any_read_array_file_is_detected(run_dir,
   assert any(n.startswith("opt_state.") for n in named), named
 
 
+@pytest.mark.slow
 def test_resume_falls_back_to_the_newest_intact_step(teacher_dir, run_dir,
                                                      tmp_path, caplog):
   work = _copy(run_dir, tmp_path / "run")
@@ -104,6 +141,7 @@ def test_resume_falls_back_to_the_newest_intact_step(teacher_dir, run_dir,
                          checkpoint.restore(str(run_dir)).variables)
 
 
+@pytest.mark.slow
 def test_a_teacher_whose_only_step_is_damaged_is_retrained(teacher_dir,
                                                            tmp_path):
   """Every step damaged: the run starts over, keeping the damaged step."""
@@ -123,6 +161,7 @@ def test_a_teacher_whose_only_step_is_damaged_is_retrained(teacher_dir,
                          checkpoint.restore(str(teacher_dir)).variables)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_other_shapes_names_the_first_differing_path(
     run_dir):
   manager = checkpoint.make_manager(str(run_dir), reading=True)
@@ -143,6 +182,7 @@ def test_a_checkpoint_of_other_shapes_names_the_first_differing_path(
     checkpoint.check_compatible(saved, wanted, 20, "here")
 
 
+@pytest.mark.slow
 def test_predict_returns_dataset_class_ids_from_normalised_images(run_dir):
   restored = checkpoint.restore(str(run_dir))
   np.testing.assert_array_equal(restored.class_ids, [5, 6, 7, 8, 9])
@@ -166,6 +206,7 @@ def test_predict_returns_dataset_class_ids_from_normalised_images(run_dir):
     restored.predict(images[0])
 
 
+@pytest.mark.slow
 def test_docs_restore_snippet_reproduces_the_test_accuracy(
     run_dir, tmp_path, monkeypatch):
   page = doc_support.page_with("Restore a trained student")
@@ -183,6 +224,7 @@ def test_docs_restore_snippet_reproduces_the_test_accuracy(
       "test_accuracy"]
 
 
+@pytest.mark.slow
 def test_restore_and_predict_without_the_experiment_stack(run_dir):
   script = f"""
 import sys

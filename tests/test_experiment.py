@@ -16,6 +16,7 @@ import doc_support
 from digits_job import REPO, main_command, tiny_config
 
 
+@pytest.mark.slow
 def test_job_writes_outputs_and_restores(teacher_dir, tmp_path):
   final = loop.train_and_evaluate(tiny_config(teacher_dir), str(tmp_path))
   with open(tmp_path / "final_metrics.json") as f:
@@ -58,6 +59,7 @@ def test_job_writes_outputs_and_restores(teacher_dir, tmp_path):
                                        str(tmp_path)) == final
 
 
+@pytest.mark.slow
 def test_periodic_actions_set_to_0_run_at_the_last_step_only(teacher_dir,
                                                             tmp_path):
   """every=0 turns a periodic action off; the last step still logs, evaluates
@@ -71,6 +73,7 @@ def test_periodic_actions_set_to_0_run_at_the_last_step_only(teacher_dir,
   assert checkpoint.restore(str(tmp_path)).step == 4
 
 
+@pytest.mark.slow
 def test_config_key_typo_gives_one_paragraph(teacher_dir, tmp_path):
   proc = subprocess.run(main_command(tmp_path, teacher_dir,
                               "--config.loss.terms.ot.wieght=1"),
@@ -80,6 +83,7 @@ def test_config_key_typo_gives_one_paragraph(teacher_dir, tmp_path):
   assert "'wieght'" in proc.stderr and 'Did you mean "weight"' in proc.stderr
 
 
+@pytest.mark.slow
 def test_command_line_override_wins_over_the_method(teacher_dir, tmp_path):
   proc = subprocess.run(main_command(
       tmp_path, teacher_dir, "--config.loss.terms.ot.weight=0.5",
@@ -94,6 +98,7 @@ def test_command_line_override_wins_over_the_method(teacher_dir, tmp_path):
       last["ce"] + 0.5 * last["reg/ot"] + last["head_decay"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_a_regularizer_defined_outside_the_package_trains(teacher_dir,
                                                           tmp_path):
   """The docs' "add your own regulariser" config, through experiments.main."""
@@ -112,9 +117,9 @@ def test_a_regularizer_defined_outside_the_package_trains(teacher_dir,
       last["ce"] + 2.0 * last["reg/mean_gap"], rel=1e-5)
 
 
-def test_unknown_method_lists_the_defined_ones(teacher_dir):
+def test_unknown_method_lists_the_defined_ones(tmp_path):
   with pytest.raises(ValueError, match="choose one of .*'l2_sp'"):
-    tiny_config(teacher_dir, method="magic")
+    tiny_config(tmp_path, method="magic")
 
 
 @pytest.mark.parametrize("method", ["ot", "l2_sp", "finetune_l2"])
@@ -126,6 +131,7 @@ def test_teacher_dependent_methods_without_teacher_are_refused(tmp_path,
     loop.train_and_evaluate(c, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_analysis_layer_typo_fails_before_training(teacher_dir, tmp_path):
   c = tiny_config(teacher_dir)
   c.analysis.layers = ("stage9",)
@@ -134,6 +140,7 @@ def test_analysis_layer_typo_fails_before_training(teacher_dir, tmp_path):
   assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_message(teacher_dir, tmp_path):
   proc = subprocess.run(
       main_command(tmp_path, teacher_dir, method="magic"), cwd=REPO,
@@ -165,6 +172,7 @@ def test_restore_without_checkpoints_says_what_to_do(tmp_path):
     checkpoint.restore(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_reproduce_writes_results_table_and_figures(teacher_dir, tmp_path):
   configs = {m: tiny_config(teacher_dir, m) for m in ("scratch", "ot")}
   records, table = reproduce.run_all(configs, str(tmp_path), seeds=2,
@@ -186,6 +194,7 @@ def test_reproduce_writes_results_table_and_figures(teacher_dir, tmp_path):
   assert "| ot | 2 |" in table.split("same seeds")[-1]  # Paired table.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["digits_distill", "digits_cross_arch"])
 def test_every_digits_method_runs(name, tmp_path):
   module = __import__(f"experiments.configs.{name}", fromlist=["get_config"])
@@ -204,6 +213,7 @@ def test_every_digits_method_runs(name, tmp_path):
       assert last_train[f"reg/{name}"] > 0, (method, name)
 
 
+@pytest.mark.slow
 def test_terms_that_read_data_get_every_class(teacher_dir, monkeypatch):
   """DELTA's init fits a head on a class-balanced sample of the training set,
   knowing the task's classes, even when the data are sorted by class."""

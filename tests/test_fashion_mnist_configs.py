@@ -84,6 +84,7 @@ def test_docstring_sweep_and_methods(name):
   assert set(module.SWEEP) <= set(methods)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,method,overrides", [
     # Other class splits and K, with nothing else changed.
     ("fashion_mnist_transfer", "delta",
@@ -120,6 +121,7 @@ def test_config_trains_on_idx_files(name, method, overrides, idx_dir, teachers, 
     assert student.config["data"]["samples_per_class"] == 4
 
 
+@pytest.mark.slow
 def test_sweep_chooses_on_validation_only(idx_dir, teachers, tmp_path):
   module = _module("fashion_mnist_cross_arch")
 

@@ -153,6 +153,7 @@ def _check_run(config, method, workdir):
   assert analysis["layers"] == list(config.analysis.layers)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_method_trains_one_step(name, tmp_path):
   methods = (tuple(_module(name).get_config().method_order) if ALL_METHODS

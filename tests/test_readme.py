@@ -7,6 +7,7 @@ Blocks are found by the text before them on whichever page holds it
 import re
 
 import numpy as np
+import pytest
 
 from doc_support import README, REPO, bash_block, page_with, pages, run_block
 
@@ -23,6 +24,7 @@ def test_optax_example_trains():
   assert losses[-1] < 0.8 * losses[0]
 
 
+@pytest.mark.slow
 def test_multi_device_example_matches_one_device():
   namespace = run_block("### Several devices")
   ref = namespace["grads_ref"]

@@ -90,6 +90,7 @@ def run(cfg, ds, steps, teacher_vars=None, mesh=None):
   return model, state, history
 
 
+@pytest.mark.slow
 def test_ot_training_on_digits_reaches_90_percent(digits):
   teacher_cfg = make_config("none", width=1.0)
   teacher_model, teacher_state, _ = run(teacher_cfg, digits, 200)
@@ -278,6 +279,7 @@ MULTI_DEVICE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_two_devices_match_one_device_and_compile_once():
   env = dict(os.environ,
              XLA_FLAGS="--xla_force_host_platform_device_count=2",
@@ -335,6 +337,7 @@ ANY_DEVICE_COUNT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("devices", [2, 4])
 def test_a_batch_that_does_not_divide_over_the_devices_runs_exactly(devices):
   """make_mesh(batch_size=B) trains on the largest device subset B divides
