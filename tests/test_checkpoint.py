@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import loop
+from experiments import data, loop
 from ot_transfer_jax import checkpoint
 
 import doc_support
@@ -146,7 +146,7 @@ def test_a_checkpoint_of_other_shapes_names_the_first_differing_path(
 def test_predict_returns_dataset_class_ids_from_normalised_images(run_dir):
   restored = checkpoint.restore(str(run_dir))
   np.testing.assert_array_equal(restored.class_ids, [5, 6, 7, 8, 9])
-  images, class_ids = next(restored.test_batches(batch_size=64))
+  images, class_ids = next(data.test_batches(restored, batch_size=64))
   assert images.dtype == np.uint8 and images.shape == (64, 8, 8, 1)
   assert set(np.unique(class_ids)) <= {5, 6, 7, 8, 9}
   logits = restored.logits(images)

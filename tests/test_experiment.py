@@ -8,10 +8,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from experiments import reproduce
-from experiments import job, loop
-from ot_transfer_jax import checkpoint, data, train
+from experiments import data, job, loop, reproduce
 from experiments.metric_writers import read_metrics
+from ot_transfer_jax import checkpoint, parallel
 
 import doc_support
 from digits_job import REPO, main_command, tiny_config
@@ -47,9 +46,9 @@ def test_job_writes_outputs_and_restores(teacher_dir, tmp_path):
   np.testing.assert_allclose(restored.mean, ds_check.mean)
   np.testing.assert_allclose(restored.std, ds_check.std)
   ds = data.get_datasets(restored.config.data)
-  mesh = train.make_mesh()
-  test = train.evaluate(
-      train.make_eval_step(restored.model, mesh), restored.variables,
+  mesh = parallel.make_mesh()
+  test = parallel.evaluate(
+      parallel.make_eval_step(restored.model, mesh), restored.variables,
       data.eval_batches(ds.test, batch_size=128, image_size=None,
                         mean=ds.mean, std=ds.std), mesh)
   assert test["accuracy"] == pytest.approx(final["test_accuracy"])
@@ -148,7 +147,7 @@ def test_a_checkpoint_teacher_without_a_path_says_what_to_set(tmp_path):
   c.teacher.source = "checkpoint"
   with pytest.raises(ValueError, match=r"needs teacher.path.*"
                      r"--config.teacher.path=DIR"):
-    job.load_teacher(c, str(tmp_path), loop.train_and_evaluate)
+    job.load_teacher(c, str(tmp_path))
 
 
 def test_a_longer_teacher_job_is_another_run_for_the_student(tmp_path):
