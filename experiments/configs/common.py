@@ -191,19 +191,43 @@ def with_method(arg: Optional[str], method: Optional[str]) -> Optional[str]:
   return ",".join([*kept, f"method={method}"]) if kept else method
 
 
-def teacher_terms(weights: Mapping[str, float],
-                  layers: Mapping[str, tuple]) -> dict:
-  """``{method: Method}`` for the methods that add teacher-based terms to a
-  plain student: one per regulariser in ``weights`` (``student_layers`` from
-  ``layers``, none for logits), and ``ot_kd`` (Omega_P + KD, each at its own
-  weight) when both ``ot`` and ``kd`` are there. In ``weights``' order."""
-  methods = {
+# The student layers each representation term reads, per dataset (distill.py
+# and cross_arch.py): FitNets' hint on stage2, Omega_P on every stage,
+# attention transfer on stage1-2 of the 8x8 digits and on every stage of
+# Fashion-MNIST.
+TERM_LAYERS = {
+    "digits": {"fitnets": ("stage2",), "attention": ("stage1", "stage2"),
+               "ot": LAYERS},
+    "fashion_mnist": {"fitnets": ("stage2",), "attention": LAYERS,
+                      "ot": LAYERS},
+}
+
+
+def teacher_terms(plain: str, weights: Mapping[str, float],
+                  data: str) -> dict:
+  """``{method: Method}`` of a student trained without or with teacher-based
+  terms: ``plain`` (CE and weight decay only), one method per regulariser in
+  ``weights`` (at that weight, on ``TERM_LAYERS[data]``; none for logits),
+  and ``ot_kd`` (Omega_P + KD, each at its own weight) when both ``ot`` and
+  ``kd`` are there. In that order."""
+  layers = TERM_LAYERS[data]
+  methods = {plain: unchanged, **{
       name: with_term(name, weight, **(
           {"student_layers": layers[name]} if name in layers else {}))
-      for name, weight in weights.items()}
+      for name, weight in weights.items()}}
   if "ot" in methods and "kd" in methods:
     methods["ot_kd"] = combine(methods["ot"], methods["kd"])
   return methods
+
+
+def sweeps(grids: Mapping[str, dict]) -> Callable:
+  """``get_sweep(arg)`` of a per-setting config: the grids of ``arg``'s
+  dataset in ``{data: {method: (config_key, values)}}`` ({} for none)."""
+
+  def get_sweep(arg=None) -> dict:
+    return dict(grids.get(setting_arg(arg)[0], {}))
+
+  return get_sweep
 
 
 def setting_arg(arg: Optional[str]) -> tuple[str, str]:

@@ -38,7 +38,6 @@ All methods x seeds, table and figures (in workdirs/<data>_cross_arch):
 
 from experiments.configs import common, transfer
 
-LAYERS = common.LAYERS
 TEACHER_MODEL = {"digits": "digits_cnn", "fashion_mnist": "resnet8"}
 
 SWEEP = {"fashion_mnist": {
@@ -48,16 +47,10 @@ SWEEP = {"fashion_mnist": {
 }}
 # Each term's weight (fashion_mnist: chosen by the sweep above, validation
 # accuracy, seed 100); the methods of a dataset are scratch and these, in
-# this order.
+# this order. The layers each term reads: common.TERM_LAYERS.
 WEIGHTS = {
     "digits": {"attention": 100.0, "fitnets": 1.0, "ot": 0.1},
     "fashion_mnist": {"fitnets": 0.1, "attention": 10.0, "ot": 0.01},
-}
-TERM_LAYERS = {
-    "digits": {"fitnets": ("stage2",), "attention": ("stage1", "stage2"),
-               "ot": LAYERS},
-    "fashion_mnist": {"fitnets": ("stage2",), "attention": LAYERS,
-                      "ot": LAYERS},
 }
 
 
@@ -73,15 +66,12 @@ def experiment(data: str = "digits"):
   return c
 
 
-def get_sweep(arg=None) -> dict:
-  """The sweep grids of ``arg``'s dataset (experiments.sweep)."""
-  return SWEEP.get(common.setting_arg(arg)[0], {})
+get_sweep = common.sweeps(SWEEP)  # experiments.sweep's grids.
 
 
 def get_config(arg=None):
   """``arg``: ``data=digits|fashion_mnist,method=<method>`` (or a method)."""
   data, method = common.setting_arg(arg)
-  c = experiment(data)
-  methods = {"scratch": common.unchanged,  # CE and weight decay only.
-             **common.teacher_terms(WEIGHTS[data], TERM_LAYERS[data])}
-  return common.select_method(c, methods, method)
+  return common.select_method(
+      experiment(data), common.teacher_terms("scratch", WEIGHTS[data], data),
+      method)

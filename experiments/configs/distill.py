@@ -45,7 +45,6 @@ KD needs the teacher's label space: with --config.data.classes=..., set
 
 from experiments.configs import common
 
-LAYERS = common.LAYERS
 MODEL = {"digits": "digits_cnn", "fashion_mnist": "small_cnn"}
 WIDTH = {"digits": (1.0, 0.25), "fashion_mnist": (2.0, 0.5)}  # teacher, student
 
@@ -56,17 +55,12 @@ SWEEP = {"fashion_mnist": {
     "ot": ("loss.terms.ot.weight", (0.01, 0.1, 1.0)),
 }}
 # Each term's weight (fashion_mnist: chosen by the sweep above, validation
-# accuracy, seed 100), and the layers each reads.
+# accuracy, seed 100); the methods of a dataset are student, these in this
+# order, and ot_kd. The layers each term reads: common.TERM_LAYERS.
 WEIGHTS = {
     "digits": {"kd": 1.0, "fitnets": 1.0, "attention": 100.0, "ot": 1.0},
     "fashion_mnist": {"kd": 10.0, "fitnets": 0.1, "attention": 10.0,
                       "ot": 0.1},
-}
-TERM_LAYERS = {
-    "digits": {"fitnets": ("stage2",), "attention": ("stage1", "stage2"),
-               "ot": LAYERS},
-    "fashion_mnist": {"fitnets": ("stage2",), "attention": LAYERS,
-                      "ot": LAYERS},
 }
 
 # Per dataset: the teacher's job and the students' (same data).
@@ -118,15 +112,12 @@ def experiment(data: str = "digits"):
   return c
 
 
-def get_sweep(arg=None) -> dict:
-  """The sweep grids of ``arg``'s dataset (experiments.sweep)."""
-  return SWEEP.get(common.setting_arg(arg)[0], {})
+get_sweep = common.sweeps(SWEEP)  # experiments.sweep's grids.
 
 
 def get_config(arg=None):
   """``arg``: ``data=digits|fashion_mnist,method=<method>`` (or a method)."""
   data, method = common.setting_arg(arg)
-  c = experiment(data)
-  methods = {"student": common.unchanged,  # CE and weight decay only.
-             **common.teacher_terms(WEIGHTS[data], TERM_LAYERS[data])}
-  return common.select_method(c, methods, method)
+  return common.select_method(
+      experiment(data), common.teacher_terms("student", WEIGHTS[data], data),
+      method)

@@ -173,9 +173,7 @@ def methods(data: str) -> dict:
   return {name: defined[name] for name in ("scratch", *w)}
 
 
-def get_sweep(arg=None) -> dict:
-  """The sweep grids of ``arg``'s dataset (experiments.sweep)."""
-  return SWEEP.get(common.setting_arg(arg)[0], {})
+get_sweep = common.sweeps(SWEEP)  # experiments.sweep's grids.
 
 
 def get_config(arg=None):
