@@ -22,7 +22,7 @@ from digits_job import REPO, tiny_config
 
 @pytest.fixture(scope="module")
 def run_dir(teacher_dir, tmp_path_factory):
-  """A finished tiny digits_transfer run (checkpoints at steps 10 and 20)."""
+  """A finished tiny digits transfer run (checkpoints at steps 10 and 20)."""
   path = tmp_path_factory.mktemp("run")
   loop.train_and_evaluate(tiny_config(teacher_dir), str(path))
   return path

@@ -195,10 +195,11 @@ def test_reproduce_writes_results_table_and_figures(teacher_dir, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["digits_distill", "digits_cross_arch"])
+@pytest.mark.parametrize("name", ["distill", "cross_arch"])
 def test_every_digits_method_runs(name, tmp_path):
-  module = __import__(f"experiments.configs.{name}", fromlist=["get_config"])
-  assert f"experiments/configs/{name}.py" in module.__doc__
+  module = reproduce.load_config_module(
+      os.path.join(REPO, f"experiments/configs/{name}.py:data=digits"))
+  assert f"experiments/configs/{name}.py:data=digits" in module.__doc__
   for method in module.get_config().method_order:
     config = module.get_config(method)
     config.update({"num_steps": 3, "eval_every": 3, "log_every": 1,
