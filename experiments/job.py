@@ -159,8 +159,8 @@ def load_teacher(config, workdir: str) -> Optional[Teacher]:
       raise FileNotFoundError(
           f"teacher.path={t.path!r}: no such file. Save torchvision's "
           f"ImageNet {t.name} weights as safetensors on a machine with "
-          "internet (README, 'Models and representation capture') and point "
-          "--config.teacher.path at the file.")
+          "internet (docs/usage.md, 'Models and representation capture') "
+          "and point --config.teacher.path at the file.")
     variables = pretrained.load_torchvision_resnet(t.path, t.name)
     num_classes = variables["params"]["head"]["kernel"].shape[-1]
     return Teacher(models.create_model(t.name, num_classes, **t.kwargs),

@@ -52,6 +52,21 @@ def test_user_errors_are_one_line_without_traceback(case, tmp_path):
   assert not teacher_dir.exists()
 
 
+def test_a_bad_config_argument_is_one_error_line(tmp_path):
+  # file.py:ARG reaches get_config; its ValueError is the message (exit 2,
+  # like any bad flag), naming the datasets there are. Nothing is trained.
+  command = main_command(tmp_path / "run", tmp_path / "teacher")
+  index = command.index("--config") + 1
+  command[index] = command[index].replace("data=digits", "data=cifar10")
+  proc = _run(command)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  (error,) = _error_lines(proc.stderr)
+  assert re.search(r"Unknown data='cifar10'.*'digits', 'fashion_mnist'",
+                   error), error
+  assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("override,expected", [
     ({"student_layers": ("stage1", "stage9", "stage3")},
      r"unknown layer 'stage9' \(did you mean 'stage3'\?\)"),

@@ -3,7 +3,6 @@
 import dataclasses
 import json
 import os
-import re
 import subprocess
 
 import numpy as np
@@ -13,6 +12,7 @@ from experiments import data, job, loop, reproduce
 from experiments.metric_writers import read_metrics
 from ot_transfer_jax import checkpoint, parallel, regularizers
 
+import doc_support
 from digits_job import REPO, main_command, tiny_config
 
 
@@ -98,20 +98,12 @@ def test_command_line_override_wins_over_the_method(teacher_dir, tmp_path):
       last["ce"] + 0.5 * last["reg/ot"] + last["head_decay"], rel=1e-5)
 
 
-def _readme_block(after: str) -> str:
-  """The first ```python block of README.md after the text ``after``."""
-  with open(os.path.join(REPO, "README.md")) as f:
-    readme = f.read()
-  return re.search(r"```python\n(.*?)```", readme.split(after, 1)[1],
-                   re.S).group(1)
-
-
 @pytest.mark.slow
 def test_a_regularizer_defined_outside_the_package_trains(teacher_dir,
                                                           tmp_path):
-  """The README's "add your own regulariser" config, through experiments.main."""
+  """The docs' "add your own regulariser" config, through experiments.main."""
   config_file = tmp_path / "my_config.py"
-  config_file.write_text(_readme_block("Add your own regulariser"))
+  config_file.write_text(doc_support.python_block("Add your own regulariser"))
   command = main_command(tmp_path / "run", teacher_dir)
   command[command.index("--config") + 1] = str(config_file)
   proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
@@ -218,10 +210,11 @@ def test_every_digits_method_has_a_config_whose_terms_parse(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["digits_distill", "digits_cross_arch"])
+@pytest.mark.parametrize("name", ["distill", "cross_arch"])
 def test_every_digits_method_runs(name, tmp_path):
-  module = __import__(f"experiments.configs.{name}", fromlist=["get_config"])
-  assert f"experiments/configs/{name}.py" in module.__doc__
+  module = reproduce.load_config_module(
+      os.path.join(REPO, f"experiments/configs/{name}.py:data=digits"))
+  assert f"experiments/configs/{name}.py:data=digits" in module.__doc__
   for method in module.get_config().method_order:
     config = module.get_config(method)
     config.update({"num_steps": 3, "eval_every": 3, "log_every": 1,

@@ -102,14 +102,11 @@ _IMPORT_ALL = textwrap.dedent("""
     print("imported", ot_transfer_jax.__file__, *names)
 """)
 _BLOCKED_RUN = _ABSENT + _IMPORT_ALL + textwrap.dedent("""
-    import pathlib, re
+    sys.path.insert(0, "tests")
+    from doc_support import run_block  # README.md and docs/*.md
 
-    readme = pathlib.Path("README.md").read_text()
     for heading in sys.argv[2:]:
-      block = re.search(r"```python\\n(.*?)```", readme.split(heading, 1)[1],
-                        re.S).group(1)
-      namespace = {}
-      exec(compile(block, "README.md", "exec"), namespace)
+      namespace = run_block(heading)
       losses_ = namespace["losses"]
       assert losses_[-1] < 0.8 * losses_[0], (heading, losses_[0], losses_[-1])
       print("ran", heading, "loss", losses_[0], "->", losses_[-1])
@@ -117,6 +114,7 @@ _BLOCKED_RUN = _ABSENT + _IMPORT_ALL + textwrap.dedent("""
     assert not loaded, loaded
 """)
 
+# The optax example (README.md) and the NNX one (docs/usage.md).
 README_EXAMPLES = ("## Use the regulariser", "### Flax NNX")
 # Every module the package must hold (a new module is added here).
 PACKAGE_MODULES = {
