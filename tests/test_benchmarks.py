@@ -7,7 +7,7 @@ import sys
 import jax
 import pytest
 
-from experiments.benchmarks import accelerator, ot_solver, train_step
+from experiments.benchmarks import accelerator, ot_solver, train_cost, train_step
 
 
 def test_ot_solver_benchmark_runs(tmp_path):
@@ -82,3 +82,50 @@ def test_accelerator_benchmark_without_the_experiments_extra(tmp_path,
   [row] = result["train_step"]["rows"]
   assert "needs the experiments extra" in row["skipped"]
   assert "experiments.benchmarks.train_step" in row["skipped"]
+
+
+def test_train_cost_variants_are_the_configs_methods():
+  # Task only is the Omega_P run without its terms; the reference is the
+  # config's own Omega_I / FitNets method; evaluation is off in all three.
+  for setting, (ref_method, ref_label) in train_cost.SETTINGS.items():
+    configs = train_cost.variant_configs(setting, workdir="/w")
+    assert list(configs) == [train_cost.TASK, ref_label, train_cost.OMEGA_P]
+    task, ref, omega_p = configs.values()
+    assert dict(task.loss.terms) == {}
+    assert list(ref.loss.terms) == [ref_method]
+    assert list(omega_p.loss.terms) == ["ot"]
+    assert all(c.eval_every == 0 and c.teacher.workdir == f"/w/{setting}/teacher"
+               for c in configs.values())
+    # Everything but the terms is the Omega_P run's.
+    assert task.num_steps == omega_p.num_steps and task.init_from_teacher == (
+        omega_p.init_from_teacher)
+
+
+@pytest.mark.slow
+def test_train_cost_benchmark_runs(tmp_path):
+  train_cost.main(["--tiny", "--out", str(tmp_path / "out"),
+                   "--workdir", str(tmp_path / "work")])
+  with open(tmp_path / "out" / "train_cost.json") as f:
+    result = json.load(f)
+  rows = result["rows"]
+  assert [(r["setting"], r["variant"]) for r in rows] == [
+      ("digits_transfer", v) for v in ("task only", "+ Omega_I", "+ Omega_P")]
+  assert all(r["steps"] == train_cost.TINY_STEPS and r["step_ms"] > 0
+             for r in rows)
+  assert rows[0]["over_task"] == 1.0
+  assert rows[2]["over_ref"] == pytest.approx(rows[2]["step_ms"] /
+                                              rows[1]["step_ms"])
+  # Iterations only where Sinkhorn runs: 3 layers x TINY_STEPS layer-steps.
+  assert "iters_median" not in rows[0] and "iters_median" not in rows[1]
+  assert 1 <= rows[2]["iters_median"] <= rows[2]["iters_p90"] <= (
+      rows[2]["iters_max"])
+  text = (tmp_path / "out" / "train_cost.md").read_text()
+  assert "| digits_transfer | + Omega_P |" in text
+
+
+def test_train_cost_skips_fashion_mnist_without_its_files(tmp_path):
+  rows = train_cost.bench_setting("fashion_mnist_transfer",
+                                  data_dir=str(tmp_path))
+  assert rows == [{"setting": "fashion_mnist_transfer",
+                   "skipped": rows[0]["skipped"]}]
+  assert "Fashion-MNIST not found" in rows[0]["skipped"]
