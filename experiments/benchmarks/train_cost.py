@@ -47,7 +47,8 @@ import numpy as np
 
 from experiments import job as job_lib
 from experiments import loop
-from experiments.benchmarks.common import machine, markdown_table
+from experiments.benchmarks.common import (TRAIN_COST_COLUMNS, machine,
+                                           markdown_table)
 from ot_transfer_jax import train
 from ot_transfer_jax.data import idx
 
@@ -58,9 +59,6 @@ SETTINGS = {
     "fashion_mnist_distill": ("fitnets", "+ FitNets"),
 }
 TASK, OMEGA_P = "task only", "+ Omega_P"
-COLUMNS = ("setting", "variant", "steps", "step_ms", "over_task", "over_ref",
-           "iters_median", "iters_p90", "iters_max", "unconverged_pct",
-           "skipped")
 # --tiny: student and teacher steps (compilation is most of a tiny run).
 TINY_STEPS = 4
 
@@ -153,9 +151,11 @@ def bench_setting(setting: str, tiny: bool = False,
   if first.data.name == "fashion_mnist":
     try:
       idx.resolve_dir("fashion_mnist", first.data.data_dir or None)
-    except FileNotFoundError as err:
-      return [{"setting": setting, "skipped": f"no data: {err}".split(
-          " To get them")[0]}]
+    except FileNotFoundError:
+      where = first.data.data_dir or idx.IDX_DATASETS["fashion_mnist"].default_dir
+      return [{"setting": setting,
+               "skipped": f"no data: the Fashion-MNIST IDX files are not in "
+                          f"{where} (see --fashion-mnist-dir)"}]
   if deadline is not None and time.monotonic() > deadline:
     return [{"setting": setting, "skipped": "time budget"}]
   variants = [_start(label, c, os.path.join(workdir, setting, str(i)))
@@ -195,7 +195,7 @@ def markdown(result: dict) -> str:
       f"jax {m['jax']}), load average at the end {load}; "
       f"{result['seconds']:.0f} s.",
       "",
-      markdown_table(result["rows"], COLUMNS),
+      markdown_table(result["rows"], TRAIN_COST_COLUMNS),
       ""])
 
 
