@@ -19,6 +19,7 @@ def test_ot_solver_benchmark_runs(tmp_path):
   assert [(r["n_s"], r["n_t"]) for r in rows] == [(16, 16), (16, 8)]
   for row in rows:
     assert row["ot_ms"] > 0 and row["cost_ms"] > 0 and row["iters"] > 0
+    assert row["ott_ms"] > 0 and row["ott_iters"] > 0  # ott-jax's anchor.
     assert abs(row["err_pct"]) < 5 and row["pot_emd_ms"] > 0
   assert result["machine"]["cpu_count"] >= 1
   assert (tmp_path / "ot_solver.md").read_text().startswith("| n_s | n_t |")

@@ -62,7 +62,8 @@ TINY = {"neurons": (16,), "batch": 8, "ot_repeats": 2, "pot_max_neurons": 16,
         "models": ("digits_cnn",), "train_batch": 8, "train_repeats": 1,
         "variants": ("task only", "+ Omega_P (3 layers)"),
         "cost_settings": ("digits_transfer",)}
-OT_COLUMNS = ("n_s", "n_t", "ot_ms", "iters", "cost_ms", "cold_over_cost",
+OT_COLUMNS = ("n_s", "n_t", "ot_ms", "iters", "ott_ms", "ott_iters",
+              "cost_ms", "cold_over_cost",
               "warm_ms", "warm_iters", "warm_over_cost", "err_pct",
               "pot_emd_ms", "temp_mb", "skipped")
 TRAIN_COLUMNS = ("model", "variant", "step_ms", "images_per_s",
