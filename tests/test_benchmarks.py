@@ -53,8 +53,8 @@ def test_accelerator_benchmark_runs_without_pot(tmp_path, monkeypatch):
     assert row["cold_over_cost"] == pytest.approx(row["ot_ms"] / row["cost_ms"])
     assert "pot_emd_ms" not in row and "err_pct" not in row
   cost_rows = result["train_cost"]["rows"]
-  assert [(r["setting"], r["variant"]) for r in cost_rows] == [
-      ("digits_transfer", v) for v in ("task only", "+ Omega_I", "+ Omega_P")]
+  assert [r["variant"] for r in cost_rows] == [
+      "task only", "+ Omega_I", "+ Omega_P", "Omega_P floor"]
   assert all(r["step_ms"] > 0 for r in cost_rows)
   assert cost_rows[2]["iters_max"] >= 1
   with open(tmp_path / "train_cost.json") as f:  # The table alone, too.
@@ -104,11 +104,14 @@ def test_train_cost_variants_are_the_configs_methods():
   # config's own Omega_I / FitNets method; evaluation is off in all three.
   for setting, (ref_method, ref_label) in train_cost.SETTINGS.items():
     configs = train_cost.variant_configs(setting, workdir="/w")
-    assert list(configs) == [train_cost.TASK, ref_label, train_cost.OMEGA_P]
-    task, ref, omega_p = configs.values()
+    assert list(configs) == [train_cost.TASK, ref_label, train_cost.OMEGA_P,
+                             train_cost.FLOOR]
+    task, ref, omega_p, floor = configs.values()
     assert dict(task.loss.terms) == {}
     assert list(ref.loss.terms) == [ref_method]
-    assert list(omega_p.loss.terms) == ["ot"]
+    assert list(omega_p.loss.terms) == list(floor.loss.terms) == ["ot"]
+    assert floor.loss.terms.ot.options.max_iterations == 2 < (
+        omega_p.loss.terms.ot.options.max_iterations)
     assert all(c.eval_every == 0 and c.teacher.workdir == f"/w/{setting}/teacher"
                for c in configs.values())
     # Everything but the terms is the Omega_P run's.
@@ -124,7 +127,8 @@ def test_train_cost_benchmark_runs(tmp_path):
     result = json.load(f)
   rows = result["rows"]
   assert [(r["setting"], r["variant"]) for r in rows] == [
-      ("digits_transfer", v) for v in ("task only", "+ Omega_I", "+ Omega_P")]
+      ("digits_transfer", v) for v in ("task only", "+ Omega_I", "+ Omega_P",
+                                       "Omega_P floor")]
   assert all(r["steps"] == train_cost.TINY_STEPS and r["step_ms"] > 0
              for r in rows)
   assert rows[0]["over_task"] == 1.0
@@ -134,6 +138,7 @@ def test_train_cost_benchmark_runs(tmp_path):
   assert "iters_median" not in rows[0] and "iters_median" not in rows[1]
   assert 1 <= rows[2]["iters_median"] <= rows[2]["iters_p90"] <= (
       rows[2]["iters_max"])
+  assert rows[3]["iters_max"] <= 2
   text = (tmp_path / "out" / "train_cost.md").read_text()
   assert "| digits_transfer | + Omega_P |" in text
 
