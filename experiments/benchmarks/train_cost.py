@@ -53,7 +53,7 @@ from experiments import loop
 from experiments.benchmarks.common import (TRAIN_COST_COLUMNS, machine,
                                            markdown_table)
 from ot_transfer_jax import train
-from ot_transfer_jax.data import idx
+from experiments.data import idx
 
 # setting -> (reference variant's method, its label); Omega_P is "ot".
 SETTINGS = {
