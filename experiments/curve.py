@@ -267,6 +267,7 @@ def markdown(summary: dict) -> str:
     if rows:
       out += ["", "| paired (same seeds, points) | n | mean | s.e. | "
               f"{focus} better on |", "|---|---:|---:|---:|---:|", *rows]
+    out += matched_fraction_table(records, methods)
     out.append("")
   out += ["## Weights chosen on validation", "",
           f"Validation accuracy (%) on tuning seed {summary['tuning_seed']} "
@@ -283,6 +284,30 @@ def markdown(summary: dict) -> str:
       out.append(f"| {value} | {m} | {c['key']} | {grid} | "
                  f"{c['note'] or 'bracketed'} |")
   return "\n".join(out) + "\n"
+
+
+def matched_fraction_table(records, methods) -> list[str]:
+  """Lines of a Markdown table: per method, the mean ± s.e. over seeds of
+  each layer's matched fraction after training (none without any)."""
+  layers = list(dict.fromkeys(
+      l for r in records for l, v in (r.get("matched_fraction") or {}).items()
+      if v is not None))
+  if not layers:
+    return []
+  out = ["", "Matched fraction after training (trace of the OT plan between "
+         "the student's and the teacher's layer; 1 = the identity), mean ± "
+         "s.e.:", "", f"| method | {' | '.join(layers)} |",
+         "|---|" + "---:|" * len(layers)]
+  for m in methods:
+    cells = []
+    for layer in layers:
+      v = [r["matched_fraction"][layer] for r in records
+           if r["method"] == m and r["status"] == "finished"
+           and (r.get("matched_fraction") or {}).get(layer) is not None]
+      cells.append("%.3f ± %.3f" % mean_se(v) if v else "")
+    if any(cells):
+      out.append(f"| {m} | {' | '.join(cells)} |")
+  return out
 
 
 def reproduce_keys():
@@ -311,11 +336,11 @@ def plot(summary: dict, path: str) -> None:
       if p:
         diffs.append((x, p[0], p[1]))
     if pts:
-      x, mean, se = np.array(pts).T
+      x, mean, se = np.array(sorted(pts)).T
       ax_acc.errorbar(x, mean, se, color=f"C{i % 10}", marker="o", capsize=3,
                       label=m)
     if diffs:
-      x, mean, se = np.array(diffs).T
+      x, mean, se = np.array(sorted(diffs)).T
       ax_diff.errorbar(x, mean, se, color=f"C{i % 10}", marker="o",
                        capsize=3, label=f"{focus} − {m}")
   ax_diff.axhline(0, color="k", linewidth=0.8)
