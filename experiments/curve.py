@@ -45,8 +45,8 @@ Outputs. In ``--out`` (small files, meant to be committed):
 * ``tuning/<key>=<value>/<method>/<weight key>=<weight>.json``: the same for
   each tuning run (``kind`` "tuning", ``seed`` the tuning seed);
 * ``results.json``: ``{"key", "values", "methods", "seeds", "tuning_seed",
-  "focus", "chosen": {value: {method: {"key", "weight", "grid":
-  {weight: val acc}, "bracketed", "note"}}}, "runs": [every table record
+  "focus", "wall_s": {"tuning", "runs"}, "chosen": {value: {method: {"key",
+  "weight", "grid": {weight: val acc}, "bracketed", "note"}}}, "runs": [every table record
   without its config]}``;
 * ``results.md``: per value, mean +- standard error per method and the paired
   differences ``--focus`` (Omega_P: ``ot``) minus every other method on the
@@ -233,6 +233,11 @@ def markdown(summary: dict) -> str:
          f"{summary['tuning_seed']} (grids at the end). Test accuracy (%) at "
          "the best-validation step, mean ± standard error over seeds; n = "
          "finished seeds.", ""]
+  if "wall_s" in summary:
+    w = summary["wall_s"]
+    out += [f"Wall time of the recorded runs (summed over the sessions that "
+            f"made them; the teacher not included): tuning "
+            f"{w['tuning'] / 60:.0f} min, table {w['runs'] / 60:.0f} min.", ""]
   by_value = _by_value(summary["runs"], [label(key, v) for v in summary["values"]])
   for value in summary["values"]:
     records = by_value[label(key, value)]
@@ -409,6 +414,7 @@ class Curve:
                     for v in values}
     self.teacher_per_value = self._teacher_depends_on_value()
     self.done_s, self.done_n = 0.0, 0
+    self.wall_s = {"tuning": 0.0, "runs": 0.0}  # Of the records, all sessions.
 
   def _grids(self, given: dict) -> dict:
     sweep = dict(getattr(self.module, "SWEEP", {}) or {})
@@ -561,6 +567,7 @@ class Curve:
           cfg, os.path.join(self.workdir, vl, "tuning", method, f"{w:g}"),
           path, self._base("tuning", value, method, self.tuning_seed, cfg))
       points[w] = record["val_accuracy_best"]
+      self.wall_s["tuning"] += record["wall_s"]
       if not weights:
         chosen, nxt, note = bracket(points, len(grid), self.extensions)
         if nxt is not None:
@@ -599,6 +606,7 @@ class Curve:
           record = self._load(path, cfg) or self._train(
               cfg, os.path.join(self.workdir, vl, m, f"seed{seed}"), path,
               self._base("run", value, m, seed, cfg))
+          self.wall_s["runs"] += record["wall_s"]
           runs.append(record)
       self.write(chosen, runs)  # Tables grow value by value.
     return self.write(chosen, runs)
@@ -607,6 +615,7 @@ class Curve:
     summary = {"key": self.key, "values": self.values,
                "methods": self.methods, "seeds": self.seeds,
                "tuning_seed": self.tuning_seed, "focus": self.focus,
+               "wall_s": {k: round(v, 1) for k, v in self.wall_s.items()},
                "chosen": {vl: {m: {**c, "grid": {f"{w:g}": a for w, a in
                                                  c["grid"].items()}}
                                for m, c in cs.items()}
