@@ -46,8 +46,8 @@ Outputs. In ``--out`` (small files, meant to be committed):
   each tuning run (``kind`` "tuning", ``seed`` the tuning seed);
 * ``results.json``: ``{"key", "values", "methods", "seeds", "tuning_seed",
   "focus", "wall_s": {"tuning", "runs"}, "chosen": {value: {method: {"key",
-  "weight", "grid": {weight: val acc}, "bracketed", "note"}}}, "runs": [every table record
-  without its config]}``;
+  "weight", "grid": {weight: val acc}, "bracketed", "note"}}}, "runs":
+  [every table record without its config]}``;
 * ``results.md``: per value, mean +- standard error per method and the paired
   differences ``--focus`` (Omega_P: ``ot``) minus every other method on the
   same seeds (mean, s.e., on how many seeds it was better); then every
