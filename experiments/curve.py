@@ -83,6 +83,7 @@ from matplotlib.figure import Figure
 from ml_collections import config_flags
 
 from experiments import loop, reproduce
+from experiments.job import _flatten  # Dotted keys of a nested dict.
 from experiments.cli import parse_flags, quiet_orbax, user_errors
 from ot_transfer_jax import checkpoint
 
@@ -174,15 +175,6 @@ def bracket(points: dict, base: int, extensions: int):
   edge = "smallest" if step < 1 else "largest"
   return chosen, None, (f"best at the {edge} weight after "
                         f"{len(weights) - base} extension(s): not bracketed")
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict:
-  if isinstance(tree, dict) and tree:
-    out = {}
-    for key, value in tree.items():
-      out.update(_flatten(value, f"{prefix}{key}."))
-    return out
-  return {prefix[:-1]: tree}
 
 
 def config_mismatch(saved: dict, now: dict) -> list[str]:
