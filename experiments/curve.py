@@ -27,7 +27,8 @@ A config file may define ``applies(method, config) -> bool`` (e.g. Omega_I
 only where student and teacher widths are equal); a method that does not
 apply at a value is skipped there and shown as such.
 
-A teacher the config trains (``teacher.source='train'``) is trained once, in
+A teacher the config trains (``teacher.source='train'``) is trained once,
+before any run (so that no run's ``wall_s`` includes it), in
 ``WORKDIR/teacher`` (or ``teacher.workdir``), and shared by every value,
 method and seed, unless ``teacher.job`` depends on the key: then each value
 trains its own in ``<teacher dir>/<key>=<value>`` and the log says so.
@@ -82,7 +83,7 @@ from absl import app, flags, logging
 from matplotlib.figure import Figure
 from ml_collections import config_flags
 
-from experiments import loop, reproduce
+from experiments import job, loop, reproduce
 from experiments.job import _flatten  # Dotted keys of a nested dict.
 from experiments.cli import parse_flags, quiet_orbax, user_errors
 from ot_transfer_jax import checkpoint
@@ -572,8 +573,26 @@ class Curve:
             "label": label(self.key, value), "method": method, "seed": seed,
             "weights": reproduce.hyperparameters(cfg)}
 
+  def teachers(self) -> None:
+    """Trains (or restores) every teacher a missing run needs, before any
+    run: no run's wall time includes a teacher's."""
+    if not self._pending():
+      return
+    ready = set()
+    for vl, cfgs in self.configs.items():
+      for cfg in cfgs.values():
+        cfg = self.seeded(cfg, 0, vl)
+        if cfg.teacher.source != "train" or cfg.teacher.workdir in ready:
+          continue
+        start = time.time()
+        job.load_teacher(cfg, self.workdir, loop.train_and_evaluate)
+        ready.add(cfg.teacher.workdir)
+        logging.info("curve: teacher in %s ready after %.0f s",
+                     cfg.teacher.workdir, time.time() - start)
+
   def run(self) -> dict:
     """Every value: weights, then method x seed; writes the outputs."""
+    self.teachers()
     chosen, runs = {}, []
     for value in self.values:
       vl = label(self.key, value)
