@@ -206,3 +206,11 @@ def test_documented_study_builds_every_config(tmp_path, index):
   for configs in study.configs.values():
     for cfg in configs.values():  # Full batch at every value.
       assert cfg.batch_size == 5 * cfg.data.samples_per_class
+
+
+def test_a_preempted_curve_prints_its_own_resume_command(monkeypatch):
+  from experiments import cli
+  monkeypatch.setattr(sys, "argv", ["/r/experiments/curve.py", "--key", "k"])
+  assert cli.resume_command() == "python -m experiments.curve --key k"
+  monkeypatch.setattr(sys, "argv", ["/r/experiments/main.py", "--workdir=w"])
+  assert cli.resume_command() == "python -m experiments.main --workdir=w"
