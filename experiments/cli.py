@@ -89,8 +89,9 @@ def _check_config_file(argv) -> None:
     path = path.split(":", 1)[0]
     if not os.path.isfile(path):
       _exit_error(f"--config {path}: no such file. Pass an experiment "
-                  "config, e.g. experiments/configs/digits_transfer.py"
-                  "[:METHOD] (relative to the current directory).")
+                  "config, e.g. experiments/configs/transfer.py"
+                  "[:data=digits,method=ot] (relative to the current "
+                  "directory).")
 
 
 def check_paths(workdir: str) -> None:

@@ -11,9 +11,9 @@ For each value ``v`` of ``--key`` (any key of the config: ``--config.key=v``
 for every run of that value):
 
 1. **Weights, on validation.** Each method with a grid (the config file's
-   ``SWEEP = {method: (config_key, (value, ...))}``, or ``--grid
-   method=v1,v2,...`` on ``loss.terms.<method>.weight`` unless ``SWEEP`` names
-   another key) trains once per grid point on the tuning seed (``config.seed``
+   ``SWEEP = {method: (config_key, (value, ...))}`` or ``get_sweep(ARG)``, as
+   for experiments.sweep, or ``--grid method=v1,v2,...`` on
+   ``loss.terms.<method>.weight`` unless ``SWEEP`` names another key) trains once per grid point on the tuning seed (``config.seed``
    and ``data.seed`` = ``--tuning_seed``, which no table seed may equal) and
    keeps the point of best validation accuracy (:func:`bracket`). When the
    best point is at an edge of the grid, the grid extends 10x that way, at
@@ -670,7 +670,7 @@ def main(argv):
     if not _OUT.value:
       raise ValueError("--out is required: the directory of the records "
                        "(e.g. docs/regimes/<study>).")
-    name = os.path.splitext(os.path.basename(path.split(":")[0]))[0]
+    name = reproduce.config_name(path)
     curve = Curve(
         reproduce.load_config_module(path), _KEY.value,
         parse_values(_VALUES.value), flags.FLAGS.methods, flags.FLAGS.seeds,

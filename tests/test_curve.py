@@ -16,7 +16,10 @@ import pytest
 
 from digits_job import REPO, TEACHER_STEPS, TINY
 from experiments import curve, loop, reproduce
-from experiments.configs import digits_transfer
+from experiments.configs import common
+
+DIGITS = reproduce.load_config_module(
+    os.path.join(REPO, "experiments/configs/transfer.py:data=digits"))
 
 KEY = "data.samples_per_class"
 
@@ -90,7 +93,7 @@ def test_paired_differences_are_per_seed_in_points():
 
 def _curve(tmp_path, key=KEY, values=(3, 5), methods=("scratch", "ot"),
            **kwargs):
-  return curve.Curve(digits_transfer, key, list(values), list(methods),
+  return curve.Curve(DIGITS, key, list(values), list(methods),
                      kwargs.pop("seeds", 1), str(tmp_path / "out"),
                      str(tmp_path / "work"), kwargs.pop("overrides", {}),
                      **kwargs)
@@ -113,7 +116,7 @@ def test_bad_input_fails_before_any_run(tmp_path, case, match):
 def test_cli_error_is_one_line(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "experiments.curve", "--config",
-       "experiments/configs/digits_transfer.py", "--key", "data.nope",
+       "experiments/configs/transfer.py:data=digits", "--key", "data.nope",
        "--values", "3,5", "--out", str(tmp_path / "out")],
       cwd=REPO, capture_output=True, text=True, check=False)
   errors = [l for l in result.stderr.splitlines() if l.startswith("Error:")]
@@ -138,7 +141,7 @@ def test_curve_writes_records_and_a_rerun_trains_nothing(tmp_path, teacher_dir,
   for r in summary["runs"]:
     assert r["status"] == "finished" and r["kind"] == "run"
     assert 0 <= r["test_accuracy_best_val"] <= 1 and r["wall_s"] >= 0
-    assert set(r["matched_fraction"]) == set(digits_transfer.LAYERS)
+    assert set(r["matched_fraction"]) == set(common.LAYERS)
     if r["method"] == "ot":
       assert r["weights"]["loss.terms.ot.weight"] == 0.1
     record = json.loads((out / "runs" / f"samples_per_class={r['value']}" /
@@ -175,8 +178,10 @@ def test_curve_writes_records_and_a_rerun_trains_nothing(tmp_path, teacher_dir,
 
 
 def _documented_commands():
-  """The ``experiments.curve`` commands of docs/regimes.md, as argv lists."""
-  text = open(os.path.join(REPO, "docs", "regimes.md")).read()
+  """The ``experiments.curve`` commands of docs/experiments.md's regime
+  studies, as argv lists."""
+  text = open(os.path.join(REPO, "docs", "experiments.md")).read()
+  text = text.split("## Regime studies", 1)[1].split("\n## ", 1)[0]
   blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
   return [shlex.split(b.replace("\\\n", " ")) for b in blocks
           if "[--" not in b]  # The usage block has optional flags.

@@ -1,7 +1,7 @@
 """Initialisation: the transfer student from random weights vs from the teacher's, with each term.
 
-fashion_mnist_transfer's teacher, student architecture, data (K = 10 images
-per class of classes 5-9, full batch) and schedule; every run has weight
+``transfer.py:data=fashion_mnist``'s teacher, student architecture, data
+(K = 10 images per class of classes 5-9, full batch) and schedule; every run has weight
 decay 5e-4 (body and head), so that a method differs from ``none`` by its
 term alone and ``init_from_teacher`` (the swept key) changes the
 initialisation alone (with the teacher's BatchNorm statistics frozen, as in
@@ -25,15 +25,16 @@ the tuning seed's validation split):
       --config.teacher.workdir=workdirs/regimes/teacher
 """
 
-from experiments.configs import common, fashion_mnist_transfer as transfer
+from experiments.configs import common, transfer
 
-LAYERS = transfer.LAYERS
+LAYERS = common.LAYERS
 
-SWEEP = {m: transfer.SWEEP[m] for m in ("feature_matching", "ot")}
+SWEEP = {m: transfer.SWEEP["fashion_mnist"][m]
+         for m in ("feature_matching", "ot")}
 
 
 def experiment():
-  c = transfer.experiment()
+  c = transfer.experiment("fashion_mnist")
   c.loss.weight_decay = 5e-4
   c.loss.head_decay = 5e-4
   c.init_from_teacher = False

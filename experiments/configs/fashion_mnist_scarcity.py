@@ -1,9 +1,9 @@
-"""Data scarcity: fashion_mnist_transfer at K = 2 .. 50 training images per class.
+"""Data scarcity: Fashion-MNIST transfer at K = 2 .. 50 training images per class.
 
-fashion_mnist_transfer's teacher (small_cnn on classes 0-4), student (the same
-architecture on classes 5-9, initialised from the teacher but for
-``scratch``), methods, schedule (150 steps) and weight grids (``SWEEP``), with
-every step a full batch at any K: ``batch_size`` = 5 classes x
+``transfer.py:data=fashion_mnist``'s teacher (small_cnn on classes 0-4),
+student (the same architecture on classes 5-9, initialised from the teacher
+but for ``scratch``), methods, schedule (150 steps) and weight grids
+(``SWEEP``), with every step a full batch at any K: ``batch_size`` = 5 classes x
 ``data.samples_per_class`` (a reference, so ``--config.data.samples_per_class``
 moves it too). The validation split stays 50 images per class.
 
@@ -17,14 +17,15 @@ seed's validation split):
       --config.teacher.workdir=workdirs/regimes/teacher
 """
 
-from experiments.configs import common, fashion_mnist_transfer as transfer
+from experiments.configs import common, transfer
 
-SWEEP = transfer.SWEEP
-METHODS = transfer.METHODS
+DATA = "fashion_mnist"
+SWEEP = transfer.SWEEP[DATA]
+METHODS = transfer.methods(DATA)
 
 
 def experiment():
-  c = transfer.experiment()
+  c = transfer.experiment(DATA)
   # Full batch: every step sees each of the 5 classes' K images once.
   c.batch_size = c.data.get_ref("samples_per_class") * 5
   return c

@@ -1,7 +1,7 @@
 """Student size: a small_cnn of width 0.25 .. 2 x the teacher's, from random initialisation.
 
-fashion_mnist_transfer's teacher (small_cnn, width 1, classes 0-4) and data
-(classes 5-9, K = 10 images per class, full batch, 150 steps); the student is
+``transfer.py:data=fashion_mnist``'s teacher (small_cnn, width 1, classes
+0-4) and data (classes 5-9, K = 10 images per class, full batch, 150 steps); the student is
 a small_cnn of width ``model.kwargs.width`` (stages of 16w / 32w / 64w
 channels) trained from random initialisation with weight decay 5e-4 (body and
 head), so that only the term differs between methods:
@@ -23,9 +23,9 @@ tuning seed's validation split):
       --config.teacher.workdir=workdirs/regimes/teacher
 """
 
-from experiments.configs import common, fashion_mnist_transfer as transfer
+from experiments.configs import common, transfer
 
-LAYERS = ("stage1", "stage2", "stage3")
+LAYERS = common.LAYERS
 
 SWEEP = {
     "attention": ("loss.terms.attention.weight", (10.0, 100.0, 1000.0)),
@@ -37,7 +37,7 @@ SWEEP = {
 
 
 def experiment():
-  c = transfer.experiment()
+  c = transfer.experiment("fashion_mnist")
   c.model.kwargs = {"width": 1.0}
   c.loss.weight_decay = 5e-4
   c.loss.head_decay = 5e-4
