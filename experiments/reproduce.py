@@ -1,7 +1,7 @@
 """Every method of a config x several seeds, then the table and the figures.
 
   python -m experiments.reproduce \
-      --config experiments/configs/digits_transfer.py --seeds 3 \
+      --config experiments/configs/transfer.py:data=digits --seeds 3 \
       [--workdir workdirs/digits_transfer] [--methods ot,l2_sp] \
       [--config.num_steps=100 ...]
 
@@ -20,21 +20,28 @@ images. A teacher trained by the config is trained once, in
 and head decay, by config key), ``workdir``),
 ``WORKDIR/results.md`` and the figures, and prints the table.
 
-Each method's config is ``get_config(method)`` of the config file; the
-command line's ``--config.key=value`` overrides are checked against the
-config ``--config`` names (its default method, or ``file.py:method``) and
-applied, last, to every method whose config has the key.
+Each method's config is ``get_config(method)`` of the config file, with the
+other settings of ``file.py:ARG`` kept (``transfer.py:data=fashion_mnist``
+gives ``get_config("data=fashion_mnist,method=<method>")``); the command
+line's ``--config.key=value`` overrides are checked against the config
+``--config`` names (its default method, or the one ARG names) and applied,
+last, to every method whose config has the key. The default WORKDIR is
+``workdirs/<name>``, ``name`` being the file's, prefixed by ARG's values other
+than the method: ``workdirs/fashion_mnist_transfer`` for
+``transfer.py:data=fashion_mnist``.
 """
 
 import importlib.util
 import json
 import os
+import types
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import loop, report
+from experiments.configs import common
 from experiments.cli import (maybe_initialize_distributed, parse_flags,
                              quiet_orbax, user_errors)
 
@@ -50,12 +57,31 @@ flags.mark_flags_as_required(["config"])
 
 
 def load_config_module(path: str):
-  """The config file ``path`` (``file.py[:method]``) as a module."""
-  path = path.split(":", 1)[0]
+  """The config file ``path`` (``file.py[:ARG]``), as what reproduce and
+  sweep read of it: ``get_config(method)`` (``ARG``'s other settings, e.g.
+  ``data=...``, kept), ``SWEEP`` (``get_sweep(ARG)`` in a file that takes
+  arguments), ``applies`` (see experiments.curve; None if absent) and
+  ``__doc__``."""
+  path, _, arg = path.partition(":")
   spec = importlib.util.spec_from_file_location("_reproduced_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module
+  sweep = (module.get_sweep(arg or None) if hasattr(module, "get_sweep")
+           else getattr(module, "SWEEP", None))
+  return types.SimpleNamespace(
+      __doc__=module.__doc__, SWEEP=sweep,
+      applies=getattr(module, "applies", None),  # experiments.curve's.
+      get_config=lambda method=None: module.get_config(
+          common.with_method(arg, method)))
+
+
+def config_name(path: str) -> str:
+  """``fashion_mnist_transfer`` for ``.../transfer.py:data=fashion_mnist``:
+  the file's name after ARG's values other than the method."""
+  path, _, arg = path.partition(":")
+  values = [part.split("=", 1)[1] for part in arg.split(",")
+            if "=" in part and not part.startswith("method=")]
+  return "_".join([*values, os.path.splitext(os.path.basename(path))[0]])
 
 
 def method_configs(module, methods, overrides: dict) -> dict:
@@ -181,8 +207,7 @@ def _run():
                      f"{list(_CONFIG.value.method_order)}.")
   configs = method_configs(module, methods,
                            config_flags.get_override_values(config_flag))
-  root = _WORKDIR.value or os.path.join(
-      "workdirs", os.path.splitext(os.path.basename(path.split(":")[0]))[0])
+  root = _WORKDIR.value or os.path.join("workdirs", config_name(path))
   os.makedirs(root, exist_ok=True)
   _, table = run_all(configs, root, _SEEDS.value,
                      baseline=_CONFIG.value.baseline_method)

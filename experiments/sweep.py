@@ -1,12 +1,14 @@
 """Choose each method's regulariser weight on the validation split, on a tuning seed.
 
   python -m experiments.sweep \
-      --config experiments/configs/fashion_mnist_transfer.py [--seed 100] \
+      --config experiments/configs/transfer.py:data=fashion_mnist [--seed 100] \
       [--workdir workdirs/fashion_mnist_transfer_sweep] [--methods ot,l2_sp]
 
 The config file lists its grids in a module-level ``SWEEP = {method:
 (config_key, (value, ...))}``, e.g. ``{"ot": ("loss.terms.ot.weight", (0.01,
-0.1, 1.0))}``. For each method and value, ``get_config(method)`` with
+0.1, 1.0))}``; a file that takes arguments, like transfer.py, returns them
+from ``get_sweep(ARG)`` for ``--config file.py:ARG``. For each method and
+value, ``get_config(method)`` with
 ``config_key = value`` trains in ``WORKDIR/<method>/<config_key>=<value>`` with
 ``config.seed = seed`` (and ``config.data.seed = seed`` unless
 ``config.vary_data_seed`` is False): take a tuning seed that the table's seeds
@@ -86,8 +88,9 @@ def run_sweep(module, root: str, seed: int, methods=None, overrides=None,
   ``module.SWEEP``); returns ``(records, chosen)``."""
   grids = grids or getattr(module, "SWEEP", None)
   if not grids:
-    raise ValueError("This config file has no SWEEP: add SWEEP = {method: "
-                     "(config_key, (value, ...))} next to its METHODS.")
+    raise ValueError("This config has no sweep grids: add SWEEP = {method: "
+                     "(config_key, (value, ...))} next to its methods (or "
+                     "return them from get_sweep(ARG) for file.py:ARG).")
   methods = list(methods or grids)
   unknown = sorted(set(methods) - set(grids))
   if unknown:
@@ -130,8 +133,8 @@ def main(argv):
     flag = flags.FLAGS["config"]
     path = flag.config_filename
     module = reproduce.load_config_module(path)
-    name = os.path.splitext(os.path.basename(path.split(":")[0]))[0]
-    root = opts["workdir"] or os.path.join("workdirs", f"{name}_sweep")
+    root = opts["workdir"] or os.path.join(
+        "workdirs", f"{reproduce.config_name(path)}_sweep")
     os.makedirs(root, exist_ok=True)
     grids = None
     if opts["key"] or opts["values"]:

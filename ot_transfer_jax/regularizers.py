@@ -26,23 +26,28 @@ configured :class:`Term` s without knowing their names. Add your own::
     from ot_transfer_jax import regularizers
 
     @regularizers.register("cosine")
+    @dataclasses.dataclass(frozen=True)
     class Cosine(regularizers.Regularizer):
-      option_defaults = {"eps": 1e-6}
+      eps: float = 1e-6  # an option: loss.terms.<name>.options.eps
 
       def apply(self, params, state, student, teacher):
         ...
         return value, {}, state
 
 then ``loss.terms.cosine = regularizers.term_config("cosine", weight=..., ...)``
-in an experiment config. ``regularizer`` may also be an import path
-``"package.module:Class"``, so a command line can use a regulariser defined
-outside this package.
+in an experiment config. A regulariser's options are its dataclass fields;
+an option passed on to a library function takes that function's default
+(:func:`default_of`), so the two cannot drift. Registering a taken name
+raises unless ``replace=True``. ``regularizer`` may also be an import path
+``"package.module:Class"`` (a :class:`Regularizer` subclass, registered or
+not), so a command line can use a regulariser defined outside this package.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -78,21 +83,42 @@ class Context:
   num_classes: Optional[int] = None
 
 
+def default_of(fn: Callable, name: str) -> Any:
+  """The default of ``fn``'s parameter ``name``: an option's default is the
+  one of the function it is passed to, read, never copied."""
+  return inspect.signature(fn).parameters[name].default
+
+
+@dataclasses.dataclass(frozen=True)
 class Regularizer:
-  """Base class: options checked against ``option_defaults``; no parameters."""
+  """Base class. A subclass is a frozen dataclass whose fields are its
+  options (with their defaults); no trainable parameters unless ``init``
+  makes some."""
 
   reads: ClassVar[str] = "features"
-  option_defaults: ClassVar[Mapping[str, Any]] = {}
   # Whether ``init`` reads ``Context.images`` / ``labels`` (built only then).
   needs_data: ClassVar[bool] = False
 
-  def __init__(self, **options: Any):
-    unknown = sorted(set(options) - set(self.option_defaults))
+  @classmethod
+  def option_defaults(cls) -> dict:
+    """``{option: default}``, in field order."""
+    return {f.name: f.default for f in dataclasses.fields(cls)}
+
+  @classmethod
+  def from_options(cls, **options: Any) -> "Regularizer":
+    """``cls(**options)``; an unknown option is a ``ValueError`` listing the
+    known ones."""
+    unknown = sorted(set(options) - set(cls.option_defaults()))
     if unknown:
       raise ValueError(
-          f"{type(self).__name__} has no option(s) {unknown}; its options "
-          f"(with defaults) are {dict(self.option_defaults)}.")
-    self.options = {**self.option_defaults, **options}
+          f"{cls.__name__} has no option(s) {unknown}; its options "
+          f"(with defaults) are {cls.option_defaults()}.")
+    return cls(**options)
+
+  @property
+  def options(self) -> dict:
+    """``{option: value}`` of this instance."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
   def init(self, rng: jax.Array, student: Any, teacher: Any,
            context: Context) -> Tuple[PyTree, PyTree]:
@@ -107,17 +133,54 @@ class Regularizer:
 _REGISTRY: dict[str, type] = {}
 
 
-def register(name: str) -> Callable[[type], type]:
-  """Class decorator: makes ``name`` usable as ``loss.terms.<key>.regularizer``."""
+def register(name: str, *, replace: bool = False) -> Callable[[type], type]:
+  """Class decorator: makes ``name`` usable as ``loss.terms.<key>.regularizer``.
+
+  Raises:
+    ValueError: ``name`` is taken by another class (unless ``replace=True``;
+      the same class statement executed again replaces itself), the class is
+      not a dataclass :class:`Regularizer` subclass, or its ``reads`` is not
+      one of ``READS``.
+  """
 
   def add(cls: type) -> type:
-    if cls.reads not in READS:
-      raise ValueError(f"{cls.__name__}.reads={cls.reads!r} is not one of "
-                       f"{READS}.")
+    _check_class(cls, name)
+    # The same class statement run again (a config file loaded twice, as
+    # reproduce and sweep do) is no conflict: it replaces itself.
+    same = name in _REGISTRY and _source(_REGISTRY[name]) == _source(cls)
+    if name in _REGISTRY and not (replace or same):
+      taken = _REGISTRY[name]
+      raise ValueError(
+          f"The regularizer name {name!r} is taken by "
+          f"{taken.__module__}.{taken.__qualname__}: choose another name, or "
+          f"register({name!r}, replace=True) to replace it.")
     _REGISTRY[name] = cls
     return cls
 
   return add
+
+
+def _source(cls: type) -> Optional[tuple]:
+  """Where ``cls``'s methods are written (file, line), with its qualified
+  name; ``None`` when it defines none in a file."""
+  where = frozenset((f.__code__.co_filename, f.__code__.co_firstlineno)
+                    for f in vars(cls).values() if inspect.isfunction(f)
+                    and not f.__code__.co_filename.startswith("<"))
+  return (cls.__qualname__, where) if where else None
+
+
+def _check_class(cls: Any, name: str) -> None:
+  if not (isinstance(cls, type) and issubclass(cls, Regularizer)):
+    raise ValueError(f"Regularizer {name!r}: {cls!r} is not a subclass of "
+                     "regularizers.Regularizer.")
+  if "__dataclass_fields__" not in cls.__dict__:
+    raise ValueError(
+        f"Regularizer {name!r}: decorate {cls.__name__} with "
+        "@dataclasses.dataclass(frozen=True) (below @register): its fields "
+        "are its options.")
+  if cls.reads not in READS:
+    raise ValueError(f"{cls.__name__}.reads={cls.reads!r} is not one of "
+                     f"{READS}.")
 
 
 def names() -> Tuple[str, ...]:
@@ -130,11 +193,13 @@ def get(name: str) -> type:
   if ":" in name:
     module, _, attr = name.partition(":")
     try:
-      return getattr(importlib.import_module(module), attr)
+      cls = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
       raise ValueError(f"Cannot import regularizer {name!r}: {e}. Use "
                        "'package.module:Class' with the package importable "
                        "(e.g. on PYTHONPATH).") from None
+    _check_class(cls, name)
+    return cls
   if name not in _REGISTRY:
     raise ValueError(f"Unknown regularizer {name!r}; registered: {names()} "
                      "(or give 'package.module:Class').")
@@ -146,39 +211,40 @@ def get(name: str) -> type:
 # ---------------------------------------------------------------------------
 
 
+_solve = ot.solve_neuron_ot
+
+
 @register("ot")
+@dataclasses.dataclass(frozen=True)
 class OmegaP(Regularizer):
   """Omega_P: entropic OT between the two layers' neurons (the method).
 
-  Options: keywords of :func:`ot_transfer_jax.ot.solve_neuron_ot`, and
-  ``warm_start`` (start Sinkhorn from the previous step's potentials).
-  State: the potentials ``(f (n_s,), g (n_t,))``, zero at step 0 (a valid
-  start, without the epsilon scaling of a true cold start).
+  Options: keywords of :func:`ot_transfer_jax.ot.solve_neuron_ot` (with its
+  defaults), and ``warm_start`` (start Sinkhorn from the previous step's
+  potentials). State: the potentials ``(f (n_s,), g (n_t,))``, zero at step 0
+  (a valid start, without the epsilon scaling of a true cold start).
   """
 
-  option_defaults = {
-      "relative_epsilon": ot.DEFAULT_RELATIVE_EPSILON,
-      "spatial": "flatten",
-      "normalize": "none",
-      "threshold": 1e-3,
-      "max_iterations": 2000,
-      "grad": "envelope",
-      "warm_start": True,
-  }
+  relative_epsilon: float = default_of(_solve, "relative_epsilon")
+  spatial: str = default_of(_solve, "spatial")
+  normalize: str = default_of(_solve, "normalize")
+  threshold: float = default_of(_solve, "threshold")
+  max_iterations: int = default_of(_solve, "max_iterations")
+  grad: str = default_of(_solve, "grad")
+  warm_start: bool = True
 
   def _solve_options(self) -> dict:
     return {k: v for k, v in self.options.items() if k != "warm_start"}
 
   def init(self, rng, student, teacher, context):
     del rng, context
-    ot.check_activation_shapes(student.shape, teacher.shape,
-                               self.options["spatial"])
+    ot.check_activation_shapes(student.shape, teacher.shape, self.spatial)
     return {}, (jnp.zeros((student.shape[-1],), jnp.float32),
                 jnp.zeros((teacher.shape[-1],), jnp.float32))
 
   def apply(self, params, state, student, teacher):
     res = ot.solve_neuron_ot(
-        student, teacher, init=state if self.options["warm_start"] else None,
+        student, teacher, init=state if self.warm_start else None,
         **self._solve_options())
     metrics = {"matched_fraction": res.matched_fraction,
                "sinkhorn_iters": res.n_iters,
@@ -187,16 +253,19 @@ class OmegaP(Regularizer):
 
 
 @register("feature_matching")
+@dataclasses.dataclass(frozen=True)
 class OmegaI(Regularizer):
   """Omega_I: the identity coupling (plain feature matching); equal widths."""
 
-  option_defaults = {"spatial": "flatten", "normalize": "none"}
+  spatial: str = default_of(losses.feature_matching, "spatial")
+  normalize: str = default_of(losses.feature_matching, "normalize")
 
   def apply(self, params, state, student, teacher):
     return losses.feature_matching(student, teacher, **self.options), {}, state
 
 
 @register("delta")
+@dataclasses.dataclass(frozen=True)
 class Delta(Regularizer):
   """DELTA (Li et al. 2019): channel-weighted feature matching; equal widths.
 
@@ -209,10 +278,11 @@ class Delta(Regularizer):
   Uniform weights would make this Omega_I (``feature_matching``).
   """
 
-  needs_data = True
-  option_defaults = {"temperature": delta_weights.DEFAULT_TEMPERATURE,
-                     "head_steps": 300, "spatial": "flatten",
-                     "normalize": "none"}
+  needs_data: ClassVar[bool] = True
+  temperature: float = default_of(delta_weights.channel_weights, "temperature")
+  head_steps: int = default_of(delta_weights.channel_weights, "head_steps")
+  spatial: str = default_of(losses.delta, "spatial")
+  normalize: str = default_of(losses.delta, "normalize")
 
   def init(self, rng, student, teacher, context):
     del rng
@@ -228,8 +298,7 @@ class Delta(Regularizer):
     layer = context.teacher_layer
     compute = jax.jit(lambda v, x, y: delta_weights.channel_weights(
         model, v, x, y, (layer,), num_classes,
-        temperature=self.options["temperature"],
-        head_steps=self.options["head_steps"])[layer])
+        temperature=self.temperature, head_steps=self.head_steps)[layer])
     weights = compute(context.teacher_vars, jnp.asarray(context.images), labels)
     if weights.shape != (student.shape[-1],):
       raise ValueError(
@@ -240,16 +309,16 @@ class Delta(Regularizer):
 
   def apply(self, params, state, student, teacher):
     value = losses.delta(student, teacher, state["channel_weights"],
-                         spatial=self.options["spatial"],
-                         normalize=self.options["normalize"])
+                         spatial=self.spatial, normalize=self.normalize)
     return value, {}, state
 
 
 @register("attention")
+@dataclasses.dataclass(frozen=True)
 class AttentionTransfer(Regularizer):
   """AT: distance of normalised spatial attention maps (conv layers)."""
 
-  option_defaults = {"p": 2.0}
+  p: float = default_of(losses.attention_transfer, "p")
 
   def apply(self, params, state, student, teacher):
     return losses.attention_transfer(student, teacher, **self.options), {}, state
@@ -269,6 +338,7 @@ class HintRegressor(nn.Module):
 
 
 @register("fitnets")
+@dataclasses.dataclass(frozen=True)
 class FitNets(Regularizer):
   """FitNets: L2 between the teacher and the student through a learned regressor."""
 
@@ -291,21 +361,23 @@ class FitNets(Regularizer):
 
 
 @register("kd")
+@dataclasses.dataclass(frozen=True)
 class KnowledgeDistillation(Regularizer):
   """KD: temperature-softened KL between the logits (same label space)."""
 
-  reads = "logits"
-  option_defaults = {"temperature": 4.0}
+  reads: ClassVar[str] = "logits"
+  temperature: float = default_of(losses.kd_loss, "temperature")
 
   def apply(self, params, state, student, teacher):
-    return losses.kd_loss(student, teacher, self.options["temperature"]), {}, state
+    return losses.kd_loss(student, teacher, self.temperature), {}, state
 
 
 @register("l2_sp")
+@dataclasses.dataclass(frozen=True)
 class L2SP(Regularizer):
   """L2-SP: ``||theta_backbone - theta_teacher||^2 / 2`` (the weight is alpha)."""
 
-  reads = "params"
+  reads: ClassVar[str] = "params"
 
   def apply(self, params, state, student, teacher):
     return losses.l2_sp(student, teacher, alpha=1.0), {}, state
@@ -344,13 +416,13 @@ def term_config(regularizer: str, *, weight: float,
   per layer; ``options`` are the regulariser's (merged over its defaults, so
   the config lists them all and a command line can override any).
   """
-  cls = get(regularizer)
-  cls(**options)  # Unknown options fail here, when the config is written.
+  # Unknown options fail here, when the config is written.
+  reg = get(regularizer).from_options(**options)
   return {"regularizer": regularizer, "weight": float(weight),
           "student_layers": tuple(student_layers),
           "teacher_layers": tuple(teacher_layers),
           "layer_weights": tuple(float(w) for w in layer_weights),
-          "options": {**cls.option_defaults, **options}}
+          "options": reg.options}
 
 
 def terms_from_config(terms_cfg: Mapping[str, Any]) -> Tuple[Term, ...]:
@@ -366,8 +438,7 @@ def terms_from_config(terms_cfg: Mapping[str, Any]) -> Tuple[Term, ...]:
     cfg = terms_cfg[name]
     where = f"loss.terms.{name}"
     try:
-      cls = get(cfg["regularizer"])
-      reg = cls(**dict(cfg["options"]))
+      reg = get(cfg["regularizer"]).from_options(**dict(cfg["options"]))
     except ValueError as e:
       raise ValueError(f"{where}: {e}") from None
     s_layers = tuple(cfg["student_layers"])

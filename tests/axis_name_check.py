@@ -90,14 +90,8 @@ def per_device_cases():
 
 def nnx_recipe_case():
   """docs/usage.md's NNX + shard_map recipe, on 2 devices."""
-  import pathlib
-  import re
-  text = (pathlib.Path(__file__).resolve().parents[1] / "docs" /
-          "usage.md").read_text()
-  section = text.split("### NNX modules under `shard_map`", 1)[1]
-  ns = {}
-  exec(compile(re.search(r"```python\n(.*?)```", section, re.S).group(1),
-               "docs/usage.md", "exec"), ns)
+  from doc_support import run_block  # this script's directory: tests/
+  ns = run_block("### NNX modules under `shard_map`")
   flat = lambda tree: np.concatenate(
       [np.ravel(x) for x in jax.tree.leaves(tree)])
   value = abs(float(ns["loss_shard"]) - float(ns["loss_ref"])) / abs(

@@ -1,9 +1,9 @@
-"""A tiny digits_transfer job shared by the end-to-end tests."""
+"""A tiny digits transfer job (transfer.py:data=digits) shared by the end-to-end tests."""
 
 import os
 import sys
 
-from experiments.configs import digits_transfer
+from experiments.configs import transfer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {"num_steps": 20, "eval_every": 10, "log_every": 5,
@@ -12,7 +12,7 @@ TEACHER_STEPS = 40
 
 
 def tiny_config(teacher_dir, method="ot", **overrides):
-  c = digits_transfer.get_config(method)
+  c = transfer.get_config(f"data=digits,method={method}")
   c.update({**TINY, **overrides})
   c.teacher.job.num_steps = TEACHER_STEPS
   c.teacher.workdir = str(teacher_dir)
@@ -26,7 +26,8 @@ def cli_overrides(teacher_dir, **overrides):
 
 
 def main_command(workdir, teacher_dir, *extra, method="ot"):
-  """``python -m experiments.main`` on the tiny digits_transfer config."""
+  """``python -m experiments.main`` on the tiny digits transfer config."""
   return [sys.executable, "-m", "experiments.main", "--config",
-          os.path.join(REPO, f"experiments/configs/digits_transfer.py:{method}"),
+          os.path.join(REPO, "experiments/configs/transfer.py:"
+                       f"data=digits,method={method}"),
           f"--workdir={workdir}", *cli_overrides(teacher_dir), *extra]

@@ -1,10 +1,10 @@
 """Checkpoints: checksums, fallback to the newest intact step, fit checks,
-and the inference API (restore -> predict, test split, README snippet)."""
+and the inference API (restore -> predict, test split, the docs' restore snippet)."""
 
+import dataclasses
 import json
 import logging
 import os
-import pathlib
 import re
 import shutil
 import subprocess
@@ -14,20 +14,58 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import loop
+from experiments import data, loop
 from ot_transfer_jax import checkpoint
 
+import doc_support
 from digits_job import REPO, main_command, tiny_config
-
-README = pathlib.Path(REPO) / "README.md"
 
 
 @pytest.fixture(scope="module")
 def run_dir(teacher_dir, tmp_path_factory):
-  """A finished tiny digits_transfer run (checkpoints at steps 10 and 20)."""
+  """A finished tiny digits transfer run (checkpoints at steps 10 and 20)."""
   path = tmp_path_factory.mktemp("run")
   loop.train_and_evaluate(tiny_config(teacher_dir), str(path))
   return path
+
+
+def test_run_meta_is_saved_with_the_state_and_restored(tmp_path):
+  """Without training (fast): a state and its RunMeta round-trip through
+  save / restore_latest / restore, which rebuilds the model from the config
+  and maps outputs to the config's classes."""
+  from ot_transfer_jax.models import create_model
+  model = create_model("digits_mlp", 3)
+  variables = model.init(jax.random.PRNGKey(0), np.zeros((1, 8, 8, 1)))
+  state = {"params": variables["params"], "step": jax.numpy.asarray(7)}
+  meta = checkpoint.RunMeta(
+      config={"model": {"name": "digits_mlp", "kwargs": {}},
+              "data": {"classes": [7, 5, 6]}},
+      num_classes=3, mean=(0.25,), std=(0.5,),
+      history={"best_step": 5, "best_val_accuracy": 0.5})
+  manager = checkpoint.make_manager(str(tmp_path))
+  checkpoint.save(manager, 7, state, meta)
+  seen = []
+  _, restored_meta = checkpoint.restore_latest(
+      manager, str(tmp_path), state, check_meta=lambda *a: seen.append(a))
+  assert restored_meta == meta and seen == [(7, meta)]
+  # The JSON item keeps the layout earlier versions wrote (they restore).
+  with open(tmp_path / "checkpoints" / "7" / "meta" / "metadata") as f:
+    assert json.load(f) == {"config": meta.config, "num_classes": 3,
+                            "mean": [0.25], "std": [0.5],
+                            "history": meta.history}
+  # The input shape, which predict checks images against, when known.
+  shaped = dataclasses.replace(meta, image_shape=(8, 8, 1))
+  assert shaped.to_json()["image_shape"] == [8, 8, 1]
+  assert checkpoint.RunMeta.from_json(shaped.to_json()) == shaped
+  restored = checkpoint.restore(str(tmp_path))
+  assert restored.meta == meta and restored.step == 7
+  np.testing.assert_array_equal(restored.class_ids, [7, 5, 6])
+  np.testing.assert_array_equal(restored.mean, [0.25])
+  images = np.full((2, 8, 8, 1), 0.25 + 0.5 * 0.1, np.float32)
+  np.testing.assert_allclose(
+      restored.logits(images),
+      model.apply(variables, np.full((2, 8, 8, 1), 0.1, np.float32)),
+      rtol=1e-5, atol=1e-6)
 
 
 def _copy(run_dir, dst):
@@ -51,6 +89,7 @@ def _final(workdir):
     return json.load(f)
 
 
+@pytest.mark.slow
 def test_one_flipped_byte_in_any_read_array_file_is_detected(run_dir,
                                                              tmp_path):
   """Every file of the OCDBT stores, at its middle and (array data) at 8
@@ -83,6 +122,7 @@ def test_one_flipped_byte_in_any_read_array_file_is_detected(run_dir,
   assert any(n.startswith("opt_state.") for n in named), named
 
 
+@pytest.mark.slow
 def test_resume_falls_back_to_the_newest_intact_step(teacher_dir, run_dir,
                                                      tmp_path, caplog):
   work = _copy(run_dir, tmp_path / "run")
@@ -113,6 +153,7 @@ def _truncate_arrays(step_dir):
       f.write_bytes(f.read_bytes()[:10])
 
 
+@pytest.mark.slow
 def test_damaged_steps_give_one_line_each_and_no_traceback(run_dir,
                                                            teacher_dir,
                                                            tmp_path):
@@ -157,6 +198,7 @@ for attempt in range(4):
   assert _final(work)["test_accuracy"] == _final(run_dir)["test_accuracy"]
 
 
+@pytest.mark.slow
 def test_a_teacher_whose_only_step_is_damaged_is_retrained(teacher_dir,
                                                            tmp_path):
   """Every step damaged: the run starts over, keeping the damaged step."""
@@ -176,6 +218,7 @@ def test_a_teacher_whose_only_step_is_damaged_is_retrained(teacher_dir,
                          checkpoint.restore(str(teacher_dir)).variables)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_other_shapes_names_the_first_differing_path(
     run_dir):
   manager = checkpoint.make_manager(str(run_dir), reading=True)
@@ -196,10 +239,11 @@ def test_a_checkpoint_of_other_shapes_names_the_first_differing_path(
     checkpoint.check_compatible(saved, wanted, 20, "here")
 
 
+@pytest.mark.slow
 def test_predict_returns_dataset_class_ids_from_normalised_images(run_dir):
   restored = checkpoint.restore(str(run_dir))
   np.testing.assert_array_equal(restored.class_ids, [5, 6, 7, 8, 9])
-  images, class_ids = next(restored.test_batches(batch_size=64))
+  images, class_ids = next(data.test_batches(restored, batch_size=64))
   assert images.dtype == np.uint8 and images.shape == (64, 8, 8, 1)
   assert set(np.unique(class_ids)) <= {5, 6, 7, 8, 9}
   logits = restored.logits(images)
@@ -219,10 +263,11 @@ def test_predict_returns_dataset_class_ids_from_normalised_images(run_dir):
     restored.predict(images[0])
 
 
+@pytest.mark.slow
 def test_predict_checks_images_against_what_the_model_trained_on(run_dir):
   restored = checkpoint.restore(str(run_dir))
   assert restored.image_shape == (8, 8, 1)
-  images, _ = next(restored.test_batches(batch_size=16))
+  images, _ = next(data.test_batches(restored, batch_size=16))
   predicted = restored.predict(images)
   # Integer pixels of another dtype (np.array of ints) are uint8's values.
   np.testing.assert_array_equal(restored.predict(images.astype(np.int64)),
@@ -247,27 +292,25 @@ def test_predict_checks_images_against_what_the_model_trained_on(run_dir):
         fn(bad)
 
 
-def _python_block(after: str) -> str:
-  section = README.read_text().split(after, 1)[1]
-  return re.search(r"```python\n(.*?)```", section, re.S).group(1)
-
-
-def test_readme_restore_snippet_reproduces_the_test_accuracy(
+@pytest.mark.slow
+def test_docs_restore_snippet_reproduces_the_test_accuracy(
     run_dir, tmp_path, monkeypatch):
-  above = README.read_text().split("Restore a trained student", 1)[0]
+  page = doc_support.page_with("Restore a trained student")
+  above = page.read_text().split("Restore a trained student", 1)[0]
   command = [block for block in re.findall(r"```bash\n(.*?)```", above, re.S)
              if "experiments.main" in block][-1]
   workdir = re.search(r"--workdir (\S+)", command).group(1)
-  snippet = _python_block("Restore a trained student")
+  snippet = doc_support.python_block("Restore a trained student")
   assert f'checkpoint.restore("{workdir}")' in snippet  # The command's path.
   shutil.copytree(run_dir, tmp_path / workdir)
   monkeypatch.chdir(tmp_path)
   namespace = {}
-  exec(compile(snippet, "README.md", "exec"), namespace)
+  exec(compile(snippet, page.name, "exec"), namespace)
   assert namespace["correct"] / namespace["total"] == _final(run_dir)[
       "test_accuracy"]
 
 
+@pytest.mark.slow
 def test_restore_and_predict_without_the_experiment_stack(run_dir):
   script = f"""
 import sys

@@ -20,10 +20,13 @@ def _error_lines(stderr):
   return [line for line in stderr.splitlines() if line.startswith("Error:")]
 
 
-@pytest.mark.parametrize("case", ["missing_config", "workdir_is_a_file",
-                                  "bad_augment", "unknown_tfds_name"])
-def test_user_errors_are_one_line_without_traceback(case, teacher_dir,
-                                                    tmp_path):
+@pytest.mark.parametrize("case", [
+    "missing_config",
+    *(pytest.param(case, marks=pytest.mark.slow) for case in (
+        "workdir_is_a_file", "bad_augment", "unknown_tfds_name"))])
+def test_user_errors_are_one_line_without_traceback(case, tmp_path):
+  # Each error comes before the teacher trains: it needs none.
+  teacher_dir = tmp_path / "teacher"
   workdir = tmp_path / "run"
   extra, expected = {
       "missing_config": ([], r"--config .*nope\.py: no such file"),
@@ -46,6 +49,23 @@ def test_user_errors_are_one_line_without_traceback(case, teacher_dir,
   assert re.search(expected, errors[0]), errors[0]
   # The error ends the output: no catalogue or thread dump after it.
   assert proc.stderr.rstrip().endswith(errors[0]), proc.stderr[-3000:]
+  assert not teacher_dir.exists()
+
+
+@pytest.mark.slow  # A subprocess; tests/test_configs.py checks the error fast.
+def test_a_bad_config_argument_is_one_error_line(tmp_path):
+  # file.py:ARG reaches get_config; its ValueError is the message (exit 2,
+  # like any bad flag), naming the datasets there are. Nothing is trained.
+  command = main_command(tmp_path / "run", tmp_path / "teacher")
+  index = command.index("--config") + 1
+  command[index] = command[index].replace("data=digits", "data=cifar10")
+  proc = _run(command)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  (error,) = _error_lines(proc.stderr)
+  assert re.search(r"Unknown data='cifar10'.*'digits', 'fashion_mnist'",
+                   error), error
+  assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("override,expected", [
@@ -70,6 +90,7 @@ def test_student_and_loss_errors_come_before_the_teacher_trains(
   assert not (tmp_path / "teacher").exists()  # No teacher step was taken.
 
 
+@pytest.mark.slow
 def test_resume_with_other_data_is_refused_then_allowed_as_a_new_section(
     teacher_dir, tmp_path):
   config = tiny_config(teacher_dir, num_steps=10, checkpoint_every=10)
@@ -90,6 +111,7 @@ def test_resume_with_other_data_is_refused_then_allowed_as_a_new_section(
   assert final["best_step"] == 20 and final["step"] == 20
 
 
+@pytest.mark.slow
 def test_harmless_changes_resume(teacher_dir, tmp_path):
   config = tiny_config(teacher_dir, num_steps=10, checkpoint_every=10)
   first = loop.train_and_evaluate(config, str(tmp_path))

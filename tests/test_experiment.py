@@ -3,20 +3,20 @@
 import dataclasses
 import json
 import os
-import re
 import subprocess
 
 import numpy as np
 import pytest
 
-from experiments import reproduce
-from experiments import job, loop
-from ot_transfer_jax import checkpoint, data, train
+from experiments import data, job, loop, reproduce
 from experiments.metric_writers import read_metrics
+from ot_transfer_jax import checkpoint, parallel, regularizers
 
+import doc_support
 from digits_job import REPO, main_command, tiny_config
 
 
+@pytest.mark.slow
 def test_job_writes_outputs_and_restores(teacher_dir, tmp_path):
   final = loop.train_and_evaluate(tiny_config(teacher_dir), str(tmp_path))
   with open(tmp_path / "final_metrics.json") as f:
@@ -47,9 +47,9 @@ def test_job_writes_outputs_and_restores(teacher_dir, tmp_path):
   np.testing.assert_allclose(restored.mean, ds_check.mean)
   np.testing.assert_allclose(restored.std, ds_check.std)
   ds = data.get_datasets(restored.config.data)
-  mesh = train.make_mesh()
-  test = train.evaluate(
-      train.make_eval_step(restored.model, mesh), restored.variables,
+  mesh = parallel.make_mesh()
+  test = parallel.evaluate(
+      parallel.make_eval_step(restored.model, mesh), restored.variables,
       data.eval_batches(ds.test, batch_size=128, image_size=None,
                         mean=ds.mean, std=ds.std), mesh)
   assert test["accuracy"] == pytest.approx(final["test_accuracy"])
@@ -59,6 +59,7 @@ def test_job_writes_outputs_and_restores(teacher_dir, tmp_path):
                                        str(tmp_path)) == final
 
 
+@pytest.mark.slow
 def test_periodic_actions_set_to_0_run_at_the_last_step_only(teacher_dir,
                                                             tmp_path):
   """every=0 turns a periodic action off; the last step still logs, evaluates
@@ -72,6 +73,7 @@ def test_periodic_actions_set_to_0_run_at_the_last_step_only(teacher_dir,
   assert checkpoint.restore(str(tmp_path)).step == 4
 
 
+@pytest.mark.slow
 def test_config_key_typo_gives_one_paragraph(teacher_dir, tmp_path):
   proc = subprocess.run(main_command(tmp_path, teacher_dir,
                               "--config.loss.terms.ot.wieght=1"),
@@ -81,6 +83,7 @@ def test_config_key_typo_gives_one_paragraph(teacher_dir, tmp_path):
   assert "'wieght'" in proc.stderr and 'Did you mean "weight"' in proc.stderr
 
 
+@pytest.mark.slow
 def test_command_line_override_wins_over_the_method(teacher_dir, tmp_path):
   proc = subprocess.run(main_command(
       tmp_path, teacher_dir, "--config.loss.terms.ot.weight=0.5",
@@ -95,19 +98,12 @@ def test_command_line_override_wins_over_the_method(teacher_dir, tmp_path):
       last["ce"] + 0.5 * last["reg/ot"] + last["head_decay"], rel=1e-5)
 
 
-def _readme_block(after: str) -> str:
-  """The first ```python block of README.md after the text ``after``."""
-  with open(os.path.join(REPO, "README.md")) as f:
-    readme = f.read()
-  return re.search(r"```python\n(.*?)```", readme.split(after, 1)[1],
-                   re.S).group(1)
-
-
+@pytest.mark.slow
 def test_a_regularizer_defined_outside_the_package_trains(teacher_dir,
                                                           tmp_path):
-  """The README's "add your own regulariser" config, through experiments.main."""
+  """The docs' "add your own regulariser" config, through experiments.main."""
   config_file = tmp_path / "my_config.py"
-  config_file.write_text(_readme_block("Add your own regulariser"))
+  config_file.write_text(doc_support.python_block("Add your own regulariser"))
   command = main_command(tmp_path / "run", teacher_dir)
   command[command.index("--config") + 1] = str(config_file)
   proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
@@ -121,9 +117,9 @@ def test_a_regularizer_defined_outside_the_package_trains(teacher_dir,
       last["ce"] + 2.0 * last["reg/mean_gap"], rel=1e-5)
 
 
-def test_unknown_method_lists_the_defined_ones(teacher_dir):
+def test_unknown_method_lists_the_defined_ones(tmp_path):
   with pytest.raises(ValueError, match="choose one of .*'l2_sp'"):
-    tiny_config(teacher_dir, method="magic")
+    tiny_config(tmp_path, method="magic")
 
 
 @pytest.mark.parametrize("method", ["ot", "l2_sp", "finetune_l2"])
@@ -135,6 +131,7 @@ def test_teacher_dependent_methods_without_teacher_are_refused(tmp_path,
     loop.train_and_evaluate(c, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_analysis_layer_typo_fails_before_training(teacher_dir, tmp_path):
   c = tiny_config(teacher_dir)
   c.analysis.layers = ("stage9",)
@@ -143,6 +140,7 @@ def test_analysis_layer_typo_fails_before_training(teacher_dir, tmp_path):
   assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_message(teacher_dir, tmp_path):
   proc = subprocess.run(
       main_command(tmp_path, teacher_dir, method="magic"), cwd=REPO,
@@ -156,7 +154,7 @@ def test_a_checkpoint_teacher_without_a_path_says_what_to_set(tmp_path):
   c.teacher.source = "checkpoint"
   with pytest.raises(ValueError, match=r"needs teacher.path.*"
                      r"--config.teacher.path=DIR"):
-    job.load_teacher(c, str(tmp_path), loop.train_and_evaluate)
+    job.load_teacher(c, str(tmp_path))
 
 
 def test_a_longer_teacher_job_is_another_run_for_the_student(tmp_path):
@@ -174,6 +172,7 @@ def test_restore_without_checkpoints_says_what_to_do(tmp_path):
     checkpoint.restore(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_reproduce_writes_results_table_and_figures(teacher_dir, tmp_path):
   configs = {m: tiny_config(teacher_dir, m) for m in ("scratch", "ot")}
   records, table = reproduce.run_all(configs, str(tmp_path), seeds=2,
@@ -195,10 +194,27 @@ def test_reproduce_writes_results_table_and_figures(teacher_dir, tmp_path):
   assert "| ot | 2 |" in table.split("same seeds")[-1]  # Paired table.
 
 
-@pytest.mark.parametrize("name", ["digits_distill", "digits_cross_arch"])
-def test_every_digits_method_runs(name, tmp_path):
+@pytest.mark.parametrize("name", ["digits_transfer", "digits_distill",
+                                  "digits_cross_arch"])
+def test_every_digits_method_has_a_config_whose_terms_parse(name):
+  """Fast: the configs build and their loss terms parse (the slow test below
+  trains each)."""
   module = __import__(f"experiments.configs.{name}", fromlist=["get_config"])
-  assert f"experiments/configs/{name}.py" in module.__doc__
+  methods = module.get_config().method_order
+  assert len(methods) >= 3 and module.get_config().method in methods
+  for method in methods:
+    config = module.get_config(method)
+    assert config.method == method
+    terms = regularizers.terms_from_config(config.loss.terms)
+    assert {t.name for t in terms} == set(config.loss.terms)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["distill", "cross_arch"])
+def test_every_digits_method_runs(name, tmp_path):
+  module = reproduce.load_config_module(
+      os.path.join(REPO, f"experiments/configs/{name}.py:data=digits"))
+  assert f"experiments/configs/{name}.py:data=digits" in module.__doc__
   for method in module.get_config().method_order:
     config = module.get_config(method)
     config.update({"num_steps": 3, "eval_every": 3, "log_every": 1,
@@ -213,6 +229,7 @@ def test_every_digits_method_runs(name, tmp_path):
       assert last_train[f"reg/{name}"] > 0, (method, name)
 
 
+@pytest.mark.slow
 def test_terms_that_read_data_get_every_class(teacher_dir, monkeypatch):
   """DELTA's init fits a head on a class-balanced sample of the training set,
   knowing the task's classes, even when the data are sorted by class."""

@@ -1,13 +1,13 @@
 """The Fashion-MNIST configs end to end on tiny IDX files written here (CI has no dataset).
 
-Each config runs its most involved method through ``loop.train_and_evaluate``
+The configs are ``<setting>.py:data=fashion_mnist``, read as reproduce and
+sweep read them (``reproduce.load_config_module``). Each config runs its most involved method through ``loop.train_and_evaluate``
 with its own networks, layers and losses, the teacher trained by its own
 ``teacher.job`` (2 steps); only sizes shrink, through the same ``--config.*``
 keys a user would override. The transfer run also moves both class splits and
 K, which the configs must follow without other edits.
 """
 
-import importlib
 import json
 import math
 import os
@@ -16,16 +16,20 @@ import re
 import numpy as np
 import pytest
 
-from experiments import loop, sweep
+from experiments import loop, reproduce, sweep
 from experiments.metric_writers import read_metrics
 
 from idx_support import write_dataset
 
-CONFIGS = ("fashion_mnist_transfer", "fashion_mnist_distill", "fashion_mnist_cross_arch")
+CONFIGS = ("transfer", "distill", "cross_arch")
+ARG = "data=fashion_mnist"
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))), "experiments", "configs")
 
 
 def _module(name):
-  return importlib.import_module(f"experiments.configs.{name}")
+  return reproduce.load_config_module(
+      os.path.join(CONFIG_DIR, f"{name}.py:{ARG}"))
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +72,7 @@ def _shrink(c, data_dir):
 def test_docstring_sweep_and_methods(name):
   module = _module(name)
   doc = module.__doc__
-  assert f"experiments/configs/{name}.py --seeds 5" in doc
+  assert f"experiments/configs/{name}.py:{ARG} --seeds 5" in doc
   assert "python -m experiments.sweep" in doc
   methods = module.get_config().method_order
   for method in methods:
@@ -84,13 +88,14 @@ def test_docstring_sweep_and_methods(name):
   assert set(module.SWEEP) <= set(methods)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,method,overrides", [
     # Other class splits and K, with nothing else changed.
-    ("fashion_mnist_transfer", "delta",
+    ("transfer", "delta",
      {"data.classes": (0, 2, 4), "teacher.job.data.classes": (1, 3, 5, 7, 9),
       "data.samples_per_class": 4}),
-    ("fashion_mnist_distill", "ot_kd", {}),
-    ("fashion_mnist_cross_arch", "ot", {}),
+    ("distill", "ot_kd", {}),
+    ("cross_arch", "ot", {}),
 ])
 def test_config_trains_on_idx_files(name, method, overrides, idx_dir, teachers, tmp_path):
   c = _shrink(_module(name).get_config(method), idx_dir)
@@ -120,8 +125,9 @@ def test_config_trains_on_idx_files(name, method, overrides, idx_dir, teachers, 
     assert student.config["data"]["samples_per_class"] == 4
 
 
+@pytest.mark.slow
 def test_sweep_chooses_on_validation_only(idx_dir, teachers, tmp_path):
-  module = _module("fashion_mnist_cross_arch")
+  module = _module("cross_arch")
 
   class Tiny:  # The config file with a one-method, two-value grid.
     SWEEP = {"ot": ("loss.terms.ot.weight", (0.01, 1.0))}

@@ -14,6 +14,9 @@ import sys
 
 import pytest
 
+# One subprocess checks every combination on 2 devices: minutes, not seconds.
+pytestmark = pytest.mark.slow
+
 HERE = pathlib.Path(__file__).resolve().parent
 TOLERANCE = 1e-5  # relative, float32
 

@@ -56,6 +56,7 @@ def _logged_step(workdir):
   return max(steps, default=0)
 
 
+@pytest.mark.slow
 def test_interrupted_runs_end_like_an_uninterrupted_one(teacher_dir,
                                                         tmp_path):
   """kill -9 before the first checkpoint, right after one, and mid-write
@@ -126,6 +127,7 @@ def test_interrupted_runs_end_like_an_uninterrupted_one(teacher_dir,
       assert rows == [(r["split"], r["step"]) for r in map(json.loads, f)]
 
 
+@pytest.mark.slow
 def test_non_finite_steps_stop_the_run_and_keep_good_checkpoints(
     teacher_dir, tmp_path):
   config = tiny_config(teacher_dir, num_steps=40, log_every=1,
@@ -142,6 +144,7 @@ def test_non_finite_steps_stop_the_run_and_keep_good_checkpoints(
     assert np.all(np.isfinite(leaf))
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_model_is_refused(teacher_dir, tmp_path):
   config = tiny_config(teacher_dir, num_steps=10, checkpoint_every=10)
   loop.train_and_evaluate(config, str(tmp_path))
@@ -188,6 +191,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(teacher_dir, tmp_path):
   """Two CPU processes (gloo) form one 2-device mesh, each reading its half
   of every global batch; checkpoints and outputs are written once."""

@@ -11,6 +11,12 @@ import jax
 import numpy as np
 
 
+# The training-cost table's columns (train_cost, accelerator).
+TRAIN_COST_COLUMNS = ("setting", "variant", "steps", "step_ms", "over_task",
+                      "over_ref", "iters_median", "iters_p90", "iters_max",
+                      "unconverged_pct", "skipped")
+
+
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
   """Median wall time of ``fn()`` over ``repeats`` calls; results are
   blocked on, so asynchronous dispatch is timed to completion."""

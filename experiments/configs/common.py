@@ -3,19 +3,26 @@
 Every config starts from :func:`base_config`, changes what its experiment
 needs, and returns :func:`select_method`'s locked result. A config's methods
 (the variants ``experiments.reproduce`` compares) are functions that edit the
-config; the command line picks one with ml_collections' ``file.py:method``
-form and its ``--config.key=value`` overrides are applied last, so they always
-win::
+config; the command line picks one with ml_collections' ``file.py:ARG``
+form (``file.py:method``, or big_vision style ``key=value`` pairs for the
+per-setting configs, :func:`parse_arg`) and its ``--config.key=value``
+overrides are applied last, so they always win::
 
-  python -m experiments.main --config experiments/configs/digits_transfer.py:ot \
+  python -m experiments.main \
+      --config experiments/configs/transfer.py:data=digits,method=ot \
       --workdir W --config.loss.terms.ot.weight=0.5
+
+transfer.py, distill.py and cross_arch.py are one config per setting, with
+the dataset as an argument; each method is written once, with its weight per
+dataset. The digits_* and fashion_mnist_* files are aliases (:func:`alias`).
 """
 
 from typing import Callable, Mapping, Optional
 
 import ml_collections
 
-from ot_transfer_jax import data, regularizers
+from experiments import data
+from ot_transfer_jax import regularizers
 
 Method = Callable[[ml_collections.ConfigDict], None]
 
@@ -135,3 +142,120 @@ def combine(*methods: Method) -> Method:
 def unchanged(c) -> None:
   """The method that changes nothing (e.g. the plain student)."""
   del c
+
+
+# The stages every small-data config reads (digits_cnn, small_cnn, resnet8).
+LAYERS = ("stage1", "stage2", "stage3")
+
+# The datasets of the per-setting configs, and the data-parallel width of
+# each (config.max_devices). Digits steps take
+# milliseconds: one device gives the documented numbers bit for bit on any
+# machine (more devices only change float rounding, which 25-image training
+# amplifies to a few test images). 0: every device the batch divides over.
+MAX_DEVICES = {"digits": 1, "fashion_mnist": 0}
+
+
+def parse_arg(arg: Optional[str], **defaults: str) -> dict:
+  """The argument of ``--config=file.py:ARG``, big_vision style.
+
+  ``ARG`` is ``key=value`` pairs joined by commas
+  (``data=fashion_mnist,method=ot``); a bare word is the method
+  (``file.py:ot`` is ``file.py:method=ot``). Returns ``defaults`` updated by
+  ``ARG``; values stay strings.
+
+  Raises:
+    ValueError: for a key not in ``defaults``, naming the ones there are.
+  """
+  out = dict(defaults)
+  for part in filter(None, (arg or "").split(",")):
+    key, eq, value = part.partition("=")
+    if not eq:
+      key, value = "method", part
+    if key not in defaults:
+      raise ValueError(
+          f"Unknown config argument {key!r} in {arg!r}: this config takes "
+          f"{', '.join(defaults)}, as --config=<file>.py:"
+          f"{','.join(f'{k}=...' for k in defaults)}.")
+    out[key] = value
+  return out
+
+
+def with_method(arg: Optional[str], method: Optional[str]) -> Optional[str]:
+  """``arg`` (see :func:`parse_arg`) with the method set to ``method``, its
+  other settings (``data=...``) kept: what reproduce and sweep pass to
+  ``get_config`` for each method. ``arg`` itself when ``method`` is None."""
+  if not method:
+    return arg or None
+  kept = [p for p in (arg or "").split(",")
+          if "=" in p and not p.startswith("method=")]
+  return ",".join([*kept, f"method={method}"]) if kept else method
+
+
+# The student layers each representation term reads, per dataset (distill.py
+# and cross_arch.py): FitNets' hint on stage2, Omega_P on every stage,
+# attention transfer on stage1-2 of the 8x8 digits and on every stage of
+# Fashion-MNIST.
+TERM_LAYERS = {
+    "digits": {"fitnets": ("stage2",), "attention": ("stage1", "stage2"),
+               "ot": LAYERS},
+    "fashion_mnist": {"fitnets": ("stage2",), "attention": LAYERS,
+                      "ot": LAYERS},
+}
+
+
+def teacher_terms(plain: str, weights: Mapping[str, float],
+                  data: str) -> dict:
+  """``{method: Method}`` of a student trained without or with teacher-based
+  terms: ``plain`` (CE and weight decay only), one method per regulariser in
+  ``weights`` (at that weight, on ``TERM_LAYERS[data]``; none for logits),
+  and ``ot_kd`` (Omega_P + KD, each at its own weight) when both ``ot`` and
+  ``kd`` are there. In that order."""
+  layers = TERM_LAYERS[data]
+  methods = {plain: unchanged, **{
+      name: with_term(name, weight, **(
+          {"student_layers": layers[name]} if name in layers else {}))
+      for name, weight in weights.items()}}
+  if "ot" in methods and "kd" in methods:
+    methods["ot_kd"] = combine(methods["ot"], methods["kd"])
+  return methods
+
+
+def sweeps(grids: Mapping[str, dict]) -> Callable:
+  """``get_sweep(arg)`` of a per-setting config: the grids of ``arg``'s
+  dataset in ``{data: {method: (config_key, values)}}`` ({} for none)."""
+
+  def get_sweep(arg=None) -> dict:
+    return dict(grids.get(setting_arg(arg)[0], {}))
+
+  return get_sweep
+
+
+def setting_arg(arg: Optional[str]) -> tuple[str, str]:
+  """``(data, method)`` of a per-setting config's argument (transfer.py,
+  distill.py, cross_arch.py): ``data=digits`` by default, and the config's
+  default method (``""``).
+
+  Raises:
+    ValueError: for a dataset these configs do not define, listing them.
+  """
+  a = parse_arg(arg, data="digits", method="")
+  if a["data"] not in MAX_DEVICES:
+    raise ValueError(f"Unknown data={a['data']!r} for this config; choose "
+                     f"one of {tuple(MAX_DEVICES)} with "
+                     "--config=<file>.py:data=<name>.")
+  return a["data"], a["method"]
+
+
+def alias(setting, data: str) -> tuple[Callable, Callable]:
+  """``(get_config, get_sweep)`` of the per-setting config module
+  ``setting`` with ``data`` fixed: the per-dataset files of the old command
+  lines (``digits_transfer.py:ot`` is ``transfer.py:data=digits,method=ot``)."""
+
+  def get_config(method=None):
+    return setting.get_config(with_method(f"data={data}", method))
+
+  def get_sweep(arg=None):
+    del arg  # The dataset is fixed.
+    return setting.get_sweep(f"data={data}")
+
+  return get_config, get_sweep

@@ -1,0 +1,77 @@
+"""Cross-architecture transfer: a teacher on classes 0-4 -> a smaller student of another architecture on 5-9.
+
+One config for the setting; the dataset is an argument. Data, seeds and
+schedule are transfer.py's for the same dataset:
+
+  data=digits         teacher: transfer.py's (digits_cnn, 16/32/64 neurons per
+                      stage); student: digits_cnn of half the width (8/16/32)
+  data=fashion_mnist  teacher: a CIFAR-style resnet8 (16/32/64 channels, 78 k
+                      parameters); student: a plain small_cnn of width 0.5
+                      (8/16/32 channels, 6.3 k parameters: 12x fewer). The
+                      stage outputs of both are 28, 14 and 7 pixels wide, so
+                      every method compares stage with stage
+
+The student cannot start from the teacher's weights, and the label spaces
+differ (no KD); what transfers is the representation:
+
+  scratch    CE and weight decay only
+  attention  CE + attention transfer (digits: stage1-2; fashion_mnist: 1-3)
+  fitnets    CE + FitNets hint on stage2 (learned 1x1 regressor)
+  ot         CE + Omega_P on stage1-3 (widths differ: no projection needed)
+
+On Fashion-MNIST each weight is the best on the validation split of tuning
+seed 100 out of 0.1x, 1x and 10x a customary value, chosen by
+  python -m experiments.sweep \
+      --config experiments/configs/cross_arch.py:data=fashion_mnist --seed 100
+(docs/fashion_mnist/fashion_mnist_cross_arch/sweep.md).
+
+Launch one method (default: data=digits, method=ot):
+  python -m experiments.main \
+      --config experiments/configs/cross_arch.py:data=digits,method=ot \
+      --workdir workdirs/digits_cross_arch/ot
+All methods x seeds, table and figures (in workdirs/<data>_cross_arch):
+  python -m experiments.reproduce \
+      --config experiments/configs/cross_arch.py:data=digits --seeds 3
+  python -m experiments.reproduce \
+      --config experiments/configs/cross_arch.py:data=fashion_mnist --seeds 5
+"""
+
+from experiments.configs import common, transfer
+
+TEACHER_MODEL = {"digits": "digits_cnn", "fashion_mnist": "resnet8"}
+
+SWEEP = {"fashion_mnist": {
+    "fitnets": ("loss.terms.fitnets.weight", (0.1, 1.0, 10.0)),
+    "attention": ("loss.terms.attention.weight", (10.0, 100.0, 1000.0)),
+    "ot": ("loss.terms.ot.weight", (0.01, 0.1, 1.0)),
+}}
+# Each term's weight (fashion_mnist: chosen by the sweep above, validation
+# accuracy, seed 100); the methods of a dataset are scratch and these, in
+# this order. The layers each term reads: common.TERM_LAYERS.
+WEIGHTS = {
+    "digits": {"attention": 100.0, "fitnets": 1.0, "ot": 0.1},
+    "fashion_mnist": {"fitnets": 0.1, "attention": 10.0, "ot": 0.01},
+}
+
+
+def experiment(data: str = "digits"):
+  """Everything the methods share."""
+  c = transfer.experiment(data)
+  c.model.kwargs = {"width": 0.5}
+  c.teacher.job.model.name = TEACHER_MODEL[data]
+  c.teacher.name = c.teacher.job.model.name  # As transfer.py: not read.
+  c.analysis.layers = ()  # Unequal widths: no matched fraction (trace) to plot.
+  c.loss.weight_decay = 5e-4
+  c.loss.head_decay = 5e-4
+  return c
+
+
+get_sweep = common.sweeps(SWEEP)  # experiments.sweep's grids.
+
+
+def get_config(arg=None):
+  """``arg``: ``data=digits|fashion_mnist,method=<method>`` (or a method)."""
+  data, method = common.setting_arg(arg)
+  return common.select_method(
+      experiment(data), common.teacher_terms("scratch", WEIGHTS[data], data),
+      method)

@@ -1,0 +1,182 @@
+"""Transfer learning, data-scarce: a teacher on classes 0-4 -> a student on 5-9.
+
+One config for the setting; the dataset is an argument:
+
+  data=digits         scikit-learn's 8x8 digits (offline): digits_cnn, K = 5
+                      images per class, validation 20 per class
+  data=fashion_mnist  28x28 Fashion-MNIST (T-shirt/top, trouser, pullover,
+                      dress, coat -> sandal, shirt, sneaker, bag, ankle boot):
+                      small_cnn (16/32/64 channels, 24 k parameters), K = 10,
+                      validation 50 per class; the test split's 5,000 images of
+                      classes 5-9 give the reported numbers
+
+The teacher is trained on all training images of classes 0-4 (but a
+validation carve-out) and cached in WORKDIR/teacher. A student of the same
+architecture learns classes 5-9 from K training images per class, drawn anew
+for each seed with a disjoint validation carve-out. Methods share data, seeds,
+schedule (full-batch steps of SGD, lr 0.05, cosine, gradient clipping at 5:
+without it, plain fine-tuning diverged on one digits seed of ten) and
+initialisation:
+
+  scratch           random init, weight decay 5e-4
+  finetune_l2       init from the teacher, weight decay (L2)
+  l2_sp             init from the teacher, L2-SP (head decay 0.01)
+  delta             init from the teacher, DELTA on stage1-3: channel weights
+                    from the teacher's behaviour on the target images
+                    (fashion_mnist only)
+  feature_matching  init from the teacher, Omega_I on stage1-3
+  ot                init from the teacher, Omega_P on stage1-3
+
+Students initialised from the teacher keep its BatchNorm statistics frozen
+(model.freeze_batchnorm): with so few training images, batch statistics are
+noisy. The digits protocol (and lr 0.05, weight 0.1) came from a small
+exploratory sweep. On Fashion-MNIST, K = 10 is few enough that the teacher's
+representation has something to add (from scratch the student stays near
+83 % on these classes), while each seed's 50 images still cover every class,
+so that the differences between methods are not drowned by the spread between
+seeds (the digits job with 5 per class was); K was fixed before any
+Fashion-MNIST result was seen. There each method's weight (weight decay for
+finetune_l2, alpha for l2_sp, the term weight for delta / feature_matching /
+ot) is the best on the validation split of the tuning seed 100 (not a table
+seed) out of 0.1x, 1x and 10x a customary value, chosen by
+  python -m experiments.sweep \
+      --config experiments/configs/transfer.py:data=fashion_mnist --seed 100
+(docs/fashion_mnist/fashion_mnist_transfer/sweep.md).
+
+Launch one method (default: data=digits, method=ot):
+  python -m experiments.main \
+      --config experiments/configs/transfer.py:data=digits,method=ot \
+      --workdir workdirs/digits_transfer/ot
+All methods x seeds, table and figures (in workdirs/<data>_transfer):
+  python -m experiments.reproduce \
+      --config experiments/configs/transfer.py:data=digits --seeds 3
+  python -m experiments.reproduce \
+      --config experiments/configs/transfer.py:data=fashion_mnist --seeds 5
+Other splits and sizes work as they are, e.g.
+  --config.data.classes=0,2,4 --config.teacher.job.data.classes=1,3,5,7,9
+  --config.data.samples_per_class=20
+"""
+
+from experiments.configs import common
+
+LAYERS = common.LAYERS
+MODEL = {"digits": "digits_cnn", "fashion_mnist": "small_cnn"}
+K = {"digits": 5, "fashion_mnist": 10}  # Training images per class.
+
+# The sweep (fashion_mnist): method -> (config key, grid), 0.1x / 1x / 10x a
+# customary value.
+SWEEP = {"fashion_mnist": {
+    "finetune_l2": ("loss.weight_decay", (5e-5, 5e-4, 5e-3)),
+    "l2_sp": ("loss.terms.l2_sp.weight", (0.01, 0.1, 1.0)),
+    "delta": ("loss.terms.delta.weight", (0.01, 0.1, 1.0)),
+    "feature_matching": ("loss.terms.feature_matching.weight", (0.01, 0.1, 1.0)),
+    "ot": ("loss.terms.ot.weight", (0.01, 0.1, 1.0)),
+}}
+# Each method's weight; the methods of a dataset are scratch and these, in
+# this order. fashion_mnist: chosen by the sweep above (validation accuracy,
+# seed 100); digits: the exploratory sweep's.
+WEIGHTS = {
+    "digits": {"finetune_l2": 5e-4, "l2_sp": 0.1, "feature_matching": 0.1,
+               "ot": 0.1},
+    "fashion_mnist": {"finetune_l2": 5e-4, "l2_sp": 0.01, "delta": 0.01,
+                      "feature_matching": 0.01, "ot": 0.01},
+}
+
+
+# Per dataset: the teacher's job (every training image of classes 0-4 but
+# val_per_class) and the students' (K per class, one epoch per step).
+TEACHER_JOB = {
+    "digits": {"val_per_class": 10, "batch_size": 64, "num_steps": 300,
+               "eval_every": 100, "log_every": 25, "checkpoint_every": 100},
+    # 600 steps: 2.6 epochs of 29,500 images.
+    "fashion_mnist": {"val_per_class": 500, "batch_size": 128,
+                      "num_steps": 600, "eval_every": 200, "log_every": 100,
+                      "checkpoint_every": 600},
+}
+STUDENT_JOB = {
+    "digits": {"val_per_class": 20, "num_steps": 200, "eval_every": 20,
+               "log_every": 20, "checkpoint_every": 100},
+    "fashion_mnist": {"val_per_class": 50, "num_steps": 150, "eval_every": 25,
+                      "log_every": 25, "checkpoint_every": 150},
+}
+
+
+def _job(c, data: str, classes: tuple, settings: dict) -> None:
+  """The settings teacher and students share, and ``settings``."""
+  settings = dict(settings)
+  c.data.name = data
+  c.data.classes = classes
+  c.data.val_per_class = settings.pop("val_per_class")
+  c.model.name = MODEL[data]
+  c.update(settings)
+  c.max_devices = common.MAX_DEVICES[data]
+
+
+def teacher_job(data: str):
+  t = common.base_config()
+  _job(t, data, (0, 1, 2, 3, 4), TEACHER_JOB[data])
+  t.loss.weight_decay = 5e-4
+  t.loss.head_decay = 5e-4
+  return t
+
+
+def experiment(data: str = "digits"):
+  """Everything the methods share."""
+  c = common.base_config()
+  _job(c, data, (5, 6, 7, 8, 9), STUDENT_JOB[data])
+  c.data.samples_per_class = K[data]
+  c.batch_size = 5 * K[data]  # 5 classes x K images: one epoch per step.
+  c.teacher.source = "train"
+  c.teacher.job = teacher_job(data)
+  # Not read for source='train' (the job's model is); kept so that saved
+  # configs, and the resume checks that compare them, stay as they were.
+  c.teacher.name = c.teacher.job.model.name
+  c.analysis.layers = LAYERS
+  c.optimizer.learning_rate = 0.05
+  c.optimizer.grad_clip_norm = 5.0
+  c.method = "ot"
+  c.baseline_method = "scratch"
+  return c
+
+
+def scratch(c):
+  c.loss.weight_decay = 5e-4
+  c.loss.head_decay = 5e-4
+
+
+def from_teacher(c):
+  c.init_from_teacher = True
+  c.model.freeze_batchnorm = True
+  c.loss.head_decay = 0.01
+
+
+def methods(data: str) -> dict:
+  """``{method: Method}`` of ``data``, at its weights."""
+  w = WEIGHTS[data]
+
+  def finetune_l2(c):
+    from_teacher(c)
+    c.loss.weight_decay = w["finetune_l2"]
+    c.loss.head_decay = 5e-4
+
+  def l2_sp(c):
+    from_teacher(c)
+    c.loss.terms.l2_sp = common.term("l2_sp", w["l2_sp"])
+
+  def feature_term(name):  # delta, feature_matching (Omega_I), ot (Omega_P)
+    return common.combine(from_teacher, common.with_term(
+        name, w[name], student_layers=LAYERS))
+
+  defined = {"scratch": scratch, "finetune_l2": finetune_l2, "l2_sp": l2_sp,
+             **{name: feature_term(name)
+                for name in ("delta", "feature_matching", "ot") if name in w}}
+  return {name: defined[name] for name in ("scratch", *w)}
+
+
+get_sweep = common.sweeps(SWEEP)  # experiments.sweep's grids.
+
+
+def get_config(arg=None):
+  """``arg``: ``data=digits|fashion_mnist,method=<method>`` (or a method)."""
+  data, method = common.setting_arg(arg)
+  return common.select_method(experiment(data), methods(data), method)
