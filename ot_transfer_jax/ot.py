@@ -225,10 +225,14 @@ def _as_array(x: Any, who: str) -> jax.Array:
 def _check_finite(x: Any, what: str, fix: str) -> None:
   """ValueError if a concrete array holds NaN or inf; traced ones (under
   ``jit``) cannot be inspected: they give a NaN result instead."""
-  # A device array is reduced where it lives, copied only when it fails.
-  if _is_traced(x) or (not isinstance(x, np.ndarray) and
-                       bool(jnp.all(jnp.isfinite(x)))):
+  if _is_traced(x):
     return
+  if not isinstance(x, np.ndarray):
+    # A device array is reduced where it lives (copied only when it fails),
+    # eagerly even when it is a constant inside a function being traced.
+    with jax.ensure_compile_time_eval():
+      if bool(jnp.all(jnp.isfinite(x))):
+        return
   finite = np.isfinite(np.asarray(x))
   if finite.all():
     return

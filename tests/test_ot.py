@@ -534,3 +534,14 @@ def test_array_likes_accepted_or_refused_clearly(layer_pair):
       ot_regularizer(bad, teacher)
   with pytest.raises(ValueError, match="dtype int64.*x.astype"):
     ot_regularizer([[1, 2], [3, 4]], [[1.0, 2.0], [3.0, 4.0]])
+
+
+def test_constants_inside_jit_are_checked_without_tracing(layer_pair):
+  # A concrete teacher closed over by a jitted loss (the README's pattern) is
+  # checked at trace time; a NaN in it is reported there.
+  student, teacher = layer_pair(8, 4, 3)
+  value = jax.jit(lambda s: ot_regularizer(s, jnp.asarray(teacher)))(student)
+  assert np.isfinite(float(value))
+  bad = jnp.asarray(teacher).at[0, 0].set(jnp.nan)
+  with pytest.raises(ValueError, match="teacher activations contain 1 non"):
+    jax.jit(lambda s: ot_regularizer(s, bad))(student)
