@@ -109,8 +109,12 @@ def _exit_error(message: str, code: int = 1) -> None:
 
 
 def resume_command() -> str:
-  """The command line of this process, to rerun it (it resumes)."""
-  return shlex.join(["python", "-m", "experiments.main", *sys.argv[1:]])
+  """The command line of this process, to rerun it (it resumes): ``python -m
+  experiments.<module>`` for the entry point that runs (main, reproduce,
+  sweep, curve)."""
+  stem = os.path.splitext(os.path.basename(sys.argv[0]))[0]
+  module = stem if stem in ("reproduce", "sweep", "curve") else "main"
+  return shlex.join(["python", "-m", f"experiments.{module}", *sys.argv[1:]])
 
 
 @contextlib.contextmanager

@@ -60,7 +60,8 @@ def load_config_module(path: str):
   """The config file ``path`` (``file.py[:ARG]``), as what reproduce and
   sweep read of it: ``get_config(method)`` (``ARG``'s other settings, e.g.
   ``data=...``, kept), ``SWEEP`` (``get_sweep(ARG)`` in a file that takes
-  arguments) and ``__doc__``."""
+  arguments), ``applies`` (see experiments.curve; None if absent) and
+  ``__doc__``."""
   path, _, arg = path.partition(":")
   spec = importlib.util.spec_from_file_location("_reproduced_config", path)
   module = importlib.util.module_from_spec(spec)
@@ -69,6 +70,7 @@ def load_config_module(path: str):
            else getattr(module, "SWEEP", None))
   return types.SimpleNamespace(
       __doc__=module.__doc__, SWEEP=sweep,
+      applies=getattr(module, "applies", None),  # experiments.curve's.
       get_config=lambda method=None: module.get_config(
           common.with_method(arg, method)))
 

@@ -137,14 +137,18 @@ def register(name: str, *, replace: bool = False) -> Callable[[type], type]:
   """Class decorator: makes ``name`` usable as ``loss.terms.<key>.regularizer``.
 
   Raises:
-    ValueError: ``name`` is taken (unless ``replace=True``), the class is
+    ValueError: ``name`` is taken by another class (unless ``replace=True``;
+      the same class statement executed again replaces itself), the class is
       not a dataclass :class:`Regularizer` subclass, or its ``reads`` is not
       one of ``READS``.
   """
 
   def add(cls: type) -> type:
     _check_class(cls, name)
-    if name in _REGISTRY and not replace:
+    # The same class statement run again (a config file loaded twice, as
+    # reproduce and sweep do) is no conflict: it replaces itself.
+    same = name in _REGISTRY and _source(_REGISTRY[name]) == _source(cls)
+    if name in _REGISTRY and not (replace or same):
       taken = _REGISTRY[name]
       raise ValueError(
           f"The regularizer name {name!r} is taken by "
@@ -154,6 +158,15 @@ def register(name: str, *, replace: bool = False) -> Callable[[type], type]:
     return cls
 
   return add
+
+
+def _source(cls: type) -> Optional[tuple]:
+  """Where ``cls``'s methods are written (file, line), with its qualified
+  name; ``None`` when it defines none in a file."""
+  where = frozenset((f.__code__.co_filename, f.__code__.co_firstlineno)
+                    for f in vars(cls).values() if inspect.isfunction(f)
+                    and not f.__code__.co_filename.startswith("<"))
+  return (cls.__qualname__, where) if where else None
 
 
 def _check_class(cls: Any, name: str) -> None:

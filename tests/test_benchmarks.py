@@ -10,6 +10,7 @@ import pytest
 from experiments.benchmarks import accelerator, ot_solver, train_cost, train_step
 
 
+@pytest.mark.slow  # Times every variant: minutes on 2 cores.
 def test_ot_solver_benchmark_runs(tmp_path):
   ot_solver.main(["--neurons", "16", "--batch", "8", "--repeats", "2",
                   "--out", str(tmp_path)])
@@ -25,6 +26,7 @@ def test_ot_solver_benchmark_runs(tmp_path):
   assert (tmp_path / "ot_solver.md").read_text().startswith("| n_s | n_t |")
 
 
+@pytest.mark.slow  # Times every variant: minutes on 2 cores.
 def test_train_step_benchmark_runs(tmp_path):
   train_step.main(["--models", "digits_cnn", "--batch", "8", "--repeats", "1",
                    "--out", str(tmp_path)])
@@ -37,7 +39,7 @@ def test_train_step_benchmark_runs(tmp_path):
   assert all(r["images_per_s"] > 0 for r in rows)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # Times every variant: minutes on 2 cores.
 def test_accelerator_benchmark_runs_without_pot(tmp_path, monkeypatch):
   # An accelerator machine may have only the core installed: no POT.
   monkeypatch.setitem(sys.modules, "ot", None)

@@ -52,6 +52,7 @@ def test_user_errors_are_one_line_without_traceback(case, tmp_path):
   assert not teacher_dir.exists()
 
 
+@pytest.mark.slow  # A subprocess; tests/test_configs.py checks the error fast.
 def test_a_bad_config_argument_is_one_error_line(tmp_path):
   # file.py:ARG reaches get_config; its ValueError is the message (exit 2,
   # like any bad flag), naming the datasets there are. Nothing is trained.

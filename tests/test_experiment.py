@@ -10,7 +10,7 @@ import pytest
 
 from experiments import data, job, loop, reproduce
 from experiments.metric_writers import read_metrics
-from ot_transfer_jax import checkpoint, parallel
+from ot_transfer_jax import checkpoint, parallel, regularizers
 
 import doc_support
 from digits_job import REPO, main_command, tiny_config
@@ -192,6 +192,21 @@ def test_reproduce_writes_results_table_and_figures(teacher_dir, tmp_path):
                "matched_fraction_depth.png", "matched_fraction_training.png"):
     assert os.path.getsize(tmp_path / name) > 0, name
   assert "| ot | 2 |" in table.split("same seeds")[-1]  # Paired table.
+
+
+@pytest.mark.parametrize("name", ["digits_transfer", "digits_distill",
+                                  "digits_cross_arch"])
+def test_every_digits_method_has_a_config_whose_terms_parse(name):
+  """Fast: the configs build and their loss terms parse (the slow test below
+  trains each)."""
+  module = __import__(f"experiments.configs.{name}", fromlist=["get_config"])
+  methods = module.get_config().method_order
+  assert len(methods) >= 3 and module.get_config().method in methods
+  for method in methods:
+    config = module.get_config(method)
+    assert config.method == method
+    terms = regularizers.terms_from_config(config.loss.terms)
+    assert {t.name for t in terms} == set(config.loss.terms)
 
 
 @pytest.mark.slow

@@ -81,6 +81,30 @@ def test_registering_a_taken_name_raises_unless_replace(registry):
   assert "ot" in regularizers.names()
 
 
+def test_the_same_class_statement_run_twice_registers_once(registry, tmp_path):
+  """A config file that registers a regulariser may be loaded twice (by
+  config_flags, then by reproduce / sweep): not a conflict."""
+  path = tmp_path / "my_config.py"
+  path.write_text(textwrap.dedent("""
+      import dataclasses
+      from ot_transfer_jax import regularizers
+
+      @regularizers.register("twice")
+      @dataclasses.dataclass(frozen=True)
+      class Twice(regularizers.Regularizer):
+        def apply(self, params, state, student, teacher):
+          return 0.0, {}, state
+  """))
+  code = compile(path.read_text(), str(path), "exec")
+  first, second = {}, {}
+  exec(code, first)
+  exec(code, second)
+  assert regularizers.get("twice") is second["Twice"]
+  # Another class statement of the same name elsewhere is a conflict.
+  with pytest.raises(ValueError, match="'twice' is taken"):
+    exec(compile(path.read_text(), str(tmp_path / "other.py"), "exec"), {})
+
+
 def test_register_refuses_what_is_not_a_dataclass_regularizer(registry):
   with pytest.raises(ValueError, match=r"decorate Plain with "
                      r"@dataclasses.dataclass\(frozen=True\) \(below "

@@ -1,0 +1,687 @@
+"""Test accuracy against one config key: every method, its weight chosen per value on validation.
+
+  python -m experiments.curve \
+      --config experiments/configs/fashion_mnist_scarcity.py \
+      --key data.samples_per_class --values 2,5,10,20,50 --seeds 5 \
+      --out docs/regimes/data_scarcity [--workdir workdirs/regimes/data_scarcity] \
+      [--methods scratch,ot] [--grid ot=0.01,0.1,1] [--tuning_seed 100] \
+      [--config.key=value ...]
+
+For each value ``v`` of ``--key`` (any key of the config: ``--config.key=v``
+for every run of that value):
+
+1. **Weights, on validation.** Each method with a grid (the config file's
+   ``SWEEP = {method: (config_key, (value, ...))}`` or ``get_sweep(ARG)``, as
+   for experiments.sweep, or ``--grid method=v1,v2,...`` on
+   ``loss.terms.<method>.weight`` unless ``SWEEP`` names another key) trains once per grid point on the tuning seed (``config.seed``
+   and ``data.seed`` = ``--tuning_seed``, which no table seed may equal) and
+   keeps the point of best validation accuracy (:func:`bracket`). When the
+   best point is at an edge of the grid, the grid extends 10x that way, at
+   most ``--extensions`` (2) times; a choice still at an edge is recorded as
+   not bracketed. Methods without a grid run with the config's values.
+2. **The table.** Every method x seed ``0 .. seeds-1`` with the chosen weight
+   (``reproduce.seeded``: for a seed, every method sees the same data and
+   initialisation).
+
+A config file may define ``applies(method, config) -> bool`` (e.g. Omega_I
+only where student and teacher widths are equal); a method that does not
+apply at a value is skipped there and shown as such.
+
+A teacher the config trains (``teacher.source='train'``) is trained once,
+before any run (so that no run's ``wall_s`` includes it), in
+``WORKDIR/teacher`` (or ``teacher.workdir``), and shared by every value,
+method and seed, unless ``teacher.job`` depends on the key: then each value
+trains its own in ``<teacher dir>/<key>=<value>`` and the log says so.
+
+Outputs. In ``--out`` (small files, meant to be committed):
+
+* ``runs/<key>=<value>/<method>/seed<k>.json``: one record per table run:
+  ``kind`` ("run"), ``key``, ``value``, ``method``, ``seed``, ``status``
+  ("finished" | "diverged"), ``weights`` (``reproduce.hyperparameters``),
+  ``test_accuracy_best_val``, ``test_accuracy_last``, ``val_accuracy_best``,
+  ``best_step``, ``step``, ``matched_fraction`` (``{layer: float | None}``
+  of the run's ``analysis.json``: the trace of the OT plan between the
+  trained student's and the teacher's layer), ``wall_s`` (seconds of the
+  call that produced it) and ``config`` (the run's config, JSON);
+* ``tuning/<key>=<value>/<method>/<weight key>=<weight>.json``: the same for
+  each tuning run (``kind`` "tuning", ``seed`` the tuning seed);
+* ``results.json``: ``{"key", "values", "methods", "seeds", "tuning_seed",
+  "focus", "wall_s": {"tuning", "runs"}, "chosen": {value: {method: {"key",
+  "weight", "grid": {weight: val acc}, "bracketed", "note"}}}, "runs":
+  [every table record without its config]}``;
+* ``results.md``: per value, mean +- standard error per method and the paired
+  differences ``--focus`` (Omega_P: ``ot``) minus every other method on the
+  same seeds (mean, s.e., on how many seeds it was better); then every
+  tuning grid with its validation accuracies and the choice;
+* ``curve.png``: accuracy against the value (mean +- s.e. per method) and the
+  paired difference focus - each method against the value (mean +- s.e.).
+
+In ``--workdir`` (large, disposable): each run's ``experiments.main``
+workdir (checkpoints, metrics) and the teacher.
+
+Resuming. A rerun of the same command reuses every record in ``--out`` and
+trains only what is missing (a run interrupted in ``--workdir`` resumes from
+its checkpoint), so a fresh checkout of the committed records, without the
+workdir, continues where the last session stopped (retraining the teacher
+first if it is needed). A record whose config differs from the one this
+command builds now (another config file, override or value; keys present on
+one side only are ignored, as code changes add keys with neutral defaults) is
+refused with an ``Error:`` naming the differences: use another ``--out``.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import json
+import os
+import time
+from typing import Any, Optional, Sequence
+
+import numpy as np
+from absl import app, flags, logging
+from matplotlib.figure import Figure
+from ml_collections import config_flags
+
+from experiments import job, loop, reproduce
+from experiments.job import _flatten  # Dotted keys of a nested dict.
+from experiments.cli import parse_flags, quiet_orbax, user_errors
+from ot_transfer_jax import checkpoint
+
+# --config, --workdir and --methods are experiments.reproduce's flags (this
+# module imports it; --seeds too); these are the curve's own.
+_KEY = flags.DEFINE_string("key", None, "The config key the curve varies.")
+_VALUES = flags.DEFINE_list("values", None, "Its values (Python literals).")
+_OUT = flags.DEFINE_string(
+    "out", None, "Directory of the records, tables and figure (committed).")
+_TUNING_SEED = flags.DEFINE_integer(
+    "tuning_seed", 100, "Seed of the weight choice; no table seed may equal it.")
+_GRID = flags.DEFINE_multi_string(
+    "grid", [], "METHOD=V1,V2,...: this method's weight grid (instead of the "
+    "config's SWEEP).")
+_EXTENSIONS = flags.DEFINE_integer(
+    "extensions", 2, "Times a grid may extend 10x past the edge its best "
+    "value is at.")
+_FOCUS = flags.DEFINE_string(
+    "focus", "ot", "The method whose paired differences against every other "
+    "method are tabulated and drawn.")
+
+# Settings that do not change a run's result: ignored when a record's config
+# is compared with the one a command builds now.
+NEUTRAL_KEYS = ("teacher.workdir", "data.data_dir", "log_every",
+                "checkpoint_every", "max_to_keep", "eval_batch_size",
+                "allow_resume_with_changes", "method_order", "baseline_method",
+                "max_devices")
+
+
+# ---------------------------------------------------------------------------
+# Pure parts: values, grids, comparisons, tables
+# ---------------------------------------------------------------------------
+
+
+def parse_values(strings: Sequence[str]) -> list:
+  """``["2", "0.5", "True"]`` -> ``[2, 0.5, True]`` (Python literals; other
+  words stay strings). Raises ValueError for none or repeated values."""
+  if not strings:
+    raise ValueError("--values is empty: give the key's values, e.g. "
+                     "--values 2,5,10.")
+  values = []
+  for s in strings:
+    try:
+      values.append(ast.literal_eval(s.strip()))
+    except (ValueError, SyntaxError):
+      values.append(s.strip())
+  if len(set(map(repr, values))) != len(values):
+    raise ValueError(f"--values {','.join(strings)} repeats a value.")
+  return values
+
+
+def label(key: str, value: Any) -> str:
+  """The directory name of a value: ``samples_per_class=10``."""
+  text = f"{value:g}" if isinstance(value, float) else str(value)
+  return f"{key.rsplit('.', 1)[-1]}={text}"
+
+
+def bracket(points: dict, base: int, extensions: int):
+  """The weight to choose and, if the grid must grow, the next one to try.
+
+  Args:
+    points: ``{weight: validation accuracy or None (diverged)}``.
+    base: how many of the weights are the original grid (the rest are
+      extensions).
+    extensions: how many extensions are allowed in all.
+
+  Returns:
+    ``(chosen, next_weight, note)``: ``chosen`` is the weight of best
+    validation accuracy (of equals, one strictly inside the grid if any, else
+    the smallest; None if every run diverged); ``next_weight`` is 10x past
+    the edge ``chosen`` is at, while extensions are left (else None);
+    ``note`` is "" when the grid brackets ``chosen``, else why it does not.
+  """
+  weights = sorted(points)
+  finite = [w for w in weights if points[w] is not None]
+  if not finite:
+    return None, None, "every run diverged"
+  best = max(points[w] for w in finite)
+  tied = [w for w in finite if points[w] == best]
+  inside = [w for w in tied if weights[0] < w < weights[-1]]
+  if inside:
+    return inside[0], None, ""
+  chosen = tied[0]
+  if len(weights) == 1:
+    return chosen, None, "a grid of one value brackets nothing"
+  step = 0.1 if chosen == weights[0] else 10.0
+  if len(weights) - base < extensions:
+    return chosen, float(f"{chosen * step:.6g}"), ""
+  edge = "smallest" if step < 1 else "largest"
+  return chosen, None, (f"best at the {edge} weight after "
+                        f"{len(weights) - base} extension(s): not bracketed")
+
+
+def config_mismatch(saved: dict, now: dict) -> list[str]:
+  """``["key: saved -> now", ...]`` between two JSON configs, over the keys
+  both have, but ``NEUTRAL_KEYS`` (and the same keys of a teacher's job)."""
+  saved, now = _flatten(saved), _flatten(now)
+  neutral = NEUTRAL_KEYS + tuple(f"teacher.job.{k}" for k in NEUTRAL_KEYS)
+  skip = lambda k: any(k == p or k.startswith(p + ".") for p in neutral)
+  return [f"{k}: {saved[k]!r} -> {now[k]!r}"
+          for k in sorted(saved.keys() & now.keys())
+          if not skip(k) and saved[k] != now[k]]
+
+
+def mean_se(values: Sequence[float]) -> tuple[float, float]:
+  """Mean and standard error (sample std / sqrt(n); 0 for one value)."""
+  v = np.asarray(values, np.float64)
+  se = v.std(ddof=1) / np.sqrt(v.size) if v.size > 1 else 0.0
+  return float(v.mean()), float(se)
+
+
+def paired(records: Sequence[dict], focus: str, other: str,
+           key: str = "test_accuracy_best_val"):
+  """``(mean, s.e., better, n)`` of focus - other over the seeds both
+  finished, in points; None without a common seed."""
+  acc = {}
+  for r in records:
+    if r["status"] == "finished":
+      acc.setdefault(r["method"], {})[r["seed"]] = r[key]
+  seeds = sorted(set(acc.get(focus, {})) & set(acc.get(other, {})))
+  if not seeds:
+    return None
+  diffs = [100 * (acc[focus][s] - acc[other][s]) for s in seeds]
+  mean, se = mean_se(diffs)
+  return mean, se, sum(d > 0 for d in diffs), len(seeds)
+
+
+def _by_value(records, values):
+  return {label_: [r for r in records if r["label"] == label_]
+          for label_ in values}
+
+
+def markdown(summary: dict) -> str:
+  """``results.md`` from a ``results.json`` dict."""
+  key, focus, methods = summary["key"], summary["focus"], summary["methods"]
+  out = [f"# Test accuracy against `{key}`", "",
+         f"{summary['seeds']} seeds per point (0 .. {summary['seeds'] - 1}); "
+         f"each weight chosen on the validation split of tuning seed "
+         f"{summary['tuning_seed']} (grids at the end). Test accuracy (%) at "
+         "the best-validation step, mean ± standard error over seeds; n = "
+         "finished seeds.", ""]
+  if "wall_s" in summary:
+    w = summary["wall_s"]
+    out += [f"Wall time of the recorded runs (summed over the sessions that "
+            f"made them; the teacher not included): tuning "
+            f"{w['tuning'] / 60:.0f} min, table {w['runs'] / 60:.0f} min.", ""]
+  by_value = _by_value(summary["runs"], [label(key, v) for v in summary["values"]])
+  for value in summary["values"]:
+    records = by_value[label(key, value)]
+    out += [f"## {key} = {value}", "",
+            "| method | weight | n | test acc @ best val | test acc @ last |",
+            "|---|---|---:|---:|---:|"]
+    chosen = summary["chosen"].get(label(key, value), {})
+    for m in methods:
+      rs = [r for r in records if r["method"] == m]
+      done = [r for r in rs if r["status"] == "finished"]
+      weight = chosen.get(m, {}).get("weight")
+      wtext = "—" if weight is None else f"{weight:g}"
+      if rs and rs[0].get("skipped"):
+        out.append(f"| {m} | — | 0 | does not apply | |")
+        continue
+      if not done:
+        out.append(f"| {m} | {wtext} | 0 | | |")
+        continue
+      cells = []
+      for k in reproduce_keys():
+        mean, se = mean_se([100 * r[k] for r in done])
+        cells.append(f"{mean:.2f} ± {se:.2f}")
+      diverged = len(rs) - len(done)
+      n = f"{len(done)}" + (f" (+{diverged} diverged)" if diverged else "")
+      out.append(f"| {m} | {wtext} | {n} | {' | '.join(cells)} |")
+    rows = []
+    for m in methods:
+      p = paired(records, focus, m) if m != focus else None
+      if p:
+        rows.append(f"| {focus} − {m} | {p[3]} | {p[0]:+.2f} | {p[1]:.2f} | "
+                    f"{p[2]}/{p[3]} |")
+    if rows:
+      out += ["", "| paired (same seeds, points) | n | mean | s.e. | "
+              f"{focus} better on |", "|---|---:|---:|---:|---:|", *rows]
+    out += matched_fraction_table(records, methods)
+    out.append("")
+  out += ["## Weights chosen on validation", "",
+          f"Validation accuracy (%) on tuning seed {summary['tuning_seed']} "
+          "at the best step; * = chosen.", "",
+          f"| {key} | method | weight key | grid → val acc | note |",
+          "|---|---|---|---|---|"]
+  for value in summary["values"]:
+    for m, c in summary["chosen"].get(label(key, value), {}).items():
+      grid = ", ".join(
+          f"{float(w):g} → " + ("diverged" if a is None else f"{100 * a:.1f}")
+          + (" *" if c["weight"] is not None and float(w) == c["weight"]
+             else "")
+          for w, a in sorted(c["grid"].items(), key=lambda kv: float(kv[0])))
+      out.append(f"| {value} | {m} | {c['key']} | {grid} | "
+                 f"{c['note'] or 'bracketed'} |")
+  return "\n".join(out) + "\n"
+
+
+def matched_fraction_table(records, methods) -> list[str]:
+  """Lines of a Markdown table: per method, the mean ± s.e. over seeds of
+  each layer's matched fraction after training (none without any)."""
+  layers = list(dict.fromkeys(
+      l for r in records for l, v in (r.get("matched_fraction") or {}).items()
+      if v is not None))
+  if not layers:
+    return []
+  out = ["", "Matched fraction after training (trace of the OT plan between "
+         "the student's and the teacher's layer; 1 = the identity), mean ± "
+         "s.e.:", "", f"| method | {' | '.join(layers)} |",
+         "|---|" + "---:|" * len(layers)]
+  for m in methods:
+    cells = []
+    for layer in layers:
+      v = [r["matched_fraction"][layer] for r in records
+           if r["method"] == m and r["status"] == "finished"
+           and (r.get("matched_fraction") or {}).get(layer) is not None]
+      cells.append("%.3f ± %.3f" % mean_se(v) if v else "")
+    if any(cells):
+      out.append(f"| {m} | {' | '.join(cells)} |")
+  return out
+
+
+def reproduce_keys():
+  return ("test_accuracy_best_val", "test_accuracy_last")
+
+
+def plot(summary: dict, path: str) -> None:
+  """``curve.png``: accuracy (left) and focus - each method (right) against
+  the value, mean ± s.e. over seeds."""
+  key, focus, methods = summary["key"], summary["focus"], summary["methods"]
+  values = summary["values"]
+  numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                for v in values)
+  xs = values if numeric else list(range(len(values)))
+  by_value = _by_value(summary["runs"], [label(key, v) for v in values])
+  fig = Figure(figsize=(11, 4), layout="constrained")
+  ax_acc, ax_diff = fig.subplots(1, 2)
+  for i, m in enumerate(methods):
+    pts, diffs = [], []
+    for x, v in zip(xs, values):
+      done = [100 * r["test_accuracy_best_val"] for r in by_value[label(key, v)]
+              if r["method"] == m and r["status"] == "finished"]
+      if done:
+        pts.append((x, *mean_se(done)))
+      p = paired(by_value[label(key, v)], focus, m) if m != focus else None
+      if p:
+        diffs.append((x, p[0], p[1]))
+    if pts:
+      x, mean, se = np.array(sorted(pts)).T
+      ax_acc.errorbar(x, mean, se, color=f"C{i % 10}", marker="o", capsize=3,
+                      label=m)
+    if diffs:
+      x, mean, se = np.array(sorted(diffs)).T
+      ax_diff.errorbar(x, mean, se, color=f"C{i % 10}", marker="o",
+                       capsize=3, label=f"{focus} − {m}")
+  ax_diff.axhline(0, color="k", linewidth=0.8)
+  spread = numeric and min(values) > 0 and max(values) / min(values) >= 8
+  for ax, title in ((ax_acc, "test accuracy (%), mean ± s.e."),
+                    (ax_diff, f"paired difference {focus} − method (points)")):
+    ax.set_title(title)
+    ax.set_xlabel(key)
+    if spread:
+      ax.set_xscale("log")
+    ax.set_xticks(xs)
+    ax.set_xticklabels([str(v) for v in values])
+    ax.grid(alpha=0.3)
+    if ax.has_data():
+      ax.legend(fontsize=8)
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path, dpi=120)
+
+
+# ---------------------------------------------------------------------------
+# Runs and records
+# ---------------------------------------------------------------------------
+
+
+class Curve:
+  """One curve command: its configs, records and runs."""
+
+  def __init__(self, module, key: str, values: list, methods: list,
+               seeds: int, out: str, workdir: str, overrides: dict,
+               tuning_seed: int = 100, grids: Optional[dict] = None,
+               extensions: int = 2, focus: str = "ot"):
+    self.module, self.key, self.values = module, key, values
+    self.seeds, self.out, self.workdir = seeds, out, workdir
+    self.tuning_seed, self.extensions, self.focus = (tuning_seed, extensions,
+                                                     focus)
+    if seeds < 1:
+      raise ValueError(f"--seeds {seeds}: need at least 1.")
+    if tuning_seed < seeds:
+      raise ValueError(
+          f"--tuning_seed {tuning_seed} is one of the table's seeds 0 .. "
+          f"{seeds - 1}: weights must be chosen on a seed no table uses. "
+          f"Pass --tuning_seed {max(100, seeds)}.")
+    default = module.get_config()
+    known = list(default.method_order)
+    methods = list(methods or known)
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+      raise ValueError(f"Unknown methods {unknown}; this config defines "
+                       f"{known}.")
+    if focus not in methods:
+      raise ValueError(f"--focus {focus} is not one of the methods "
+                       f"{methods}: add it to --methods or pass --focus.")
+    self.methods, self.overrides = methods, dict(overrides)
+    self.base = reproduce.method_configs(module, methods, overrides)
+    for m, cfg in self.base.items():
+      if not reproduce._has_key(cfg, key):
+        keys = sorted(_flatten(cfg.to_dict()))
+        near = difflib.get_close_matches(key, keys, n=3)
+        raise ValueError(
+            f"--key {key}: get_config({m!r}) has no such key"
+            + (f" (did you mean {', '.join(near)}?)" if near else "")
+            + ". See experiments/configs/common.py for every key.")
+    self.grids = self._grids(grids or {})
+    # Build every value's config now: a bad value fails before any run.
+    self.configs = {label(key, v): {m: self.at(m, v) for m in methods}
+                    for v in values}
+    self.teacher_per_value = self._teacher_depends_on_value()
+    self.done_s, self.done_n = 0.0, 0
+    self.wall_s = {"tuning": 0.0, "runs": 0.0}  # Of the records, all sessions.
+
+  def _grids(self, given: dict) -> dict:
+    sweep = dict(getattr(self.module, "SWEEP", {}) or {})
+    for m in given:
+      if m not in self.methods:
+        raise ValueError(f"--grid {m}=...: {m} is not one of the methods "
+                         f"{self.methods}.")
+    grids = {}
+    for m in self.methods:
+      if m in given:
+        wkey = sweep[m][0] if m in sweep else f"loss.terms.{m}.weight"
+        grids[m] = (wkey, tuple(sorted(given[m])))
+      elif m in sweep:
+        grids[m] = (sweep[m][0], tuple(sorted(sweep[m][1])))
+      else:
+        continue
+      if not reproduce._has_key(self.base[m], grids[m][0]):
+        raise ValueError(f"The weight grid of {m} sets {grids[m][0]}, which "
+                         f"get_config({m!r}) does not have.")
+    return grids
+
+  def at(self, method: str, value, weight=None):
+    """``method``'s config at ``value`` (and ``weight`` on its grid key)."""
+    overrides = {**self.overrides, self.key: value}
+    if weight is not None:
+      overrides[self.grids[method][0]] = weight
+    try:  # Built anew: references (batch_size = 5 x K) follow the value.
+      (cfg,) = reproduce.method_configs(self.module, [method],
+                                        overrides).values()
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+      raise ValueError(f"--values: {self.key}={value!r} does not fit "
+                       f"get_config({method!r}): {e}") from None
+    return cfg
+
+  def _teacher_depends_on_value(self) -> bool:
+    jobs = {json.dumps(checkpoint.config_to_json(cfgs[m].teacher.job),
+                       sort_keys=True)
+            for cfgs in self.configs.values() for m in cfgs
+            if cfgs[m].teacher.source == "train"}
+    if len(jobs) > 1:
+      logging.warning("teacher.job depends on %s: each value trains its own "
+                      "teacher.", self.key)
+    return len(jobs) > 1
+
+  def applies(self, method, cfg) -> bool:
+    check = getattr(self.module, "applies", None)
+    return check is None or bool(check(method, cfg))
+
+  def seeded(self, cfg, seed: int, value_label: str):
+    cfg = reproduce.seeded(cfg, seed, self.workdir)
+    if self.teacher_per_value and cfg.teacher.source == "train":
+      with cfg.unlocked():
+        cfg.teacher.workdir = os.path.join(cfg.teacher.workdir, value_label)
+    return cfg
+
+  # Records ----------------------------------------------------------------
+
+  def _load(self, path: str, cfg) -> Optional[dict]:
+    """The record at ``path`` if any; refuses one made with other settings."""
+    if not os.path.exists(path):
+      return None
+    with open(path) as f:
+      record = json.load(f)
+    diff = config_mismatch(record["config"], checkpoint.config_to_json(cfg))
+    if diff:
+      raise ValueError(
+          f"{path} was made with other settings than this command builds: "
+          f"{'; '.join(diff[:6])}{'; ...' if len(diff) > 6 else ''}. Rerun "
+          "the command that made it, or pass another --out for this one.")
+    return record
+
+  def _train(self, cfg, workdir: str, path: str, base: dict) -> dict:
+    start = time.time()
+    try:
+      final = loop.train_and_evaluate(cfg, workdir)
+      record = {**base, "status": "finished",
+                "test_accuracy_best_val": final["test_accuracy_at_best_val"],
+                "test_accuracy_last": final["test_accuracy"],
+                "val_accuracy_best": final["best_val_accuracy"],
+                "best_step": final["best_step"], "step": final["step"]}
+      with open(os.path.join(workdir, loop.ANALYSIS)) as f:
+        a = json.load(f)
+      record["matched_fraction"] = dict(zip(a["layers"],
+                                            a["matched_fraction"]))
+    except loop.Diverged as e:  # Recorded, never hidden nor chosen.
+      logging.error("%s diverged: %s", workdir, e)
+      record = {**base, "status": "diverged", "test_accuracy_best_val": None,
+                "test_accuracy_last": None, "val_accuracy_best": None,
+                "best_step": None, "step": None, "matched_fraction": {}}
+    record["wall_s"] = round(time.time() - start, 1)
+    record["config"] = checkpoint.config_to_json(cfg)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(record, f, indent=1)
+    os.replace(tmp, path)
+    self.done_s += record["wall_s"]
+    self.done_n += 1
+    self._progress(record)
+    return record
+
+  def _progress(self, record) -> None:
+    left = self._pending()
+    per = self.done_s / max(self.done_n, 1)
+    eta = per * left
+    logging.info(
+        "curve: %s %s %s seed %s done in %.0f s; %d runs left (at least), ETA "
+        "%d min", record["label"], record["method"], record["kind"],
+        record["seed"], record["wall_s"], left, round(eta / 60))
+
+  def _pending(self) -> int:
+    """Runs without a record (tuning grids counted at their base size)."""
+    n = 0
+    for vl, cfgs in self.configs.items():
+      for m, cfg in cfgs.items():
+        if not self.applies(m, cfg):
+          continue
+        if m in self.grids:
+          wkey, grid = self.grids[m]
+          n += sum(not os.path.exists(self._tuning_path(vl, m, w))
+                   for w in grid)
+        n += sum(not os.path.exists(self._run_path(vl, m, s))
+                 for s in range(self.seeds))
+    return n
+
+  def _tuning_path(self, vl, method, weight) -> str:
+    wkey = self.grids[method][0].rsplit(".", 2)
+    wname = ".".join(wkey[-2:]) if wkey[-1] == "weight" else wkey[-1]
+    return os.path.join(self.out, "tuning", vl, method,
+                        f"{wname}={weight:g}.json")
+
+  def _run_path(self, vl, method, seed) -> str:
+    return os.path.join(self.out, "runs", vl, method, f"seed{seed}.json")
+
+  # The steps --------------------------------------------------------------
+
+  def tune(self, value, method) -> dict:
+    """``{"key", "weight", "grid": {weight: val acc}, "bracketed", "note"}``."""
+    vl = label(self.key, value)
+    wkey, grid = self.grids[method]
+    points, weights = {}, list(grid)
+    while weights:
+      w = weights.pop(0)
+      cfg = self.seeded(self.at(method, value, w), self.tuning_seed, vl)
+      if cfg.data.val_per_class is None and cfg.data.val_fraction is None:
+        raise ValueError("Weights are chosen on the validation split, but "
+                         "this config has none: set data.val_per_class.")
+      path = self._tuning_path(vl, method, w)
+      record = self._load(path, cfg) or self._train(
+          cfg, os.path.join(self.workdir, vl, "tuning", method, f"{w:g}"),
+          path, self._base("tuning", value, method, self.tuning_seed, cfg))
+      points[w] = record["val_accuracy_best"]
+      self.wall_s["tuning"] += record["wall_s"]
+      if not weights:
+        chosen, nxt, note = bracket(points, len(grid), self.extensions)
+        if nxt is not None:
+          weights.append(nxt)
+    return {"key": wkey, "weight": chosen, "grid": points,
+            "bracketed": not note, "note": note}
+
+  def _base(self, kind, value, method, seed, cfg) -> dict:
+    return {"kind": kind, "key": self.key, "value": value,
+            "label": label(self.key, value), "method": method, "seed": seed,
+            "weights": reproduce.hyperparameters(cfg)}
+
+  def teachers(self) -> None:
+    """Trains (or restores) every teacher a missing run needs, before any
+    run: no run's wall time includes a teacher's."""
+    if not self._pending():
+      return
+    ready = set()
+    for vl, cfgs in self.configs.items():
+      for cfg in cfgs.values():
+        cfg = self.seeded(cfg, 0, vl)
+        if cfg.teacher.source != "train" or cfg.teacher.workdir in ready:
+          continue
+        start = time.time()
+        job.load_teacher(cfg, self.workdir, loop.train_and_evaluate)
+        ready.add(cfg.teacher.workdir)
+        logging.info("curve: teacher in %s ready after %.0f s",
+                     cfg.teacher.workdir, time.time() - start)
+
+  def run(self) -> dict:
+    """Every value: weights, then method x seed; writes the outputs."""
+    self.teachers()
+    chosen, runs = {}, []
+    for value in self.values:
+      vl = label(self.key, value)
+      chosen[vl] = {}
+      for m in self.methods:
+        if not self.applies(m, self.configs[vl][m]):
+          runs.append({**self._base("run", value, m, None,
+                                    self.configs[vl][m]),
+                       "status": "skipped", "skipped": True})
+          continue
+        weight = None
+        if m in self.grids:
+          chosen[vl][m] = self.tune(value, m)
+          weight = chosen[vl][m]["weight"]
+          if weight is None:
+            logging.error("%s at %s: every tuning run diverged; no table "
+                          "runs.", m, vl)
+            continue
+        for seed in range(self.seeds):
+          cfg = self.seeded(self.at(m, value, weight), seed, vl)
+          path = self._run_path(vl, m, seed)
+          record = self._load(path, cfg) or self._train(
+              cfg, os.path.join(self.workdir, vl, m, f"seed{seed}"), path,
+              self._base("run", value, m, seed, cfg))
+          self.wall_s["runs"] += record["wall_s"]
+          runs.append(record)
+      self.write(chosen, runs)  # Tables grow value by value.
+    return self.write(chosen, runs)
+
+  def write(self, chosen, runs) -> dict:
+    summary = {"key": self.key, "values": self.values,
+               "methods": self.methods, "seeds": self.seeds,
+               "tuning_seed": self.tuning_seed, "focus": self.focus,
+               "wall_s": {k: round(v, 1) for k, v in self.wall_s.items()},
+               "chosen": {vl: {m: {**c, "grid": {f"{w:g}": a for w, a in
+                                                 c["grid"].items()}}
+                               for m, c in cs.items()}
+                          for vl, cs in chosen.items()},
+               "runs": [{k: v for k, v in r.items() if k != "config"}
+                        for r in runs]}
+    os.makedirs(self.out, exist_ok=True)
+    with open(os.path.join(self.out, "results.json"), "w") as f:
+      json.dump(summary, f, indent=1)
+    with open(os.path.join(self.out, "results.md"), "w",
+              encoding="utf-8") as f:
+      f.write(markdown(summary))
+    plot(summary, os.path.join(self.out, "curve.png"))
+    return summary
+
+
+def parse_grids(specs: Sequence[str]) -> dict:
+  """``["ot=0.01,0.1"]`` -> ``{"ot": (0.01, 0.1)}``."""
+  grids = {}
+  for spec in specs:
+    method, _, values = spec.partition("=")
+    try:
+      grids[method.strip()] = tuple(float(v) for v in values.split(","))
+    except ValueError:
+      raise ValueError(f"--grid {spec}: write METHOD=V1,V2,... with numbers, "
+                       "e.g. --grid ot=0.01,0.1,1.") from None
+    if not method.strip() or not values:
+      raise ValueError(f"--grid {spec}: write METHOD=V1,V2,...")
+  return grids
+
+
+def main(argv):
+  del argv
+  quiet_orbax()
+  with user_errors():
+    flag = flags.FLAGS["config"]
+    path = flag.config_filename
+    if not _KEY.value:
+      raise ValueError("--key is required: the config key the curve varies, "
+                       "e.g. --key data.samples_per_class.")
+    if not _OUT.value:
+      raise ValueError("--out is required: the directory of the records "
+                       "(e.g. docs/regimes/<study>).")
+    name = reproduce.config_name(path)
+    curve = Curve(
+        reproduce.load_config_module(path), _KEY.value,
+        parse_values(_VALUES.value), flags.FLAGS.methods, flags.FLAGS.seeds,
+        _OUT.value, flags.FLAGS.workdir or os.path.join("workdirs",
+                                                        f"curve_{name}"),
+        config_flags.get_override_values(flag), _TUNING_SEED.value,
+        parse_grids(_GRID.value), _EXTENSIONS.value, _FOCUS.value)
+    summary = curve.run()
+    print(f"\nCurve in {curve.out} ({len(summary['runs'])} table runs):\n")
+    print(markdown(summary))
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,221 @@
+"""experiments.curve: weight choice, records, resumption and errors.
+
+The end-to-end test runs the tool on the tiny digits job (2 values, 1 seed, a
+one-point weight grid, 20 steps) and checks the outputs' structure and that a
+rerun trains nothing, not its numbers.
+"""
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from digits_job import REPO, TEACHER_STEPS, TINY
+from experiments import curve, loop, reproduce
+from experiments.configs import common
+
+DIGITS = reproduce.load_config_module(
+    os.path.join(REPO, "experiments/configs/transfer.py:data=digits"))
+
+KEY = "data.samples_per_class"
+
+
+# --- The weight grid ---------------------------------------------------------
+
+
+def test_bracket_keeps_an_interior_best_without_extending():
+  assert curve.bracket({0.01: 0.5, 0.1: 0.7, 1.0: 0.6}, 3, 2) == (0.1, None,
+                                                                   "")
+
+
+def test_bracket_extends_ten_times_past_the_edge_of_the_best():
+  assert curve.bracket({0.01: 0.7, 0.1: 0.6, 1.0: 0.5}, 3, 2)[:2] == (0.01,
+                                                                      0.001)
+  assert curve.bracket({0.01: 0.5, 0.1: 0.6, 1.0: 0.7}, 3, 2)[:2] == (1.0,
+                                                                      10.0)
+
+
+def test_bracket_stops_after_the_allowed_extensions_and_says_so():
+  points = {1e-4: 0.8, 1e-3: 0.7, 0.01: 0.6, 0.1: 0.5, 1.0: 0.4}
+  chosen, nxt, note = curve.bracket(points, base=3, extensions=2)
+  assert (chosen, nxt) == (1e-4, None)
+  assert "not bracketed" in note and "smallest" in note
+
+
+def test_bracket_prefers_an_interior_value_among_equals():
+  assert curve.bracket({0.01: 0.7, 0.1: 0.7, 1.0: 0.5}, 3, 2)[:2] == (0.1,
+                                                                      None)
+
+
+def test_bracket_never_chooses_a_diverged_run():
+  # The diverged largest weight counts as worse: 0.1 is bracketed.
+  assert curve.bracket({0.01: 0.5, 0.1: 0.6, 1.0: None}, 3, 2)[:2] == (0.1,
+                                                                      None)
+  assert curve.bracket({0.1: None}, 1, 2)[0] is None
+
+
+# --- Values, records, tables ---------------------------------------------------
+
+
+def test_parse_values_reads_literals_and_refuses_repeats():
+  assert curve.parse_values(["2", "0.5", "True", "adam"]) == [2, 0.5, True,
+                                                              "adam"]
+  with pytest.raises(ValueError, match="repeats"):
+    curve.parse_values(["2", "2"])
+  with pytest.raises(ValueError, match="empty"):
+    curve.parse_values([])
+
+
+def test_config_mismatch_ignores_neutral_and_one_sided_keys():
+  saved = {"seed": 0, "teacher": {"workdir": "a"}, "log_every": 5,
+           "old_key": 1}
+  now = {"seed": 1, "teacher": {"workdir": "b"}, "log_every": 9,
+         "new_key": 2}
+  assert curve.config_mismatch(saved, now) == ["seed: 0 -> 1"]
+
+
+def test_paired_differences_are_per_seed_in_points():
+  runs = [{"method": m, "seed": s, "status": "finished",
+           "test_accuracy_best_val": a}
+          for m, s, a in (("ot", 0, 0.52), ("ot", 1, 0.53), ("ot", 2, 0.9),
+                          ("scratch", 0, 0.51), ("scratch", 1, 0.50))]
+  mean, se, better, n = curve.paired(runs, "ot", "scratch")
+  assert n == 2 and better == 2  # Seed 2 has no scratch run.
+  assert mean == pytest.approx(2.0) and se == pytest.approx(1.0)
+
+
+# --- Errors, before any run ----------------------------------------------------
+
+
+def _curve(tmp_path, key=KEY, values=(3, 5), methods=("scratch", "ot"),
+           **kwargs):
+  return curve.Curve(DIGITS, key, list(values), list(methods),
+                     kwargs.pop("seeds", 1), str(tmp_path / "out"),
+                     str(tmp_path / "work"), kwargs.pop("overrides", {}),
+                     **kwargs)
+
+
+@pytest.mark.parametrize("case,match", [
+    (dict(key="data.samples_per_clas"), "did you mean data.samples_per_class"),
+    (dict(values=(3, 2.5)), "samples_per_class=2.5 does not fit"),
+    (dict(methods=("scratch", "otp")), r"Unknown methods \['otp'\]"),
+    (dict(seeds=5, tuning_seed=3), "tuning_seed 3 is one of the table"),
+    (dict(methods=("scratch", "l2_sp")), "--focus ot is not one of"),
+    (dict(grids={"ot": (0.1,), "l2_sp": (1.0,)}), "l2_sp is not one of"),
+])
+def test_bad_input_fails_before_any_run(tmp_path, case, match):
+  with pytest.raises(ValueError, match=match):
+    _curve(tmp_path, **case)
+  assert not (tmp_path / "work").exists()
+
+
+def test_cli_error_is_one_line(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.curve", "--config",
+       "experiments/configs/transfer.py:data=digits", "--key", "data.nope",
+       "--values", "3,5", "--out", str(tmp_path / "out")],
+      cwd=REPO, capture_output=True, text=True, check=False)
+  errors = [l for l in result.stderr.splitlines() if l.startswith("Error:")]
+  assert result.returncode == 1
+  assert len(errors) == 1 and "--key data.nope" in errors[0], result.stderr
+  assert "Traceback" not in result.stderr
+
+
+# --- End to end ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_curve_writes_records_and_a_rerun_trains_nothing(tmp_path, teacher_dir,
+                                                        monkeypatch):
+  overrides = {**TINY, "teacher.job.num_steps": TEACHER_STEPS,
+               "teacher.workdir": str(teacher_dir)}
+  summary = _curve(tmp_path, overrides=overrides,
+                   grids={"ot": (0.1,)}).run()
+  out = tmp_path / "out"
+  assert [(r["value"], r["method"], r["seed"]) for r in summary["runs"]] == [
+      (3, "scratch", 0), (3, "ot", 0), (5, "scratch", 0), (5, "ot", 0)]
+  for r in summary["runs"]:
+    assert r["status"] == "finished" and r["kind"] == "run"
+    assert 0 <= r["test_accuracy_best_val"] <= 1 and r["wall_s"] >= 0
+    assert set(r["matched_fraction"]) == set(common.LAYERS)
+    if r["method"] == "ot":
+      assert r["weights"]["loss.terms.ot.weight"] == 0.1
+    record = json.loads((out / "runs" / f"samples_per_class={r['value']}" /
+                         r["method"] / "seed0.json").read_text())
+    assert record["config"]["data"]["samples_per_class"] == r["value"]
+  for label in ("samples_per_class=3", "samples_per_class=5"):
+    choice = summary["chosen"][label]["ot"]
+    assert choice["weight"] == 0.1 and not choice["bracketed"]
+    assert (out / "tuning" / label / "ot" / "ot.weight=0.1.json").exists()
+  assert json.loads((out / "results.json").read_text())["runs"] == json.loads(
+      json.dumps(summary["runs"]))
+  md = (out / "results.md").read_text()
+  assert md.count("| ot − scratch | 1 |") == 2
+  assert "a grid of one value brackets nothing" in md
+  assert (out / "curve.png").stat().st_size > 0
+
+  # The committed records alone resume: no workdir, no training.
+  def no_training(*args):
+    raise AssertionError(f"retrained {args[1]}")
+
+  monkeypatch.setattr(loop, "train_and_evaluate", no_training)
+  again = _curve(tmp_path / "fresh", overrides=overrides,
+                 grids={"ot": (0.1,)})
+  again.out = str(out)
+  assert again.run()["runs"] == summary["runs"]
+
+  # Records made with other settings are refused, naming the difference.
+  with pytest.raises(ValueError, match="num_steps: 20 -> 10"):
+    _curve(tmp_path, overrides={**overrides, "num_steps": 10},
+           grids={"ot": (0.1,)}).run()
+
+
+# --- The documented studies --------------------------------------------------
+
+
+def _documented_commands():
+  """The ``experiments.curve`` commands of docs/experiments.md's regime
+  studies, as argv lists."""
+  text = open(os.path.join(REPO, "docs", "experiments.md")).read()
+  text = text.split("## Regime studies", 1)[1].split("\n## ", 1)[0]
+  blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+  return [shlex.split(b.replace("\\\n", " ")) for b in blocks
+          if "[--" not in b]  # The usage block has optional flags.
+
+
+def test_docs_list_the_three_studies_as_their_configs_do():
+  commands = _documented_commands()
+  assert len(commands) == 3
+  for argv in commands:
+    config = argv[argv.index("--config") + 1]
+    docstring = open(os.path.join(REPO, config)).read().split('"""')[1]
+    assert " ".join(argv) in " ".join(docstring.replace("\\\n", " ").split())
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_documented_study_builds_every_config(tmp_path, index):
+  argv = _documented_commands()[index]
+  opt = lambda name: argv[argv.index(name) + 1]
+  overrides = dict(a[len("--config."):].split("=", 1) for a in argv
+                   if a.startswith("--config."))
+  module = reproduce.load_config_module(os.path.join(REPO, opt("--config")))
+  study = curve.Curve(module, opt("--key"),
+                      curve.parse_values(opt("--values").split(",")), None,
+                      int(opt("--seeds")), str(tmp_path / "out"),
+                      str(tmp_path / "work"), overrides)
+  assert study.seeds >= 5 and not study.teacher_per_value
+  for configs in study.configs.values():
+    for cfg in configs.values():  # Full batch at every value.
+      assert cfg.batch_size == 5 * cfg.data.samples_per_class
+
+
+def test_a_preempted_curve_prints_its_own_resume_command(monkeypatch):
+  from experiments import cli
+  monkeypatch.setattr(sys, "argv", ["/r/experiments/curve.py", "--key", "k"])
+  assert cli.resume_command() == "python -m experiments.curve --key k"
+  monkeypatch.setattr(sys, "argv", ["/r/experiments/main.py", "--workdir=w"])
+  assert cli.resume_command() == "python -m experiments.main --workdir=w"
