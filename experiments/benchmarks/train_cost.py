@@ -52,7 +52,7 @@ from experiments import job as job_lib
 from experiments import loop
 from experiments.benchmarks.common import (TRAIN_COST_COLUMNS, machine,
                                            markdown_table)
-from ot_transfer_jax import train
+from ot_transfer_jax import parallel
 from experiments.data import idx
 
 # setting -> (reference variant's method, its label); Omega_P is "ot".
@@ -112,8 +112,9 @@ def variant_configs(setting: str, tiny: bool = False,
 def _start(label: str, config, workdir: str) -> Variant:
   """Sets the run up (training the teacher if not cached) and compiles its
   step ahead of time, so that no timed step compiles."""
-  job = job_lib.setup(config, workdir, train_teacher=loop.train_and_evaluate)
-  sample = train.shard_batch(next(job.train_batches(start_step=0)), job.mesh)
+  job = job_lib.setup(config, workdir, loop.ensure_teacher(config, workdir))
+  sample = parallel.shard_batch(next(job.train_batches(start_step=0)),
+                                job.mesh)
   step = job.train_step.lower(job.initial_state, job.teacher_vars,
                               sample).compile()
   return Variant(label, job, step, job.initial_state,
@@ -121,7 +122,8 @@ def _start(label: str, config, workdir: str) -> Variant:
 
 
 def _take_step(v: Variant) -> None:
-  batch = jax.block_until_ready(train.shard_batch(next(v.batches), v.job.mesh))
+  batch = jax.block_until_ready(parallel.shard_batch(next(v.batches),
+                                                     v.job.mesh))
   start = time.perf_counter()
   v.state, metrics = v.step(v.state, v.job.teacher_vars, batch)
   jax.block_until_ready((v.state, metrics))
