@@ -150,7 +150,8 @@ def get(name: str) -> type:
 class OmegaP(Regularizer):
   """Omega_P: entropic OT between the two layers' neurons (the method).
 
-  Options: keywords of :func:`ot_transfer_jax.ot.solve_neuron_ot`, and
+  Options: keywords of :func:`ot_transfer_jax.ot.solve_neuron_ot` (``tau``
+  < 1: unbalanced transport, logged as ``transported_mass``), and
   ``warm_start`` (start Sinkhorn from the previous step's potentials).
   State: the potentials ``(f (n_s,), g (n_t,))``, zero at step 0 (a valid
   start, without the epsilon scaling of a true cold start).
@@ -163,8 +164,14 @@ class OmegaP(Regularizer):
       "threshold": 1e-3,
       "max_iterations": 2000,
       "grad": "envelope",
+      "tau": 1.0,
       "warm_start": True,
   }
+
+  def __init__(self, **options: Any):
+    super().__init__(**options)
+    # Checked when the config is written, not at the first step.
+    ot.check_tau(self.options["tau"])
 
   def _solve_options(self) -> dict:
     return {k: v for k, v in self.options.items() if k != "warm_start"}
@@ -183,6 +190,8 @@ class OmegaP(Regularizer):
     metrics = {"matched_fraction": res.matched_fraction,
                "sinkhorn_iters": res.n_iters,
                "sinkhorn_converged": res.converged.astype(jnp.float32)}
+    if self.options["tau"] != 1.0:  # Unbalanced: how much mass was matched.
+      metrics["transported_mass"] = res.mass
     return res.value, metrics, res.potentials
 
 
