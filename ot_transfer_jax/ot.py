@@ -252,9 +252,11 @@ def check_activation_shapes(
   """Raises ``ValueError`` unless two activation shapes can be compared.
 
   Activations are ``(batch, *positions, neurons)``: ``(m, n)`` for a dense
-  layer, ``(m, h, w, n)`` for a convolution. Student and teacher must share the
-  batch; ``spatial="flatten"`` also needs equal positions (same rank and same
-  ``h, w``), ``spatial="pool"`` averages positions away so any may differ.
+  layer, ``(m, h, w, n)`` for a convolution, ``(m, tokens, n)`` for a
+  transformer. Student and teacher must share the batch; ``spatial="flatten"``
+  also needs equal positions (same rank and same ``h, w``, or ``h * w`` tokens
+  against an ``h x w`` grid: a ViT's patches in row-major order),
+  ``spatial="pool"`` averages positions away so any may differ.
   Under ``axis_name=`` the shapes are each device's shard.
   """
   _check_choice("spatial", spatial, SPATIAL_MODES)
@@ -274,12 +276,16 @@ def check_activation_shapes(
     raise ValueError(
         f"Student and teacher must see the same mini-batch, but the batch "
         f"sizes differ: {given}. Feed both networks the same examples.")
-  if spatial == "flatten" and student_shape[1:-1] != teacher_shape[1:-1]:
+  s_pos, t_pos = tuple(student_shape[1:-1]), tuple(teacher_shape[1:-1])
+  # A token sequence against a grid: tokens are the grid's rows, row-major.
+  tokens_vs_grid = ((len(s_pos) == 1) != (len(t_pos) == 1) and
+                    math.prod(s_pos) == math.prod(t_pos))
+  if spatial == "flatten" and s_pos != t_pos and not tokens_vs_grid:
     raise ValueError(
         f"spatial='flatten' compares neurons position by position, so the "
-        f"positions must match: student positions {tuple(student_shape[1:-1])}"
-        f" vs teacher {tuple(teacher_shape[1:-1])} ({given}). Pick layers "
-        "with the same resolution and rank, or use spatial='pool' to average "
+        f"positions must match: student positions {s_pos} vs teacher {t_pos} "
+        f"({given}). Pick layers with the same resolution and rank (or h * w "
+        "tokens against an h x w grid), or use spatial='pool' to average "
         "positions away.")
 
 
