@@ -122,3 +122,20 @@ def test_vit_trains_resumes_and_predicts_from_the_cli(tmp_path):
   images, labels = next(restored.test_batches(64))
   accuracy = np.mean(restored.predict(images) == labels)
   assert accuracy > 0.3  # 5 classes: above chance after 20 steps.
+
+
+@pytest.mark.parametrize("student,teacher,ok", [
+    ((4, 49, 16), (4, 7, 7, 32), True),   # h * w tokens vs an h x w grid
+    ((4, 7, 7, 16), (4, 49, 32), True),
+    ((4, 49, 16), (4, 49, 32), True),
+    ((4, 48, 16), (4, 7, 7, 32), False),  # another number of positions
+    ((4, 49, 16), (4, 32), False),        # tokens vs a dense layer
+])
+def test_flatten_accepts_tokens_against_the_grid_they_flatten(student,
+                                                              teacher, ok):
+  if ok:
+    ot.check_activation_shapes(student, teacher, "flatten")
+  else:
+    with pytest.raises(ValueError, match="spatial='pool'"):
+      ot.check_activation_shapes(student, teacher, "flatten")
+  ot.check_activation_shapes(student, teacher, "pool")
