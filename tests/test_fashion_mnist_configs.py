@@ -21,7 +21,8 @@ from experiments.metric_writers import read_metrics
 
 from idx_support import write_dataset
 
-CONFIGS = ("fashion_mnist_transfer", "fashion_mnist_distill", "fashion_mnist_cross_arch")
+CONFIGS = ("fashion_mnist_transfer", "fashion_mnist_distill", "fashion_mnist_cross_arch",
+           "fashion_mnist_vit_distill", "fashion_mnist_vit_cross_arch")
 
 
 def _module(name):
@@ -91,6 +92,9 @@ def test_docstring_sweep_and_methods(name):
       "data.samples_per_class": 4}),
     ("fashion_mnist_distill", "ot_kd", {}),
     ("fashion_mnist_cross_arch", "ot", {}),
+    # ViT student: token layers against a ViT's and a CNN's 7 x 7 stage3.
+    pytest.param("fashion_mnist_vit_distill", "ot_kd", {}, marks=pytest.mark.slow),
+    pytest.param("fashion_mnist_vit_cross_arch", "ot_kd", {}, marks=pytest.mark.slow),
 ])
 def test_config_trains_on_idx_files(name, method, overrides, idx_dir, teachers, tmp_path):
   c = _shrink(_module(name).get_config(method), idx_dir)
