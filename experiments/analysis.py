@@ -5,7 +5,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from ot_transfer_jax import data, ot
+from experiments import data
+from ot_transfer_jax import ot
 from ot_transfer_jax.features import apply_with_features
 
 # A ResNet-50's last stage would be 4M numbers of JSON.

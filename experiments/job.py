@@ -1,13 +1,19 @@
-"""Setting a run up: data, teacher, student, optimizer and steps, as one frozen ``Job``.
+"""Setting a run up: the teacher, then data, student, optimizer and steps, as one frozen ``Job``.
 
-:func:`setup` does everything before the first step and checks what can be
-checked there; :mod:`experiments.loop` runs the steps.
+A run starts in three steps (:func:`experiments.loop.train_and_evaluate`):
+
+1. :func:`load_teacher`; when a ``teacher.source='train'`` teacher is not
+   trained yet, :func:`check_student` first checks the student's config
+   against an :func:`untrained_teacher` (a typo must not cost the teacher's
+   training time), then the loop trains the teacher;
+2. :func:`setup` builds everything before the first step, top to bottom, and
+   checks what can be checked there;
+3. :mod:`experiments.loop` runs the steps.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from typing import Any, Callable, Optional
 
@@ -19,7 +25,8 @@ import optax
 from absl import logging
 from jax.sharding import Mesh
 
-from ot_transfer_jax import checkpoint, data, models, regularizers, train
+from experiments import data
+from ot_transfer_jax import checkpoint, models, optim, parallel, regularizers, train
 from ot_transfer_jax.features import validate_layers
 
 # torchvision's ImageNet statistics: pretrained teachers expect them.
@@ -70,8 +77,8 @@ class Job:
 
   def evaluate(self, variables, source) -> dict:
     """Accuracy and mean loss of ``variables`` on a split."""
-    return train.evaluate(self.eval_step, variables,
-                          self.eval_batches(source), self.mesh)
+    return parallel.evaluate(self.eval_step, variables,
+                             self.eval_batches(source), self.mesh)
 
 
 def normalization(config, ds) -> tuple[np.ndarray, np.ndarray]:
@@ -82,20 +89,31 @@ def normalization(config, ds) -> tuple[np.ndarray, np.ndarray]:
   return ds.mean, ds.std
 
 
-def load_teacher(config, workdir: str, train_teacher: Callable,
-                 before_training: Optional[Callable] = None):
-  """``(teacher_model, teacher_variables)``, or ``(None, {})`` without one.
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+  """The frozen network the loss and initialisation read; ``model`` is
+  ``None`` (and ``variables`` empty) when the run has none."""
 
-  ``before_training(teacher, untrained_teacher_vars)`` is called before a
-  teacher is trained (``source='train'``), to check the student's config
-  first: a typo must not cost the teacher's training time.
+  model: Optional[Any]
+  variables: Any
+
+
+def teacher_workdir(config, workdir: str) -> str:
+  """Where a ``teacher.source='train'`` teacher trains (and is cached)."""
+  return config.teacher.workdir or os.path.join(workdir, "teacher")
+
+
+def load_teacher(config, workdir: str) -> Optional[Teacher]:
+  """The run's teacher; ``None`` when ``teacher.source='train'`` and that
+  teacher has not finished training (:func:`experiments.loop.ensure_teacher`
+  then trains it).
 
   ``config.teacher.source``:
     ``"none"``: no teacher (training a teacher, or a plain baseline);
-    ``"train"``: ``train_teacher(config.teacher.job, teacher_workdir)`` in
-      ``config.teacher.workdir`` (default ``WORKDIR/teacher``) unless that run
-      has finished already, then restore it: methods and seeds share one
-      cached teacher;
+    ``"train"``: the finished run of ``config.teacher.job`` in
+      ``config.teacher.workdir`` (default ``WORKDIR/teacher``): methods and
+      seeds share one cached teacher; it must have been trained with
+      ``teacher.job``'s settings;
     ``"checkpoint"``: restore the run in ``config.teacher.path``;
     ``"torchvision"``: ImageNet ResNet weights from the ``.safetensors`` file
       ``config.teacher.path`` (torchvision layout);
@@ -104,27 +122,21 @@ def load_teacher(config, workdir: str, train_teacher: Callable,
   """
   t = config.teacher
   if t.source == "none":
-    return None, {}
+    return Teacher(None, {})
   if t.source == "train":
-    tdir = t.workdir or os.path.join(workdir, "teacher")
+    tdir = teacher_workdir(config, workdir)
     # Decided from the (shared) checkpoints, the same on every process.
-    finished = os.path.isdir(checkpoint.checkpoint_dir(tdir)) and (
+    if not (os.path.isdir(checkpoint.checkpoint_dir(tdir)) and (
         checkpoint.make_manager(tdir, reading=True).latest_step()
-        == t.job.num_steps)
-    if finished:
-      try:
-        restored = checkpoint.restore(tdir)
-      except checkpoint.DamagedCheckpointError as e:
-        # Resuming the teacher's run moves the damaged step aside.
-        logging.warning("%s", e)
-        finished = False
-    if not finished:
-      if before_training is not None:
-        before_training(*untrained_teacher(t.job))
-      logging.info("Training the teacher in %s", tdir)
-      train_teacher(t.job, tdir)
+        == t.job.num_steps)):
+      return None
+    try:
       restored = checkpoint.restore(tdir)
-    differences = config_differences(restored.meta["config"],
+    except checkpoint.DamagedCheckpointError as e:
+      # Resuming the teacher's run moves the damaged step aside.
+      logging.warning("%s", e)
+      return None
+    differences = config_differences(restored.meta.config,
                                      checkpoint.config_to_json(t.job))
     if differences:
       raise ValueError(
@@ -132,7 +144,7 @@ def load_teacher(config, workdir: str, train_teacher: Callable,
           f"teacher.job: {'; '.join(differences[:8])}. Point "
           "--config.teacher.workdir at a new directory to train this "
           "teacher, or set teacher.job to the settings it was trained with.")
-    return restored.model, restored.variables
+    return Teacher(restored.model, restored.variables)
   if t.source == "checkpoint":
     if not t.path:
       raise ValueError(
@@ -140,37 +152,38 @@ def load_teacher(config, workdir: str, train_teacher: Callable,
           "the finished run to use as the teacher: add "
           "--config.teacher.path=DIR.")
     restored = checkpoint.restore(t.path)
-    return restored.model, restored.variables
+    return Teacher(restored.model, restored.variables)
   if t.source == "torchvision":
-    from ot_transfer_jax.models import pretrained
+    from experiments import pretrained
     if not os.path.isfile(t.path):
       raise FileNotFoundError(
           f"teacher.path={t.path!r}: no such file. Save torchvision's "
           f"ImageNet {t.name} weights as safetensors on a machine with "
-          "internet (README, 'Models and representation capture') and point "
-          "--config.teacher.path at the file.")
+          "internet (docs/usage.md, 'Models and representation capture') "
+          "and point --config.teacher.path at the file.")
     variables = pretrained.load_torchvision_resnet(t.path, t.name)
     num_classes = variables["params"]["head"]["kernel"].shape[-1]
-    return models.create_model(t.name, num_classes, **t.kwargs), variables
+    return Teacher(models.create_model(t.name, num_classes, **t.kwargs),
+                   variables)
   if t.source == "random":
     if not t.image_shape:
       raise ValueError("teacher.source='random' needs teacher.image_shape "
                        "(H, W, C) to initialise the network.")
     teacher = models.create_model(t.name, t.num_classes, **t.kwargs)
-    return teacher, train.init_model(teacher, jax.random.PRNGKey(0),
-                                     jnp.zeros((1, *t.image_shape)))
+    return Teacher(teacher, train.init_model(teacher, jax.random.PRNGKey(0),
+                                             jnp.zeros((1, *t.image_shape))))
   raise ValueError(f"teacher.source={t.source!r} is not one of ('none', "
                    "'train', 'checkpoint', 'torchvision', 'random').")
 
 
-def untrained_teacher(job_config) -> tuple[Any, Any]:
-  """``(model, variables)`` of the network a teacher job trains, at its
-  random initialisation: what checks of the student need, without training."""
+def untrained_teacher(job_config) -> Teacher:
+  """The network a teacher job trains, at its random initialisation: what
+  :func:`check_student` needs, without training."""
   tds = data.get_datasets(job_config.data)
   teacher = models.create_model(job_config.model.name, tds.num_classes,
                                 **job_config.model.kwargs)
-  return teacher, train.init_model(teacher, jax.random.PRNGKey(0),
-                                   jnp.zeros((1, *tds.image_shape)))
+  return Teacher(teacher, train.init_model(teacher, jax.random.PRNGKey(0),
+                                           jnp.zeros((1, *tds.image_shape))))
 
 
 # Settings a resume may change: they do not change what the steps already
@@ -211,17 +224,15 @@ def config_differences(saved: dict, now: dict) -> list[str]:
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str,
-          train_teacher: Callable) -> Job:
-  """Data, teacher, student state, optimizer and compiled steps of a run.
-
-  Args:
-    train_teacher: ``(teacher_config, teacher_workdir) -> Any``, called when
-      ``teacher.source='train'`` and the teacher run is not finished.
+          teacher: Teacher) -> Job:
+  """Data, student state, optimizer and compiled steps of a run, around
+  ``teacher`` (:func:`load_teacher`).
 
   Raises:
     ValueError: a config the run cannot use (unknown layer or option, a term
       without a teacher, ...), before any training step.
   """
+  _check_teacher_needed(config, teacher.model)
   os.makedirs(workdir, exist_ok=True)
   ds = data.get_datasets(config.data)
   model = models.create_model(config.model.name, ds.num_classes,
@@ -229,55 +240,55 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
   mean, std = normalization(config, ds)
   sample = jnp.zeros((config.batch_size, *ds.image_shape), jnp.float32)
   rng = jax.random.PRNGKey(config.seed)
-  tx = train.make_optimizer(config.optimizer, config.num_steps)
+  terms = regularizers.terms_from_config(config.loss.terms)
+  tx = optim.make_optimizer(config.num_steps, **config.optimizer)
   # The largest device set the batch divides over: exact on any device count.
-  mesh = train.make_mesh(batch_size=config.batch_size,
-                         max_devices=config.max_devices)
-  training_sample = _training_sample(ds, mean, std, config)
-
-  def student_state(teacher, teacher_vars):
-    init_vars = None
-    if config.init_from_teacher:
-      fresh = train.init_model(model, jax.random.fold_in(rng, 1), sample[:1])
-      init_vars = train.transfer_init(fresh, teacher_vars)
-    context = regularizers.Context(teacher=teacher, teacher_vars=teacher_vars,
-                                   **training_sample)
-    return train.create_train_state(config, model, teacher, teacher_vars, rng,
-                                    sample, tx, init_variables=init_vars,
-                                    context=context)
-
-  def check(teacher, teacher_vars):
-    """Everything about the student and its loss, against an untrained
-    teacher of the right architecture (terms' init may read its features)."""
-    _check_teacher_needed(config, teacher)
-    if teacher is None:
-      return
-    state = student_state(teacher, teacher_vars)
-    _check_analysis_layers(config, model, state.variables, teacher,
-                           teacher_vars, sample[:1])
-    # Tracing one step checks what only the step reads (e.g. OT options).
-    batch = {"image": jax.ShapeDtypeStruct(sample.shape, jnp.float32),
-             "label": jax.ShapeDtypeStruct(sample.shape[:1], jnp.int32)}
-    jax.eval_shape(train.make_train_step(config, model, teacher, tx, mesh),
-                   state, teacher_vars, batch)
-
-  teacher, teacher_vars = load_teacher(config, workdir, train_teacher,
-                                       before_training=check)
-  _check_teacher_needed(config, teacher)
-  state = student_state(teacher, teacher_vars)
-  if teacher is not None:
-    _check_analysis_layers(config, model, state.variables, teacher,
-                           teacher_vars, sample[:1])
-  state, teacher_vars = train.replicate((state, teacher_vars), mesh)
+  mesh = parallel.make_mesh(batch_size=config.batch_size,
+                            max_devices=config.max_devices)
+  init_vars = None
+  if config.init_from_teacher:
+    fresh = train.init_model(model, jax.random.fold_in(rng, 1), sample[:1])
+    init_vars = train.transfer_init(fresh, teacher.variables)
+  context = regularizers.Context(
+      teacher=teacher.model, teacher_vars=teacher.variables,
+      **_training_sample(ds, mean, std, config, terms))
+  state = train.create_train_state(model, teacher.model, teacher.variables,
+                                   terms, rng, sample, tx,
+                                   init_variables=init_vars, context=context)
+  if teacher.model is not None:
+    _check_analysis_layers(config, model, state.variables, teacher.model,
+                           teacher.variables, sample[:1])
+  loss_fn = train.make_loss_fn(
+      model, teacher.model, terms, label_smoothing=config.loss.label_smoothing,
+      weight_decay=config.loss.weight_decay, head_decay=config.loss.head_decay,
+      bn_train=not config.model.freeze_batchnorm)
+  state, teacher_vars = parallel.replicate((state, teacher.variables), mesh)
   return Job(config=config, workdir=workdir, ds=ds, model=model,
-             teacher=teacher, teacher_vars=teacher_vars, mesh=mesh, tx=tx,
-             initial_state=state,
-             train_step=train.make_train_step(config, model, teacher, tx, mesh),
-             eval_step=train.make_eval_step(model, mesh), mean=mean, std=std)
+             teacher=teacher.model, teacher_vars=teacher_vars, mesh=mesh,
+             tx=tx, initial_state=state,
+             train_step=train.make_train_step(loss_fn, tx, mesh),
+             eval_step=parallel.make_eval_step(model, mesh), mean=mean, std=std)
+
+
+def check_student(config: ml_collections.ConfigDict, workdir: str,
+                  teacher: Teacher) -> None:
+  """Builds the run around ``teacher`` (an untrained one of the right
+  architecture, :func:`untrained_teacher`) and traces one step, so that a
+  mistake in the student's config fails before the teacher trains.
+
+  Raises:
+    ValueError: as :func:`setup`, and what only the step reads (e.g. OT
+      options).
+  """
+  job = setup(config, workdir, teacher)
+  shape = (config.batch_size, *job.ds.image_shape)
+  batch = {"image": jax.ShapeDtypeStruct(shape, jnp.float32),
+           "label": jax.ShapeDtypeStruct(shape[:1], jnp.int32)}
+  jax.eval_shape(job.train_step, job.initial_state, job.teacher_vars, batch)
 
 
 def _check_teacher_needed(config, teacher) -> None:
-  if teacher is None and train.needs_teacher(config):
+  if teacher is None and (config.loss.terms or config.init_from_teacher):
     uses = [f"loss.terms.{name}" for name in config.loss.terms]
     uses += ["init_from_teacher"] if config.init_from_teacher else []
     raise ValueError(
@@ -302,12 +313,11 @@ def _check_analysis_layers(config, model, variables, teacher, teacher_vars,
 TRAINING_SAMPLE = 512
 
 
-def _training_sample(ds, mean, std, config) -> dict:
+def _training_sample(ds, mean, std, config, terms) -> dict:
   """``{"images", "labels", "num_classes"}`` for terms whose ``init`` reads
   data (e.g. DELTA): the first ``TRAINING_SAMPLE / num_classes`` training
   images of every class (all of a small training set), in index order,
   normalised; no images when no term needs them."""
-  terms = regularizers.terms_from_config(config.loss.terms)
   if not any(t.regularizer.needs_data for t in terms):
     return {"num_classes": ds.num_classes}
   labels = np.asarray(ds.train.labels)

@@ -36,9 +36,10 @@ import numpy as np
 from absl import logging
 
 from experiments import analysis
-from experiments.job import Job, config_differences, setup
+from experiments import job as job_lib
+from experiments.job import Job, Teacher, config_differences, setup
 from experiments.metric_writers import MetricWriter, Progress
-from ot_transfer_jax import checkpoint, train
+from ot_transfer_jax import checkpoint, parallel, train
 
 FINAL_METRICS = "final_metrics.json"
 ANALYSIS = "analysis.json"
@@ -147,13 +148,14 @@ class _Interrupted:
     return bool(np.max(votes))
 
 
-def _meta(job: Job, history: History) -> dict:
-  """What a checkpoint stores besides the state (JSON)."""
-  return {"config": checkpoint.config_to_json(job.config),
-          "num_classes": job.ds.num_classes,
-          "mean": np.asarray(job.mean).tolist(),
-          "std": np.asarray(job.std).tolist(),
-          "history": dataclasses.asdict(history)}
+def _run_meta(job: Job, history: History) -> checkpoint.RunMeta:
+  """What a checkpoint stores besides the state."""
+  return checkpoint.RunMeta(
+      config=checkpoint.config_to_json(job.config),
+      num_classes=job.ds.num_classes,
+      mean=tuple(np.asarray(job.mean).tolist()),
+      std=tuple(np.asarray(job.std).tolist()),
+      history=dataclasses.asdict(history))
 
 
 def resume(job: Job, manager) -> tuple[train.TrainState, History]:
@@ -168,8 +170,8 @@ def resume(job: Job, manager) -> tuple[train.TrainState, History]:
   allowed = job.config.allow_resume_with_changes
   changes = []
 
-  def check(step: int, meta: dict) -> None:
-    changes[:] = config_differences(meta["config"], now)
+  def check(step: int, meta: checkpoint.RunMeta) -> None:
+    changes[:] = config_differences(meta.config, now)
     if changes and not allowed:
       shown = "; ".join(changes[:8]) + ("; ..." if len(changes) > 8 else "")
       raise ValueError(
@@ -185,7 +187,7 @@ def resume(job: Job, manager) -> tuple[train.TrainState, History]:
     return job.initial_state, History()
   state, meta = restored
   step = int(state.step)
-  history = History(**meta["history"])
+  history = History(**meta.history)
   if changes:
     logging.warning("Resuming %s at step %d with changed settings, as "
                     "allowed: %s. A new history section starts here.",
@@ -206,7 +208,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     Preempted: SIGTERM or SIGINT; a checkpoint was saved.
     Diverged: ``loss.max_bad_steps`` consecutive non-finite steps.
   """
-  job = setup(config, workdir, train_teacher=train_and_evaluate)
+  job = setup(config, workdir, ensure_teacher(config, workdir))
   manager = checkpoint.make_manager(workdir, max_to_keep=config.max_to_keep)
   state, history = resume(job, manager)
   batches = job.train_batches(start_step=int(state.step))
@@ -216,7 +218,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       _Interrupted() as interrupted:
     progress = Progress(total, start_step=int(state.step))
     for step in range(int(state.step) + 1, total + 1):
-      batch = train.shard_batch(next(batches), job.mesh)
+      batch = parallel.shard_batch(next(batches), job.mesh)
       state, metrics = job.train_step(state, job.teacher_vars, batch)
       if itstime(step, config.log_every, total):
         metrics = jax.device_get(metrics)
@@ -233,13 +235,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         history.record(step, *_evaluate(job, state, writer, step))
       stop = interrupted.stop(itstime(step, config.log_every, total))
       if itstime(step, config.checkpoint_every, total) or stop:
-        checkpoint.save(manager, step, state, _meta(job, history))
+        checkpoint.save(manager, step, state, _run_meta(job, history))
       if stop and step < total:
         raise Preempted(
             f"Stopped by {interrupted.signal_name} at step {step}; checkpoint "
             f"saved in {checkpoint.checkpoint_dir(workdir)}. Rerun the same "
             "command to resume.", interrupted.exit_code)
   return finish(job, state, history)
+
+
+def ensure_teacher(config: ml_collections.ConfigDict, workdir: str) -> Teacher:
+  """The run's teacher (:func:`experiments.job.load_teacher`). A
+  ``teacher.source='train'`` teacher not trained yet is trained first, by
+  :func:`train_and_evaluate` in ``teacher.workdir`` (resuming, if it was
+  interrupted), after the student's config is checked against an untrained
+  teacher of the same architecture."""
+  teacher = job_lib.load_teacher(config, workdir)
+  if teacher is not None:
+    return teacher
+  job_lib.check_student(config, workdir,
+                        job_lib.untrained_teacher(config.teacher.job))
+  tdir = job_lib.teacher_workdir(config, workdir)
+  logging.info("Training the teacher in %s", tdir)
+  train_and_evaluate(config.teacher.job, tdir)
+  return job_lib.load_teacher(config, workdir)
 
 
 def _evaluate(job: Job, state, writer, step: int):

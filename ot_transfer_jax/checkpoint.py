@@ -5,9 +5,9 @@ A run's checkpoints live in ``WORKDIR/checkpoints/<step>/`` with three items:
 * ``state``: the whole :class:`~ot_transfer_jax.train.TrainState` (student
   parameters, BatchNorm statistics, optimizer state, step, RNG, OT
   potentials), as arrays (tensorstore / OCDBT);
-* ``meta``: JSON: the run's config and its evaluation history (best
-  validation accuracy so far, ...), so a resumed run ends exactly as an
-  uninterrupted one;
+* ``meta``: JSON (a :class:`RunMeta`): the run's config, number of classes,
+  input normalisation and evaluation history (best validation accuracy so
+  far, ...), so a resumed run ends exactly as an uninterrupted one;
 * ``checksums``: JSON ``{key path: sha256 of the array's bytes}`` for every
   array of ``state`` (key paths like ``params.stage2.conv.kernel`` or
   ``opt_state.1.0.trace.model.head.bias``), plus ``meta``'s, computed at save
@@ -32,12 +32,9 @@ workdirs/digits_transfer/ot``)::
   # [0, 1]; predict normalises them as in training.
   class_ids = restored.predict(images)  # (N,) the dataset's ids, e.g. 5-9
   logits = restored.logits(images)      # (N, num_classes), model order
-  for images, class_ids in restored.test_batches():  # the run's test split
-    ...
 
 This module imports only the core (jax, flax, optax, ott-jax, orbax, numpy,
-absl); the data stack (grain, TFDS) is imported by
-:meth:`Restored.test_batches` alone.
+absl); ``experiments.data.test_batches(restored)`` reads a run's test split.
 """
 
 from __future__ import annotations
@@ -47,7 +44,7 @@ import functools
 import hashlib
 import json
 import os
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -179,10 +176,50 @@ def verify(state: Any, meta: dict, expected: dict[str, str], step: int,
 # ---------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class RunMeta:
+  """What a checkpoint holds besides the state: its ``meta`` item (JSON).
+
+  Written by the training loop at every checkpoint, read back by a resume
+  and by :func:`restore`.
+  """
+
+  #: The run's config as JSON (:func:`config_to_json`).
+  config: dict
+  #: The model's outputs (the task's classes).
+  num_classes: int
+  #: Per-channel input normalisation: ``(images - mean) / std``.
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  #: The loop's evaluation history (``experiments.loop.History`` as a dict):
+  #: a resumed run ends exactly as an uninterrupted one.
+  history: dict
+
+  @property
+  def class_ids(self) -> np.ndarray:
+    """int64 ``(num_classes,)``: the dataset's class id of each output
+    (``config.data.classes``, e.g. 5..9 for outputs 0..4)."""
+    classes = self.config.get("data", {}).get("classes")
+    return np.asarray(classes if classes is not None
+                      else range(self.num_classes), np.int64)
+
+  def to_json(self) -> dict:
+    return {"config": self.config, "num_classes": int(self.num_classes),
+            "mean": [float(x) for x in self.mean],
+            "std": [float(x) for x in self.std], "history": self.history}
+
+  @classmethod
+  def from_json(cls, meta: dict) -> RunMeta:
+    return cls(config=meta["config"], num_classes=int(meta["num_classes"]),
+               mean=tuple(meta["mean"]), std=tuple(meta["std"]),
+               history=meta["history"])
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
-         meta: dict) -> None:
-  """Saves ``state`` (a pytree of arrays), ``meta`` (JSON) and their
+         run_meta: RunMeta) -> None:
+  """Saves ``state`` (a pytree of arrays), ``run_meta`` (JSON) and their
   checksums at ``step``."""
+  meta = run_meta.to_json()
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
       checksums=ocp.args.JsonSave(checksums(state, meta))))
@@ -236,8 +273,9 @@ def check_compatible(saved: Any, wanted: Any, step: int, where: str,
 
 
 def _restore_step(manager: ocp.CheckpointManager, step: int, target: Any,
-                  where: str, check_meta: Optional[Callable[[int, dict], None]]
-                  = None) -> tuple[Any, dict]:
+                  where: str,
+                  check_meta: Optional[Callable[[int, RunMeta], None]] = None
+                  ) -> tuple[Any, RunMeta]:
   """``(state, meta)`` of one step, checked for fit, then for integrity.
 
   Args:
@@ -253,10 +291,11 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, target: Any,
     meta = manager.restore(step, args=ocp.args.Composite(
         meta=ocp.args.JsonRestore()))["meta"]
     saved_tree = manager.item_metadata(step)["state"].tree
+    run_meta = RunMeta.from_json(meta)
   except Exception as e:  # orbax raises many types for a damaged directory.
     raise _unreadable(where, step, e) from None
   if check_meta is not None:
-    check_meta(step, meta)
+    check_meta(step, run_meta)
   if target is None:
     # Host numpy arrays, read by every process whatever the topology that
     # wrote them: the target's leaf type tells orbax what to build.
@@ -265,7 +304,7 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, target: Any,
   else:
     target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
     check_compatible(saved_tree, target, step, where,
-                     meta.get("config", {}).get("model", "?"))
+                     run_meta.config.get("model", "?"))
   has_sums = _has_checksums(manager, step)
   try:
     items = manager.restore(step, args=ocp.args.Composite(
@@ -279,7 +318,7 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, target: Any,
     logging.warning("The checkpoint of step %d in %s has no checksums "
                     "(written by an older version): not verified.", step,
                     where)
-  return items["state"], meta
+  return items["state"], run_meta
 
 
 def _set_aside(manager: ocp.CheckpointManager, step: int) -> str:
@@ -301,8 +340,8 @@ def _set_aside(manager: ocp.CheckpointManager, step: int) -> str:
 
 def restore_latest(manager: ocp.CheckpointManager, workdir: str,
                    target_state: Any,
-                   check_meta: Optional[Callable[[int, dict], None]] = None
-                   ) -> Optional[tuple[Any, dict]]:
+                   check_meta: Optional[Callable[[int, RunMeta], None]] = None
+                   ) -> Optional[tuple[Any, RunMeta]]:
   """The newest intact checkpoint as ``(state, meta)``; None if there is none.
 
   For resuming. Steps are tried newest first; a damaged one (unreadable, or
@@ -364,7 +403,7 @@ class Restored:
   ``predict(images)`` and ``logits(images)`` take images as the dataset
   stores them (uint8 ``(N, H, W, C)``) or floats in [0, 1], at the model's
   resolution, and normalise them exactly as training and evaluation did.
-  ``test_batches()`` reads the run's test split.
+  ``experiments.data.test_batches(restored)`` reads the run's test split.
   """
 
   model: Any
@@ -373,7 +412,8 @@ class Restored:
   #: attribute dict without ml_collections).
   config: Any
   step: int
-  meta: dict
+  #: The checkpoint's config, normalisation and evaluation history.
+  meta: RunMeta
   #: Per-channel input normalisation the model was trained with:
   #: ``model.apply(variables, (images - mean) / std)``, images in [0, 1].
   mean: np.ndarray
@@ -416,24 +456,6 @@ class Restored:
     """int64 ``(N,)``: the dataset's class id of each image's prediction."""
     return self.class_ids[np.argmax(self.logits(images, batch_size), -1)]
 
-  def test_batches(self, batch_size: int = 256
-                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """The run's test split (``data.get_datasets(config.data).test``) in order.
-
-    Yields:
-      ``(images, class_ids)``: uint8 ``(B, H, W, C)`` at the model's
-      resolution and int64 ``(B,)`` dataset class ids (the last batch may be
-      smaller). Needs the data stack (``ot_transfer_jax.data``).
-    """
-    from ot_transfer_jax import data  # The experiment stack: lazily.
-    ds = data.get_datasets(self.config.data)
-    size = self.config.data.get("image_size")
-    for start in range(0, len(ds.test), batch_size):
-      examples = [ds.test[i] for i in range(start, min(start + batch_size,
-                                                        len(ds.test)))]
-      yield (np.stack([data.fit_image(e["image"], size) for e in examples]),
-             self.class_ids[np.array([e["label"] for e in examples])])
-
 
 def restore(workdir: str, step: Optional[int] = None) -> Restored:
   """The student of a run's checkpoint, for evaluation or fine-tuning.
@@ -469,16 +491,14 @@ def restore(workdir: str, step: Optional[int] = None) -> Restored:
         f"No complete checkpoint{'' if step is None else f' of step {step}'} "
         f"in {path} (available steps: {list(manager.all_steps())}).")
   state, meta = _restore_step(manager, step, None, path)
-  config = _as_config(meta["config"])
-  model = models.create_model(config.model.name, meta["num_classes"],
+  config = _as_config(meta.config)
+  model = models.create_model(config.model.name, meta.num_classes,
                               **config.model.get("kwargs", {}))
-  classes = meta["config"].get("data", {}).get("classes")
-  class_ids = np.asarray(classes if classes is not None
-                         else range(meta["num_classes"]), np.int64)
   variables = train.model_variables(state["params"], state.get("batch_stats"))
   return Restored(model=model, variables=variables, config=config, step=step,
-                  meta=meta, mean=np.asarray(meta["mean"], np.float32),
-                  std=np.asarray(meta["std"], np.float32), class_ids=class_ids)
+                  meta=meta, mean=np.asarray(meta.mean, np.float32),
+                  std=np.asarray(meta.std, np.float32),
+                  class_ids=meta.class_ids)
 
 
 def config_to_json(config) -> dict:

@@ -36,8 +36,8 @@ def layer_pair(rng):
 @pytest.fixture(scope="session")
 def teacher_dir(tmp_path_factory):
   """A digits 0-4 teacher (digits_transfer's), trained once per session."""
-  from experiments import job, loop
+  from experiments import loop
   from digits_job import tiny_config
   path = tmp_path_factory.mktemp("teacher")
-  job.load_teacher(tiny_config(path), str(path), loop.train_and_evaluate)
+  loop.ensure_teacher(tiny_config(path), str(path))
   return path

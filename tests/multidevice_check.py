@@ -185,10 +185,9 @@ def varying_init_case():
 
 
 def readme_case():
-  """The README's pmap / shard_map example, on 2 devices."""
-  from test_readme import _python_block  # this script's directory: tests/
-  ns = {}
-  exec(compile(_python_block("### Several devices"), "README.md", "exec"), ns)
+  """The docs' pmap / shard_map example (docs/usage.md), on 2 devices."""
+  from doc_support import run_block  # this script's directory: tests/
+  ns = run_block("### Several devices")
   flat = lambda tree: np.concatenate(
       [np.ravel(x) for x in jax.tree.leaves(tree)])
   for how in ("pmap", "shard"):

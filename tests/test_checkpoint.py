@@ -1,10 +1,9 @@
 """Checkpoints: checksums, fallback to the newest intact step, fit checks,
-and the inference API (restore -> predict, test split, README snippet)."""
+and the inference API (restore -> predict, test split, the docs' restore snippet)."""
 
 import json
 import logging
 import os
-import pathlib
 import re
 import shutil
 import subprocess
@@ -14,12 +13,11 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import loop
+from experiments import data, loop
 from ot_transfer_jax import checkpoint
 
+import doc_support
 from digits_job import REPO, tiny_config
-
-README = pathlib.Path(REPO) / "README.md"
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +146,7 @@ def test_a_checkpoint_of_other_shapes_names_the_first_differing_path(
 def test_predict_returns_dataset_class_ids_from_normalised_images(run_dir):
   restored = checkpoint.restore(str(run_dir))
   np.testing.assert_array_equal(restored.class_ids, [5, 6, 7, 8, 9])
-  images, class_ids = next(restored.test_batches(batch_size=64))
+  images, class_ids = next(data.test_batches(restored, batch_size=64))
   assert images.dtype == np.uint8 and images.shape == (64, 8, 8, 1)
   assert set(np.unique(class_ids)) <= {5, 6, 7, 8, 9}
   logits = restored.logits(images)
@@ -168,23 +166,19 @@ def test_predict_returns_dataset_class_ids_from_normalised_images(run_dir):
     restored.predict(images[0])
 
 
-def _python_block(after: str) -> str:
-  section = README.read_text().split(after, 1)[1]
-  return re.search(r"```python\n(.*?)```", section, re.S).group(1)
-
-
-def test_readme_restore_snippet_reproduces_the_test_accuracy(
+def test_docs_restore_snippet_reproduces_the_test_accuracy(
     run_dir, tmp_path, monkeypatch):
-  above = README.read_text().split("Restore a trained student", 1)[0]
+  page = doc_support.page_with("Restore a trained student")
+  above = page.read_text().split("Restore a trained student", 1)[0]
   command = [block for block in re.findall(r"```bash\n(.*?)```", above, re.S)
              if "experiments.main" in block][-1]
   workdir = re.search(r"--workdir (\S+)", command).group(1)
-  snippet = _python_block("Restore a trained student")
+  snippet = doc_support.python_block("Restore a trained student")
   assert f'checkpoint.restore("{workdir}")' in snippet  # The command's path.
   shutil.copytree(run_dir, tmp_path / workdir)
   monkeypatch.chdir(tmp_path)
   namespace = {}
-  exec(compile(snippet, "README.md", "exec"), namespace)
+  exec(compile(snippet, page.name, "exec"), namespace)
   assert namespace["correct"] / namespace["total"] == _final(run_dir)[
       "test_accuracy"]
 

@@ -1,4 +1,4 @@
-"""Tests of ot_transfer_jax.data: sources, splits, and deterministic grain batches."""
+"""Tests of experiments.data: sources, splits, and deterministic grain batches."""
 
 import itertools
 
@@ -7,7 +7,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from ot_transfer_jax import data
+from experiments import data
 
 STATS = {"mean": np.array([0.5], np.float32), "std": np.array([0.25], np.float32)}
 

@@ -3,17 +3,16 @@
 import dataclasses
 import json
 import os
-import re
 import subprocess
 
 import numpy as np
 import pytest
 
-from experiments import reproduce
-from experiments import job, loop
-from ot_transfer_jax import checkpoint, data, train
+from experiments import data, job, loop, reproduce
 from experiments.metric_writers import read_metrics
+from ot_transfer_jax import checkpoint, parallel
 
+import doc_support
 from digits_job import REPO, main_command, tiny_config
 
 
@@ -47,9 +46,9 @@ def test_job_writes_outputs_and_restores(teacher_dir, tmp_path):
   np.testing.assert_allclose(restored.mean, ds_check.mean)
   np.testing.assert_allclose(restored.std, ds_check.std)
   ds = data.get_datasets(restored.config.data)
-  mesh = train.make_mesh()
-  test = train.evaluate(
-      train.make_eval_step(restored.model, mesh), restored.variables,
+  mesh = parallel.make_mesh()
+  test = parallel.evaluate(
+      parallel.make_eval_step(restored.model, mesh), restored.variables,
       data.eval_batches(ds.test, batch_size=128, image_size=None,
                         mean=ds.mean, std=ds.std), mesh)
   assert test["accuracy"] == pytest.approx(final["test_accuracy"])
@@ -95,19 +94,11 @@ def test_command_line_override_wins_over_the_method(teacher_dir, tmp_path):
       last["ce"] + 0.5 * last["reg/ot"] + last["head_decay"], rel=1e-5)
 
 
-def _readme_block(after: str) -> str:
-  """The first ```python block of README.md after the text ``after``."""
-  with open(os.path.join(REPO, "README.md")) as f:
-    readme = f.read()
-  return re.search(r"```python\n(.*?)```", readme.split(after, 1)[1],
-                   re.S).group(1)
-
-
 def test_a_regularizer_defined_outside_the_package_trains(teacher_dir,
                                                           tmp_path):
-  """The README's "add your own regulariser" config, through experiments.main."""
+  """The docs' "add your own regulariser" config, through experiments.main."""
   config_file = tmp_path / "my_config.py"
-  config_file.write_text(_readme_block("Add your own regulariser"))
+  config_file.write_text(doc_support.python_block("Add your own regulariser"))
   command = main_command(tmp_path / "run", teacher_dir)
   command[command.index("--config") + 1] = str(config_file)
   proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
@@ -156,7 +147,7 @@ def test_a_checkpoint_teacher_without_a_path_says_what_to_set(tmp_path):
   c.teacher.source = "checkpoint"
   with pytest.raises(ValueError, match=r"needs teacher.path.*"
                      r"--config.teacher.path=DIR"):
-    job.load_teacher(c, str(tmp_path), loop.train_and_evaluate)
+    job.load_teacher(c, str(tmp_path))
 
 
 def test_a_longer_teacher_job_is_another_run_for_the_student(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests of ot_transfer_jax.data.idx: IDX files (Fashion-MNIST, MNIST) written by the tests."""
+"""Tests of experiments.data.idx: IDX files (Fashion-MNIST, MNIST) written by the tests."""
 
 import gzip
 import os
@@ -7,8 +7,8 @@ import shutil
 import numpy as np
 import pytest
 
-from ot_transfer_jax import data
-from ot_transfer_jax.data import idx
+from experiments import data
+from experiments.data import idx
 
 from idx_support import FILES, idx_bytes, write_dataset, write_idx
 

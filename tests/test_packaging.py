@@ -1,16 +1,22 @@
 """The library installs and imports without the experiment stack.
 
 The core requirements (pyproject.toml and the installed metadata) name none of
-the experiment tools, and the core modules import and run the README's
-examples in a process where those tools cannot be imported at all.
+the experiment tools, and every module of the package (pkgutil.walk_packages)
+imports, and the README's examples run, in a process where those tools cannot
+be imported at all: from the checkout (fast) and from a ``pip install``-ed copy
+(slow).
 """
 
 import importlib.metadata
+import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import textwrap
 import tomllib
+
+import pytest
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -79,49 +85,88 @@ _ABSENT = textwrap.dedent("""
 
     sys.meta_path.insert(0, Absent())
 """)
-_BLOCKED_RUN = _ABSENT + textwrap.dedent("""
-    import pathlib, re
+# Imports every module of the package found by pkgutil.walk_packages (from
+# wherever ``ot_transfer_jax`` is imported: the checkout, or an installed copy)
+# and prints their names.
+_IMPORT_ALL = textwrap.dedent("""
+    import importlib, pkgutil
 
     import ot_transfer_jax
-    from ot_transfer_jax import (checkpoint, delta_weights, features, losses,
-                                 models, ot, regularizers, train)
-    from ot_transfer_jax.models import create_model
 
-    readme = pathlib.Path("README.md").read_text()
+    names = [m.name for m in pkgutil.walk_packages(ot_transfer_jax.__path__,
+                                                   "ot_transfer_jax.")]
+    for name in names:
+      importlib.import_module(name)
+    loaded = sorted({m.partition(".")[0] for m in sys.modules} & BLOCKED)
+    assert not loaded, loaded
+    print("imported", ot_transfer_jax.__file__, *names)
+""")
+_BLOCKED_RUN = _ABSENT + _IMPORT_ALL + textwrap.dedent("""
+    sys.path.insert(0, "tests")
+    from doc_support import run_block  # README.md and docs/*.md
+
     for heading in sys.argv[2:]:
-      block = re.search(r"```python\\n(.*?)```", readme.split(heading, 1)[1],
-                        re.S).group(1)
-      namespace = {}
-      exec(compile(block, "README.md", "exec"), namespace)
+      namespace = run_block(heading)
       losses_ = namespace["losses"]
       assert losses_[-1] < 0.8 * losses_[0], (heading, losses_[0], losses_[-1])
       print("ran", heading, "loss", losses_[0], "->", losses_[-1])
-
-    try:
-      import ot_transfer_jax.data
-    except ImportError as err:
-      print("data:", err)
-    else:
-      raise AssertionError("ot_transfer_jax.data imported without its extra")
     loaded = sorted({m.partition(".")[0] for m in sys.modules} & BLOCKED)
     assert not loaded, loaded
 """)
 
+# The optax example (README.md) and the NNX one (docs/usage.md).
 README_EXAMPLES = ("## Use the regulariser", "### Flax NNX")
+# Every module the package must hold (a new module is added here).
+PACKAGE_MODULES = {
+    "ot_transfer_jax.checkpoint", "ot_transfer_jax.delta_weights",
+    "ot_transfer_jax.features", "ot_transfer_jax.losses", "ot_transfer_jax.ot",
+    "ot_transfer_jax.optim", "ot_transfer_jax.parallel",
+    "ot_transfer_jax.regularizers", "ot_transfer_jax.train",
+    "ot_transfer_jax.models", "ot_transfer_jax.models.cifar_resnet",
+    "ot_transfer_jax.models.digits", "ot_transfer_jax.models.layers",
+    "ot_transfer_jax.models.resnet", "ot_transfer_jax.models.small_cnn",
+    "ot_transfer_jax.models.wrn"}
+_BLOCKED = ",".join(set(EXPERIMENT_TOOLS.values()) | {"experiments"})
+
+
+def _imported(stdout: str) -> set:
+  line = next(l for l in stdout.splitlines() if l.startswith("imported "))
+  return set(line.split()[2:])
+
+
+@pytest.mark.slow
+def test_installed_package_imports_every_module_without_experiment_tools(
+    tmp_path):
+  """``pip install .`` of a copy of the checkout into its own directory, then
+  every module of the *installed* copy (the built wheel's files, not the
+  checkout) imports with the extras unimportable. The core dependencies are
+  this interpreter's (no download)."""
+  source, target = tmp_path / "source", tmp_path / "site"
+  shutil.copytree(REPO / "ot_transfer_jax", source / "ot_transfer_jax",
+                  ignore=shutil.ignore_patterns("__pycache__"))
+  for name in ("pyproject.toml", "README.md"):
+    shutil.copy(REPO / name, source / name)
+  subprocess.run([sys.executable, "-m", "pip", "install", "--quiet",
+                  "--no-deps", "--no-build-isolation", "--no-index",
+                  "--target", str(target), str(source)],
+                 check=True, timeout=600, cwd=tmp_path)
+  proc = subprocess.run([sys.executable, "-c", _ABSENT + _IMPORT_ALL, _BLOCKED],
+                        cwd=tmp_path, capture_output=True, text=True,
+                        timeout=300, env={**os.environ, "PYTHONPATH": str(target)})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"imported {target}" in proc.stdout, proc.stdout  # not the checkout
+  assert _imported(proc.stdout) == PACKAGE_MODULES, proc.stdout
 
 
 def test_core_imports_and_readme_examples_run_without_experiment_tools():
   proc = subprocess.run(
-      [sys.executable, "-c", _BLOCKED_RUN,
-       ",".join(set(EXPERIMENT_TOOLS.values()) | {"experiments"}),
-       *README_EXAMPLES],
+      [sys.executable, "-c", _BLOCKED_RUN, _BLOCKED, *README_EXAMPLES],
       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  # Every module of the checkout's package imported, then the examples ran.
+  assert _imported(proc.stdout) == PACKAGE_MODULES, proc.stdout
   for heading in README_EXAMPLES:
     assert f"ran {heading}" in proc.stdout
-  # Importing the data pipelines without their extra says how to get it.
-  assert "needs the experiments extra" in proc.stdout
-  assert "pip install 'ot_transfer_jax[experiments]'" in proc.stdout
 
 
 def test_torchvision_weight_tests_skip_without_torch_saying_why():

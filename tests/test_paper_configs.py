@@ -23,8 +23,7 @@ import time
 import pytest
 import tensorflow_datasets as tfds
 
-from experiments import loop
-from ot_transfer_jax import data
+from experiments import data, loop
 from experiments.metric_writers import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

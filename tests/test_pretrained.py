@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from ot_transfer_jax.models import create_model
-from ot_transfer_jax.models.pretrained import (
+from experiments.pretrained import (
     load_torchvision_resnet,
     load_variables_safetensors,
     save_variables_safetensors,

@@ -1,32 +1,31 @@
-"""The README's code runs as written."""
+"""The documentation's code runs as written: README.md and docs/*.md.
 
-import pathlib
+Blocks are found by the text before them on whichever page holds it
+(``doc_support``), so they stay tested when a section moves between pages.
+"""
+
 import re
 
 import numpy as np
+import pytest
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+from doc_support import README, REPO, bash_block, page_with, pages, run_block
 
-
-def _python_block(after_heading: str) -> str:
-  text = README.read_text()
-  section = text.split(after_heading, 1)[1]
-  return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+# The pages the README links to, in its order.
+DOC_PAGES = ("usage", "training", "experiments", "results", "transformers",
+             "performance", "reliability")
 
 
 def test_optax_example_trains():
-  namespace = {}
-  exec(compile(_python_block("## Use the regulariser"), "README.md", "exec"),
-       namespace)
+  assert page_with("## Use the regulariser") == README
+  namespace = run_block("## Use the regulariser")
   losses = namespace["losses"]
   assert len(losses) == 100
   assert losses[-1] < 0.8 * losses[0]
 
 
 def test_multi_device_example_matches_one_device():
-  namespace = {}
-  exec(compile(_python_block("### Several devices"), "README.md", "exec"),
-       namespace)
+  namespace = run_block("### Several devices")
   ref = namespace["grads_ref"]
   for how in ("pmap", "shard"):
     assert abs(float(namespace[f"loss_{how}"]) - float(namespace["loss_ref"])
@@ -39,8 +38,7 @@ def test_multi_device_example_matches_one_device():
 
 
 def test_nnx_example_trains_with_the_reference_gradient():
-  namespace = {}
-  exec(compile(_python_block("### Flax NNX"), "README.md", "exec"), namespace)
+  namespace = run_block("### Flax NNX")
   losses = namespace["losses"]
   assert len(losses) == 100
   assert losses[-1] < 0.8 * losses[0]
@@ -86,14 +84,23 @@ def test_nnx_example_trains_with_the_reference_gradient():
                                err_msg=f"{layer}/{name}")
 
 
-def _bash_block(after: str) -> str:
-  section = README.read_text().split(after, 1)[1]
-  return re.search(r"```bash\n(.*?)```", section, re.S).group(1).strip()
+@pytest.mark.slow  # Compiles two transformers and Sinkhorn: ~15-30 s on CPU.
+def test_language_model_example_lowers_omega_between_hidden_states():
+  namespace = run_block("## A language model")
+  omegas = namespace["omegas"]
+  assert len(omegas) == 50
+  assert omegas[-1] < 0.9 * omegas[0]
+  hidden_states, inputs = namespace["hidden_states"], namespace["inputs"]
+  _, hidden = hidden_states(namespace["student"], inputs)
+  _, t_hidden = hidden_states(namespace["teacher"], inputs)
+  assert [h.shape for h in hidden] == [(8, 16, 32)] * 2  # (batch, seq, d_model)
+  assert [h.shape for h in t_hidden] == [(8, 16, 64)] * 2
 
 
 def test_ci_runs_the_readme_install_and_test_commands():
   # CI (.ci/run) must run what the README tells a new user to run.
-  install, test = _bash_block("Install the test extra").split(" && ")
+  assert page_with("Install the test extra") == README
+  install, test = bash_block("Install the test extra").split(" && ")
   ci = (README.parent / ".ci" / "run").read_text().splitlines()
   commands = [line for line in ci if line and not line.startswith(("#", "set ", "cd "))]
   # `pip ...` and `python ...` there are `python3 -m pip ...` and `python3 ...` here.
@@ -102,3 +109,53 @@ def test_ci_runs_the_readme_install_and_test_commands():
   assert commands == expected
   assert "-c constraints.txt" in install
   assert (README.parent / "constraints.txt").exists()
+
+
+def test_readme_is_a_front_door_linking_every_docs_page():
+  text = README.read_text()
+  assert len(text.splitlines()) <= 200
+  listed = text.split("## Documentation", 1)[1]
+  assert tuple(re.findall(r"\]\(docs/(\w+)\.md\)", listed)) == DOC_PAGES
+  assert [p.stem for p in pages()[1:]] == sorted(DOC_PAGES)
+
+
+def _slug(heading: str) -> str:
+  """GitHub's anchor for a markdown heading."""
+  return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_relative_link_and_image_resolves():
+  checked = 0
+  for page in pages():
+    for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+      if re.match(r"[a-z]+://", target):
+        continue
+      path, _, anchor = target.partition("#")
+      file = (page.parent / path).resolve() if path else page
+      assert file.exists(), f"{page.name}: {target} does not exist"
+      if anchor:
+        headings = re.findall(r"^#+ (.*)$", file.read_text(), re.M)
+        assert anchor in map(_slug, headings), f"{page.name}: {target}"
+      checked += 1
+  assert checked >= 15  # The pages link to each other and show figures.
+
+
+def test_the_readme_map_names_files_that_exist():
+  # The "Map of the tree" block: a name at indent 0 is a top-level folder,
+  # at indent 2 an entry inside it; deeper lines continue a description.
+  tree = re.search(r"## Map of the tree\n\n```\n(.*?)```", README.read_text(),
+                   re.S).group(1)
+  named, folder = [], None
+  for line in tree.splitlines():
+    indent = len(line) - len(line.lstrip())
+    if indent > 2 or not line.strip():
+      continue
+    names = re.split(r"\s{2,}", line.strip())[0].split(", ")
+    if indent == 0:
+      folder = names[0]
+      named.append(REPO / folder)
+    else:
+      named += [REPO / folder / name for name in names]
+  assert len(named) >= 20
+  missing = [str(p.relative_to(REPO)) for p in named if not p.exists()]
+  assert not missing, f"the README's map names missing paths: {missing}"

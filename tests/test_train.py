@@ -1,4 +1,8 @@
-"""Loss composition, optimizer, state and the data-parallel steps."""
+"""Loss composition, state, the train step and its data parallelism.
+
+The tests describe a run by an experiment config (``make_config``) and build
+it as ``experiments/job.py`` does, through the library's explicit arguments
+(``setup``)."""
 
 import os
 import subprocess
@@ -10,8 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import data
 from experiments.configs import common
-from ot_transfer_jax import data, losses, regularizers, train
+from ot_transfer_jax import losses, optim, parallel, regularizers, train
 from ot_transfer_jax.models import create_model
 
 
@@ -50,28 +55,37 @@ def batches(ds, batch_size=64, seed=0):
 
 def setup(cfg, steps, teacher_vars=None, mesh=None, seed=0,
           init_from_teacher=False):
-  mesh = mesh or train.make_mesh()
+  mesh = mesh or parallel.make_mesh()
   model = create_model(cfg.model.name, NUM_CLASSES, **cfg.model.kwargs)
   teacher = create_model("digits_cnn", NUM_CLASSES)
   sample = jnp.zeros((64, 8, 8, 1))
   if teacher_vars is None:
     teacher_vars = teacher.init(jax.random.PRNGKey(1), sample[:1])
-  tx = train.make_optimizer(cfg.optimizer, steps)
+  terms = regularizers.terms_from_config(cfg.loss.terms)
+  tx = optim.make_optimizer(steps, **cfg.optimizer)
   state = train.create_train_state(
-      cfg, model, teacher, teacher_vars, jax.random.PRNGKey(seed), sample, tx,
-      init_variables=teacher_vars if init_from_teacher else None)
-  step = train.make_train_step(cfg, model, teacher, tx, mesh)
+      model, teacher, teacher_vars, terms, jax.random.PRNGKey(seed), sample,
+      tx, init_variables=teacher_vars if init_from_teacher else None)
+  step = train.make_train_step(loss_fn(cfg, model, teacher), tx, mesh)
   return model, teacher, teacher_vars, state, step, mesh
+
+
+def loss_fn(cfg, model, teacher):
+  return train.make_loss_fn(
+      model, teacher, regularizers.terms_from_config(cfg.loss.terms),
+      label_smoothing=cfg.loss.label_smoothing,
+      weight_decay=cfg.loss.weight_decay, head_decay=cfg.loss.head_decay,
+      bn_train=not cfg.model.freeze_batchnorm)
 
 
 def run(cfg, ds, steps, teacher_vars=None, mesh=None):
   model, _, teacher_vars, state, step, mesh = setup(cfg, steps, teacher_vars,
                                                     mesh)
-  state = train.replicate(state, mesh)
-  teacher_vars = train.replicate(teacher_vars, mesh)
+  state = parallel.replicate(state, mesh)
+  teacher_vars = parallel.replicate(teacher_vars, mesh)
   history = []
   for _, batch in zip(range(steps), batches(ds)):
-    state, metrics = step(state, teacher_vars, train.shard_batch(batch, mesh))
+    state, metrics = step(state, teacher_vars, parallel.shard_batch(batch, mesh))
     history.append(jax.device_get(metrics))
   return model, state, history
 
@@ -82,9 +96,9 @@ def test_ot_training_on_digits_reaches_90_percent(digits):
   cfg = make_config("ot")
   model, state, history = run(cfg, digits, 200,
                               teacher_vars=teacher_state.variables)
-  mesh = train.make_mesh()
-  eval_step = train.make_eval_step(model, mesh)
-  test = train.evaluate(eval_step, state.variables,
+  mesh = parallel.make_mesh()
+  eval_step = parallel.make_eval_step(model, mesh)
+  test = parallel.evaluate(eval_step, state.variables,
                         data.eval_batches(digits.test, batch_size=128,
                                           image_size=None, mean=digits.mean,
                                           std=digits.std), mesh)
@@ -109,7 +123,7 @@ def test_identical_student_has_matched_fraction_one(digits):
   model, teacher, teacher_vars, state, step, mesh = setup(
       cfg, 5, init_from_teacher=True)
   _, metrics = step(state, teacher_vars,
-                    train.shard_batch(next(batches(digits)), mesh))
+                    parallel.shard_batch(next(batches(digits)), mesh))
   for key in ("stage1->stage1", "stage2->stage2"):
     assert float(metrics[f"matched_fraction/ot/{key}"]) == pytest.approx(
         1.0, abs=0.02)
@@ -140,10 +154,9 @@ def test_loss_is_the_weighted_sum_of_its_logged_terms(digits):
   state = state.replace(params=jax.tree_util.tree_map(
       lambda x: 1.1 * x, teacher_vars["params"]))
   batch = next(batches(digits))
-  loss_fn = train.make_loss_fn(cfg, model, teacher)
-  loss, (m, _, _) = loss_fn(state.trainable, state.batch_stats,
-                            state.reg_state, teacher_vars, batch,
-                            jax.random.PRNGKey(0))
+  loss, (m, _, _) = loss_fn(cfg, model, teacher)(
+      state.trainable, state.batch_stats, state.reg_state, teacher_vars, batch,
+      jax.random.PRNGKey(0))
   assert float(loss) == pytest.approx(float(
       m["ce"] + 0.3 * m["reg/ot"] + 0.7 * m["reg/kd"] + 0.05 * m["reg/l2_sp"]
       + m["weight_decay"] + m["head_decay"]), rel=1e-6)
@@ -220,41 +233,6 @@ def test_transfer_init_copies_backbone_and_keeps_new_head():
     train.transfer_init(small, t_vars)
 
 
-def test_schedules_and_backbone_multiplier():
-  cfg = common.base_config().optimizer
-  cfg.update({"learning_rate": 1.0, "schedule": "step", "warmup_steps": 0,
-              "step_boundaries": (0.5,), "step_factor": 0.1})
-  sched = train.make_schedule(cfg, 100)
-  assert float(sched(10)) == pytest.approx(1.0)
-  assert float(sched(60)) == pytest.approx(0.1)
-  cfg.step_boundaries = (0.29, 0.3)  # Both round to step 3 of 10.
-  sched = train.make_schedule(cfg, 10)
-  assert float(sched(2)) == pytest.approx(1.0)
-  assert float(sched(3)) == pytest.approx(0.01)
-  cfg.update({"warmup_steps": 10, "step_boundaries": (0.5,)})
-  sched = train.make_schedule(cfg, 100)  # The drop stays at step 50.
-  assert float(sched(5)) == pytest.approx(0.5)
-  assert float(sched(49)) == pytest.approx(1.0)
-  assert float(sched(50)) == pytest.approx(0.1)
-  cfg = common.base_config().optimizer
-  cfg.update({"learning_rate": 1.0, "momentum": 0.0, "schedule": "constant",
-              "backbone_lr_multiplier": 0.1})
-  tx = train.make_optimizer(cfg, 10)
-  params = {"model": {"head": jnp.ones(2), "stage1": jnp.ones(2)},
-            "regularizers": {}}
-  grads = jax.tree_util.tree_map(jnp.ones_like, params)
-  updates, _ = tx.update(grads, tx.init(params), params)
-  np.testing.assert_allclose(updates["model"]["head"], -1.0)
-  np.testing.assert_allclose(updates["model"]["stage1"], -0.1)
-  cfg.grad_clip_norm = 1.0
-  tx = train.make_optimizer(cfg, 10)
-  updates, _ = tx.update(jax.tree_util.tree_map(lambda g: 10 * g, grads),
-                         tx.init(params), params)
-  # Global norm of (10, 10, 10, 10) is 20 -> scaled to 1: each 0.5.
-  np.testing.assert_allclose(updates["model"]["head"], -0.5, rtol=1e-6)
-  np.testing.assert_allclose(updates["model"]["stage1"], -0.05, rtol=1e-6)
-
-
 def test_non_finite_step_is_skipped(digits):
   cfg = make_config("ot")
   model, teacher, teacher_vars, state, step, mesh = setup(cfg, 3)
@@ -262,7 +240,7 @@ def test_non_finite_step_is_skipped(digits):
   batch = next(batches(digits))
   batch["image"] = batch["image"].copy()
   batch["image"][0, 0, 0, 0] = np.nan
-  state, metrics = step(state, teacher_vars, train.shard_batch(batch, mesh))
+  state, metrics = step(state, teacher_vars, parallel.shard_batch(batch, mesh))
   assert float(metrics["skipped"]) == 1.0
   assert int(state.bad_steps) == 1 and int(state.step) == 1
   jax.tree_util.tree_map(np.testing.assert_array_equal, before,
@@ -275,17 +253,17 @@ MULTI_DEVICE = textwrap.dedent("""
     sys_path = {path!r}
     import sys; sys.path.insert(0, sys_path)
     import test_train as t
-    from ot_transfer_jax import train
+    from ot_transfer_jax import parallel
     ds = t.data.get_datasets({{"name": "digits"}})
     cfg = t.make_config("ot")
     out = {{}}
     for n in (1, 2):
-      mesh = train.make_mesh(jax.devices()[:n])
+      mesh = parallel.make_mesh(jax.devices()[:n])
       model, teacher, tv, state, step, _ = t.setup(cfg, 5, mesh=mesh)
-      state, tv = train.replicate(state, mesh), train.replicate(tv, mesh)
+      state, tv = parallel.replicate(state, mesh), parallel.replicate(tv, mesh)
       losses = []
       for _, b in zip(range(5), t.batches(ds)):
-        state, m = step(state, tv, train.shard_batch(b, mesh))
+        state, m = step(state, tv, parallel.shard_batch(b, mesh))
         losses.append(float(m["loss"]))
       assert step._cache_size() == 1, step._cache_size()
       out[n] = (np.array(losses), jax.device_get(state.params))
@@ -298,13 +276,6 @@ MULTI_DEVICE = textwrap.dedent("""
     assert diff <= 1e-4 * np.linalg.norm(flat(out[1][1])), diff
     print("OK", out[1][0])
 """)
-
-
-def test_a_negative_max_devices_is_refused():
-  with pytest.raises(ValueError, match=r"max_devices=-1: use 0 .* or a "
-                     "positive limit"):
-    train.make_mesh(batch_size=4, max_devices=-1)
-  assert train.make_mesh(batch_size=4, max_devices=0).devices.size >= 1
 
 
 def test_two_devices_match_one_device_and_compile_once():
@@ -324,24 +295,24 @@ ANY_DEVICE_COUNT = textwrap.dedent("""
     n = jax.device_count()
     import sys; sys.path.insert(0, {path!r})
     import test_train as t
-    from ot_transfer_jax import train
+    from ot_transfer_jax import parallel
     # 25 = 5 x 5 divides over 1 of 2 or 4 devices; 24 over all; 10 over 2.
-    assert train.make_mesh(batch_size=25).devices.size == 1
-    assert train.make_mesh(batch_size=24).devices.size == n
-    assert train.make_mesh(batch_size=10).devices.size == 2
-    assert train.make_mesh(batch_size=24, max_devices=1).devices.size == 1
-    assert train.make_mesh(batch_size=24, max_devices=3).devices.size == min(n, 3)
+    assert parallel.make_mesh(batch_size=25).devices.size == 1
+    assert parallel.make_mesh(batch_size=24).devices.size == n
+    assert parallel.make_mesh(batch_size=10).devices.size == 2
+    assert parallel.make_mesh(batch_size=24, max_devices=1).devices.size == 1
+    assert parallel.make_mesh(batch_size=24, max_devices=3).devices.size == min(n, 3)
     ds = t.data.get_datasets({{"name": "digits"}})
     cfg = t.make_config("ot")
-    meshes = {{"one": train.make_mesh(jax.devices()[:1])}}
+    meshes = {{"one": parallel.make_mesh(jax.devices()[:1])}}
     if n > 2:  # Training on 2 of 4 devices (on 2 of 2 it is the usual case).
-      meshes["picked"] = train.make_mesh(batch_size=10)
+      meshes["picked"] = parallel.make_mesh(batch_size=10)
     params = {{}}
     for name, mesh in meshes.items():
       model, _, tv, state, step, _ = t.setup(cfg, 2, mesh=mesh)
-      state, tv = train.replicate(state, mesh), train.replicate(tv, mesh)
+      state, tv = parallel.replicate(state, mesh), parallel.replicate(tv, mesh)
       for _, b in zip(range(2), t.batches(ds, batch_size=10)):
-        state, m = step(state, tv, train.shard_batch(b, mesh))
+        state, m = step(state, tv, parallel.shard_batch(b, mesh))
       params[name] = jax.device_get(state.params)
     if n > 2:
       flat = lambda t: np.concatenate([np.ravel(x) for x in
@@ -351,10 +322,10 @@ ANY_DEVICE_COUNT = textwrap.dedent("""
     # Evaluation pads each 25-row batch with masked rows over all n devices.
     variables = {{"params": params["one"], "batch_stats": state.batch_stats}}
     evals = []
-    for mesh in (meshes["one"], train.make_mesh()):
+    for mesh in (meshes["one"], parallel.make_mesh()):
       batches = t.data.eval_batches(ds.test, batch_size=25, image_size=None,
                                     mean=ds.mean, std=ds.std)
-      evals.append(train.evaluate(train.make_eval_step(model, mesh),
+      evals.append(parallel.evaluate(parallel.make_eval_step(model, mesh),
                                   jax.device_get(variables), batches, mesh))
     one, full = evals
     assert full["count"] == one["count"] == len(ds.test), (full, one)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import data
 from ot_transfer_jax import checkpoint, losses, ot
 from ot_transfer_jax.features import apply_with_features, validate_layers
 from ot_transfer_jax.models import ViT, create_model
@@ -119,7 +120,7 @@ def test_vit_trains_resumes_and_predicts_from_the_cli(tmp_path):
   assert "Resuming" in proc.stderr or "resum" in proc.stderr.lower()
   restored = checkpoint.restore(str(workdir))
   assert restored.step == 20 and restored.config.model.name == "digits_vit"
-  images, labels = next(restored.test_batches(64))
+  images, labels = next(data.test_batches(restored, 64))
   accuracy = np.mean(restored.predict(images) == labels)
   assert accuracy > 0.3  # 5 classes: above chance after 20 steps.
 

@@ -21,8 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.benchmarks.common import median_seconds, write
-from experiments.configs import common
-from ot_transfer_jax import train
+from ot_transfer_jax import optim, parallel, regularizers, train
 from ot_transfer_jax.features import available_layers
 from ot_transfer_jax.models import create_model
 
@@ -62,27 +61,28 @@ def last_stages(model_name: str, count: int) -> tuple:
 
 
 def step_seconds(model_name, method, layers, batch, repeats):
-  cfg = common.base_config()
-  cfg.model.name = model_name
-  if method != "none":
-    cfg.loss.terms[method] = common.term(method, 0.1, student_layers=layers)
+  terms = regularizers.terms_from_config(
+      {} if method == "none" else
+      {method: regularizers.term_config(method, weight=0.1,
+                                        student_layers=layers)})
   model = create_model(model_name, 10)
   shape = input_shape(model_name)
   sample = jnp.zeros((batch, *shape))
-  mesh = train.make_mesh()
+  mesh = parallel.make_mesh()
   teacher_vars = jax.jit(lambda k: model.init(k, sample[:1]))(
       jax.random.PRNGKey(1))
-  tx = train.make_optimizer(cfg.optimizer, 1000)
-  state = train.create_train_state(cfg, model, model, teacher_vars,
+  tx = optim.make_optimizer(1000, learning_rate=0.05)
+  state = train.create_train_state(model, model, teacher_vars, terms,
                                    jax.random.PRNGKey(0), sample, tx,
                                    init_variables=teacher_vars)
-  step = train.make_train_step(cfg, model, model, tx, mesh)
+  step = train.make_train_step(train.make_loss_fn(model, model, terms), tx,
+                               mesh)
   rng = np.random.default_rng(0)
   batch_np = {"image": rng.normal(size=(batch, *shape)).astype(np.float32),
               "label": rng.integers(0, 10, batch).astype(np.int32)}
-  data = train.shard_batch(batch_np, mesh)
-  holder = {"state": train.replicate(state, mesh)}
-  teacher_vars = train.replicate(teacher_vars, mesh)
+  data = parallel.shard_batch(batch_np, mesh)
+  holder = {"state": parallel.replicate(state, mesh)}
+  teacher_vars = parallel.replicate(teacher_vars, mesh)
 
   def call():
     holder["state"], metrics = step(holder["state"], teacher_vars, data)

@@ -15,7 +15,8 @@ from typing import Callable, Mapping, Optional
 
 import ml_collections
 
-from ot_transfer_jax import data, regularizers
+from experiments import data
+from ot_transfer_jax import regularizers
 
 Method = Callable[[ml_collections.ConfigDict], None]
 

@@ -11,7 +11,7 @@ instead of stages::
   logits = model.apply(variables, x)  # evaluation: running BN statistics
   logits, state = model.apply(variables, x, train=True, mutable=["batch_stats"])
 
-Pretrained torchvision weights: :mod:`ot_transfer_jax.models.pretrained`.
+Pretrained torchvision weights: :mod:`experiments.pretrained` (the experiment suite).
 """
 
 import functools

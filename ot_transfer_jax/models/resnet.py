@@ -4,7 +4,7 @@ A 7x7/2 stem ``conv1`` + ``bn1`` + ReLU, a 3x3/2 max-pool, ``stage1..stage4``
 (torchvision's ``layer1..layer4``) of basic or bottleneck blocks, global
 average pooling and ``head`` (torchvision's ``fc``). Bottlenecks stride on
 their 3x3 conv (v1.5). Module names follow torchvision's state-dict keys, so
-:mod:`ot_transfer_jax.models.pretrained` loads its weights one-to-one.
+:mod:`experiments.pretrained` (the experiment suite) loads its weights one-to-one.
 """
 
 import functools

@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from ot_transfer_jax.data.idx import IDX_DATASETS
+from experiments.data.idx import IDX_DATASETS
 
 
 class Source(Protocol):

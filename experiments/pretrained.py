@@ -28,7 +28,7 @@ try:  # Not a core dependency: only this module reads .safetensors files.
   import safetensors.numpy
 except ImportError as err:
   raise ImportError(
-      "ot_transfer_jax.models.pretrained reads .safetensors files: pip install "
+      "experiments.pretrained reads .safetensors files: pip install "
       "safetensors (it comes with the experiments extra).") from err
 
 from ot_transfer_jax.models import create_model

@@ -15,7 +15,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from ot_transfer_jax.data.sources import Source
+from experiments.data.sources import Source
 
 AUGMENTATIONS = ("none", "crop_flip", "imagenet")
 _CROP_PAD = 4

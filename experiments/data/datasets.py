@@ -6,15 +6,15 @@ is only for final numbers.
 
 import dataclasses
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import ml_collections
 import numpy as np
 
-from ot_transfer_jax.data import pipeline
-from ot_transfer_jax.data.digits import DigitsSource
-from ot_transfer_jax.data.idx import IDX_DATASETS, IdxSource
-from ot_transfer_jax.data.sources import (
+from experiments.data import pipeline
+from experiments.data.digits import DigitsSource
+from experiments.data.idx import IDX_DATASETS, IdxSource
+from experiments.data.sources import (
     TFDS_KEYS, ImageFolderSource, Source, SubsetSource, TfdsKeys, TfdsSource)
 
 _STATS_EXAMPLES = 1024  # Enough for per-channel mean/std to ~1%, cheap on any dataset.
@@ -217,3 +217,19 @@ def _label_map(num_classes: int, classes: Sequence[int] | None) -> np.ndarray:
   label_map = np.full(num_classes, -1, np.int64)
   label_map[list(classes)] = np.arange(len(classes))
   return label_map
+
+
+def test_batches(restored: Any, batch_size: int = 256) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """The test split of a restored run (``ot_transfer_jax.checkpoint.restore``), in order.
+
+  Yields:
+    ``(images, class_ids)``: uint8 ``(B, H, W, C)`` at the model's resolution, as
+    ``restored.predict`` takes them, and int64 ``(B,)`` dataset class ids (the last batch
+    may be smaller).
+  """
+  ds = get_datasets(restored.config.data)
+  size = restored.config.data.get("image_size")
+  for start in range(0, len(ds.test), batch_size):
+    examples = [ds.test[i] for i in range(start, min(start + batch_size, len(ds.test)))]
+    yield (np.stack([pipeline.fit_image(e["image"], size) for e in examples]),
+           restored.class_ids[np.array([e["label"] for e in examples])])
