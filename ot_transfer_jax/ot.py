@@ -601,7 +601,10 @@ def solve_neuron_ot(
       matched. Below 1 the marginals are KL penalties of weight ``rho = eps
       tau / (1 - tau)`` (ott-jax's ``tau_a = tau_b = tau``): neurons with no
       good counterpart keep part of their mass unmatched (see the module
-      docstring for the value and gradient).
+      docstring for the value and gradient). ``rho`` scales with epsilon:
+      at the default ``relative_epsilon=0.01``, ``tau=0.99`` prices unmatched
+      mass at about the mean cost, while ``tau=0.9`` (``rho`` = 0.09 x mean
+      cost) already leaves most of the mass unmatched.
 
   Returns:
     A :class:`NeuronTransport` (replicated under ``axis_name``).
