@@ -37,9 +37,9 @@ SWEEP = {
     "kd": ("loss.terms.kd.weight", (0.1, 1.0, 10.0)),
     "ot": ("loss.terms.ot.weight", (0.01, 0.1, 1.0)),
 }
-# fashion_mnist_distill's choices, until the sweep above has run on this
-# config (it had not finished on the 2-core machine of the first session).
-WEIGHTS = {"kd": 10.0, "ot": 0.1}
+# Chosen by the sweep above (validation accuracy, seed 100; the sweep's
+# records: docs/fashion_mnist/fashion_mnist_vit_distill/sweep.json).
+WEIGHTS = {"kd": 0.1, "ot": 0.1}
 
 
 def vit(c, kwargs):
