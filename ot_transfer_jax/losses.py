@@ -42,7 +42,7 @@ def ot_regularizer(student: jax.Array, teacher: jax.Array,
     **options: any keyword of :func:`ot_transfer_jax.ot.solve_neuron_ot`
       (``epsilon``, ``relative_epsilon``, ``spatial``, ``normalize``,
       ``threshold``, ``max_iterations``, ``grad``, ``init``, ``axis_name``,
-      ``precision``).
+      ``precision``, ``tau``: below 1, unbalanced transport).
 
   Returns:
     Scalar float32. With the default ``grad="envelope"`` its gradient treats

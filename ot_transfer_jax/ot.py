@@ -25,6 +25,27 @@ Gradient modes (``grad=``), all giving the same forward value:
   It differs from the envelope gradient by the term that moves ``P*``; it is
   offered for comparison only.
 
+Unbalanced transport (``tau < 1``): the marginal constraints become KL
+penalties, so a neuron may stay (partly) unmatched at a price. With ott-jax's
+parametrisation ``tau = rho / (rho + eps)`` (``LinearProblem(tau_a=tau,
+tau_b=tau)``), the plan solves::
+
+    P* = argmin_P <P, C> + eps KL(P | u v^T) + rho KL(P 1 | u) + rho KL(P^T 1 | v)
+
+(``u``, ``v`` the uniform marginals, KL the generalised divergence
+``sum p log(p / q) - p + q``, ``rho = eps tau / (1 - tau)``: ``tau`` is
+scale-free like ``relative_epsilon``); ``tau = 1`` is the balanced problem.
+(ott-jax's entropic term is ``KL(P | 1 1^T)``; the cost is shifted by ``eps
+log(n_s n_t)`` to solve the problem above, POT's ``reg_type="kl"``.) Omega_P is still the transport cost
+``<P*, C>`` of that plan (its mass ``sum(P*)`` may be below 1, see
+``NeuronTransport.mass``), and the envelope gradient is still ``dOmega/dC =
+P*``: by Danskin's theorem the exact gradient of the unbalanced entropic
+objective above (the transport cost's own gradient would add the term that
+moves ``P*``, as in the balanced case). ``tests/test_ot.py`` checks the value
+against POT's ``ot.unbalanced.sinkhorn_unbalanced2`` (``reg=eps``, ``reg_m=
+rho``, ``returnCost="linear"``) and the gradient against finite differences of
+the objective above at POT's plan.
+
 Implicit differentiation (ott-jax ``ImplicitDiff``) is not offered: with
 ott-jax 0.6 / lineax its linear solve returned NaN or raised in float32 for
 several of our shapes (unequal widths always), even with tight tolerances and
@@ -121,7 +142,8 @@ class NeuronTransport:
   Attributes:
     value: scalar, ``Omega_P = <P*, C>`` (the transport cost of the entropic
       plan, not the entropic objective). Its gradient depends on ``grad``.
-    plan: ``(n_s, n_t)``, the entropic plan ``P*``; sums to 1.
+    plan: ``(n_s, n_t)``, the entropic plan ``P*``; sums to 1 (``mass``
+      when ``tau < 1``).
     cost_matrix: ``(n_s, n_t)``, ``C_jk = ||a_j - t_k||^2 / D``.
     matched_fraction: scalar, ``trace(P*)`` when ``n_s == n_t``: the share of
       mass that stays on "each neuron with its counterpart" (1 when the student
@@ -132,6 +154,8 @@ class NeuronTransport:
     g: ``(n_t,)`` dual potential of the teacher's neurons. ``(f, g)`` can be
       passed back as ``init=`` to warm-start the next solve.
     epsilon: scalar, the absolute entropic regularisation used.
+    mass: scalar, ``sum(P*)``: 1 for balanced transport (up to
+      ``threshold``), the share of mass transported when ``tau < 1``.
   """
 
   value: jax.Array
@@ -143,6 +167,7 @@ class NeuronTransport:
   f: jax.Array
   g: jax.Array
   epsilon: jax.Array
+  mass: jax.Array
 
   @property
   def potentials(self) -> Tuple[jax.Array, jax.Array]:
@@ -186,6 +211,23 @@ def _check_positive(name: str, value: Any, hint: str) -> None:
   if v is not None and not (v > 0 and math.isfinite(v)):
     raise ValueError(
         f"{name} must be a positive finite number, got {value!r}. {hint}")
+
+
+def check_tau(tau: Any) -> float:
+  """``tau`` as a float; ValueError unless a concrete number in (0, 1].
+
+  (ott-jax branches on ``tau == 1`` in Python, so it cannot be traced.)
+  """
+  hint = ("tau=1 is balanced transport; a smaller tau lets more mass go "
+          "unmatched, e.g. tau=0.9.")
+  if _is_traced(tau):
+    raise ValueError(
+        "tau must be a concrete Python float, got a traced value: the solver "
+        f"is built for a fixed tau. Pass it as a constant. {hint}")
+  v = _real_scalar("tau", tau)
+  if not 0.0 < v <= 1.0:
+    raise ValueError(f"tau must lie in (0, 1], got {tau!r}. {hint}")
+  return v
 
 
 def _check_count(name: str, value: Any) -> int:
@@ -260,9 +302,11 @@ def check_activation_shapes(
   """Raises ``ValueError`` unless two activation shapes can be compared.
 
   Activations are ``(batch, *positions, neurons)``: ``(m, n)`` for a dense
-  layer, ``(m, h, w, n)`` for a convolution. Student and teacher must share the
-  batch; ``spatial="flatten"`` also needs equal positions (same rank and same
-  ``h, w``), ``spatial="pool"`` averages positions away so any may differ.
+  layer, ``(m, h, w, n)`` for a convolution, ``(m, tokens, n)`` for a
+  transformer. Student and teacher must share the batch; ``spatial="flatten"``
+  also needs equal positions (same rank and same ``h, w``, or ``h * w`` tokens
+  against an ``h x w`` grid: a ViT's patches in row-major order),
+  ``spatial="pool"`` averages positions away so any may differ.
   Under ``axis_name=`` the shapes are each device's shard.
   """
   _check_choice("spatial", spatial, SPATIAL_MODES)
@@ -282,12 +326,16 @@ def check_activation_shapes(
     raise ValueError(
         f"Student and teacher must see the same mini-batch, but the batch "
         f"sizes differ: {given}. Feed both networks the same examples.")
-  if spatial == "flatten" and student_shape[1:-1] != teacher_shape[1:-1]:
+  s_pos, t_pos = tuple(student_shape[1:-1]), tuple(teacher_shape[1:-1])
+  # A token sequence against a grid: tokens are the grid's rows, row-major.
+  tokens_vs_grid = ((len(s_pos) == 1) != (len(t_pos) == 1) and
+                    math.prod(s_pos) == math.prod(t_pos))
+  if spatial == "flatten" and s_pos != t_pos and not tokens_vs_grid:
     raise ValueError(
         f"spatial='flatten' compares neurons position by position, so the "
-        f"positions must match: student positions {tuple(student_shape[1:-1])}"
-        f" vs teacher {tuple(teacher_shape[1:-1])} ({given}). Pick layers "
-        "with the same resolution and rank, or use spatial='pool' to average "
+        f"positions must match: student positions {s_pos} vs teacher {t_pos} "
+        f"({given}). Pick layers with the same resolution and rank (or h * w "
+        "tokens against an h x w grid), or use spatial='pool' to average "
         "positions away.")
 
 
@@ -617,6 +665,7 @@ def solve_neuron_ot(
     axis_name: AxisName = None,
     precision: Precision = "highest",
     anderson: int = DEFAULT_ANDERSON_MEMORY,
+    tau: float = 1.0,
 ) -> NeuronTransport:
   """Entropic OT between a student layer's and a teacher layer's neurons.
 
@@ -660,6 +709,14 @@ def solve_neuron_ot(
       from the last ``anderson`` potentials. 3 cuts a cold solve's iterations
       2-4 fold at the same accuracy; warm starts that converge within
       ``anderson`` iterations are unaffected. 0 turns it off.
+    tau: in (0, 1]; 1 (default) is balanced transport, every neuron's mass
+      matched. Below 1 the marginals are KL penalties of weight ``rho = eps
+      tau / (1 - tau)`` (ott-jax's ``tau_a = tau_b = tau``): neurons with no
+      good counterpart keep part of their mass unmatched (see the module
+      docstring for the value and gradient). ``rho`` scales with epsilon:
+      at the default ``relative_epsilon=0.01``, ``tau=0.99`` prices unmatched
+      mass at about the mean cost, while ``tau=0.9`` (``rho`` = 0.09 x mean
+      cost) already leaves most of the mass unmatched.
 
   Returns:
     A :class:`NeuronTransport` (replicated under ``axis_name``).
@@ -668,11 +725,12 @@ def solve_neuron_ot(
     ValueError: for activations that cannot be compared (see
       :func:`check_activations`), an unknown option, a concrete epsilon or
       relative_epsilon that is not a positive finite number, iteration counts
-      below 1, a non-positive threshold, ``init`` of the wrong shapes, or
-      NaN / inf in concrete activations or ``init``. Under ``jit`` (traced
-      values) nothing can be inspected: non-finite activations or an invalid
-      epsilon give a NaN value with ``converged=False``; non-finite ``init``
-      potentials are restarted from by ott-jax's Sinkhorn (tested).
+      below 1, a non-positive threshold, ``init`` of the wrong shapes, a
+      ``tau`` outside (0, 1] (or traced), or NaN / inf in concrete activations
+      or ``init``. Under ``jit`` (traced values) nothing can be inspected:
+      non-finite activations or an invalid epsilon give a NaN value with
+      ``converged=False``; non-finite ``init`` potentials are restarted from
+      by ott-jax's Sinkhorn (tested).
   """
   student, teacher = check_activations(student, teacher, spatial,
                                        axis_name=axis_name)
@@ -696,6 +754,7 @@ def solve_neuron_ot(
                      f"{anderson!r}. The default is {DEFAULT_ANDERSON_MEMORY}.")
   if not isinstance(anneal, (bool, np.bool_)):
     raise ValueError(f"anneal must be True or False, got {anneal!r}.")
+  tau = check_tau(tau)
   n_s, n_t = student.shape[-1], teacher.shape[-1]
   if init is not None:
     _check_init(init, n_s, n_t)
@@ -733,14 +792,22 @@ def solve_neuron_ot(
   solve_eps = (eps / unit).astype(solve_dtype)
   schedule = (epsilon_scheduler.Epsilon(solve_eps, ANNEAL_INIT, ANNEAL_DECAY)
               if annealing else solve_eps)
-  geom = geometry.Geometry(cost_matrix=scaled_cost.astype(solve_dtype),
+  solver_cost = scaled_cost
+  if tau < 1.0:
+    # ott-jax's entropy is KL(P | 1 1^T); ours (and POT's) is KL(P | u v^T).
+    # With uniform u, v they differ by <P, eps log(n_s n_t)>, a constant
+    # shift of the cost: it moves no balanced plan but sets the unbalanced
+    # plan's mass (without it the mass grows with the number of neurons).
+    solver_cost = scaled_cost + (eps / unit) * math.log(n_s * n_t)
+  geom = geometry.Geometry(cost_matrix=solver_cost.astype(solve_dtype),
                            epsilon=schedule)
   # Anderson's inner linear solve is a while loop: "unroll" could not
   # backpropagate through it.
   accelerate = anderson if envelope else 0
   out = _solver(threshold, max_iterations, inner_iterations,
                 ANNEAL_ITERATIONS if annealing else 0, accelerate)(
-                    linear_problem.LinearProblem(geom), init=init)
+                    linear_problem.LinearProblem(geom, tau_a=tau, tau_b=tau),
+                    init=init)
   # The plan is built once: value, gradient and matched fraction reuse it.
   plan = out.matrix.astype(dtype)
   value = unit * jnp.sum(plan * scaled_cost)
@@ -762,4 +829,5 @@ def solve_neuron_ot(
       f=jax.lax.stop_gradient(out.f.astype(dtype) * unit),
       g=jax.lax.stop_gradient(out.g.astype(dtype) * unit),
       epsilon=eps,
+      mass=jax.lax.stop_gradient(jnp.sum(plan)),
   )

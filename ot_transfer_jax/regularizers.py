@@ -220,9 +220,10 @@ class OmegaP(Regularizer):
   """Omega_P: entropic OT between the two layers' neurons (the method).
 
   Options: keywords of :func:`ot_transfer_jax.ot.solve_neuron_ot` (with its
-  defaults), and ``warm_start`` (start Sinkhorn from the previous step's
-  potentials). State: the potentials ``(f (n_s,), g (n_t,))``, zero at step 0
-  (a valid start, without the epsilon scaling of a true cold start).
+  defaults; ``tau`` < 1: unbalanced transport, logged as
+  ``transported_mass``), and ``warm_start`` (start Sinkhorn from the previous
+  step's potentials). State: the potentials ``(f (n_s,), g (n_t,))``, zero at
+  step 0 (a valid start, without the epsilon scaling of a true cold start).
   """
 
   relative_epsilon: float = default_of(_solve, "relative_epsilon")
@@ -231,7 +232,12 @@ class OmegaP(Regularizer):
   threshold: float = default_of(_solve, "threshold")
   max_iterations: int = default_of(_solve, "max_iterations")
   grad: str = default_of(_solve, "grad")
+  tau: float = default_of(_solve, "tau")
   warm_start: bool = True
+
+  def __post_init__(self):
+    # Checked when the config is written, not at the first step.
+    ot.check_tau(self.tau)
 
   def _solve_options(self) -> dict:
     return {k: v for k, v in self.options.items() if k != "warm_start"}
@@ -249,6 +255,8 @@ class OmegaP(Regularizer):
     metrics = {"matched_fraction": res.matched_fraction,
                "sinkhorn_iters": res.n_iters,
                "sinkhorn_converged": res.converged.astype(jnp.float32)}
+    if self.tau != 1.0:  # Unbalanced: how much mass was matched.
+      metrics["transported_mass"] = res.mass
     return res.value, metrics, res.potentials
 
 

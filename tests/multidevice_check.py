@@ -112,6 +112,23 @@ def ot_cases():
       compare(f"{name}/warm", loss, moved, teacher, *init)
 
 
+def unbalanced_cases():
+  """Unbalanced transport (tau < 1): the same global-batch rules."""
+  for layout, pos in (("dense", ()), ("conv", (2, 2))):
+    student, teacher = activations(pos, 6, 4)
+    options = {"tau": 0.8, **OT_OPTIONS}
+    init = ot.solve_neuron_ot(student, teacher, **options).potentials
+
+    def loss(s, t, *rest, options=options):
+      *init, axis_name = rest  # init: () cold, (f, g) warm
+      return ot.solve_neuron_ot(s, t, axis_name=axis_name,
+                                init=tuple(init) or None, **options).value
+
+    compare(f"ot/{layout}/unequal/tau0.8/cold", loss, student, teacher)
+    compare(f"ot/{layout}/unequal/tau0.8/warm", loss, student * 1.01 + 0.01,
+            teacher, *init)
+
+
 def baseline_cases():
   s, t = activations((2, 2), 6, 6)
   weights = jnp.asarray(RNG.dirichlet(np.ones(6)), jnp.float32)
@@ -184,6 +201,7 @@ def readme_case():
 if __name__ == "__main__":
   assert len(jax.devices()) >= 2, jax.devices()
   ot_cases()
+  unbalanced_cases()
   baseline_cases()
   varying_init_case()
   readme_case()

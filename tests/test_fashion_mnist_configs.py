@@ -13,7 +13,6 @@ import math
 import os
 import re
 
-import numpy as np
 import pytest
 
 from experiments import loop, reproduce, sweep
@@ -25,11 +24,14 @@ CONFIGS = ("transfer", "distill", "cross_arch")
 ARG = "data=fashion_mnist"
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))), "experiments", "configs")
+# Transformer students: one file each, no dataset argument (docs/transformers.md).
+VIT_CONFIGS = ("fashion_mnist_vit_distill", "fashion_mnist_vit_cross_arch")
 
 
 def _module(name):
+  arg = "" if name in VIT_CONFIGS else f":{ARG}"
   return reproduce.load_config_module(
-      os.path.join(CONFIG_DIR, f"{name}.py:{ARG}"))
+      os.path.join(CONFIG_DIR, f"{name}.py{arg}"))
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +98,9 @@ def test_docstring_sweep_and_methods(name):
       "data.samples_per_class": 4}),
     ("distill", "ot_kd", {}),
     ("cross_arch", "ot", {}),
+    # ViT student: token layers against a ViT's and a CNN's 7 x 7 stage3.
+    pytest.param("fashion_mnist_vit_distill", "ot_kd", {}, marks=pytest.mark.slow),
+    pytest.param("fashion_mnist_vit_cross_arch", "ot_kd", {}, marks=pytest.mark.slow),
 ])
 def test_config_trains_on_idx_files(name, method, overrides, idx_dir, teachers, tmp_path):
   c = _shrink(_module(name).get_config(method), idx_dir)

@@ -25,7 +25,7 @@ _IMAGENET = ("resnet18", "resnet34", "resnet50", "resnet101")
 def _input_shape(name, batch=2):
   if name.startswith("digits"):
     return (batch, 8, 8, 1)
-  if name == "small_cnn":
+  if name in ("small_cnn", "vit"):
     return (batch, 28, 28, 1)
   return (batch, 64, 64, 3) if name in _IMAGENET else (batch, 32, 32, 3)
 
@@ -74,6 +74,9 @@ def test_output_shape_and_layout(name):
 
   params = variables["params"]
   assert params["head"]["kernel"].shape[-1] == 7
+  if name.endswith("vit"):  # Transformer blocks instead of stages.
+    assert {"embed", "block0", "block1", "norm"} <= set(params)
+    return
   assert {"stage1", "stage2"} <= set(params)
   if not name.startswith(("digits", "small_cnn")):
     assert "block0" in params["stage1"]

@@ -52,6 +52,9 @@ def expected_cases():
   ot_cases += [f"ot/{layout}/{widths}/standardize/cold/shard_map_no_vma"
                for layout in ("dense", "conv")
                for widths in ("equal", "unequal")]
+  ot_cases += [f"ot/{layout}/unequal/tau0.8/{start}/{how}"
+               for layout in ("dense", "conv") for start in ("cold", "warm")
+               for how in ("pmap", "shard_map")]
   baselines = [f"{fn}/{normalize}/{how}" for fn in ("feature_matching",
                                                     "delta")
                for normalize in ("none", "l2", "standardize")

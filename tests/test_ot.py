@@ -545,3 +545,122 @@ def test_constants_inside_jit_are_checked_without_tracing(layer_pair):
   bad = jnp.asarray(teacher).at[0, 0].set(jnp.nan)
   with pytest.raises(ValueError, match="teacher activations contain 1 non"):
     jax.jit(lambda s: ot_regularizer(s, bad))(student)
+
+
+# ---------------------------------------------------------------------------
+# Unbalanced transport (tau < 1)
+# ---------------------------------------------------------------------------
+
+
+def _pot_unbalanced_plan(student, teacher, eps, tau):
+  """POT's unbalanced plan (KL(P | u v^T) entropy), float64, and the cost."""
+  a = np.asarray(student, np.float64).reshape(-1, student.shape[-1])
+  t = np.asarray(teacher, np.float64).reshape(-1, teacher.shape[-1])
+  c = ((a[:, :, None] - t[:, None, :]) ** 2).mean(axis=0)
+  n_s, n_t = c.shape
+  u, v = np.full(n_s, 1 / n_s), np.full(n_t, 1 / n_t)
+  rho = eps * tau / (1 - tau)  # ott-jax's tau = rho / (rho + eps)
+  plan = pot.unbalanced.sinkhorn_unbalanced(u, v, c, eps, rho,
+                                            numItermax=100_000, stopThr=1e-14)
+  value = pot.unbalanced.sinkhorn_unbalanced2(
+      u, v, c, eps, rho, returnCost="linear", numItermax=100_000,
+      stopThr=1e-14)
+  return plan, float(value), c
+
+
+def _unbalanced_objective(student, teacher, eps, tau):
+  """min_P <P,C> + eps KL(P|uv^T) + rho KL(P1|u) + rho KL(P^T1|v), by POT."""
+  plan, _, c = _pot_unbalanced_plan(student, teacher, eps, tau)
+  rho = eps * tau / (1 - tau)
+  u, v = np.full(c.shape[0], 1 / c.shape[0]), np.full(c.shape[1],
+                                                       1 / c.shape[1])
+
+  def kl(p, q):  # generalised KL, the one both solvers minimise
+    return np.sum(p * np.log(p / q) - p + q)
+
+  return (np.sum(plan * c) + eps * kl(plan, np.outer(u, v))
+          + rho * kl(plan.sum(1), u) + rho * kl(plan.sum(0), v))
+
+
+@pytest.mark.parametrize("tau", [0.9, 0.5])
+@pytest.mark.parametrize("anderson", [0, 3])
+def test_unbalanced_value_and_plan_match_pot(layer_pair, tau, anderson):
+  student, teacher = layer_pair(32, 12, 9)
+  c = cost_matrix(neuron_descriptors(student), neuron_descriptors(teacher))
+  eps = 0.05 * float(jnp.mean(c))
+  res = solve_neuron_ot(student, teacher, epsilon=eps, tau=tau,
+                        threshold=1e-6, max_iterations=20_000,
+                        anderson=anderson)
+  plan, value, _ = _pot_unbalanced_plan(student, teacher, eps, tau)
+  assert bool(res.converged)
+  assert float(res.value) == pytest.approx(value, rel=1e-4)
+  np.testing.assert_allclose(np.asarray(res.plan), plan, atol=1e-5)
+  # Mass is left unmatched: less than balanced transport's 1.
+  assert float(res.mass) == pytest.approx(plan.sum(), rel=1e-4)
+  assert float(res.mass) < 0.99
+
+
+def test_unbalanced_envelope_gradient_matches_finite_differences(layer_pair,
+                                                                 rng):
+  # The gradient is that of the unbalanced entropic objective (Danskin), not
+  # of the transport cost <P*, C> it returns as the value.
+  student, teacher = layer_pair(16, 10, 8)
+  tau = 0.7
+  with jax.enable_x64(True):
+    s, t = (jnp.asarray(x, jnp.float64) for x in (student, teacher))
+    c = cost_matrix(neuron_descriptors(s), neuron_descriptors(t))
+    eps = 0.05 * float(jnp.mean(c))
+    grad = jax.grad(ot_regularizer)(s, t, epsilon=eps, tau=tau,
+                                    threshold=1e-10, max_iterations=20_000)
+  s64 = np.asarray(student, np.float64)
+  for _ in range(3):
+    direction = rng.normal(size=student.shape)
+    h = 1e-4
+    fd = (_unbalanced_objective(s64 + h * direction, teacher, eps, tau)
+          - _unbalanced_objective(s64 - h * direction, teacher, eps, tau)) / (
+              2 * h)
+    np.testing.assert_allclose(float(np.vdot(np.asarray(grad), direction)),
+                               fd, rtol=1e-4)
+
+
+def test_tau_one_is_balanced_transport(layer_pair):
+  student, teacher = layer_pair(16, 12, 9)
+  balanced = solve_neuron_ot(student, teacher)
+  same = solve_neuron_ot(student, teacher, tau=1.0)
+  assert float(same.value) == float(balanced.value)
+  np.testing.assert_array_equal(np.asarray(same.plan),
+                                np.asarray(balanced.plan))
+
+
+def test_smaller_tau_matches_less_mass_at_lower_cost(layer_pair):
+  student, teacher = layer_pair(32, 16, 16)
+  results = [solve_neuron_ot(student, teacher, tau=tau)
+             for tau in (1.0, 0.9, 0.5)]
+  masses = [float(r.mass) for r in results]
+  values = [float(r.value) for r in results]
+  assert masses[0] == pytest.approx(1.0, abs=2e-3)
+  assert masses == sorted(masses, reverse=True) and masses[-1] < 0.9
+  assert values == sorted(values, reverse=True)
+
+
+def test_unbalanced_warm_start_reaches_the_same_plan(layer_pair):
+  student, teacher = layer_pair(32, 24, 16)
+  cold = solve_neuron_ot(student, teacher, tau=0.8, threshold=1e-5)
+  moved = student * 1.01
+  ref = solve_neuron_ot(moved, teacher, tau=0.8, threshold=1e-5)
+  warm = solve_neuron_ot(moved, teacher, tau=0.8, threshold=1e-5,
+                         init=cold.potentials)
+  assert bool(warm.converged) and int(warm.n_iters) < int(ref.n_iters)
+  assert float(warm.value) == pytest.approx(float(ref.value), rel=1e-3)
+
+
+@pytest.mark.parametrize("tau", [0.0, -0.5, 1.5, float("nan"), "0.5", None])
+def test_invalid_tau_rejected(tau):
+  with pytest.raises(ValueError, match="tau"):
+    ot_regularizer(jnp.ones((4, 3)), jnp.ones((4, 5)), tau=tau)
+
+
+def test_traced_tau_rejected_with_the_fix():
+  with pytest.raises(ValueError, match="concrete Python float"):
+    jax.jit(lambda tau: ot_regularizer(jnp.ones((4, 3)), jnp.ones((4, 5)),
+                                       tau=tau))(0.5)

@@ -12,8 +12,8 @@ import pytest
 from doc_support import README, REPO, bash_block, page_with, pages, run_block
 
 # The pages the README links to, in its order.
-DOC_PAGES = ("usage", "training", "experiments", "results", "performance",
-             "reliability")
+DOC_PAGES = ("usage", "training", "experiments", "results", "transformers",
+             "performance", "reliability")
 
 
 def test_optax_example_trains():
@@ -83,6 +83,19 @@ def test_nnx_example_trains_with_the_reference_gradient():
     np.testing.assert_allclose(got, ref, rtol=1e-4,
                                atol=1e-5 * float(jnp.abs(ref).max()),
                                err_msg=f"{layer}/{name}")
+
+
+@pytest.mark.slow  # Compiles two transformers and Sinkhorn: ~15-30 s on CPU.
+def test_language_model_example_lowers_omega_between_hidden_states():
+  namespace = run_block("## A language model")
+  omegas = namespace["omegas"]
+  assert len(omegas) == 50
+  assert omegas[-1] < 0.9 * omegas[0]
+  hidden_states, inputs = namespace["hidden_states"], namespace["inputs"]
+  _, hidden = hidden_states(namespace["student"], inputs)
+  _, t_hidden = hidden_states(namespace["teacher"], inputs)
+  assert [h.shape for h in hidden] == [(8, 16, 32)] * 2  # (batch, seq, d_model)
+  assert [h.shape for h in t_hidden] == [(8, 16, 64)] * 2
 
 
 def test_ci_runs_the_readme_install_and_test_commands():

@@ -16,7 +16,7 @@ from ot_transfer_jax import delta_weights, losses, ot, regularizers
 CALLED = {
     "ot": {name: ot.solve_neuron_ot for name in (
         "relative_epsilon", "spatial", "normalize", "threshold",
-        "max_iterations", "grad")},
+        "max_iterations", "grad", "tau")},
     "feature_matching": {"spatial": losses.feature_matching,
                          "normalize": losses.feature_matching},
     "delta": {"temperature": delta_weights.channel_weights,

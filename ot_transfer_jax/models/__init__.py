@@ -2,7 +2,9 @@
 
 Every model has the fields ``num_classes`` and ``dtype``, stages ``stage1``,
 ``stage2``, ... (residual ones made of ``block0``, ``block1``, ...) and a final
-``nn.Dense`` named ``head``::
+``nn.Dense`` named ``head``; the ViT (:mod:`ot_transfer_jax.models.vit`) has
+transformer blocks ``block0``, ``block1``, ... of ``(N, tokens, width)``
+instead of stages::
 
   model = create_model("resnet20", num_classes=10)
   variables = model.init(rng, jnp.zeros((1, 32, 32, 3)))  # params, batch_stats
@@ -23,6 +25,7 @@ from ot_transfer_jax.models.cifar_resnet import CifarResNet
 from ot_transfer_jax.models.digits import DigitsCNN, DigitsMLP
 from ot_transfer_jax.models.resnet import ResNet
 from ot_transfer_jax.models.small_cnn import SmallCNN
+from ot_transfer_jax.models.vit import ViT
 from ot_transfer_jax.models.wrn import WideResNet
 
 _partial = functools.partial
@@ -47,6 +50,10 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "resnet101": _partial(ResNet, stage_sizes=(3, 4, 23, 3), bottleneck=True),
     # Fashion-MNIST / MNIST, 28 x 28 x 1 inputs (`width=` multiplier).
     "small_cnn": SmallCNN,
+    # Pre-LN ViT, 4 x 4 patches: 7 x 7 tokens on 28 x 28 (`width=`, `depth=`).
+    "vit": ViT,
+    # The same for 8 x 8 digits: 2 x 2 patches, 4 x 4 tokens.
+    "digits_vit": functools.partial(ViT, width=32, depth=2, patch_size=2),
     # scikit-learn digits, 8 x 8 x 1 inputs.
     "digits_cnn": DigitsCNN,
     "digits_mlp": DigitsMLP,
@@ -79,6 +86,7 @@ __all__ = [
     "MODEL_NAMES",
     "ResNet",
     "SmallCNN",
+    "ViT",
     "WideResNet",
     "count_params",
     "create_model",
