@@ -90,8 +90,7 @@ from ot_transfer_jax import checkpoint
 
 # --config, --workdir and --methods are experiments.reproduce's flags (this
 # module imports it; --seeds too); these are the curve's own.
-_KEY = flags.DEFINE_string("key", None, "The config key the curve varies.")
-_VALUES = flags.DEFINE_list("values", None, "Its values (Python literals).")
+_KEY, _VALUES = reproduce.KEY, reproduce.VALUES  # --key, --values
 _OUT = flags.DEFINE_string(
     "out", None, "Directory of the records, tables and figure (committed).")
 _TUNING_SEED = flags.DEFINE_integer(

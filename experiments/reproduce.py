@@ -53,6 +53,14 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Root directory (default: workdirs/<config name>).")
 _METHODS = flags.DEFINE_list("methods", None,
                              "Subset of the config's methods (default: all).")
+# Shared by experiments.sweep (an ablation of one key) and experiments.curve
+# (the setting a curve varies): defined once, as both may be imported together.
+KEY = flags.DEFINE_string(
+    "key", None, "sweep: instead of SWEEP, sweep this config key for --methods "
+    "(e.g. loss.terms.ot.options.relative_epsilon); curve: the config key the "
+    "curve varies (e.g. data.samples_per_class).")
+VALUES = flags.DEFINE_list("values", None,
+                           "The values of --key (Python literals).")
 flags.mark_flags_as_required(["config"])
 
 

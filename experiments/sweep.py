@@ -42,10 +42,7 @@ from experiments.cli import parse_flags, quiet_orbax, user_errors
 # module imports it); these are the sweep's own.
 _SEED = flags.DEFINE_integer(
     "seed", 100, "Tuning seed; keep it out of the table's seeds 0 .. n-1.")
-_KEY = flags.DEFINE_string(
-    "key", None, "Instead of SWEEP: sweep this config key for --methods "
-    "(an ablation, e.g. loss.terms.ot.options.relative_epsilon).")
-_VALUES = flags.DEFINE_list("values", None, "The values of --key (numbers).")
+_KEY, _VALUES = reproduce.KEY, reproduce.VALUES  # --key, --values
 
 
 def choose(records) -> dict:
