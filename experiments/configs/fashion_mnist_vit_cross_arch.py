@@ -44,15 +44,8 @@ def experiment():
   return c
 
 
-kd = common.with_term("kd", WEIGHTS["kd"])
-ot = common.with_term("ot", WEIGHTS["ot"], student_layers=("block1",),
-                      teacher_layers=("stage3",))
-METHODS = {
-    "student": common.unchanged,  # CE and weight decay only.
-    "kd": kd,
-    "ot": ot,
-    "ot_kd": common.combine(ot, kd),
-}
+METHODS = vit_distill.methods(WEIGHTS, student_layers=("block1",),
+                              teacher_layers=("stage3",))
 
 
 def get_config(method=None):

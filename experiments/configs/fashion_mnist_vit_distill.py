@@ -64,14 +64,16 @@ def experiment():
   return c
 
 
-kd = common.with_term("kd", WEIGHTS["kd"])
-ot = common.with_term("ot", WEIGHTS["ot"], student_layers=LAYERS)
-METHODS = {
-    "student": common.unchanged,  # CE and weight decay only.
-    "kd": kd,
-    "ot": ot,
-    "ot_kd": common.combine(ot, kd),
-}
+def methods(weights: dict, **ot_layers) -> dict:
+  """student, kd, ot and ot_kd with ``weights``; ``ot_layers``: the Omega_P
+  term's student_layers / teacher_layers."""
+  kd = common.with_term("kd", weights["kd"])
+  ot = common.with_term("ot", weights["ot"], **ot_layers)
+  return {"student": common.unchanged,  # CE and weight decay only.
+          "kd": kd, "ot": ot, "ot_kd": common.combine(ot, kd)}
+
+
+METHODS = methods(WEIGHTS, student_layers=LAYERS)
 
 
 def get_config(method=None):
