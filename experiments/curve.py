@@ -83,7 +83,7 @@ from absl import app, flags, logging
 from matplotlib.figure import Figure
 from ml_collections import config_flags
 
-from experiments import job, loop, reproduce
+from experiments import loop, reproduce
 from experiments.job import _flatten  # Dotted keys of a nested dict.
 from experiments.cli import parse_flags, quiet_orbax, user_errors
 from ot_transfer_jax import checkpoint
@@ -584,7 +584,7 @@ class Curve:
         if cfg.teacher.source != "train" or cfg.teacher.workdir in ready:
           continue
         start = time.time()
-        job.load_teacher(cfg, self.workdir, loop.train_and_evaluate)
+        loop.ensure_teacher(cfg, self.workdir)
         ready.add(cfg.teacher.workdir)
         logging.info("curve: teacher in %s ready after %.0f s",
                      cfg.teacher.workdir, time.time() - start)

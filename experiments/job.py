@@ -233,6 +233,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
       without a teacher, ...), before any training step.
   """
   _check_teacher_needed(config, teacher.model)
+  data.check_augment(config.augment, config.data.image_size)
   os.makedirs(workdir, exist_ok=True)
   ds = data.get_datasets(config.data)
   model = models.create_model(config.model.name, ds.num_classes,

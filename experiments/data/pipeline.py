@@ -9,7 +9,7 @@ reads rows [p * B_local, (p + 1) * B_local) of it.
 
 import functools
 import sys
-from typing import Iterator
+from typing import Iterator, Optional
 
 import grain
 import numpy as np
@@ -21,6 +21,15 @@ AUGMENTATIONS = ("none", "crop_flip", "imagenet")
 _CROP_PAD = 4
 _RESIZED_CROP_SCALE = (0.08, 1.0)
 _RESIZED_CROP_RATIO = (3 / 4, 4 / 3)
+
+
+def check_augment(augment: str, image_size: Optional[int]) -> None:
+  """Raises ``ValueError`` for an augmentation :func:`train_batches` cannot do
+  (the job checks it before the teacher trains)."""
+  if augment not in AUGMENTATIONS:
+    raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}.")
+  if augment == "imagenet" and image_size is None:
+    raise ValueError("augment='imagenet' needs an image_size to resize crops to.")
 
 
 def train_batches(
@@ -48,10 +57,7 @@ def train_batches(
     "label": int32 (G / process_count,)}``; the k-th item is step ``start_step + k``.
   """
   local = _local_batch_size(global_batch_size, process_count)
-  if augment not in AUGMENTATIONS:
-    raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}.")
-  if augment == "imagenet" and image_size is None:
-    raise ValueError("augment='imagenet' needs an image_size to resize crops to.")
+  check_augment(augment, image_size)
   # Independent seeds for order and augmentation, so neither stream echoes the other.
   order_seed, augment_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
 
