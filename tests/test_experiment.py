@@ -235,6 +235,7 @@ def test_terms_that_read_data_get_every_class(teacher_dir, monkeypatch):
   knowing the task's classes, even when the data are sorted by class."""
   from experiments import job
   from experiments.configs import common
+  from ot_transfer_jax import regularizers
   c = tiny_config(teacher_dir, method="scratch")
   c.data.samples_per_class = None  # ~500 images: more than the sample.
   monkeypatch.setattr(job, "TRAINING_SAMPLE", 100)
@@ -244,11 +245,13 @@ def test_terms_that_read_data_get_every_class(teacher_dir, monkeypatch):
                                                         kind="stable"),
                                    np.arange(ds.num_classes))
   ds = dataclasses.replace(ds, train=sorted_train)
-  assert job._training_sample(ds, ds.mean, ds.std, c) == {
+  terms = regularizers.terms_from_config(c.loss.terms)
+  assert job._training_sample(ds, ds.mean, ds.std, c, terms) == {
       "num_classes": ds.num_classes}  # No term reads data: no images.
   with c.unlocked():
     c.loss.terms.delta = common.term("delta", 0.1, student_layers=("stage2",))
-  sample = job._training_sample(ds, ds.mean, ds.std, c)
+  terms = regularizers.terms_from_config(c.loss.terms)
+  sample = job._training_sample(ds, ds.mean, ds.std, c, terms)
   assert sample["num_classes"] == 5
   per_class = -(-job.TRAINING_SAMPLE // 5)
   np.testing.assert_array_equal(np.bincount(sample["labels"]), [per_class] * 5)
