@@ -125,7 +125,7 @@ PACKAGE_MODULES = {
     "ot_transfer_jax.models", "ot_transfer_jax.models.cifar_resnet",
     "ot_transfer_jax.models.digits", "ot_transfer_jax.models.layers",
     "ot_transfer_jax.models.resnet", "ot_transfer_jax.models.small_cnn",
-    "ot_transfer_jax.models.wrn"}
+    "ot_transfer_jax.models.vit", "ot_transfer_jax.models.wrn"}
 _BLOCKED = ",".join(set(EXPERIMENT_TOOLS.values()) | {"experiments"})
 
 
