@@ -205,6 +205,12 @@ def main(argv):
 
 
 def _run():
+  if KEY.value or VALUES.value:
+    # Defined here for sweep and curve; reproduce would run the config as is.
+    raise ValueError(
+        "--key/--values vary a setting: use python -m experiments.sweep (one "
+        "seed, an ablation) or python -m experiments.curve (seeds, a curve); "
+        "reproduce runs the config as given (set a key with --config.KEY=V).")
   config_flag = flags.FLAGS["config"]
   path = config_flag.config_filename
   module = load_config_module(path)

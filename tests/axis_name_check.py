@@ -16,23 +16,15 @@ case, then ``{"done": true}``:
   its value and gradient against one device, and its training losses.
 """
 
-import os
+from two_devices import AXIS, MESH, emit  # first: sets the device count
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=2")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
 
-import json  # noqa: E402
+from ot_transfer_jax import losses, ot
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-
-from ot_transfer_jax import losses, ot  # noqa: E402
-
-AXIS = "batch"
-MESH = jax.sharding.Mesh(np.array(jax.devices()[:2]), (AXIS,))
 RNG = np.random.default_rng(0)
 S = jnp.asarray(RNG.random((4, 2, 2, 6)), jnp.float32)  # (m, h, w, n)
 T = jnp.asarray(RNG.random((4, 2, 2, 6)), jnp.float32)
@@ -61,16 +53,16 @@ def error_of(fn, mesh, spec, *args, **kwargs):
 
 def no_axis_name_cases():
   for name, fn in FUNCTIONS.items():
-    print(json.dumps({"case": f"no_axis_name/{name}",
-                      "error": error_of(fn, MESH, P(AXIS), S, T)}), flush=True)
+    emit({"case": f"no_axis_name/{name}",
+                      "error": error_of(fn, MESH, P(AXIS), S, T)})
 
 
 def partial_axis_name_case():
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]).reshape(2, 1),
                            ("data", "model"))
   fn = lambda s, t: losses.ot_regularizer(s, t, axis_name="data")
-  print(json.dumps({"case": "partial_axis_name", "error": error_of(
-      fn, mesh, P(("data", "model")), S, T)}), flush=True)
+  emit({"case": "partial_axis_name", "error": error_of(
+      fn, mesh, P(("data", "model")), S, T)})
 
 
 def per_device_cases():
@@ -85,7 +77,7 @@ def per_device_cases():
   for how, values in (("pmap", pmapped), ("shard_map_check_vma_off", untyped)):
     rel = max(abs(float(v) - float(r)) / abs(float(r))
               for v, r in zip(values, shards))
-    print(json.dumps({"case": f"per_device/{how}", "rel": rel}), flush=True)
+    emit({"case": f"per_device/{how}", "rel": rel})
 
 
 def nnx_recipe_case():
@@ -98,10 +90,10 @@ def nnx_recipe_case():
       float(ns["loss_ref"]))
   grad = np.linalg.norm(flat(ns["grads_shard"]) - flat(ns["grads_ref"])) / (
       np.linalg.norm(flat(ns["grads_ref"])))
-  print(json.dumps({"case": "nnx_recipe", "devices": ns["n_dev"],
+  emit({"case": "nnx_recipe", "devices": ns["n_dev"],
                     "value_rel": value, "grad_rel": float(grad),
                     "first_loss": ns["losses"][0],
-                    "last_loss": ns["losses"][-1]}), flush=True)
+                    "last_loss": ns["losses"][-1]})
 
 
 if __name__ == "__main__":
@@ -110,4 +102,4 @@ if __name__ == "__main__":
   partial_axis_name_case()
   per_device_cases()
   nnx_recipe_case()
-  print(json.dumps({"done": True}), flush=True)
+  emit({"done": True})

@@ -14,25 +14,17 @@ tolerance checked here; and where the default stopping rule (marginal error
 gradient by up to 1e-4), so the solves are compared near their fixed point.
 """
 
-import os
+from two_devices import AXIS, MESH, emit  # first: sets the device count
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=2")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import itertools
 
-import functools  # noqa: E402
-import itertools  # noqa: E402
-import json  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+from ot_transfer_jax import losses, ot
 
-from ot_transfer_jax import losses, ot  # noqa: E402
-
-AXIS = "batch"
-MESH = jax.sharding.Mesh(np.array(jax.devices()[:2]), (AXIS,))
 RNG = np.random.default_rng(0)
 OT_OPTIONS = {"relative_epsilon": 0.05, "threshold": 1e-5}
 
@@ -82,11 +74,11 @@ def compare(case, loss, student, teacher, *extra, check_vma_off=False):
         out_specs=(P(), P(AXIS)), check_vma=False))(student, teacher, *extra)
     results.append(("shard_map_no_vma", v, g / 2))
   for how, v, g in results:
-    print(json.dumps({"case": f"{case}/{how}",
+    emit({"case": f"{case}/{how}",
                       "value_rel": relative(v, ref_v),
                       "grad_rel": relative(g, ref_g),
                       # pmap: every device must hold the same value.
-                      "replicated": bool(pv[0] == pv[1])}), flush=True)
+                      "replicated": bool(pv[0] == pv[1])})
 
 
 def ot_cases():
@@ -162,7 +154,7 @@ def upstream_varying_cost():
     fixed = True
   except TypeError:
     fixed = False
-  print(json.dumps({"upstream_varying_cost_works": fixed}), flush=True)
+  emit({"upstream_varying_cost_works": fixed})
 
 
 def varying_init_case():
@@ -179,9 +171,9 @@ def varying_init_case():
                             out_specs=P()))(student, teacher)
   ref = jax.jit(lambda s, t: ot.solve_neuron_ot(
       s, t, init=(f, g), **OT_OPTIONS).value)(student, teacher)
-  print(json.dumps({"case": "ot/varying_init/shard_map",
+  emit({"case": "ot/varying_init/shard_map",
                     "value_rel": relative(v, ref), "grad_rel": 0.0,
-                    "replicated": True}), flush=True)
+                    "replicated": True})
 
 
 def readme_case():
@@ -191,11 +183,11 @@ def readme_case():
   flat = lambda tree: np.concatenate(
       [np.ravel(x) for x in jax.tree.leaves(tree)])
   for how in ("pmap", "shard"):
-    print(json.dumps({"case": f"readme/{how}",
+    emit({"case": f"readme/{how}",
                       "value_rel": relative(ns[f"loss_{how}"], ns["loss_ref"]),
                       "grad_rel": relative(flat(ns[f"grads_{how}"]),
                                            flat(ns["grads_ref"])),
-                      "replicated": True}), flush=True)
+                      "replicated": True})
 
 
 if __name__ == "__main__":
@@ -206,4 +198,4 @@ if __name__ == "__main__":
   varying_init_case()
   readme_case()
   upstream_varying_cost()
-  print(json.dumps({"done": True}), flush=True)
+  emit({"done": True})

@@ -125,6 +125,21 @@ def test_cli_error_is_one_line(tmp_path):
   assert "Traceback" not in result.stderr
 
 
+def test_reproduce_refuses_curve_flags(tmp_path):
+  # --key/--values are defined in reproduce (shared by sweep and curve), so
+  # reproduce parses them: it must refuse, not ignore, them.
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.reproduce", "--config",
+       "experiments/configs/transfer.py:data=digits", "--key",
+       "data.samples_per_class", "--values", "3,5", "--workdir",
+       str(tmp_path / "work")],
+      cwd=REPO, capture_output=True, text=True, check=False)
+  errors = [l for l in result.stderr.splitlines() if l.startswith("Error:")]
+  assert result.returncode == 1
+  assert len(errors) == 1 and "experiments.curve" in errors[0], result.stderr
+  assert not (tmp_path / "work").exists()
+
+
 # --- End to end ----------------------------------------------------------------
 
 
