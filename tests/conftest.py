@@ -1,7 +1,32 @@
-"""Shared fixtures: a seeded RNG and realistic (ReLU) layer activations."""
+"""Shared fixtures: a seeded RNG and realistic (ReLU) layer activations; one
+compilation cache for the whole test run."""
+
+import os
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
+
+# Compilation, not training, dominates the slow tests, and most of them compile
+# the same small programs again (the digits job, once per CLI subprocess and
+# per test). One persistent XLA cache for the run, set before JAX is imported,
+# serves the tests and every subprocess they start (they inherit the
+# environment). Each run starts it empty, in a new temporary directory, so no
+# run reads another's executables; a cached executable is the one a compile
+# would give, so no result depends on it. A cache dir set by the caller is
+# used as is.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(
+      prefix="ot_transfer_jax_tests_xla_")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE and not hasattr(config, "workerinput"):  # Not an xdist worker.
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture

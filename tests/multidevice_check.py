@@ -16,7 +16,7 @@ gradient by up to 1e-4), so the solves are compared near their fixed point.
 
 from two_devices import AXIS, MESH, emit  # first: sets the device count
 
-import itertools
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -81,27 +81,27 @@ def compare(case, loss, student, teacher, *extra, check_vma_off=False):
                       "replicated": bool(pv[0] == pv[1])})
 
 
-def ot_cases():
+def ot_cases(grid):
+  """``grid``: ``layout/widths/normalize`` names (``test_multidevice.OT_GRID``)."""
   layouts = {"dense": (), "conv": (2, 2)}
   widths = {"equal": (6, 6), "unequal": (6, 4)}
-  for (layout, pos), (w, (n_s, n_t)) in itertools.product(
-      layouts.items(), widths.items()):
-    student, teacher = activations(pos, n_s, n_t)
-    for normalize in ot.NORMALIZE_MODES:
-      options = {"normalize": normalize, **OT_OPTIONS}
-      cold = ot.solve_neuron_ot(student, teacher, **options)
-      init = cold.potentials
-      moved = student * 1.01 + 0.01
+  for layout, w, normalize in (name.split("/") for name in grid):
+    n_s, n_t = widths[w]
+    student, teacher = activations(layouts[layout], n_s, n_t)
+    options = {"normalize": normalize, **OT_OPTIONS}
+    cold = ot.solve_neuron_ot(student, teacher, **options)
+    init = cold.potentials
+    moved = student * 1.01 + 0.01
 
-      def loss(s, t, *rest, options=options):
-        *init, axis_name = rest  # init: () cold, (f, g) warm
-        return ot.solve_neuron_ot(s, t, axis_name=axis_name,
-                                  init=tuple(init) or None, **options).value
+    def loss(s, t, *rest, options=options):
+      *init, axis_name = rest  # init: () cold, (f, g) warm
+      return ot.solve_neuron_ot(s, t, axis_name=axis_name,
+                                init=tuple(init) or None, **options).value
 
-      name = f"ot/{layout}/{w}/{normalize}"
-      compare(f"{name}/cold", loss, student, teacher,
-              check_vma_off=normalize == "standardize")
-      compare(f"{name}/warm", loss, moved, teacher, *init)
+    name = f"ot/{layout}/{w}/{normalize}"
+    compare(f"{name}/cold", loss, student, teacher,
+            check_vma_off=normalize == "standardize")
+    compare(f"{name}/warm", loss, moved, teacher, *init)
 
 
 def unbalanced_cases():
@@ -192,7 +192,7 @@ def readme_case():
 
 if __name__ == "__main__":
   assert len(jax.devices()) >= 2, jax.devices()
-  ot_cases()
+  ot_cases(sys.argv[1].split(","))
   unbalanced_cases()
   baseline_cases()
   varying_init_case()
