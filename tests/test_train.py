@@ -282,7 +282,8 @@ MULTI_DEVICE = textwrap.dedent("""
 @pytest.mark.slow
 def test_two_devices_match_one_device_and_compile_once():
   env = dict(os.environ,
-             XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             XLA_FLAGS=os.environ.get("XLA_FLAGS", "") +
+             " --xla_force_host_platform_device_count=2",
              JAX_PLATFORMS="cpu")
   here = os.path.dirname(os.path.abspath(__file__))
   proc = subprocess.run(
@@ -343,7 +344,8 @@ def test_a_batch_that_does_not_divide_over_the_devices_runs_exactly(devices):
   """make_mesh(batch_size=B) trains on the largest device subset B divides
   over (no padding in the loss); evaluation pads with masked rows."""
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+             XLA_FLAGS=os.environ.get("XLA_FLAGS", "") +
+             f" --xla_force_host_platform_device_count={devices}")
   here = os.path.dirname(os.path.abspath(__file__))
   proc = subprocess.run(
       [sys.executable, "-c", ANY_DEVICE_COUNT.format(path=here)], env=env,
