@@ -22,6 +22,9 @@ if _OWN_CACHE:
       prefix="ot_transfer_jax_tests_xla_")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# The tests run on the CPU (the simulated devices too): no probing for others
+# in every process, unless the caller chose a platform.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The programs compiled once are mostly run for a few steps: without LLVM's
 # optimisation passes the CPU compiles them in about half the time (the slow
 # tests took ~45 % less). Tests check behaviour and tolerances, not speed; the

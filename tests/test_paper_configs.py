@@ -9,14 +9,17 @@ a new config is covered without touching this file. Each method runs through
 ``loop.train_and_evaluate`` on TFDS mock data (random images and labels
 from the dataset's own feature spec, read through ``tfds.data_source``) with
 the config's own networks, layers, losses, optimizer and augmentation; only
-sizes shrink: 1 step, batch 4, small images, no validation carve-out (mock
-labels are spread over 100-200 classes, a few examples each), and the
-teacher at random initialisation (same architecture; ``teacher.source=
-'random'``) instead of a trained / downloaded one.
+sizes shrink: 1 step, batch 4, small images, ImageNet ResNets with one block
+per stage (the same blocks and stage names: compiling ResNet-101's 33 blocks
+took 2-4 minutes of CPU; tests/test_models.py builds every depth), no
+validation carve-out (mock labels are spread over 100-200 classes, a few
+examples each), and the teacher at random initialisation (same architecture;
+``teacher.source='random'``) instead of a trained / downloaded one.
 """
 
 import glob
 import importlib
+import inspect
 import json
 import math
 import os
@@ -27,6 +30,7 @@ import tensorflow_datasets as tfds
 
 from experiments import data, loop
 from experiments.metric_writers import read_metrics
+from ot_transfer_jax import models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "experiments", "configs")
@@ -35,6 +39,8 @@ BATCH = 4
 # ImageNet ResNets at 224 px compile and run slowly on CPU; 64 px keeps every
 # stage (stage4 is 2 x 2) and every code path.
 SMALL_IMAGE = 64
+# ImageNet ResNets (stage_sizes) shrink to one block per stage.
+SHALLOW = {"stage_sizes": (1, 1, 1, 1)}
 # Compilation dominates (7-50 s a method on 2 CPU cores), and every loss
 # method's code path is exercised per method by the digits configs' tests. So
 # by default each config runs its most involved method, Omega_P (plus the
@@ -123,6 +129,11 @@ def _tiny(config, method, mock_num_classes, analysis=True):
     t.num_classes = 1000  # ImageNet.
   t.source = "random"
   t.image_shape = (side, side, 3)
+  for model in (c.model, t):
+    if model.name in models.MODEL_NAMES and "stage_sizes" in inspect.signature(
+        models.create_model(model.name, 1).__class__).parameters:
+      with model.kwargs.unlocked():
+        model.kwargs.update(SHALLOW)
   return c
 
 

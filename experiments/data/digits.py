@@ -15,8 +15,6 @@ import functools
 
 import numpy as np
 import tensorflow_datasets as tfds
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 SPLITS = ("train", "test")
 NUM_CLASSES = 10
@@ -32,6 +30,10 @@ def _digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
   """
   if split not in SPLITS:
     raise ValueError(f"digits has splits {SPLITS}, got {split!r}.")
+  # Imported here: scikit-learn takes ~1.5 s to import, which every run of
+  # another dataset would pay.
+  from sklearn.datasets import load_digits
+  from sklearn.model_selection import train_test_split
   digits = load_digits()
   # Pixel values are 0..16; rescale to the uint8 range every other source uses.
   images = np.round(digits.images * (255 / 16)).astype(np.uint8)[..., None]
