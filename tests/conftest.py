@@ -36,6 +36,14 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
       [os.environ.get("XLA_FLAGS", ""), *_FAST_COMPILE]).strip()
 
 
+def pytest_collection_modifyitems(config, items):
+  """Files with slow tests first, each file's tests kept together (module
+  fixtures are built once) and in order: pytest-xdist's workers then end
+  together instead of one running a minutes-long test alone at the end."""
+  slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+  items.sort(key=lambda item: item.path not in slow_files)
+
+
 def pytest_unconfigure(config):
   if _OWN_CACHE and not hasattr(config, "workerinput"):  # Not an xdist worker.
     shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

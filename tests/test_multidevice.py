@@ -54,9 +54,8 @@ def expected_cases():
               for start in ("cold", "warm") for how in ("pmap", "shard_map")]
   ot_cases += [f"ot/{name}/cold/shard_map_no_vma" for name in OT_GRID
                if name.endswith("standardize")]
-  ot_cases += [f"ot/{layout}/unequal/tau0.8/{start}/{how}"
-               for layout in ("dense", "conv") for start in ("cold", "warm")
-               for how in ("pmap", "shard_map")]
+  ot_cases += [f"ot/conv/unequal/tau0.8/{start}/{how}"
+               for start in ("cold", "warm") for how in ("pmap", "shard_map")]
   baselines = [f"{fn}/{normalize}/{how}" for fn in ("feature_matching",
                                                     "delta")
                for normalize in ("none", "l2", "standardize")
