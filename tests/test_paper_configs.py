@@ -19,7 +19,6 @@ examples each), and the teacher at random initialisation (same architecture;
 
 import glob
 import importlib
-import inspect
 import json
 import math
 import os
@@ -130,8 +129,8 @@ def _tiny(config, method, mock_num_classes, analysis=True):
   t.source = "random"
   t.image_shape = (side, side, 3)
   for model in (c.model, t):
-    if model.name in models.MODEL_NAMES and "stage_sizes" in inspect.signature(
-        models.create_model(model.name, 1).__class__).parameters:
+    if model.name in models.MODEL_NAMES and hasattr(
+        models.create_model(model.name, 1), "stage_sizes"):
       with model.kwargs.unlocked():
         model.kwargs.update(SHALLOW)
   return c
