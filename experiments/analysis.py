@@ -23,13 +23,16 @@ def layer_analysis(model, variables, teacher, teacher_vars, images, layers,
     ot_options: keywords of :func:`ot_transfer_jax.ot.solve_neuron_ot`.
 
   Returns:
-    ``{"layers": [...], "matched_fraction": [float | None], "plans":
-    {layer: (n_s, n_t) nested lists}}``, layers in the given order; plans
-    only for layers of at most ``MAX_SAVED_PLAN`` entries.
+    ``{"layers": [...], "matched_fraction": [float | None],
+    "row_max_mass": [float], "plan_entropy": [float], "plans": {layer:
+    (n_s, n_t) nested lists}}``, layers in the given order; plans only for
+    layers of at most ``MAX_SAVED_PLAN`` entries. See :func:`plan_diagnostics`
+    for the two permutation-blind measures.
   """
   layers = tuple(layers)
   if teacher is None or not layers:
-    return {"layers": [], "matched_fraction": [], "plans": {}}
+    return {"layers": [], "matched_fraction": [], "row_max_mass": [],
+            "plan_entropy": [], "plans": {}}
 
   @jax.jit
   def solve(variables, teacher_vars, images):
@@ -41,14 +44,48 @@ def layer_analysis(model, variables, teacher, teacher_vars, images, layers,
                                       **ot_options) for layer in layers}
 
   results = jax.device_get(solve(variables, teacher_vars, images))
-  out = {"layers": list(layers), "matched_fraction": [], "plans": {}}
+  out = {"layers": list(layers), "matched_fraction": [], "row_max_mass": [],
+         "plan_entropy": [], "plans": {}}
   for layer in layers:
     mf = float(results[layer].matched_fraction)
     out["matched_fraction"].append(None if np.isnan(mf) else mf)
     plan = np.asarray(results[layer].plan)
+    for name, value in plan_diagnostics(plan).items():
+      out[name].append(value)
     if plan.size <= MAX_SAVED_PLAN:
       out["plans"][layer] = plan.round(6).tolist()
   return out
+
+
+def plan_diagnostics(plan) -> dict:
+  """Two measures of how one-to-one a plan is, blind to neuron order.
+
+  The trace (``matched_fraction``) sees only the identity matching; a student
+  that matches the teacher neuron for neuron under another permutation has a
+  trace near 0. These two see any matching:
+
+  * ``row_max_mass``: ``sum_j max_k P_jk``, each student neuron's largest
+    share, summed: 1 when every student neuron sends all its mass to one
+    teacher neuron (any permutation, equal widths); ``1 / n_t`` for the
+    uniform plan ``u v^T``.
+  * ``plan_entropy``: ``(H(P) - log max(n_s, n_t)) / log min(n_s, n_t)``,
+    the entropy between its bounds for these marginals: 0 for a
+    deterministic (permutation-like) plan, 1 for ``u v^T``.
+
+  Args:
+    plan: ``(n_s, n_t)`` transport plan with uniform marginals (sums to 1).
+
+  Returns:
+    ``{"row_max_mass": float, "plan_entropy": float}``.
+  """
+  p = np.asarray(plan, np.float64)
+  p = p / max(p.sum(), 1e-30)  # Unbalanced plans: the shape of the mass.
+  n_s, n_t = p.shape
+  positive = p[p > 0]
+  entropy = float(-(positive * np.log(positive)).sum())
+  low, span = np.log(max(n_s, n_t)), np.log(min(n_s, n_t))
+  return {"row_max_mass": float(p.max(axis=1).sum()),
+          "plan_entropy": float((entropy - low) / span) if span > 0 else 0.0}
 
 
 def run_analysis(job, variables) -> dict:

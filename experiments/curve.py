@@ -4,7 +4,7 @@
       --config experiments/configs/fashion_mnist_scarcity.py \
       --key data.samples_per_class --values 2,5,10,20,50 --seeds 5 \
       --out docs/regimes/data_scarcity [--workdir workdirs/regimes/data_scarcity] \
-      [--methods scratch,ot] [--grid ot=0.01,0.1,1] [--tuning_seed 100] \
+      [--methods scratch,ot] [--grid ot=0.01,0.1,1] [--tuning_seeds 100,101] \
       [--config.key=value ...]
 
 For each value ``v`` of ``--key`` (any key of the config: ``--config.key=v``
@@ -13,15 +13,24 @@ for every run of that value):
 1. **Weights, on validation.** Each method with a grid (the config file's
    ``SWEEP = {method: (config_key, (value, ...))}`` or ``get_sweep(ARG)``, as
    for experiments.sweep, or ``--grid method=v1,v2,...`` on
-   ``loss.terms.<method>.weight`` unless ``SWEEP`` names another key) trains once per grid point on the tuning seed (``config.seed``
-   and ``data.seed`` = ``--tuning_seed``, which no table seed may equal) and
-   keeps the point of best validation accuracy (:func:`bracket`). When the
+   ``loss.terms.<method>.weight`` unless ``SWEEP`` names another key) trains
+   once per grid point and tuning seed (``config.seed`` and ``data.seed`` =
+   each of ``--tuning_seeds``, none of which a table seed may equal) and
+   keeps the point of best *mean* validation accuracy over the tuning seeds
+   (:func:`bracket`): one seed's few hundred validation images choose little
+   better than chance between neighbouring grid points. When the
    best point is at an edge of the grid, the grid extends 10x that way, at
    most ``--extensions`` (2) times; a choice still at an edge is recorded as
    not bracketed. Methods without a grid run with the config's values.
 2. **The table.** Every method x seed ``0 .. seeds-1`` with the chosen weight
    (``reproduce.seeded``: for a seed, every method sees the same data and
-   initialisation).
+   initialisation). A student from random weights whose seed equals its
+   teacher's (same architecture) is refused before any run: it would start
+   from the teacher's own initial weights.
+
+Every table gives both reads -- test accuracy at the best-validation step and
+at the last step -- each with the paired differences; a verdict that holds in
+one read only is not a verdict.
 
 A config file may define ``applies(method, config) -> bool`` (e.g. Omega_I
 only where student and teacher widths are equal); a method that does not
@@ -39,20 +48,24 @@ Outputs. In ``--out`` (small files, meant to be committed):
   ``kind`` ("run"), ``key``, ``value``, ``method``, ``seed``, ``status``
   ("finished" | "diverged"), ``weights`` (``reproduce.hyperparameters``),
   ``test_accuracy_best_val``, ``test_accuracy_last``, ``val_accuracy_best``,
-  ``best_step``, ``step``, ``matched_fraction`` (``{layer: float | None}``
-  of the run's ``analysis.json``: the trace of the OT plan between the
-  trained student's and the teacher's layer), ``wall_s`` (seconds of the
+  ``best_step``, ``step``, the plan diagnostics of the run's
+  ``analysis.json`` (``{layer: float | None}`` each, :data:`PLAN_MEASURES`:
+  ``matched_fraction``, the trace of the OT plan between the trained
+  student's and the teacher's layer, ``row_max_mass`` and ``plan_entropy``,
+  which see a matching under any permutation), ``wall_s`` (seconds of the
   call that produced it) and ``config`` (the run's config, JSON);
-* ``tuning/<key>=<value>/<method>/<weight key>=<weight>.json``: the same for
-  each tuning run (``kind`` "tuning", ``seed`` the tuning seed);
-* ``results.json``: ``{"key", "values", "methods", "seeds", "tuning_seed",
+* ``tuning/<key>=<value>/<method>/<weight key>=<weight>/seed<t>.json``: the
+  same for each tuning run (``kind`` "tuning", ``seed`` the tuning seed);
+* ``results.json``: ``{"key", "values", "methods", "seeds", "tuning_seeds",
   "focus", "wall_s": {"tuning", "runs"}, "chosen": {value: {method: {"key",
-  "weight", "grid": {weight: val acc}, "bracketed", "note"}}}, "runs":
-  [every table record without its config]}``;
-* ``results.md``: per value, mean +- standard error per method and the paired
-  differences ``--focus`` (Omega_P: ``ot``) minus every other method on the
-  same seeds (mean, s.e., on how many seeds it was better); then every
-  tuning grid with its validation accuracies and the choice;
+  "weight", "grid": {weight: mean val acc}, "test": {weight: mean test acc},
+  "bracketed", "note"}}}, "runs": [every table record without its
+  config]}``;
+* ``results.md``: per value, mean +- standard error per method at both
+  reads and the paired differences ``--focus`` (Omega_P: ``ot``) minus every
+  other method on the same seeds (mean, s.e., on how many seeds it was
+  better) at both reads; the plan diagnostics per layer; then every tuning
+  grid with its mean validation accuracies and the choice;
 * ``curve.png``: accuracy against the value (mean +- s.e. per method) and the
   paired difference focus - each method against the value (mean +- s.e.).
 
@@ -93,8 +106,9 @@ from ot_transfer_jax import checkpoint
 _KEY, _VALUES = reproduce.KEY, reproduce.VALUES  # --key, --values
 _OUT = flags.DEFINE_string(
     "out", None, "Directory of the records, tables and figure (committed).")
-_TUNING_SEED = flags.DEFINE_integer(
-    "tuning_seed", 100, "Seed of the weight choice; no table seed may equal it.")
+_TUNING_SEEDS = flags.DEFINE_list(
+    "tuning_seeds", ["100", "101"], "Seeds of the weight choice (their mean "
+    "validation accuracy decides); no table seed may equal one.")
 _GRID = flags.DEFINE_multi_string(
     "grid", [], "METHOD=V1,V2,...: this method's weight grid (instead of the "
     "config's SWEEP).")
@@ -195,6 +209,19 @@ def mean_se(values: Sequence[float]) -> tuple[float, float]:
   return float(v.mean()), float(se)
 
 
+#: The two reads of a run: test accuracy at the best-validation step, and at
+#: the last step. Every table gives both.
+READS = {"test_accuracy_best_val": "best-val step",
+         "test_accuracy_last": "last step"}
+#: Per-layer plan diagnostics of a run's analysis (experiments.analysis).
+PLAN_MEASURES = {
+    "matched_fraction": "trace of the plan (1 = the identity matching)",
+    "row_max_mass": "row-max mass, sum_j max_k P_jk (1 = one-to-one under "
+                    "any permutation; 1/n_t = uniform)",
+    "plan_entropy": "normalised plan entropy (0 = one-to-one, 1 = uniform)",
+}
+
+
 def paired(records: Sequence[dict], focus: str, other: str,
            key: str = "test_accuracy_best_val"):
   """``(mean, s.e., better, n)`` of focus - other over the seeds both
@@ -216,15 +243,26 @@ def _by_value(records, values):
           for label_ in values}
 
 
+def tuning_seeds(summary: dict) -> list:
+  """The tuning seeds of a ``results.json`` (older ones had one)."""
+  return list(summary.get("tuning_seeds") or [summary["tuning_seed"]])
+
+
+def _cell(values: Sequence[float]) -> str:
+  return "%.2f ± %.2f" % mean_se(values) if values else ""
+
+
 def markdown(summary: dict) -> str:
   """``results.md`` from a ``results.json`` dict."""
   key, focus, methods = summary["key"], summary["focus"], summary["methods"]
+  tseeds = tuning_seeds(summary)
   out = [f"# Test accuracy against `{key}`", "",
          f"{summary['seeds']} seeds per point (0 .. {summary['seeds'] - 1}); "
-         f"each weight chosen on the validation split of tuning seed "
-         f"{summary['tuning_seed']} (grids at the end). Test accuracy (%) at "
-         "the best-validation step, mean ± standard error over seeds; n = "
-         "finished seeds.", ""]
+         "each weight chosen on the mean validation accuracy of tuning "
+         f"seed{'s' * (len(tseeds) > 1)} {', '.join(map(str, tseeds))} "
+         "(grids at the end; no table seed tunes). Test accuracy (%) at the "
+         "best-validation step and at the last step, mean ± standard error "
+         "over seeds; n = finished seeds.", ""]
   if "wall_s" in summary:
     w = summary["wall_s"]
     out += [f"Wall time of the recorded runs (summed over the sessions that "
@@ -248,33 +286,38 @@ def markdown(summary: dict) -> str:
       if not done:
         out.append(f"| {m} | {wtext} | 0 | | |")
         continue
-      cells = []
-      for k in reproduce_keys():
-        mean, se = mean_se([100 * r[k] for r in done])
-        cells.append(f"{mean:.2f} ± {se:.2f}")
+      cells = [_cell([100 * r[k] for r in done]) for k in READS]
       diverged = len(rs) - len(done)
       n = f"{len(done)}" + (f" (+{diverged} diverged)" if diverged else "")
       out.append(f"| {m} | {wtext} | {n} | {' | '.join(cells)} |")
     rows = []
     for m in methods:
-      p = paired(records, focus, m) if m != focus else None
-      if p:
-        rows.append(f"| {focus} − {m} | {p[3]} | {p[0]:+.2f} | {p[1]:.2f} | "
-                    f"{p[2]}/{p[3]} |")
+      pairs = [paired(records, focus, m, k) if m != focus else None
+               for k in READS]
+      if all(pairs):
+        cells = [f"{p[0]:+.2f} | {p[1]:.2f} | {p[2]}/{p[3]}" for p in pairs]
+        rows.append(f"| {focus} − {m} | {pairs[0][3]} | {' | '.join(cells)} |")
     if rows:
-      out += ["", "| paired (same seeds, points) | n | mean | s.e. | "
-              f"{focus} better on |", "|---|---:|---:|---:|---:|", *rows]
-    out += matched_fraction_table(records, methods)
+      out += ["", "Paired differences (same seeds, points): mean, s.e., "
+              f"seeds on which {focus} was better.", "",
+              "| pair | n | best val: mean | s.e. | better | last: mean | "
+              "s.e. | better |", "|---|---:|---:|---:|---:|---:|---:|---:|",
+              *rows]
+    for measure, meaning in PLAN_MEASURES.items():
+      out += plan_table(records, methods, measure, meaning)
     out.append("")
   out += ["## Weights chosen on validation", "",
-          f"Validation accuracy (%) on tuning seed {summary['tuning_seed']} "
-          "at the best step; * = chosen.", "",
-          f"| {key} | method | weight key | grid → val acc | note |",
+          "Validation accuracy (%) at the best step, mean over tuning seeds "
+          f"{', '.join(map(str, tseeds))} (test accuracy at that step in "
+          "brackets, for reading only: it chooses nothing); * = chosen.", "",
+          f"| {key} | method | weight key | grid → val acc (test) | note |",
           "|---|---|---|---|---|"]
   for value in summary["values"]:
     for m, c in summary["chosen"].get(label(key, value), {}).items():
+      tests = c.get("test", {})
       grid = ", ".join(
           f"{float(w):g} → " + ("diverged" if a is None else f"{100 * a:.1f}")
+          + (f" ({100 * tests[w]:.1f})" if tests.get(w) is not None else "")
           + (" *" if c["weight"] is not None and float(w) == c["weight"]
              else "")
           for w, a in sorted(c["grid"].items(), key=lambda kv: float(kv[0])))
@@ -283,32 +326,29 @@ def markdown(summary: dict) -> str:
   return "\n".join(out) + "\n"
 
 
-def matched_fraction_table(records, methods) -> list[str]:
+def plan_table(records, methods, measure: str, meaning: str) -> list[str]:
   """Lines of a Markdown table: per method, the mean ± s.e. over seeds of
-  each layer's matched fraction after training (none without any)."""
+  each layer's ``measure`` (:data:`PLAN_MEASURES`) after training; none
+  without any."""
   layers = list(dict.fromkeys(
-      l for r in records for l, v in (r.get("matched_fraction") or {}).items()
+      l for r in records for l, v in (r.get(measure) or {}).items()
       if v is not None))
   if not layers:
     return []
-  out = ["", "Matched fraction after training (trace of the OT plan between "
-         "the student's and the teacher's layer; 1 = the identity), mean ± "
-         "s.e.:", "", f"| method | {' | '.join(layers)} |",
+  out = ["", f"After training, per layer: {meaning}; mean ± s.e. (OT plan "
+         "between the student's and the teacher's layer on validation "
+         "images):", "", f"| method | {' | '.join(layers)} |",
          "|---|" + "---:|" * len(layers)]
   for m in methods:
     cells = []
     for layer in layers:
-      v = [r["matched_fraction"][layer] for r in records
+      v = [r[measure][layer] for r in records
            if r["method"] == m and r["status"] == "finished"
-           and (r.get("matched_fraction") or {}).get(layer) is not None]
+           and (r.get(measure) or {}).get(layer) is not None]
       cells.append("%.3f ± %.3f" % mean_se(v) if v else "")
     if any(cells):
       out.append(f"| {m} | {' | '.join(cells)} |")
   return out
-
-
-def reproduce_keys():
-  return ("test_accuracy_best_val", "test_accuracy_last")
 
 
 def plot(summary: dict, path: str) -> None:
@@ -329,21 +369,27 @@ def plot(summary: dict, path: str) -> None:
               if r["method"] == m and r["status"] == "finished"]
       if done:
         pts.append((x, *mean_se(done)))
-      p = paired(by_value[label(key, v)], focus, m) if m != focus else None
-      if p:
-        diffs.append((x, p[0], p[1]))
+      for read, line in zip(READS, ("-", "--")):
+        p = (paired(by_value[label(key, v)], focus, m, read)
+             if m != focus else None)
+        if p:
+          diffs.append((line, x, p[0], p[1]))
     if pts:
       x, mean, se = np.array(sorted(pts)).T
       ax_acc.errorbar(x, mean, se, color=f"C{i % 10}", marker="o", capsize=3,
                       label=m)
-    if diffs:
-      x, mean, se = np.array(sorted(diffs)).T
-      ax_diff.errorbar(x, mean, se, color=f"C{i % 10}", marker="o",
-                       capsize=3, label=f"{focus} − {m}")
+    for line, read in zip(("-", "--"), READS.values()):
+      rows = sorted(d[1:] for d in diffs if d[0] == line)
+      if rows:
+        x, mean, se = np.array(rows).T
+        ax_diff.errorbar(x, mean, se, color=f"C{i % 10}", marker="o",
+                         linestyle=line, capsize=3,
+                         label=f"{focus} − {m} ({read})")
   ax_diff.axhline(0, color="k", linewidth=0.8)
   spread = numeric and min(values) > 0 and max(values) / min(values) >= 8
   for ax, title in ((ax_acc, "test accuracy (%), mean ± s.e."),
-                    (ax_diff, f"paired difference {focus} − method (points)")):
+                    (ax_diff, f"paired difference {focus} − method (points); "
+                     "solid: best-val read, dashed: last step")):
     ax.set_title(title)
     ax.set_xlabel(key)
     if spread:
@@ -367,19 +413,25 @@ class Curve:
 
   def __init__(self, module, key: str, values: list, methods: list,
                seeds: int, out: str, workdir: str, overrides: dict,
-               tuning_seed: int = 100, grids: Optional[dict] = None,
+               tuning_seeds: Sequence[int] = (100, 101),
+               grids: Optional[dict] = None,
                extensions: int = 2, focus: str = "ot"):
     self.module, self.key, self.values = module, key, values
     self.seeds, self.out, self.workdir = seeds, out, workdir
-    self.tuning_seed, self.extensions, self.focus = (tuning_seed, extensions,
-                                                     focus)
+    self.tuning_seeds = [int(t) for t in tuning_seeds]
+    self.extensions, self.focus = extensions, focus
     if seeds < 1:
       raise ValueError(f"--seeds {seeds}: need at least 1.")
-    if tuning_seed < seeds:
+    if not self.tuning_seeds or len(set(self.tuning_seeds)) != len(
+        self.tuning_seeds):
+      raise ValueError(f"--tuning_seeds {tuning_seeds}: give one or more "
+                       "distinct seeds, e.g. --tuning_seeds 100,101.")
+    clash = [t for t in self.tuning_seeds if 0 <= t < seeds]
+    if clash:
       raise ValueError(
-          f"--tuning_seed {tuning_seed} is one of the table's seeds 0 .. "
-          f"{seeds - 1}: weights must be chosen on a seed no table uses. "
-          f"Pass --tuning_seed {max(100, seeds)}.")
+          f"--tuning_seeds {clash[0]} is one of the table's seeds 0 .. "
+          f"{seeds - 1}: weights must be chosen on seeds no table uses. "
+          f"Pass --tuning_seeds {max(100, seeds)},{max(100, seeds) + 1}.")
     default = module.get_config()
     known = list(default.method_order)
     methods = list(methods or known)
@@ -405,6 +457,7 @@ class Curve:
     self.configs = {label(key, v): {m: self.at(m, v) for m in methods}
                     for v in values}
     self.teacher_per_value = self._teacher_depends_on_value()
+    self._check_initialisations()
     self.done_s, self.done_n = 0.0, 0
     self.wall_s = {"tuning": 0.0, "runs": 0.0}  # Of the records, all sessions.
 
@@ -451,6 +504,26 @@ class Curve:
                       "teacher.", self.key)
     return len(jobs) > 1
 
+  def _check_initialisations(self) -> None:
+    """A student from random weights must not start from its teacher's
+    initial weights (same architecture, same seed): it would share the
+    teacher's random features. Checked for every run still to train."""
+    for vl, cfgs in self.configs.items():
+      for m, cfg in cfgs.items():
+        t = cfg.teacher
+        if (t.source != "train" or cfg.init_from_teacher
+            or cfg.model.name != t.job.model.name
+            or dict(cfg.model.kwargs) != dict(t.job.model.kwargs)):
+          continue
+        seeds = [s for s in range(self.seeds)
+                 if not os.path.exists(self._run_path(vl, m, s))]
+        if t.job.seed in seeds + self.tuning_seeds:
+          raise ValueError(
+              f"{m} at {vl}: seed {t.job.seed} would initialise the student "
+              "with the teacher's own initial weights (same architecture, "
+              "teacher.job.seed). Give the teacher another seed "
+              "(--config.teacher.job.seed=1000 and a new teacher.workdir).")
+
   def applies(self, method, cfg) -> bool:
     check = getattr(self.module, "applies", None)
     return check is None or bool(check(method, cfg))
@@ -489,13 +562,14 @@ class Curve:
                 "best_step": final["best_step"], "step": final["step"]}
       with open(os.path.join(workdir, loop.ANALYSIS)) as f:
         a = json.load(f)
-      record["matched_fraction"] = dict(zip(a["layers"],
-                                            a["matched_fraction"]))
+      for measure in PLAN_MEASURES:
+        record[measure] = dict(zip(a["layers"], a[measure]))
     except loop.Diverged as e:  # Recorded, never hidden nor chosen.
       logging.error("%s diverged: %s", workdir, e)
       record = {**base, "status": "diverged", "test_accuracy_best_val": None,
                 "test_accuracy_last": None, "val_accuracy_best": None,
-                "best_step": None, "step": None, "matched_fraction": {}}
+                "best_step": None, "step": None,
+                **{measure: {} for measure in PLAN_MEASURES}}
     record["wall_s"] = round(time.time() - start, 1)
     record["config"] = checkpoint.config_to_json(cfg)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -526,17 +600,17 @@ class Curve:
           continue
         if m in self.grids:
           wkey, grid = self.grids[m]
-          n += sum(not os.path.exists(self._tuning_path(vl, m, w))
-                   for w in grid)
+          n += sum(not os.path.exists(self._tuning_path(vl, m, w, t))
+                   for w in grid for t in self.tuning_seeds)
         n += sum(not os.path.exists(self._run_path(vl, m, s))
                  for s in range(self.seeds))
     return n
 
-  def _tuning_path(self, vl, method, weight) -> str:
+  def _tuning_path(self, vl, method, weight, seed) -> str:
     wkey = self.grids[method][0].rsplit(".", 2)
     wname = ".".join(wkey[-2:]) if wkey[-1] == "weight" else wkey[-1]
     return os.path.join(self.out, "tuning", vl, method,
-                        f"{wname}={weight:g}.json")
+                        f"{wname}={weight:g}", f"seed{seed}.json")
 
   def _run_path(self, vl, method, seed) -> str:
     return os.path.join(self.out, "runs", vl, method, f"seed{seed}.json")
@@ -544,28 +618,39 @@ class Curve:
   # The steps --------------------------------------------------------------
 
   def tune(self, value, method) -> dict:
-    """``{"key", "weight", "grid": {weight: val acc}, "bracketed", "note"}``."""
+    """``{"key", "weight", "grid": {weight: mean val acc}, "test": {weight:
+    mean test acc at the best-val step}, "bracketed", "note"}``: means over
+    the tuning seeds (None where one diverged)."""
     vl = label(self.key, value)
     wkey, grid = self.grids[method]
-    points, weights = {}, list(grid)
+    points, tests, weights = {}, {}, list(grid)
     while weights:
       w = weights.pop(0)
-      cfg = self.seeded(self.at(method, value, w), self.tuning_seed, vl)
-      if cfg.data.val_per_class is None and cfg.data.val_fraction is None:
-        raise ValueError("Weights are chosen on the validation split, but "
-                         "this config has none: set data.val_per_class.")
-      path = self._tuning_path(vl, method, w)
-      record = self._load(path, cfg) or self._train(
-          cfg, os.path.join(self.workdir, vl, "tuning", method, f"{w:g}"),
-          path, self._base("tuning", value, method, self.tuning_seed, cfg))
-      points[w] = record["val_accuracy_best"]
-      self.wall_s["tuning"] += record["wall_s"]
+      records = [self._tuning_run(value, vl, method, w, t)
+                 for t in self.tuning_seeds]
+      val = [r["val_accuracy_best"] for r in records]
+      test = [r["test_accuracy_best_val"] for r in records]
+      points[w] = None if None in val else float(np.mean(val))
+      tests[w] = None if None in test else float(np.mean(test))
       if not weights:
         chosen, nxt, note = bracket(points, len(grid), self.extensions)
         if nxt is not None:
           weights.append(nxt)
-    return {"key": wkey, "weight": chosen, "grid": points,
+    return {"key": wkey, "weight": chosen, "grid": points, "test": tests,
             "bracketed": not note, "note": note}
+
+  def _tuning_run(self, value, vl, method, weight, seed) -> dict:
+    cfg = self.seeded(self.at(method, value, weight), seed, vl)
+    if cfg.data.val_per_class is None and cfg.data.val_fraction is None:
+      raise ValueError("Weights are chosen on the validation split, but "
+                       "this config has none: set data.val_per_class.")
+    path = self._tuning_path(vl, method, weight, seed)
+    record = self._load(path, cfg) or self._train(
+        cfg, os.path.join(self.workdir, vl, "tuning", method, f"{weight:g}",
+                          f"seed{seed}"),
+        path, self._base("tuning", value, method, seed, cfg))
+    self.wall_s["tuning"] += record["wall_s"]
+    return record
 
   def _base(self, kind, value, method, seed, cfg) -> dict:
     return {"kind": kind, "key": self.key, "value": value,
@@ -624,10 +709,11 @@ class Curve:
   def write(self, chosen, runs) -> dict:
     summary = {"key": self.key, "values": self.values,
                "methods": self.methods, "seeds": self.seeds,
-               "tuning_seed": self.tuning_seed, "focus": self.focus,
+               "tuning_seeds": self.tuning_seeds, "focus": self.focus,
                "wall_s": {k: round(v, 1) for k, v in self.wall_s.items()},
-               "chosen": {vl: {m: {**c, "grid": {f"{w:g}": a for w, a in
-                                                 c["grid"].items()}}
+               "chosen": {vl: {m: {**c, **{
+                   part: {f"{w:g}": a for w, a in c[part].items()}
+                   for part in ("grid", "test")}}
                                for m, c in cs.items()}
                           for vl, cs in chosen.items()},
                "runs": [{k: v for k, v in r.items() if k != "config"}
@@ -675,7 +761,8 @@ def main(argv):
         parse_values(_VALUES.value), flags.FLAGS.methods, flags.FLAGS.seeds,
         _OUT.value, flags.FLAGS.workdir or os.path.join("workdirs",
                                                         f"curve_{name}"),
-        config_flags.get_override_values(flag), _TUNING_SEED.value,
+        config_flags.get_override_values(flag),
+        [int(t) for t in _TUNING_SEEDS.value],
         parse_grids(_GRID.value), _EXTENSIONS.value, _FOCUS.value)
     summary = curve.run()
     print(f"\nCurve in {curve.out} ({len(summary['runs'])} table runs):\n")

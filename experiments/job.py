@@ -14,6 +14,8 @@ A run starts in three steps (:func:`experiments.loop.train_and_evaluate`):
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import os
 from typing import Any, Callable, Optional
 
@@ -25,7 +27,7 @@ import optax
 from absl import logging
 from jax.sharding import Mesh
 
-from experiments import data
+from experiments import data, permutation
 from ot_transfer_jax import checkpoint, models, optim, parallel, regularizers, train
 from ot_transfer_jax.features import validate_layers
 
@@ -81,12 +83,62 @@ class Job:
                              self.eval_batches(source), self.mesh)
 
 
-def normalization(config, ds) -> tuple[np.ndarray, np.ndarray]:
-  """Per-channel (mean, std): the training set's, or ImageNet's when
-  ``config.imagenet_normalization`` (pretrained ImageNet teachers)."""
+# Every run's input statistics, in its workdir: a student reads its
+# teacher's from there (``teacher_normalization``).
+NORMALIZATION = "normalization.json"
+
+
+def normalization(config, ds, workdir: str) -> tuple[np.ndarray, np.ndarray]:
+  """Per-channel (mean, std) of the run's inputs: ImageNet's when
+  ``config.imagenet_normalization`` (pretrained ImageNet teachers), the
+  teacher's when ``config.teacher_normalization``, else the training set's.
+
+  Raises:
+    ValueError: both options set, or a teacher whose statistics are unknown.
+  """
+  if config.imagenet_normalization and config.teacher_normalization:
+    raise ValueError("imagenet_normalization and teacher_normalization are "
+                     "both True: set one (a torchvision teacher's statistics "
+                     "are ImageNet's).")
   if config.imagenet_normalization:
     return IMAGENET_MEAN, IMAGENET_STD
+  if config.teacher_normalization:
+    return _teacher_statistics(config, workdir)
   return ds.mean, ds.std
+
+
+def _teacher_statistics(config, workdir: str) -> tuple[np.ndarray, np.ndarray]:
+  t = config.teacher
+  if t.source == "torchvision":
+    return IMAGENET_MEAN, IMAGENET_STD
+  if t.source not in ("train", "checkpoint"):
+    raise ValueError(
+        f"teacher_normalization=True needs a teacher with known input "
+        f"statistics (teacher.source 'train', 'checkpoint' or 'torchvision'), "
+        f"not {t.source!r}: set teacher_normalization=False.")
+  tdir = teacher_workdir(config, workdir) if t.source == "train" else t.path
+  path = os.path.join(tdir, NORMALIZATION)
+  if os.path.exists(path):
+    with open(path) as f:
+      stats = json.load(f)
+    return (np.asarray(stats["mean"], np.float32),
+            np.asarray(stats["std"], np.float32))
+  if t.source == "train":  # A teacher trained before the file existed.
+    return normalization(t.job, data.get_datasets(t.job.data), tdir)
+  raise ValueError(
+      f"teacher_normalization=True, but {path} is missing: the teacher run "
+      "predates it. Write its training set's statistics there as "
+      '{"mean": [...], "std": [...]}, or set teacher_normalization=False.')
+
+
+def _write_normalization(workdir: str, mean, std) -> None:
+  if jax.process_index() != 0:
+    return
+  tmp = os.path.join(workdir, NORMALIZATION + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump({"mean": np.asarray(mean).tolist(),
+               "std": np.asarray(std).tolist()}, f)
+  os.replace(tmp, os.path.join(workdir, NORMALIZATION))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,7 +245,7 @@ _RUN_SETTINGS = (
     "log_every", "eval_every", "checkpoint_every", "max_to_keep",
     "eval_batch_size", "analysis", "data.data_dir", "loss.max_bad_steps",
     "allow_resume_with_changes", "method_order", "baseline_method",
-    "vary_data_seed", "max_devices")
+    "vary_data_seed", "max_devices", "test_every_eval")
 RESUMABLE_CHANGES = (
     "num_steps", *_RUN_SETTINGS, "teacher.workdir",
     # The same settings of the teacher's job; not its num_steps: a longer
@@ -216,11 +268,22 @@ def config_differences(saved: dict, now: dict) -> list[str]:
   saved, now = _flatten(saved), _flatten(now)
   harmless = lambda key: any(key == p or key.startswith(p + ".")
                              for p in RESUMABLE_CHANGES)
+  # A key on one side only (a config written before the option existed)
+  # counts with its default: an option added with the old behaviour as its
+  # default does not make every older run another run.
+  defaults = _base_defaults()
   missing = "(unset)"
-  return [f"{key}: {saved.get(key, missing)!r} -> {now.get(key, missing)!r}"
+  get = lambda config, key: config.get(
+      key, defaults.get(key.removeprefix("teacher.job."), missing))
+  return [f"{key}: {get(saved, key)!r} -> {get(now, key)!r}"
           for key in sorted(saved.keys() | now.keys())
-          if not harmless(key) and saved.get(key, missing) != now.get(
-              key, missing)]
+          if not harmless(key) and get(saved, key) != get(now, key)]
+
+
+@functools.lru_cache(maxsize=1)
+def _base_defaults() -> dict:
+  from experiments.configs import common  # The configs import this module's.
+  return _flatten(checkpoint.config_to_json(common.base_config()))
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str,
@@ -238,7 +301,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
   ds = data.get_datasets(config.data)
   model = models.create_model(config.model.name, ds.num_classes,
                               **config.model.kwargs)
-  mean, std = normalization(config, ds)
+  mean, std = normalization(config, ds, workdir)
+  _write_normalization(workdir, mean, std)
   sample = jnp.zeros((config.batch_size, *ds.image_shape), jnp.float32)
   rng = jax.random.PRNGKey(config.seed)
   terms = regularizers.terms_from_config(config.loss.terms)
@@ -247,9 +311,16 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
   mesh = parallel.make_mesh(batch_size=config.batch_size,
                             max_devices=config.max_devices)
   init_vars = None
+  if config.init_permuted and not config.init_from_teacher:
+    raise ValueError("init_permuted=True permutes the teacher's weights the "
+                     "student starts from: set init_from_teacher=True too.")
   if config.init_from_teacher:
     fresh = train.init_model(model, jax.random.fold_in(rng, 1), sample[:1])
-    init_vars = train.transfer_init(fresh, teacher.variables)
+    start = teacher.variables
+    if config.init_permuted:
+      start = permutation.permute_neurons(
+          start, permutation.draw(jax.random.fold_in(rng, 2), start))
+    init_vars = train.transfer_init(fresh, start)
   context = regularizers.Context(
       teacher=teacher.model, teacher_vars=teacher.variables,
       **_training_sample(ds, mean, std, config, terms))

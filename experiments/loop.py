@@ -80,10 +80,14 @@ class History:
   last_val_accuracy: Optional[float] = None
   last_test_accuracy: Optional[float] = None
 
+  def is_best(self, val_accuracy: Optional[float]) -> bool:
+    """Whether ``val_accuracy`` would become the best (first of equals)."""
+    return val_accuracy is not None and (self.best_val_accuracy is None or
+                                         val_accuracy > self.best_val_accuracy)
+
   def record(self, step: int, val_accuracy: Optional[float],
-             test_accuracy: float) -> None:
-    if val_accuracy is not None and (self.best_val_accuracy is None or
-                                     val_accuracy > self.best_val_accuracy):
+             test_accuracy: Optional[float]) -> None:
+    if self.is_best(val_accuracy):
       self.best_step, self.best_val_accuracy = step, val_accuracy
       self.test_accuracy_at_best_val = test_accuracy
     self.last_step, self.last_val_accuracy = step, val_accuracy
@@ -243,7 +247,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
               "is kept. Lower the learning rate, raise the ot term's "
               "relative_epsilon, or check the input data.")
       if itstime(step, config.eval_every, total):
-        history.record(step, *_evaluate(job, state, writer, step))
+        history.record(step, *_evaluate(job, state, writer, step, history,
+                                        last=step == total))
       stop = interrupted.stop(itstime(step, config.log_every, total))
       if itstime(step, config.checkpoint_every, total) or stop:
         checkpoint.save(manager, step, state, _run_meta(job, history))
@@ -278,13 +283,20 @@ def ensure_teacher(config: ml_collections.ConfigDict, workdir: str) -> Teacher:
   return teacher
 
 
-def _evaluate(job: Job, state, writer, step: int):
-  """``(val_accuracy or None, test_accuracy)``, both written to the metrics."""
+def _evaluate(job: Job, state, writer, step: int, history: History,
+              last: bool):
+  """``(val_accuracy or None, test_accuracy or None)``, written to the
+  metrics. With ``test_every_eval`` False the test split is evaluated only
+  where a read needs it: at a new best validation accuracy and at the last
+  step (frequent evaluation of a 5,000-image test split would cost more than
+  the training steps of a small study run)."""
   variables = state.variables
   accuracies = []
   for split, source in (("val", job.ds.val if job.has_val else None),
                         ("test", job.ds.test)):
-    if source is None:
+    needed = (split == "val" or job.config.test_every_eval or last
+              or not job.has_val or history.is_best(accuracies[0]))
+    if source is None or not needed:
       accuracies.append(None)
       continue
     result = job.evaluate(variables, source)

@@ -91,7 +91,9 @@ def test_paired_differences_are_per_seed_in_points():
 # --- Errors, before any run ----------------------------------------------------
 
 
-def _curve(tmp_path, key=KEY, values=(3, 5), methods=("scratch", "ot"),
+# Students from the teacher's weights: a random-init student of the teacher's
+# seed is refused (see test_a_student_of_the_teachers_seed_is_refused).
+def _curve(tmp_path, key=KEY, values=(3, 5), methods=("l2_sp", "ot"),
            **kwargs):
   return curve.Curve(DIGITS, key, list(values), list(methods),
                      kwargs.pop("seeds", 1), str(tmp_path / "out"),
@@ -103,9 +105,11 @@ def _curve(tmp_path, key=KEY, values=(3, 5), methods=("scratch", "ot"),
     (dict(key="data.samples_per_clas"), "did you mean data.samples_per_class"),
     (dict(values=(3, 2.5)), "samples_per_class=2.5 does not fit"),
     (dict(methods=("scratch", "otp")), r"Unknown methods \['otp'\]"),
-    (dict(seeds=5, tuning_seed=3), "tuning_seed 3 is one of the table"),
+    (dict(seeds=5, tuning_seeds=(100, 3)), "tuning_seeds 3 is one of the"),
+    (dict(tuning_seeds=(100, 100)), "distinct seeds"),
     (dict(methods=("scratch", "l2_sp")), "--focus ot is not one of"),
-    (dict(grids={"ot": (0.1,), "l2_sp": (1.0,)}), "l2_sp is not one of"),
+    (dict(grids={"ot": (0.1,), "scratch": (1.0,)}), "scratch is not one of"),
+    (dict(methods=("scratch", "ot")), "teacher's own initial weights"),
 ])
 def test_bad_input_fails_before_any_run(tmp_path, case, match):
   with pytest.raises(ValueError, match=match):
@@ -148,15 +152,18 @@ def test_curve_writes_records_and_a_rerun_trains_nothing(tmp_path, teacher_dir,
                                                         monkeypatch):
   overrides = {**TINY, "teacher.job.num_steps": TEACHER_STEPS,
                "teacher.workdir": str(teacher_dir)}
-  summary = _curve(tmp_path, overrides=overrides,
+  summary = _curve(tmp_path, overrides=overrides, tuning_seeds=(100, 101),
                    grids={"ot": (0.1,)}).run()
   out = tmp_path / "out"
   assert [(r["value"], r["method"], r["seed"]) for r in summary["runs"]] == [
-      (3, "scratch", 0), (3, "ot", 0), (5, "scratch", 0), (5, "ot", 0)]
+      (3, "l2_sp", 0), (3, "ot", 0), (5, "l2_sp", 0), (5, "ot", 0)]
   for r in summary["runs"]:
     assert r["status"] == "finished" and r["kind"] == "run"
     assert 0 <= r["test_accuracy_best_val"] <= 1 and r["wall_s"] >= 0
-    assert set(r["matched_fraction"]) == set(common.LAYERS)
+    assert 0 <= r["test_accuracy_last"] <= 1
+    for measure in curve.PLAN_MEASURES:
+      assert set(r[measure]) == set(common.LAYERS)
+    assert all(0 < v <= 1 + 1e-6 for v in r["row_max_mass"].values())
     if r["method"] == "ot":
       assert r["weights"]["loss.terms.ot.weight"] == 0.1
     record = json.loads((out / "runs" / f"samples_per_class={r['value']}" /
@@ -165,11 +172,18 @@ def test_curve_writes_records_and_a_rerun_trains_nothing(tmp_path, teacher_dir,
   for label in ("samples_per_class=3", "samples_per_class=5"):
     choice = summary["chosen"][label]["ot"]
     assert choice["weight"] == 0.1 and not choice["bracketed"]
-    assert (out / "tuning" / label / "ot" / "ot.weight=0.1.json").exists()
+    # The choice reads the mean validation accuracy of both tuning seeds.
+    tuned = [json.loads((out / "tuning" / label / "ot" / "ot.weight=0.1" /
+                         f"seed{t}.json").read_text()) for t in (100, 101)]
+    assert [t["seed"] for t in tuned] == [100, 101]
+    assert choice["grid"]["0.1"] == pytest.approx(
+        sum(t["val_accuracy_best"] for t in tuned) / 2)
   assert json.loads((out / "results.json").read_text())["runs"] == json.loads(
       json.dumps(summary["runs"]))
   md = (out / "results.md").read_text()
-  assert md.count("| ot − scratch | 1 |") == 2
+  assert md.count("| ot − l2_sp | 1 |") == 2  # Both reads on each row.
+  assert "| pair | n | best val: mean | s.e. | better | last: mean |" in md
+  assert "row-max mass" in md and "tuning seeds 100, 101" in md
   assert "a grid of one value brackets nothing" in md
   assert (out / "curve.png").stat().st_size > 0
 
@@ -179,14 +193,14 @@ def test_curve_writes_records_and_a_rerun_trains_nothing(tmp_path, teacher_dir,
 
   monkeypatch.setattr(loop, "train_and_evaluate", no_training)
   again = _curve(tmp_path / "fresh", overrides=overrides,
-                 grids={"ot": (0.1,)})
+                 tuning_seeds=(100, 101), grids={"ot": (0.1,)})
   again.out = str(out)
   assert again.run()["runs"] == summary["runs"]
 
   # Records made with other settings are refused, naming the difference.
   with pytest.raises(ValueError, match="num_steps: 20 -> 10"):
     _curve(tmp_path, overrides={**overrides, "num_steps": 10},
-           grids={"ot": (0.1,)}).run()
+           tuning_seeds=(100, 101), grids={"ot": (0.1,)}).run()
 
 
 # --- The documented studies --------------------------------------------------
@@ -202,16 +216,16 @@ def _documented_commands():
           if "[--" not in b]  # The usage block has optional flags.
 
 
-def test_docs_list_the_three_studies_as_their_configs_do():
+def test_docs_list_the_four_studies_as_their_configs_do():
   commands = _documented_commands()
-  assert len(commands) == 3
+  assert len(commands) == 4
   for argv in commands:
     config = argv[argv.index("--config") + 1]
     docstring = open(os.path.join(REPO, config)).read().split('"""')[1]
     assert " ".join(argv) in " ".join(docstring.replace("\\\n", " ").split())
 
 
-@pytest.mark.parametrize("index", range(3))
+@pytest.mark.parametrize("index", range(4))
 def test_documented_study_builds_every_config(tmp_path, index):
   argv = _documented_commands()[index]
   opt = lambda name: argv[argv.index(name) + 1]
@@ -222,10 +236,20 @@ def test_documented_study_builds_every_config(tmp_path, index):
                       curve.parse_values(opt("--values").split(",")), None,
                       int(opt("--seeds")), str(tmp_path / "out"),
                       str(tmp_path / "work"), overrides)
-  assert study.seeds >= 5 and not study.teacher_per_value
+  # The protocol: 10 seeds, weights on two tuning seeds' validation, one
+  # weight decay and head decay, the teacher's normalisation, frequent
+  # evaluation, a teacher seed no student shares.
+  assert study.seeds == 10 and len(study.tuning_seeds) >= 2
+  assert not study.teacher_per_value
+  methods = set()
   for configs in study.configs.values():
+    methods |= set(configs)
     for cfg in configs.values():  # Full batch at every value.
       assert cfg.batch_size == 5 * cfg.data.samples_per_class
+      assert (cfg.loss.weight_decay, cfg.loss.head_decay) == (5e-4, 5e-4)
+      assert cfg.teacher_normalization and cfg.eval_every == 5
+      assert cfg.teacher.job.seed not in (*range(10), *study.tuning_seeds)
+  assert {"ot", "ot_uniform"} <= methods
 
 
 def test_a_preempted_curve_prints_its_own_resume_command(monkeypatch):

@@ -51,6 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
       "num_classes": 10, "image_shape": ()})
   # Start from the teacher's weights (same architecture), with a new head.
   c.init_from_teacher = False
+  # With init_from_teacher: every layer's neurons permuted (a random,
+  # function-preserving permutation drawn from the seed; sequential CNNs).
+  c.init_permuted = False
   c.loss = ml_collections.ConfigDict({
       # name -> term(...): the teacher-based terms (Omega_P, Omega_I, KD, ...).
       "terms": {},
@@ -75,10 +78,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_steps = 300
   c.log_every = 25
   c.eval_every = 50
+  # False: the test split is evaluated only where a read needs it (a new best
+  # validation accuracy, the last step), so that eval_every can be small.
+  c.test_every_eval = True
   c.checkpoint_every = 100
   c.max_to_keep = 2
   c.augment = "none"  # 'none' | 'crop_flip' | 'imagenet'
   c.imagenet_normalization = False  # True for ImageNet-pretrained teachers
+  # True: inputs are normalised with the teacher's statistics (those of the
+  # data it was trained on, stored in its workdir), for the teacher's forward
+  # pass and the student alike; False: with the student's training set's.
+  c.teacher_normalization = False
   c.seed = 0
   # Resume a workdir whose checkpoint was written with other settings (data,
   # model, method, loss, ...): a new history section starts at the resumed

@@ -1,0 +1,186 @@
+"""The regime studies of docs/regimes under one protocol: when does Omega_P help?
+
+One config for the studies; the study is an argument
+(``regimes.py:study=<name>``). Every study is a curve of
+``experiments.curve`` over one key, on Fashion-MNIST (offline IDX files), with
+the protocol of docs/experiments.md ("Regime studies"):
+
+* every method of a study has the same weight decay and head decay (5e-4):
+  methods differ by their term and their initialisation only;
+* the inputs of teacher and student are normalised with the teacher's
+  statistics (``teacher_normalization``, stored with the teacher);
+* the teachers train with seed 1000, so that no table or tuning seed
+  initialises a random-init student with its teacher's initial weights;
+* evaluation every 5 steps (the test split only where a read needs it), so
+  that the best-validation step is rarely the first evaluation;
+* weights chosen on the mean validation accuracy of tuning seeds 100 and 101,
+  10 table seeds, both reads (curve's defaults and ``--seeds 10``).
+
+Two controls of Omega_P sit beside ``ot`` wherever it runs:
+
+  ot_uniform      Omega_P with relative_epsilon 1e4: the plan is u v^T
+                  (within 1e-3), no neuron matching, only a pull of every
+                  student neuron towards the teacher layer's mean neuron --
+                  a gain of ``ot`` counts as transport *matching* only where
+                  ot beats ot_uniform by more than 2 s.e.
+  ot_standardize  Omega_P on standardised neurons (normalize="standardize"):
+                  matching blind to each neuron's scale and offset
+
+The studies (commands run from the repository root; each writes
+docs/regimes/<study>, trains only what is missing, and a rerun trains
+nothing):
+
+  permutation   the student starts from the teacher's weights with every
+                layer's neurons permuted (function-preserving: the same
+                network, other indices), against the unpermuted start; K = 10
+    python -m experiments.curve \
+        --config experiments/configs/regimes.py:study=permutation \
+        --key init_permuted --values False,True --seeds 10 \
+        --out docs/regimes/permutation --workdir workdirs/regimes/permutation
+  cross_arch    resnet8 teacher (classes 0-4) -> small_cnn width 0.5 from
+                random weights (classes 5-9), K in {2, 10}
+    python -m experiments.curve \
+        --config experiments/configs/regimes.py:study=cross_arch \
+        --key data.samples_per_class --values 2,10 --seeds 10 \
+        --out docs/regimes/cross_arch --workdir workdirs/regimes/cross_arch
+  width         small_cnn teacher -> small_cnn of width 0.25 or 1 from
+                random weights, K = 10 (Omega_I where the widths are equal)
+    python -m experiments.curve \
+        --config experiments/configs/regimes.py:study=width \
+        --key model.kwargs.width --values 0.25,1.0 --seeds 10 \
+        --out docs/regimes/width --workdir workdirs/regimes/width
+  scarcity      from the teacher's weights, K in {2, 5}
+    python -m experiments.curve \
+        --config experiments/configs/regimes.py:study=scarcity \
+        --key data.samples_per_class --values 2,5 --seeds 10 \
+        --out docs/regimes/scarcity --workdir workdirs/regimes/scarcity
+
+The small_cnn teacher (600 steps on classes 0-4) is shared by permutation,
+width and scarcity in workdirs/regimes/teacher_small_cnn; the resnet8 one in
+workdirs/regimes/teacher_resnet8. Two commands must not train the same
+teacher at once.
+"""
+
+from experiments.configs import common, transfer
+
+LAYERS = common.LAYERS
+DATA = "fashion_mnist"
+TEACHER_SEED = 1000
+TEACHER_WORKDIR = "workdirs/regimes/teacher_{}"
+STUDIES = ("permutation", "cross_arch", "width", "scarcity")
+
+# A relative epsilon so large that the plan is uniform (tests check 1e-3).
+UNIFORM_RELATIVE_EPSILON = 1e4
+# Grids (0.01 .. 10 for the feature terms: where a pull starts to hurt is
+# part of the answer); curve extends a grid whose best is at an edge.
+TERM_GRID = (0.01, 0.1, 1.0, 10.0)
+GRIDS = {
+    "feature_matching": TERM_GRID, "ot": TERM_GRID, "ot_uniform": TERM_GRID,
+    "ot_standardize": TERM_GRID, "delta": TERM_GRID,
+    "l2_sp": (0.01, 0.1, 1.0),
+    "attention": (10.0, 100.0, 1000.0), "fitnets": (0.1, 1.0, 10.0),
+}
+# The config key each grid sets: the term a method adds.
+TERM_OF = {"ot_uniform": "ot", "ot_standardize": "ot"}
+
+
+def _teacher(model: str):
+  t = transfer.teacher_job(DATA)
+  t.model.name = model
+  t.seed = TEACHER_SEED
+  return t
+
+
+def experiment(study: str):
+  """What every method of ``study`` shares."""
+  c = transfer.experiment(DATA)
+  c.loss.weight_decay = 5e-4
+  c.loss.head_decay = 5e-4
+  c.teacher_normalization = True
+  c.eval_every = 5
+  c.test_every_eval = False
+  c.batch_size = c.data.get_ref("samples_per_class") * 5  # Full batch.
+  teacher = "resnet8" if study == "cross_arch" else "small_cnn"
+  c.teacher.job = _teacher(teacher)
+  c.teacher.name = teacher
+  c.teacher.workdir = TEACHER_WORKDIR.format(teacher)
+  if study == "cross_arch":
+    c.model.kwargs = {"width": 0.5}
+  if study == "width":
+    c.model.kwargs = {"width": 1.0}
+  if study in ("permutation", "scarcity"):
+    c.init_from_teacher = True
+    # Few images: the teacher's BatchNorm statistics, not the batch's.
+    c.model.freeze_batchnorm = True
+  return c
+
+
+def _term(name: str, **options):
+  return common.with_term("ot" if name.startswith("ot") else name,
+                          GRIDS[name][1] if name in GRIDS else 1.0,
+                          student_layers=("stage2",) if name == "fitnets"
+                          else LAYERS, **options)
+
+
+TERMS = {
+    "feature_matching": _term("feature_matching"),
+    "delta": _term("delta"),
+    "attention": _term("attention"),
+    "fitnets": _term("fitnets"),
+    "ot": _term("ot"),
+    "ot_uniform": _term("ot_uniform",
+                        relative_epsilon=UNIFORM_RELATIVE_EPSILON),
+    "ot_standardize": _term("ot_standardize", normalize="standardize"),
+}
+
+
+def _l2_sp(c):
+  c.loss.terms.l2_sp = common.term("l2_sp", 0.1)
+
+
+METHODS = {
+    "permutation": {"none": common.unchanged,
+                    **{m: TERMS[m] for m in ("feature_matching", "ot",
+                                             "ot_uniform")}},
+    "cross_arch": {"scratch": common.unchanged,
+                   **{m: TERMS[m] for m in ("attention", "fitnets", "ot",
+                                            "ot_uniform", "ot_standardize")}},
+    "width": {"scratch": common.unchanged,
+              **{m: TERMS[m] for m in ("attention", "fitnets",
+                                       "feature_matching", "ot",
+                                       "ot_uniform")}},
+    "scarcity": {"finetune": common.unchanged, "l2_sp": _l2_sp,
+                 **{m: TERMS[m] for m in ("delta", "feature_matching", "ot",
+                                          "ot_uniform")}},
+}
+
+
+def _study(arg) -> tuple[str, str]:
+  a = common.parse_arg(arg, study="permutation", method="")
+  if a["study"] not in STUDIES:
+    raise ValueError(f"Unknown study={a['study']!r}; choose one of "
+                     f"{STUDIES} with --config=regimes.py:study=<name>.")
+  return a["study"], a["method"]
+
+
+def get_sweep(arg=None) -> dict:
+  """``{method: (config key, grid)}`` of the study's methods with a term."""
+  study, _ = _study(arg)
+  return {m: (f"loss.terms.{TERM_OF.get(m, m)}.weight", GRIDS[m])
+          for m in METHODS[study] if m in GRIDS}
+
+
+def applies(method, config) -> bool:
+  """Omega_I compares neuron i with neuron i: equal widths only."""
+  width = dict(config.model.kwargs).get("width", 1.0)
+  teacher = dict(config.teacher.job.model.kwargs).get("width", 1.0)
+  return method != "feature_matching" or width == teacher
+
+
+def get_config(arg=None):
+  """``arg``: ``study=<name>,method=<method>`` (see the module docstring)."""
+  study, method = _study(arg)
+  c = experiment(study)
+  c.method = next(iter(METHODS[study]))
+  c.baseline_method = c.method
+  return common.select_method(c, METHODS[study], method)
