@@ -221,7 +221,8 @@ def test_docs_list_the_four_studies_as_their_configs_do():
   assert len(commands) == 4
   for argv in commands:
     config = argv[argv.index("--config") + 1]
-    docstring = open(os.path.join(REPO, config)).read().split('"""')[1]
+    docstring = open(os.path.join(REPO, config.split(":")[0])).read().split(
+        '"""')[1]
     assert " ".join(argv) in " ".join(docstring.replace("\\\n", " ").split())
 
 

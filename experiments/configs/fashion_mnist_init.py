@@ -19,7 +19,7 @@ The study (docs/regimes/initialisation; weights chosen per initialisation on
 the tuning seed's validation split):
   python -m experiments.curve \
       --config experiments/configs/fashion_mnist_init.py \
-      --key init_from_teacher --values False,True --seeds 5 \
+      --key init_from_teacher --values False,True --seeds 5 --tuning_seeds 100 \
       --out docs/regimes/initialisation \
       --workdir workdirs/regimes/initialisation \
       --config.teacher.workdir=workdirs/regimes/teacher

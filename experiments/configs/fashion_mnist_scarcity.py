@@ -11,7 +11,7 @@ The study (docs/regimes/data_scarcity; weights chosen per K on the tuning
 seed's validation split):
   python -m experiments.curve \
       --config experiments/configs/fashion_mnist_scarcity.py \
-      --key data.samples_per_class --values 2,5,10,20,50 --seeds 5 \
+      --key data.samples_per_class --values 2,5,10,20,50 --seeds 5 --tuning_seeds 100 \
       --out docs/regimes/data_scarcity \
       --workdir workdirs/regimes/data_scarcity \
       --config.teacher.workdir=workdirs/regimes/teacher

@@ -17,7 +17,7 @@ The study (docs/regimes/student_size; weights chosen per width on the
 tuning seed's validation split):
   python -m experiments.curve \
       --config experiments/configs/fashion_mnist_width.py \
-      --key model.kwargs.width --values 0.25,0.5,1.0,2.0 --seeds 5 \
+      --key model.kwargs.width --values 0.25,0.5,1.0,2.0 --seeds 5 --tuning_seeds 100 \
       --out docs/regimes/student_size \
       --workdir workdirs/regimes/student_size \
       --config.teacher.workdir=workdirs/regimes/teacher
