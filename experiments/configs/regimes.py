@@ -54,20 +54,31 @@ nothing):
         --config experiments/configs/regimes.py:study=scarcity \
         --key data.samples_per_class --values 2,5 --seeds 10 \
         --out docs/regimes/scarcity --workdir workdirs/regimes/scarcity
+  distill       distillation to a smaller student on all ten classes:
+                small_cnn width 2 -> width 0.5 (distill.py's pair), trained
+                2,000 steps of 128 (4.4 epochs; the first protocol's 300
+                left the best step at the last in 28 of 30 runs); student,
+                KD, Omega_P, Omega_P + KD, ot_uniform + KD (KD at weight 10,
+                the earlier sweep's choice, in the combinations)
+    python -m experiments.curve \
+        --config experiments/configs/regimes.py:study=distill \
+        --key num_steps --values 2000 --seeds 10 --focus ot_kd \
+        --out docs/regimes/distill --workdir workdirs/regimes/distill
 
 The small_cnn teacher (600 steps on classes 0-4) is shared by permutation,
-width and scarcity in workdirs/regimes/teacher_small_cnn; the resnet8 one in
-workdirs/regimes/teacher_resnet8. Two commands must not train the same
+width and scarcity in workdirs/regimes/teacher_small_cnn; the resnet8 one is in
+workdirs/regimes/teacher_resnet8, distill's (width 2, all classes) in
+workdirs/regimes/teacher_small_cnn_width2. Two commands must not train the same
 teacher at once.
 """
 
-from experiments.configs import common, transfer
+from experiments.configs import common, distill, transfer
 
 LAYERS = common.LAYERS
 DATA = "fashion_mnist"
 TEACHER_SEED = 1000
 TEACHER_WORKDIR = "workdirs/regimes/teacher_{}"
-STUDIES = ("permutation", "cross_arch", "width", "scarcity")
+STUDIES = ("permutation", "cross_arch", "width", "scarcity", "distill")
 
 # A relative epsilon so large that the plan is uniform (tests check 1e-3).
 UNIFORM_RELATIVE_EPSILON = 1e4
@@ -79,9 +90,14 @@ GRIDS = {
     "ot_standardize": TERM_GRID, "delta": TERM_GRID,
     "l2_sp": (0.01, 0.1, 1.0),
     "attention": (10.0, 100.0, 1000.0), "fitnets": (0.1, 1.0, 10.0),
+    "kd": (1.0, 10.0, 100.0), "ot_kd": (0.01, 0.1, 1.0),
+    "ot_uniform_kd": (0.01, 0.1, 1.0),
 }
+# KD's weight where it is combined with a feature term.
+KD_WEIGHT = 10.0
 # The config key each grid sets: the term a method adds.
-TERM_OF = {"ot_uniform": "ot", "ot_standardize": "ot"}
+TERM_OF = {"ot_uniform": "ot", "ot_standardize": "ot", "ot_kd": "ot",
+           "ot_uniform_kd": "ot"}
 
 
 def _teacher(model: str):
@@ -91,8 +107,25 @@ def _teacher(model: str):
   return t
 
 
+def _distillation():
+  """distill.py's Fashion-MNIST pair, trained past its best step."""
+  c = distill.experiment(DATA)
+  c.teacher.job.seed = TEACHER_SEED
+  c.teacher.workdir = TEACHER_WORKDIR.format("small_cnn_width2")
+  c.teacher_normalization = True
+  c.num_steps = 2000
+  c.eval_every = 50
+  c.log_every = 100
+  c.checkpoint_every = 500
+  c.test_every_eval = False
+  c.analysis.layers = LAYERS
+  return c
+
+
 def experiment(study: str):
   """What every method of ``study`` shares."""
+  if study == "distill":
+    return _distillation()
   c = transfer.experiment(DATA)
   c.loss.weight_decay = 5e-4
   c.loss.head_decay = 5e-4
@@ -116,6 +149,8 @@ def experiment(study: str):
 
 
 def _term(name: str, **options):
+  if name == "kd":  # Reads logits: no layers.
+    return common.with_term("kd", GRIDS["kd"][1])
   return common.with_term("ot" if name.startswith("ot") else name,
                           GRIDS[name][1] if name in GRIDS else 1.0,
                           student_layers=("stage2",) if name == "fitnets"
@@ -131,7 +166,11 @@ TERMS = {
     "ot_uniform": _term("ot_uniform",
                         relative_epsilon=UNIFORM_RELATIVE_EPSILON),
     "ot_standardize": _term("ot_standardize", normalize="standardize"),
+    "kd": _term("kd"),
 }
+_KD_FIXED = common.with_term("kd", KD_WEIGHT)
+TERMS["ot_kd"] = common.combine(TERMS["ot"], _KD_FIXED)
+TERMS["ot_uniform_kd"] = common.combine(TERMS["ot_uniform"], _KD_FIXED)
 
 
 def _l2_sp(c):
@@ -152,6 +191,9 @@ METHODS = {
     "scarcity": {"finetune": common.unchanged, "l2_sp": _l2_sp,
                  **{m: TERMS[m] for m in ("delta", "feature_matching", "ot",
                                           "ot_uniform")}},
+    "distill": {"student": common.unchanged,
+                **{m: TERMS[m] for m in ("kd", "ot", "ot_kd",
+                                         "ot_uniform_kd")}},
 }
 
 
