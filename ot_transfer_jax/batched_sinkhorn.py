@@ -51,7 +51,7 @@ path's Anderson acceleration needs fewer iterations.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -112,7 +112,8 @@ def pad_stack(matrices: Sequence[jax.Array], value: float = 0.0) -> jax.Array:
                             constant_values=value) for m in matrices])
 
 
-def _pad_vectors(vectors: Sequence[jax.Array], size: int) -> jax.Array:
+def pad_vectors(vectors: Sequence[jax.Array], size: int) -> jax.Array:
+  """``(L, size)``: the vectors padded at the end with zeros."""
   return jnp.stack([jnp.pad(v, (0, size - v.shape[0])) for v in vectors])
 
 
@@ -228,6 +229,18 @@ def sinkhorn(
                          errors=errors)
 
 
+class _Layer(NamedTuple):
+  """One pair's side of the solve, as ``solve_neuron_ot`` computes it."""
+
+  a: jax.Array  # (D, n_s) student descriptors.
+  t: jax.Array  # (D, n_t) teacher descriptors (constant).
+  scaled: jax.Array  # (n_s, n_t) cost in units of its mean (constant).
+  unit: jax.Array  # Scalar, that mean.
+  eps: jax.Array  # Scalar, the absolute epsilon.
+  d: int  # Descriptor length (global batch).
+  init: Optional[Tuple[jax.Array, jax.Array]]  # Absolute (f, g), or None.
+
+
 def solve_layers(
     students: Sequence[jax.Array],
     teachers: Sequence[jax.Array],
@@ -299,7 +312,7 @@ def solve_layers(
                      f"{len(students)} layer pairs: pass one (f, g) per pair "
                      "(a previous solve's .potentials), or None.")
 
-  layers = []  # Per pair: (a, t, scaled cost, unit, eps, d, init).
+  layers = []
   for i, (s, t) in enumerate(zip(students, teachers)):
     try:
       s, t = ot.check_activations(s, t, spatial, axis_name=axis_name)
@@ -323,52 +336,53 @@ def solve_layers(
     unit = jax.lax.stop_gradient(jnp.maximum(mean_cost, ot._TINY))
     scaled = jax.lax.stop_gradient(ot._assemble_cost(sq_s, sq_t, cross,
                                                      d * unit))
-    layers.append((a, t, scaled, unit, eps, d, init))
+    layers.append(_Layer(a, t, scaled, unit, eps, d, init))
 
-  dtype = layers[0][2].dtype
-  if any(layer[2].dtype != dtype for layer in layers):
+  dtype = layers[0].scaled.dtype
+  if any(layer.scaled.dtype != dtype for layer in layers):
     raise ValueError("The layer pairs' activations give costs of different "
                      "dtypes (float32 and float64): pass them in one dtype.")
   # As the per-layer path: float64 under jax_enable_x64.
   solve_dtype = jnp.promote_types(dtype, jnp.result_type(float))
-  shapes = [layer[2].shape for layer in layers]
+  shapes = [layer.scaled.shape for layer in layers]
   costs, epsilons = [], []
-  for _, _, scaled, unit, eps, _, _ in layers:
-    solve_eps = eps / unit
-    cost = scaled
+  for layer in layers:
+    solve_eps = layer.eps / layer.unit
+    cost = layer.scaled
     if tau < 1.0:
       # ott-jax's entropy is KL(P | 1 1^T), ours KL(P | u v^T): the cost
       # shift eps log(n_s n_t) (see ot.py's module docstring).
-      cost = scaled + solve_eps * math.log(scaled.shape[0] * scaled.shape[1])
+      cost = cost + solve_eps * math.log(cost.shape[0] * cost.shape[1])
     costs.append(cost.astype(solve_dtype))
     epsilons.append(solve_eps.astype(solve_dtype))
   cold = inits is None
   init = None
-  if not cold:
-    n, m = max(s[0] for s in shapes), max(s[1] for s in shapes)
-    init = (_pad_vectors([(l[6][0] / l[3]).astype(solve_dtype)
-                          for l in layers], n),
-            _pad_vectors([(l[6][1] / l[3]).astype(solve_dtype)
-                          for l in layers], m))
+  if not cold:  # The potentials in units of each cost's mean, padded.
+    init = tuple(
+        pad_vectors([(layer.init[k] / layer.unit).astype(solve_dtype)
+                     for layer in layers], max(shape[k] for shape in shapes))
+        for k in (0, 1))
   out = sinkhorn(pad_stack(costs), jnp.stack(epsilons), shapes, init=init,
                  tau=tau, threshold=threshold, max_iterations=max_iterations,
                  block=block, anneal=anneal and cold)
 
   results = []
-  for i, ((a, t, scaled, unit, eps, d, _), cost, solve_eps, (n_s, n_t)) in (
-      enumerate(zip(layers, costs, epsilons, shapes))):
+  for i, (layer, cost, solve_eps, (n_s, n_t)) in enumerate(
+      zip(layers, costs, epsilons, shapes)):
     f, g = out.f[i, :n_s], out.g[i, :n_t]
-    plan = jnp.exp((f[:, None] + g[None, :] - cost) / solve_eps).astype(dtype)
-    plan = jax.lax.stop_gradient(plan)
-    value = unit * jnp.sum(plan * scaled) + ot.global_sum(
-        ot._envelope_gradient(a, t, plan, d, precision, axis_name), axis_name)
+    # The plan is built once: value, gradient and matched fraction reuse it.
+    plan = jax.lax.stop_gradient(jnp.exp(
+        (f[:, None] + g[None, :] - cost) / solve_eps).astype(dtype))
+    value = layer.unit * jnp.sum(plan * layer.scaled) + ot.global_sum(
+        ot._envelope_gradient(layer.a, layer.t, plan, layer.d, precision,
+                              axis_name), axis_name)
     matched = (jnp.trace(plan) if n_s == n_t else
                jnp.asarray(jnp.nan, dtype))
     results.append(ot.NeuronTransport(
-        value=value, plan=plan, cost_matrix=scaled * unit,
+        value=value, plan=plan, cost_matrix=layer.scaled * layer.unit,
         matched_fraction=matched, converged=out.converged[i],
         n_iters=out.n_iters[i],
-        f=jax.lax.stop_gradient(f.astype(dtype) * unit),
-        g=jax.lax.stop_gradient(g.astype(dtype) * unit),
-        epsilon=eps, mass=jnp.sum(plan)))
+        f=jax.lax.stop_gradient(f.astype(dtype) * layer.unit),
+        g=jax.lax.stop_gradient(g.astype(dtype) * layer.unit),
+        epsilon=layer.eps, mass=jnp.sum(plan)))
   return tuple(results)

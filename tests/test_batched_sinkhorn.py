@@ -189,6 +189,20 @@ def test_each_problem_gives_what_its_own_solve_gives(pairs):
   assert len({int(r.n_iters) for r in together}) > 1  # Not all alike.
 
 
+def test_a_non_finite_layer_is_nan_and_unconverged_alone(pairs):
+  # Under jit nothing can be checked: the layer with a NaN activation gives
+  # a NaN value with converged=False; the other problems are not touched.
+  students, teachers = pairs
+  bad = [students[0], jnp.asarray(students[1]).at[0, 0].set(jnp.nan),
+         students[2]]
+  out = jax.jit(batched_sinkhorn.solve_layers)(bad, teachers)
+  assert [bool(r.converged) for r in out] == [True, False, True]
+  assert np.isnan(float(out[1].value))
+  good = batched_sinkhorn.solve_layers(students, teachers)
+  for i in (0, 2):
+    np.testing.assert_allclose(out[i].value, good[i].value, rtol=1e-5)
+
+
 def test_bfloat16_activations(pairs):
   students, teachers = pairs
   low = [jnp.asarray(s, jnp.bfloat16) for s in students]

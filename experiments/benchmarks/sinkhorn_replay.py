@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 from typing import Optional, Sequence
 
@@ -176,9 +175,9 @@ def replay(data: dict, solver: str = "per_layer", *, block: int = 8,
     else:
       n, m = max(x[0] for x in shapes), max(x[1] for x in shapes)
       out = solve(batched_sinkhorn.pad_stack(step_costs),
-                  batched_sinkhorn._pad_vectors([jnp.asarray(f) for f, _ in
+                  batched_sinkhorn.pad_vectors([jnp.asarray(f) for f, _ in
                                                  init], n),
-                  batched_sinkhorn._pad_vectors([jnp.asarray(g) for _, g in
+                  batched_sinkhorn.pad_vectors([jnp.asarray(g) for _, g in
                                                  init], m))
       for l, (c, (n_s, n_t)) in enumerate(zip(step_costs, shapes)):
         f, g = out.f[l, :n_s], out.g[l, :n_t]
