@@ -271,13 +271,26 @@ def config_differences(saved: dict, now: dict) -> list[str]:
   # A key on one side only (a config written before the option existed)
   # counts with its default: an option added with the old behaviour as its
   # default does not make every older run another run.
-  defaults = _base_defaults()
-  missing = "(unset)"
-  get = lambda config, key: config.get(
-      key, defaults.get(key.removeprefix("teacher.job."), missing))
+  get = lambda config, key: config[key] if key in config else _default(
+      key, {**saved, **now})
   return [f"{key}: {get(saved, key)!r} -> {get(now, key)!r}"
           for key in sorted(saved.keys() | now.keys())
           if not harmless(key) and get(saved, key) != get(now, key)]
+
+
+def _default(key: str, flat: dict) -> Any:
+  """The default of a config key: ``base_config()``'s, or for a loss term's
+  option (``loss.terms.<name>.options.<option>``) its regulariser's."""
+  inner = key.removeprefix("teacher.job.")
+  parts = inner.split(".")
+  if parts[:2] == ["loss", "terms"] and len(parts) == 5 and (
+      parts[3] == "options"):
+    name = flat.get(f"{key[:len(key) - len(inner)]}loss.terms.{parts[2]}"
+                    ".regularizer")
+    if name in regularizers.names():
+      return regularizers.get(name).from_options().options.get(
+          parts[4], "(unset)")
+  return _base_defaults().get(inner, "(unset)")
 
 
 @functools.lru_cache(maxsize=1)
