@@ -204,8 +204,9 @@ def iteration_budget(max_iterations: int, tau: float) -> int:
   """
   if tau >= 1.0:
     return max_iterations
+  # Rounded first: 5 * 0.9 / (1 - 0.9) is 45.000000000000014 in floats.
   return max_iterations + math.ceil(
-      UNBALANCED_ITERATIONS_PER_RHO * tau / (1.0 - tau))
+      round(UNBALANCED_ITERATIONS_PER_RHO * tau / (1.0 - tau), 6))
 
 
 def _check_choice(name: str, value: str, choices: Tuple[str, ...]) -> None:
