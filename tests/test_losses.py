@@ -147,3 +147,12 @@ def test_ot_regularizer_returns_the_solve_on_request(layer_pair):
       grad, jax.grad(ot_regularizer)(student, teacher, tau=0.999), rtol=1e-6)
   with pytest.raises(ValueError, match="return_transport must be True or"):
     ot_regularizer(student, teacher, return_transport="yes")
+
+
+def test_usage_convergence_example_runs():
+  # docs/usage.md's recipe: tau=0.999 converges under the default budget.
+  from doc_support import run_block
+  namespace = run_block("### Convergence and compilation")
+  transport = namespace["transport"]
+  assert bool(transport.converged) and 1 <= int(transport.n_iters) <= 100
+  assert namespace["grad"].shape == namespace["student"].shape
