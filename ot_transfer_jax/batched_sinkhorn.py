@@ -176,19 +176,22 @@ def sinkhorn(
     geom = geometry.Geometry(cost_matrix=c, epsilon=schedule)
     return linear_problem.LinearProblem(geom, a, b, tau_a=tau, tau_b=tau)
 
+  # ott-jax's own log-domain step (g, then f from it; no momentum) and, for
+  # tau < 1, its recentring of the potentials, as the per-layer path runs it.
+  recenter = tau < 1.0
+  step = ott_sinkhorn.Sinkhorn(lse_mode=True, recenter_potentials=recenter)
+
   def update(c, eps, a, b, f, g, iteration):
-    # ott-jax's lse_step (no momentum, no recentring): g, then f from it.
-    geom = problem(c, eps, a, b).geom
-    g = tau * geom.update_potential(f, g, jnp.log(b), iteration, axis=0)
-    f = tau * geom.update_potential(f, g, jnp.log(a), iteration, axis=1)
-    return f, g
+    state = ott_sinkhorn.SinkhornState(potentials=(f, g))
+    return step.lse_step(problem(c, eps, a, b), state, iteration).potentials
 
   def error(c, eps, a, b, f, g):
     # Balanced: the last update (of f) makes the row marginal exact, so the
     # column marginal's L1 error; unbalanced: the marginal fit's gradient.
-    return ott_sinkhorn.solution_error(
-        f, g, problem(c, eps, a, b), norm_error=(1,), lse_mode=True,
-        parallel_dual_updates=False)[0]
+    state = ott_sinkhorn.SinkhornState(potentials=(f, g))
+    return state.solution_error(problem(c, eps, a, b), norm_error=(1,),
+                                lse_mode=True, parallel_dual_updates=False,
+                                recenter=recenter)[0]
 
   update = jax.vmap(update, in_axes=(0, 0, 0, 0, 0, 0, None))
   error = jax.vmap(error)
@@ -363,7 +366,8 @@ def solve_layers(
                      for layer in layers], max(shape[k] for shape in shapes))
         for k in (0, 1))
   out = sinkhorn(pad_stack(costs), jnp.stack(epsilons), shapes, init=init,
-                 tau=tau, threshold=threshold, max_iterations=max_iterations,
+                 tau=tau, threshold=threshold,
+                 max_iterations=ot.iteration_budget(max_iterations, tau),
                  block=block, anneal=anneal and cold)
 
   results = []

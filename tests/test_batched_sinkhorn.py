@@ -300,3 +300,19 @@ def test_bad_options_say_what_to_do(pairs):
     regularizers.OmegaP(solver="nope")
   with pytest.raises(ValueError, match="use solver='per_layer'"):
     regularizers.OmegaP(solver="batched", grad="unroll")
+
+
+def test_tau_close_to_one_converges_with_the_default_budget_as_per_layer():
+  # The per-layer path's recentring and budget (ot.iteration_budget) hold
+  # in the one loop too, padding included (48 vs 16 student neurons).
+  ks = jax.random.split(jax.random.PRNGKey(0), 4)
+  students = [jax.nn.relu(jax.random.normal(ks[0], (64, 48))),
+              jax.nn.relu(jax.random.normal(ks[1], (64, 16)))]
+  teachers = [jax.nn.relu(jax.random.normal(ks[2], (64, 32))),
+              jax.nn.relu(jax.random.normal(ks[3], (64, 24)))]
+  results = batched_sinkhorn.solve_layers(students, teachers, tau=0.999)
+  for s, t, r in zip(students, teachers, results):
+    ref = ot.solve_neuron_ot(s, t, tau=0.999)
+    assert bool(r.converged) and int(r.n_iters) < 2000
+    np.testing.assert_allclose(r.value, ref.value, rtol=1e-3)
+    np.testing.assert_allclose(r.mass, ref.mass, rtol=1e-3)

@@ -132,7 +132,7 @@ def _per_layer_solve(anderson: int, threshold: float, max_iterations: int):
   from ott.geometry import geometry
   from ott.problems.linear import linear_problem
 
-  solver = ot._solver(threshold, max_iterations, 2, 0, anderson)
+  solver = ot._solver(threshold, max_iterations, 2, 0, anderson, False)
 
   @jax.jit
   def solve(cost, eps, f, g):
