@@ -57,6 +57,12 @@ def config_name(path: str) -> str:
   return "_".join([*values, os.path.splitext(os.path.basename(path))[0]])
 
 
+def default_workdir(config_path: str, method: str) -> str:
+  """``experiments.main``'s default --workdir: ``workdirs/main/digits_transfer/ot``
+  for ``transfer.py:data=digits`` (its default method, ``ot``)."""
+  return os.path.join(default_root("main", config_path), method or "default")
+
+
 def default_root(tool: str, config_path: str) -> str:
   """``workdirs/<tool>/<config name>``: the default --workdir of
   ``reproduce``, ``sweep`` and ``curve`` (``main``'s adds the method), so no

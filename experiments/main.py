@@ -8,7 +8,7 @@
 (``file.py:ot``), or ``key=value`` pairs for configs that take arguments
 (``transfer.py:data=fashion_mnist,method=ot``); without it, the config's
 defaults. ``--config.key=value`` overrides are applied after it. The default
---workdir is ``workdirs/main/<config name>/<method>`` (:func:`default_workdir`;
+--workdir is ``workdirs/main/<config name>/<method>`` (:func:`cli.default_workdir`;
 ``reproduce``, ``sweep`` and ``curve`` default to ``workdirs/<tool>/<config
 name>``, so no tool writes into another's runs). Rerunning the same command
 resumes from the last checkpoint in --workdir. Ctrl-C or SIGTERM at any moment
@@ -34,7 +34,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from experiments import loop  # noqa: E402
-from experiments.cli import (check_paths, default_root,  # noqa: E402
+from experiments.cli import (check_paths, default_workdir,  # noqa: E402
                              maybe_initialize_distributed, parse_flags,
                              quiet_libraries, user_errors)
 from experiments.metric_writers import METRICS_FILE, TENSORBOARD_DIR  # noqa: E402
@@ -48,12 +48,6 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints and outputs (default: "
     "workdirs/main/<config name>/<method>).")
 flags.mark_flags_as_required(["config"])
-
-
-def default_workdir(config_path: str, method: str) -> str:
-  """``workdirs/main/digits_transfer/ot`` for ``transfer.py:data=digits``
-  (its default method, ``ot``): :func:`cli.default_root`, then the method."""
-  return os.path.join(default_root("main", config_path), method or "default")
 
 
 def outputs(workdir: str, final: dict) -> str:

@@ -299,8 +299,8 @@ def test_docs_restore_snippets_run_as_saved_scripts_from_another_folder(
   a folder that is not the checkout (no PYTHONPATH), their path lines set to
   a finished run: the library alone on images of one's own, and the test
   split through the checkout's experiments package."""
-  from experiments import main as main_cli
-  default = main_cli.default_workdir(
+  from experiments import cli
+  default = cli.default_workdir(
       "experiments/configs/transfer.py:data=digits,method=ot", "ot")
   own = doc_support.python_block("Restore a trained student")
   split = doc_support.python_block(

@@ -173,17 +173,16 @@ def test_default_workdirs_of_the_tools_never_nest():
   """main, reproduce, sweep and curve each default to their own root: none
   is inside another's (reproduce used to train in main's workdir)."""
   from experiments import cli
-  from experiments import main as main_cli
   configs = ["experiments/configs/transfer.py:data=digits",
              "experiments/configs/transfer.py:data=fashion_mnist,method=ot",
              "experiments/configs/distill.py:data=digits",
              "experiments/configs/fashion_mnist_transfer.py:ot",
              "experiments/configs/cifar100_resnet56_resnet20.py"]
-  roots = {("main", c, m): main_cli.default_workdir(c, m)
+  roots = {("main", c, m): cli.default_workdir(c, m)
            for c in configs for m in ("ot", "scratch")}
   roots.update({(tool, c, None): cli.default_root(tool, c)
                 for tool in ("reproduce", "sweep", "curve") for c in configs})
-  assert main_cli.default_workdir(configs[0], "ot") == os.path.join(
+  assert cli.default_workdir(configs[0], "ot") == os.path.join(
       "workdirs", "main", "digits_transfer", "ot")
   assert cli.default_root("reproduce", configs[1]) == os.path.join(
       "workdirs", "reproduce", "fashion_mnist_transfer")
