@@ -84,6 +84,11 @@ refused with an ``Error:`` naming the differences: use another ``--out``.
 
 from __future__ import annotations
 
+from experiments import interrupts
+
+if __name__ == "__main__":  # A command (not an import): from its first line,
+  interrupts.install()  # Ctrl-C / SIGTERM end in one line (imports included).
+
 import ast
 import difflib
 import json
@@ -98,7 +103,8 @@ from ml_collections import config_flags
 
 from experiments import loop, reproduce
 from experiments.job import _flatten  # Dotted keys of a nested dict.
-from experiments.cli import parse_flags, quiet_orbax, user_errors
+from experiments.cli import (default_root, parse_flags, quiet_libraries,
+                             user_errors)
 from ot_transfer_jax import checkpoint
 
 # --config, --workdir and --methods are experiments.reproduce's flags (this
@@ -745,7 +751,7 @@ def parse_grids(specs: Sequence[str]) -> dict:
 
 def main(argv):
   del argv
-  quiet_orbax()
+  quiet_libraries()
   with user_errors():
     flag = flags.FLAGS["config"]
     path = flag.config_filename
@@ -755,12 +761,10 @@ def main(argv):
     if not _OUT.value:
       raise ValueError("--out is required: the directory of the records "
                        "(e.g. docs/regimes/<study>).")
-    name = reproduce.config_name(path)
     curve = Curve(
         reproduce.load_config_module(path), _KEY.value,
         parse_values(_VALUES.value), flags.FLAGS.methods, flags.FLAGS.seeds,
-        _OUT.value, flags.FLAGS.workdir or os.path.join("workdirs",
-                                                        f"curve_{name}"),
+        _OUT.value, flags.FLAGS.workdir or default_root("curve", path),
         config_flags.get_override_values(flag),
         [int(t) for t in _TUNING_SEEDS.value],
         parse_grids(_GRID.value), _EXTENSIONS.value, _FOCUS.value)

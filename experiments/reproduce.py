@@ -2,7 +2,7 @@
 
   python -m experiments.reproduce \
       --config experiments/configs/transfer.py:data=digits --seeds 3 \
-      [--workdir workdirs/digits_transfer] [--methods ot,l2_sp] \
+      [--workdir workdirs/reproduce/digits_transfer] [--methods ot,l2_sp] \
       [--config.num_steps=100 ...]
 
 Runs ``experiments.main``'s job for each (method, seed) in
@@ -26,10 +26,16 @@ gives ``get_config("data=fashion_mnist,method=<method>")``); the command
 line's ``--config.key=value`` overrides are checked against the config
 ``--config`` names (its default method, or the one ARG names) and applied,
 last, to every method whose config has the key. The default WORKDIR is
-``workdirs/<name>``, ``name`` being the file's, prefixed by ARG's values other
-than the method: ``workdirs/fashion_mnist_transfer`` for
-``transfer.py:data=fashion_mnist``.
+``workdirs/reproduce/<name>``, ``name`` being the file's, prefixed by ARG's
+values other than the method: ``workdirs/reproduce/fashion_mnist_transfer``
+for ``transfer.py:data=fashion_mnist`` (:func:`cli.default_root`; main, sweep
+and curve have their own, so no tool writes into another's runs).
 """
+
+from experiments import interrupts
+
+if __name__ == "__main__":  # A command (not an import): from its first line,
+  interrupts.install()  # Ctrl-C / SIGTERM end in one line (imports included).
 
 import importlib.util
 import json
@@ -42,15 +48,18 @@ from ml_collections import config_flags
 
 from experiments import loop, report
 from experiments.configs import common
-from experiments.cli import (maybe_initialize_distributed, parse_flags,
-                             quiet_orbax, user_errors)
+from experiments.cli import (config_name, default_root,  # noqa: F401
+                             maybe_initialize_distributed, parse_flags,
+                             quiet_libraries, user_errors)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to an experiment config with METHODS.",
     lock_config=True)
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds per method: 0 .. seeds-1.")
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Root directory (default: workdirs/<config name>).")
+    "workdir", None,
+    "Root directory (default: workdirs/<tool>/<config name>, the tool being "
+    "reproduce, sweep or curve).")
 _METHODS = flags.DEFINE_list("methods", None,
                              "Subset of the config's methods (default: all).")
 # Shared by experiments.sweep (an ablation of one key) and experiments.curve
@@ -81,15 +90,6 @@ def load_config_module(path: str):
       applies=getattr(module, "applies", None),  # experiments.curve's.
       get_config=lambda method=None: module.get_config(
           common.with_method(arg, method)))
-
-
-def config_name(path: str) -> str:
-  """``fashion_mnist_transfer`` for ``.../transfer.py:data=fashion_mnist``:
-  the file's name after ARG's values other than the method."""
-  path, _, arg = path.partition(":")
-  values = [part.split("=", 1)[1] for part in arg.split(",")
-            if "=" in part and not part.startswith("method=")]
-  return "_".join([*values, os.path.splitext(os.path.basename(path))[0]])
 
 
 def method_configs(module, methods, overrides: dict) -> dict:
@@ -199,7 +199,7 @@ def run_all(configs: dict, root: str, seeds: int, baseline=None) -> tuple:
 def main(argv):
   del argv
   maybe_initialize_distributed()
-  quiet_orbax()
+  quiet_libraries()
   with user_errors():
     _run()
 
@@ -221,7 +221,7 @@ def _run():
                      f"{list(_CONFIG.value.method_order)}.")
   configs = method_configs(module, methods,
                            config_flags.get_override_values(config_flag))
-  root = _WORKDIR.value or os.path.join("workdirs", config_name(path))
+  root = _WORKDIR.value or default_root("reproduce", path)
   os.makedirs(root, exist_ok=True)
   _, table = run_all(configs, root, _SEEDS.value,
                      baseline=_CONFIG.value.baseline_method)

@@ -2,7 +2,7 @@
 
   python -m experiments.sweep \
       --config experiments/configs/transfer.py:data=fashion_mnist [--seed 100] \
-      [--workdir workdirs/fashion_mnist_transfer_sweep] [--methods ot,l2_sp]
+      [--workdir workdirs/sweep/fashion_mnist_transfer] [--methods ot,l2_sp]
 
 The config file lists its grids in a module-level ``SWEEP = {method:
 (config_key, (value, ...))}``, e.g. ``{"ot": ("loss.terms.ot.weight", (0.01,
@@ -29,6 +29,11 @@ and ``WORKDIR/sweep.md``, and prints the table and the chosen values: copy
 them into the config, with a comment naming this command.
 """
 
+from experiments import interrupts
+
+if __name__ == "__main__":  # A command (not an import): from its first line,
+  interrupts.install()  # Ctrl-C / SIGTERM end in one line (imports included).
+
 import json
 import os
 
@@ -36,7 +41,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import loop, reproduce
-from experiments.cli import parse_flags, quiet_orbax, user_errors
+from experiments.cli import (default_root, parse_flags, quiet_libraries,
+                             user_errors)
 
 # --config, --workdir and --methods are experiments.reproduce's flags (this
 # module imports it); these are the sweep's own.
@@ -123,15 +129,14 @@ def run_sweep(module, root: str, seed: int, methods=None, overrides=None,
 
 def main(argv):
   del argv
-  quiet_orbax()
+  quiet_libraries()
   with user_errors():
     opts = {"seed": _SEED.value, "key": _KEY.value, "values": _VALUES.value,
          "workdir": flags.FLAGS.workdir, "methods": flags.FLAGS.methods}
     flag = flags.FLAGS["config"]
     path = flag.config_filename
     module = reproduce.load_config_module(path)
-    root = opts["workdir"] or os.path.join(
-        "workdirs", f"{reproduce.config_name(path)}_sweep")
+    root = opts["workdir"] or default_root("sweep", path)
     os.makedirs(root, exist_ok=True)
     grids = None
     if opts["key"] or opts["values"]:
