@@ -271,10 +271,11 @@ def solve_layers(
     inits: None (cold start, for every pair) or L pairs ``(f (n_s[l],), g
       (n_t[l],))`` of a previous solve (warm start).
     block: Sinkhorn iterations per loop trip (one convergence check each).
-    epsilon, relative_epsilon, spatial, normalize, threshold, max_iterations,
-      anneal, axis_name, precision, tau: as in
-      :func:`ot_transfer_jax.ot.solve_neuron_ot`, shared by the L pairs
-      (``epsilon`` None: each pair's own ``relative_epsilon x`` mean cost).
+    epsilon: as in :func:`ot_transfer_jax.ot.solve_neuron_ot`, shared by
+      the L pairs (None: each pair's own ``relative_epsilon x`` mean cost);
+      so are ``relative_epsilon``, ``spatial``, ``normalize``,
+      ``threshold``, ``max_iterations``, ``anneal``, ``axis_name``,
+      ``precision`` and ``tau``.
     grad: ``"envelope"`` only (see the module docstring).
 
   Returns:
