@@ -27,7 +27,7 @@ import optax
 from absl import logging
 from jax.sharding import Mesh
 
-from experiments import data, permutation
+from experiments import data, permutation, terms as config_terms
 from ot_transfer_jax import checkpoint, models, optim, parallel, regularizers, train
 from ot_transfer_jax.features import validate_layers
 
@@ -318,7 +318,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
   _write_normalization(workdir, mean, std)
   sample = jnp.zeros((config.batch_size, *ds.image_shape), jnp.float32)
   rng = jax.random.PRNGKey(config.seed)
-  terms = regularizers.terms_from_config(config.loss.terms)
+  terms = config_terms.terms_from_config(config.loss.terms)
   tx = optim.make_optimizer(config.num_steps, **config.optimizer)
   # The largest device set the batch divides over: exact on any device count.
   mesh = parallel.make_mesh(batch_size=config.batch_size,

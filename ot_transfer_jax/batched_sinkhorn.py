@@ -51,14 +51,14 @@ path's Anderson acceleration needs fewer iterations.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from ot_transfer_jax import ot
+from ot_transfer_jax import _validation, collectives, ot
 
 SOLVERS = ("auto", "batched", "per_layer")
 #: Sinkhorn iterations per loop trip (one convergence check per block).
@@ -72,7 +72,7 @@ def resolve_solver(solver: str, backend: Optional[str] = None) -> str:
   ``"tpu"``, ...; default ``jax.default_backend()``), where each loop trip
   costs a wait on the host, and ``"per_layer"`` on the CPU.
   """
-  ot._check_choice("solver", solver, SOLVERS)
+  _validation.check_choice("solver", solver, SOLVERS)
   if solver != "auto":
     return solver
   backend = backend or jax.default_backend()
@@ -81,7 +81,7 @@ def resolve_solver(solver: str, backend: Optional[str] = None) -> str:
 
 def check_block(block: Any) -> int:
   """``block`` as an int; ValueError unless an integer >= 1."""
-  return ot._check_count("block", block)
+  return _validation.check_count("block", block)
 
 
 @struct.dataclass
@@ -117,7 +117,7 @@ def pad_vectors(vectors: Sequence[jax.Array], size: int) -> jax.Array:
   return jnp.stack([jnp.pad(v, (0, size - v.shape[0])) for v in vectors])
 
 
-def sinkhorn(
+def sinkhorn_loop(
     cost: jax.Array,
     epsilon: jax.Array,
     shapes: Sequence[Tuple[int, int]],
@@ -232,35 +232,15 @@ def sinkhorn(
                          errors=errors)
 
 
-class _Layer(NamedTuple):
-  """One pair's side of the solve, as ``solve_neuron_ot`` computes it."""
-
-  a: jax.Array  # (D, n_s) student descriptors.
-  t: jax.Array  # (D, n_t) teacher descriptors (constant).
-  scaled: jax.Array  # (n_s, n_t) cost in units of its mean (constant).
-  unit: jax.Array  # Scalar, that mean.
-  eps: jax.Array  # Scalar, the absolute epsilon.
-  d: int  # Descriptor length (global batch).
-  init: Optional[Tuple[jax.Array, jax.Array]]  # Absolute (f, g), or None.
-
-
 def solve_layers(
     students: Sequence[jax.Array],
     teachers: Sequence[jax.Array],
     *,
-    epsilon: Optional[float] = None,
-    relative_epsilon: float = ot.DEFAULT_RELATIVE_EPSILON,
-    spatial: ot.Spatial = "flatten",
-    normalize: ot.Normalize = "none",
-    threshold: float = 1e-3,
-    max_iterations: int = 2000,
-    anneal: bool = True,
-    grad: ot.GradMode = "envelope",
+    problem: Optional[ot.NeuronProblem] = None,
+    sinkhorn: Optional[ot.SinkhornOptions] = None,
     inits: Optional[Sequence[Tuple[jax.Array, jax.Array]]] = None,
-    axis_name: ot.AxisName = None,
-    precision: ot.Precision = "highest",
-    tau: float = 1.0,
     block: int = DEFAULT_BLOCK,
+    **options: Any,
 ) -> Tuple[ot.NeuronTransport, ...]:
   """Omega_P of L layer pairs, their OT problems solved in one loop.
 
@@ -268,15 +248,20 @@ def solve_layers(
     students: L arrays ``(m, *positions, n_s[l])``.
     teachers: L arrays ``(m, *positions', n_t[l])`` of the same batch
       (constants).
+    problem: a :class:`~ot_transfer_jax.ot.NeuronProblem` shared by the L
+      pairs (``epsilon`` None: each pair's own ``relative_epsilon x`` mean
+      cost).
+    sinkhorn: a :class:`~ot_transfer_jax.ot.SinkhornOptions` shared by the
+      L pairs: ``threshold``, ``max_iterations``, ``anneal``; ``grad`` must
+      be ``"envelope"`` (see the module docstring). Its
+      ``inner_iterations`` and ``anderson`` do not apply here (``block``
+      sets how often convergence is checked; no Anderson acceleration).
     inits: None (cold start, for every pair) or L pairs ``(f (n_s[l],), g
       (n_t[l],))`` of a previous solve (warm start).
     block: Sinkhorn iterations per loop trip (one convergence check each).
-    epsilon: as in :func:`ot_transfer_jax.ot.solve_neuron_ot`, shared by
-      the L pairs (None: each pair's own ``relative_epsilon x`` mean cost);
-      so are ``relative_epsilon``, ``spatial``, ``normalize``,
-      ``threshold``, ``max_iterations``, ``anneal``, ``axis_name``,
-      ``precision`` and ``tau``.
-    grad: ``"envelope"`` only (see the module docstring).
+    **options: the convenient form, as in
+      :func:`~ot_transfer_jax.ot.solve_neuron_ot`: any field of the two
+      dataclasses but ``inner_iterations`` and ``anderson``.
 
   Returns:
     L :class:`~ot_transfer_jax.ot.NeuronTransport`, as L calls of
@@ -286,74 +271,61 @@ def solve_layers(
     ValueError: as ``solve_neuron_ot`` does, naming the pair; for
       ``grad="unroll"``; for ``students`` and ``teachers`` (or ``inits``) of
       different lengths, or none.
+    TypeError: a keyword that is no option of this solver.
   """
   if len(students) != len(teachers) or not students:
     raise ValueError(
         f"solve_layers needs one teacher per student layer, and at least "
         f"one pair: got {len(students)} student and {len(teachers)} teacher "
         "activations.")
-  if grad != "envelope":
-    ot._check_choice("grad", grad, ot.GRAD_MODES)
+  ignored = sorted({"inner_iterations", "anderson"} & set(options))
+  if ignored:
+    raise TypeError(
+        f"solve_layers() got {ignored}, options the batched solver does not "
+        "have: it checks convergence every `block` iterations and has no "
+        "Anderson acceleration. Use solve_neuron_ot per pair for them.")
+  problem, sinkhorn = ot.make_options(problem, sinkhorn, caller="solve_layers",
+                                      **options)
+  if sinkhorn.grad != "envelope":
     raise ValueError(
-        f"grad={grad!r} is not offered by the batched solver (its loop cannot "
-        "be differentiated in reverse): use solver='per_layer' (Omega_P "
-        "option), or solve_neuron_ot for each pair.")
-  ot._check_choice("precision", precision, ot.PRECISIONS)
-  hint = (f"The default is relative_epsilon={ot.DEFAULT_RELATIVE_EPSILON} "
-          "(times mean cost).")
-  if epsilon is not None:
-    ot._check_positive("epsilon", epsilon, hint)
-  ot._check_positive("relative_epsilon", relative_epsilon, hint)
-  ot._check_positive("threshold", threshold,
-                     "It bounds the L1 marginal error, e.g. threshold=1e-3.")
-  max_iterations = ot._check_count("max_iterations", max_iterations)
+        f"grad={sinkhorn.grad!r} is not offered by the batched solver (its "
+        "loop cannot be differentiated in reverse): use solver='per_layer' "
+        "(Omega_P option), or solve_neuron_ot for each pair.")
   block = check_block(block)
-  if not isinstance(anneal, (bool, np.bool_)):
-    raise ValueError(f"anneal must be True or False, got {anneal!r}.")
-  tau = ot.check_tau(tau)
   if inits is not None and len(inits) != len(students):
     raise ValueError(f"inits holds {len(inits)} pairs of potentials for "
                      f"{len(students)} layer pairs: pass one (f, g) per pair "
                      "(a previous solve's .potentials), or None.")
+  axis_name = problem.axis_name
 
-  layers = []
+  layers, starts = [], []
   for i, (s, t) in enumerate(zip(students, teachers)):
     try:
-      s, t = ot.check_activations(s, t, spatial, axis_name=axis_name)
-      init = None
+      s, t = _validation.check_activations(s, t, problem.spatial,
+                                           axis_name=axis_name)
       if inits is not None:
-        ot._check_init(inits[i], s.shape[-1], t.shape[-1])
-        init = tuple(ot._replicated(jnp.asarray(p), axis_name)
-                     for p in inits[i])
+        _validation.check_init(inits[i], s.shape[-1], t.shape[-1])
+        starts.append(tuple(collectives.replicated(jnp.asarray(p), axis_name)
+                            for p in inits[i]))
     except ValueError as e:
       raise ValueError(f"Layer pair {i}: {e}") from None
-    describe = lambda x: ot.neuron_descriptors(
-        x, spatial=spatial, normalize=normalize, axis_name=axis_name)
-    a = describe(s)
-    t = jax.lax.stop_gradient(describe(t))
-    sq_s, sq_t, cross, mean_cost, d = ot._cost_terms(a, t, axis_name,
-                                                     precision)
-    eps = ot._epsilon(mean_cost, epsilon, relative_epsilon, cross.dtype)
-    if epsilon is not None:
-      eps = ot._replicated(eps, axis_name)
-    # Sinkhorn sees each cost in units of its mean (as the per-layer path).
-    unit = jax.lax.stop_gradient(jnp.maximum(mean_cost, ot._TINY))
-    scaled = jax.lax.stop_gradient(ot._assemble_cost(sq_s, sq_t, cross,
-                                                     d * unit))
-    layers.append(_Layer(a, t, scaled, unit, eps, d, init))
+    # As the per-layer path: descriptors, cost in units of its mean (a
+    # constant: envelope gradient only), epsilon.
+    layer = ot.scale_problem(s, t, problem)
+    layers.append(layer._replace(cost=jax.lax.stop_gradient(layer.cost)))
 
-  dtype = layers[0].scaled.dtype
-  if any(layer.scaled.dtype != dtype for layer in layers):
+  dtype = layers[0].cost.dtype
+  if any(layer.cost.dtype != dtype for layer in layers):
     raise ValueError("The layer pairs' activations give costs of different "
                      "dtypes (float32 and float64): pass them in one dtype.")
   # As the per-layer path: float64 under jax_enable_x64.
   solve_dtype = jnp.promote_types(dtype, jnp.result_type(float))
-  shapes = [layer.scaled.shape for layer in layers]
+  shapes = [layer.cost.shape for layer in layers]
   costs, epsilons = [], []
   for layer in layers:
-    solve_eps = layer.eps / layer.unit
-    cost = layer.scaled
-    if tau < 1.0:
+    solve_eps = layer.epsilon / layer.unit
+    cost = layer.cost
+    if problem.tau < 1.0:
       # ott-jax's entropy is KL(P | 1 1^T), ours KL(P | u v^T): the cost
       # shift eps log(n_s n_t) (see ot.py's module docstring).
       cost = cost + solve_eps * math.log(cost.shape[0] * cost.shape[1])
@@ -363,13 +335,16 @@ def solve_layers(
   init = None
   if not cold:  # The potentials in units of each cost's mean, padded.
     init = tuple(
-        pad_vectors([(layer.init[k] / layer.unit).astype(solve_dtype)
-                     for layer in layers], max(shape[k] for shape in shapes))
+        pad_vectors([(start[k] / layer.unit).astype(solve_dtype)
+                     for start, layer in zip(starts, layers)],
+                    max(shape[k] for shape in shapes))
         for k in (0, 1))
-  out = sinkhorn(pad_stack(costs), jnp.stack(epsilons), shapes, init=init,
-                 tau=tau, threshold=threshold,
-                 max_iterations=ot.iteration_budget(max_iterations, tau),
-                 block=block, anneal=anneal and cold)
+  out = sinkhorn_loop(
+      pad_stack(costs), jnp.stack(epsilons), shapes, init=init,
+      tau=problem.tau, threshold=sinkhorn.threshold,
+      max_iterations=ot.iteration_budget(sinkhorn.max_iterations,
+                                         problem.tau),
+      block=block, anneal=sinkhorn.anneal and cold)
 
   results = []
   for i, (layer, cost, solve_eps, (n_s, n_t)) in enumerate(
@@ -378,16 +353,7 @@ def solve_layers(
     # The plan is built once: value, gradient and matched fraction reuse it.
     plan = jax.lax.stop_gradient(jnp.exp(
         (f[:, None] + g[None, :] - cost) / solve_eps).astype(dtype))
-    value = layer.unit * jnp.sum(plan * layer.scaled) + ot.global_sum(
-        ot._envelope_gradient(layer.a, layer.t, plan, layer.d, precision,
-                              axis_name), axis_name)
-    matched = (jnp.trace(plan) if n_s == n_t else
-               jnp.asarray(jnp.nan, dtype))
-    results.append(ot.NeuronTransport(
-        value=value, plan=plan, cost_matrix=layer.scaled * layer.unit,
-        matched_fraction=matched, converged=out.converged[i],
-        n_iters=out.n_iters[i],
-        f=jax.lax.stop_gradient(f.astype(dtype) * layer.unit),
-        g=jax.lax.stop_gradient(g.astype(dtype) * layer.unit),
-        epsilon=layer.eps, mass=jnp.sum(plan)))
+    results.append(ot.transport_from_solution(
+        layer, plan, f, g, out.converged[i], out.n_iters[i], problem,
+        envelope=True))
   return tuple(results)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ot_transfer_jax import ot
+from ot_transfer_jax import _validation, collectives, ot
 
 PyTree = Any
 
@@ -45,10 +45,13 @@ def ot_regularizer(student: jax.Array, teacher: jax.Array, *,
       :class:`~ot_transfer_jax.ot.NeuronTransport` (``converged``,
       ``n_iters``, ``plan``, ``mass``, ...): ``(value, transport)``, the
       shape ``jax.value_and_grad(..., has_aux=True)`` expects.
-    **options: any keyword of :func:`ot_transfer_jax.ot.solve_neuron_ot`
-      (``epsilon``, ``relative_epsilon``, ``spatial``, ``normalize``,
-      ``threshold``, ``max_iterations``, ``grad``, ``init``, ``axis_name``,
-      ``precision``, ``tau``: below 1, unbalanced transport).
+    **options: any keyword of :func:`ot_transfer_jax.ot.solve_neuron_ot`:
+      its ``problem`` (:class:`~ot_transfer_jax.ot.NeuronProblem`) and
+      ``sinkhorn`` (:class:`~ot_transfer_jax.ot.SinkhornOptions`), ``init``,
+      or, the convenient form, their fields by name (``epsilon``,
+      ``relative_epsilon``, ``spatial``, ``normalize``, ``threshold``,
+      ``max_iterations``, ``grad``, ``axis_name``, ``precision``, ``tau``:
+      below 1, unbalanced transport, ...).
 
   Returns:
     Scalar float32 (with ``return_transport``: ``(value, transport)``). With
@@ -63,16 +66,16 @@ def ot_regularizer(student: jax.Array, teacher: jax.Array, *,
   return (transport.value, transport) if return_transport else transport.value
 
 
-def _global_mean(x: jax.Array, axis_name: ot.AxisName) -> jax.Array:
+def _global_mean(x: jax.Array, axis_name: collectives.AxisName) -> jax.Array:
   """Mean of ``x`` over the global batch when its first axis is sharded."""
-  return ot.global_sum(jnp.sum(x), axis_name) / (
-      x.size * ot.axis_size(axis_name))
+  return collectives.global_sum(jnp.sum(x), axis_name) / (
+      x.size * collectives.axis_size(axis_name))
 
 
 def _matched_descriptors(student, teacher, spatial, normalize, what,
                          axis_name):
   """(D, n) descriptors of two layers that must have equal widths."""
-  student, teacher = ot.check_activations(student, teacher, spatial,
+  student, teacher = _validation.check_activations(student, teacher, spatial,
                                           axis_name=axis_name)
   if student.shape[-1] != teacher.shape[-1]:
     raise ValueError(
@@ -90,7 +93,7 @@ def _matched_descriptors(student, teacher, spatial, normalize, what,
 def feature_matching(student: jax.Array, teacher: jax.Array, *,
                      spatial: ot.Spatial = "flatten",
                      normalize: ot.Normalize = "none",
-                     axis_name: ot.AxisName = None) -> jax.Array:
+                     axis_name: collectives.AxisName = None) -> jax.Array:
   """Omega_I: the identity coupling ``P = I / n``.
 
   ``mean_j ||a_j - t_j||^2 / D``, i.e. the mean squared difference of the two
@@ -113,7 +116,7 @@ def feature_matching(student: jax.Array, teacher: jax.Array, *,
 def delta(student: jax.Array, teacher: jax.Array,
           channel_weights: jax.Array, *, spatial: ot.Spatial = "flatten",
           normalize: ot.Normalize = "none",
-          axis_name: ot.AxisName = None) -> jax.Array:
+          axis_name: collectives.AxisName = None) -> jax.Array:
   """DELTA (Li et al. 2019): channel-weighted feature-map distance.
 
   ``sum_j w_j ||a_j - t_j||^2 / D``. With ``w_j = 1 / n`` this is
@@ -148,7 +151,7 @@ def _attention_map(x: jax.Array, p: float) -> jax.Array:
 
 def attention_transfer(student: jax.Array, teacher: jax.Array, *,
                        p: float = 2.0,
-                       axis_name: ot.AxisName = None) -> jax.Array:
+                       axis_name: collectives.AxisName = None) -> jax.Array:
   """AT (Zagoruyko & Komodakis 2017): distance of spatial attention maps.
 
   The attention map of a ``(m, h, w, c)`` layer is ``mean_c |a_c|^p``
@@ -167,14 +170,14 @@ def attention_transfer(student: jax.Array, teacher: jax.Array, *,
         "attention_transfer needs convolutional activations (m, h, w, c); got "
         f"student {tuple(jnp.shape(student))}, teacher "
         f"{tuple(jnp.shape(teacher))}.")
-  student, teacher = ot.check_activations(student, teacher, "flatten",
+  student, teacher = _validation.check_activations(student, teacher, "flatten",
                                           axis_name=axis_name)
   q_t = jax.lax.stop_gradient(_attention_map(teacher, p))
   return _global_mean(jnp.square(_attention_map(student, p) - q_t), axis_name)
 
 
 def fitnets_hint(student_projected: jax.Array, teacher: jax.Array, *,
-                 axis_name: ot.AxisName = None) -> jax.Array:
+                 axis_name: collectives.AxisName = None) -> jax.Array:
   """FitNets (Romero et al. 2015): L2 between regressed student and teacher.
 
   Args:
@@ -192,7 +195,7 @@ def fitnets_hint(student_projected: jax.Array, teacher: jax.Array, *,
         f"teacher's shape: got {tuple(jnp.shape(student_projected))} vs "
         f"{tuple(jnp.shape(teacher))}. Make the regressor output "
         f"{jnp.shape(teacher)[-1]} channels at the teacher's resolution.")
-  student_projected, teacher = ot.check_activations(
+  student_projected, teacher = _validation.check_activations(
       student_projected, teacher, "flatten", axis_name=axis_name)
   t = jax.lax.stop_gradient(teacher.astype(jnp.float32))
   return _global_mean(

@@ -9,8 +9,23 @@ squared-Euclidean cost scaled by the descriptor length ``D``::
     C_jk = ||a_j - t_k||^2 / D,      Omega_P = <P*, C>.
 
 The split follows ott-jax: :func:`neuron_descriptors` says *what* is compared,
-:func:`cost_matrix` the cost, :func:`solve_neuron_ot` *how* it is solved. All
-functions are pure and work under ``jax.jit``, ``jax.grad`` and ``jax.vmap``.
+:func:`cost_matrix` the cost, :func:`solve_neuron_ot` *how* it is solved. Its
+options come in two frozen dataclasses, as ott-jax separates ``LinearProblem``
+and ``Sinkhorn``: :class:`NeuronProblem` (what is solved: the descriptors,
+epsilon, ``tau``, the GEMM's precision, the device axis) and
+:class:`SinkhornOptions` (how: threshold, iteration budget, epsilon scaling,
+Anderson acceleration, gradient mode). The keywords of
+:func:`solve_neuron_ot` (and of ``ot_regularizer``) are the convenient form of
+the same fields::
+
+    solve_neuron_ot(s, t, relative_epsilon=0.02, threshold=1e-4)
+    solve_neuron_ot(s, t, problem=NeuronProblem(relative_epsilon=0.02),
+                    sinkhorn=SinkhornOptions(threshold=1e-4))  # the same
+
+All functions are pure and work under ``jax.jit``, ``jax.grad`` and
+``jax.vmap``. The input checks live in :mod:`ot_transfer_jax._validation`
+(the public ones re-exported here), the sums over devices in
+:mod:`ot_transfer_jax.collectives`.
 
 Gradient modes (``grad=``), all giving the same forward value:
 
@@ -72,9 +87,10 @@ outside ``pmap``, of one device's output, gives the per-shard part itself.
 
 Without ``axis_name`` inside ``shard_map``, activations that vary across a
 mesh axis (a batch split over it) are refused with a ``ValueError`` naming the
-axis to pass (:func:`check_axis_name`). Under ``pmap`` and
-``shard_map(..., check_vma=False)``, where values carry no such type, every
-function computes the per-device value: that of the device's own shard.
+axis to pass (:func:`~ot_transfer_jax.collectives.check_axis_name`). Under
+``pmap`` and ``shard_map(..., check_vma=False)``, where values carry no such
+type, every function computes the per-device value: that of the device's own
+shard.
 
 Precision: activations are computed in float32 (bfloat16 promoted), float64
 stays float64. Under ``jax_enable_x64`` the small ``n_s x n_t`` Sinkhorn solve
@@ -84,34 +100,46 @@ the default float type) and its results come back in float32.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-import operator
-from typing import Any, Literal, Optional, Sequence, Tuple, Union
+from typing import Any, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from ot_transfer_jax._validation import (  # noqa: F401 (re-exported)
+    GRAD_MODES,
+    NORMALIZE_MODES,
+    PRECISIONS,
+    SPATIAL_MODES,
+    GradMode,
+    Normalize,
+    Precision,
+    Spatial,
+    as_array,
+    check_activation_shapes,
+    check_activations,
+    check_choice,
+    check_count,
+    check_init,
+    check_positive,
+    check_tau,
+)
+from ot_transfer_jax.collectives import (
+    AxisName,
+    axis_size,
+    check_axis_name,
+    global_sum,
+    replicated,
+)
+
 # ott-jax is imported by the functions that solve, not here: it imports
 # jaxopt and scipy.optimize, which took 8 of the 21 s `import ot_transfer_jax`
 # took on a loaded machine; the descriptors, costs and baselines need none.
 
-Spatial = Literal["flatten", "pool"]
-Normalize = Literal["none", "l2", "standardize"]
-GradMode = Literal["envelope", "unroll"]
-Precision = Literal["highest", "high", "default", "bfloat16"]
-AxisName = Optional[Union[str, Sequence[str]]]
-
-SPATIAL_MODES = ("flatten", "pool")
-NORMALIZE_MODES = ("none", "l2", "standardize")
-GRAD_MODES = ("envelope", "unroll")
-#: Precision of the cost matrix's GEMM: "highest" (full float32, the
-#: default), "high" / "default" (the backend's faster passes: bf16x3 / TF32 /
-#: bf16 on accelerators, float32 on CPU), "bfloat16" (operands cast to
-#: bfloat16 everywhere, float32 accumulation).
-PRECISIONS = ("highest", "high", "default", "bfloat16")
 _LAX_PRECISION = {"highest": jax.lax.Precision.HIGHEST,
                   "high": jax.lax.Precision.HIGH,
                   "default": jax.lax.Precision.DEFAULT}
@@ -135,9 +163,200 @@ DEFAULT_ANDERSON_MEMORY = 3
 #: :func:`iteration_budget`.
 UNBALANCED_ITERATIONS_PER_RHO = 5
 
-# Floors that keep degenerate inputs (dead neurons, constant or tiny
-# activations) finite: they only matter when a quantity is ~0.
-_TINY = 1e-30
+#: Floor that keeps degenerate inputs (dead neurons, constant or tiny
+#: activations) finite: it only matters when a quantity is ~0.
+TINY = 1e-30
+
+_EPSILON_HINT = (f"The default is relative_epsilon={DEFAULT_RELATIVE_EPSILON} "
+                 "(times mean cost).")
+
+
+# ---------------------------------------------------------------------------
+# Options: the problem, and how it is solved
+# ---------------------------------------------------------------------------
+
+
+class Comparison(NamedTuple):
+  """How two layers' neurons are described and compared (hashable: a
+  static part of :class:`NeuronTransport`)."""
+
+  spatial: str
+  normalize: str
+  precision: str
+  axis_name: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class NeuronProblem:
+  """What is solved: the OT problem between two layers' neurons.
+
+  Checked when built (a ``ValueError`` naming the option and the fix);
+  ``epsilon`` and ``relative_epsilon`` may be traced values (they are
+  arguments, not constants, of the compiled solve), the rest must be
+  concrete.
+
+  Attributes:
+    spatial: ``"flatten"`` or ``"pool"``, how positions enter the neurons'
+      descriptors, see :func:`neuron_descriptors`.
+    normalize: ``"none"``, ``"l2"`` or ``"standardize"``, see
+      :func:`neuron_descriptors`.
+    epsilon: absolute entropic regularisation; overrides
+      ``relative_epsilon``.
+    relative_epsilon: ``epsilon = relative_epsilon * mean(C)`` when
+      ``epsilon`` is None, so the plan's sharpness does not depend on the
+      activations' scale.
+    tau: in (0, 1]; 1 (default) is balanced transport, every neuron's mass
+      matched. Below 1 the marginals are KL penalties of weight ``rho = eps
+      tau / (1 - tau)`` (ott-jax's ``tau_a = tau_b = tau``): neurons with no
+      good counterpart keep part of their mass unmatched (see the module
+      docstring for the value and gradient). ``rho`` scales with epsilon: at
+      the default ``relative_epsilon=0.01``, ``tau=0.99`` prices unmatched
+      mass at about the mean cost, while ``tau=0.9`` (``rho`` = 0.09 x mean
+      cost) already leaves most of the mass unmatched. A concrete number.
+    precision: of the cost matrix's GEMM (and the envelope gradient's):
+      ``"highest"`` (default, full float32), ``"high"``, ``"default"`` (the
+      backend's fastest: TF32 / bf16 passes on GPUs and TPUs),
+      ``"bfloat16"`` (operands cast to bfloat16, float32 accumulation).
+    axis_name: inside ``jax.pmap`` / ``jax.shard_map`` with the batch
+      sharded over this axis (or tuple of axes), solve the OT problem of the
+      *global* batch: each device's partial cost terms are summed with one
+      ``psum`` and every device solves the same ``n_s x n_t`` problem. The
+      value is replicated; the gradient is the per-shard gradient of the
+      global Omega_P (see the module docstring for what to ``psum``
+      afterwards). A list is stored as a tuple.
+  """
+
+  spatial: Spatial = "flatten"
+  normalize: Normalize = "none"
+  epsilon: Optional[float] = None
+  relative_epsilon: float = DEFAULT_RELATIVE_EPSILON
+  tau: float = 1.0
+  precision: Precision = "highest"
+  axis_name: AxisName = None
+
+  def __post_init__(self):
+    check_choice("spatial", self.spatial, SPATIAL_MODES)
+    check_choice("normalize", self.normalize, NORMALIZE_MODES)
+    check_choice("precision", self.precision, PRECISIONS)
+    if self.epsilon is not None:
+      check_positive("epsilon", self.epsilon, _EPSILON_HINT)
+    check_positive("relative_epsilon", self.relative_epsilon, _EPSILON_HINT)
+    object.__setattr__(self, "tau", check_tau(self.tau))
+    if isinstance(self.axis_name, list):  # Hashable: a static option.
+      object.__setattr__(self, "axis_name", tuple(self.axis_name))
+
+  @property
+  def comparison(self) -> Comparison:
+    """The options that define the cost matrix (not epsilon, not tau)."""
+    return Comparison(self.spatial, self.normalize, self.precision,
+                      self.axis_name)
+
+
+@dataclasses.dataclass(frozen=True)
+class SinkhornOptions:
+  """How the problem is solved: ott-jax's log-domain Sinkhorn, configured.
+
+  Checked when built; ``threshold`` may be a traced value, the rest are
+  static (they shape the compiled loop).
+
+  Attributes:
+    threshold: Sinkhorn stops when the L1 marginal error is below this.
+    max_iterations: iteration budget of balanced transport (a bound, not a
+      target); an unbalanced solve gets ``ceil(5 tau / (1 - tau))`` more
+      (6,995 in all at ``tau=0.999``), see :func:`iteration_budget`. Whether
+      the solve converged within it is ``converged`` (and ``n_iters``).
+    inner_iterations: iterations between two convergence checks (each check
+      costs about one iteration). None: 10 from a cold start, 2 from a warm
+      one, which typically converges within a few iterations.
+    anneal: epsilon scaling on a cold start (no ``init``): epsilon starts at
+      ``ANNEAL_INIT`` times its target and decays by ``ANNEAL_DECAY`` per
+      iteration, reaching the target after ``ANNEAL_ITERATIONS``; the solve
+      runs at least that long. It cuts a cold solve's iterations 2-3 fold at
+      small epsilon. Warm starts always use the target epsilon.
+    anderson: memory of the Anderson acceleration (``grad="envelope"``
+      only): from iteration ``anderson + 1`` on, each iteration extrapolates
+      from the last ``anderson`` potentials. 3 cuts a cold solve's
+      iterations 2-4 fold at the same accuracy; warm starts that converge
+      within ``anderson`` iterations are unaffected. 0 turns it off.
+    grad: ``"envelope"`` (default) or ``"unroll"``; see the module
+      docstring.
+  """
+
+  threshold: float = 1e-3
+  max_iterations: int = 2000
+  inner_iterations: Optional[int] = None
+  anneal: bool = True
+  anderson: int = DEFAULT_ANDERSON_MEMORY
+  grad: GradMode = "envelope"
+
+  def __post_init__(self):
+    check_choice("grad", self.grad, GRAD_MODES)
+    check_positive("threshold", self.threshold,
+                   "It bounds the L1 marginal error, e.g. threshold=1e-3.")
+    object.__setattr__(self, "max_iterations",
+                       check_count("max_iterations", self.max_iterations))
+    if self.inner_iterations is not None:
+      object.__setattr__(self, "inner_iterations", check_count(
+          "inner_iterations", self.inner_iterations))
+    if isinstance(self.anderson, (bool, np.bool_)) or not isinstance(
+        self.anderson, (int, np.integer)) or self.anderson < 0:
+      raise ValueError(
+          f"anderson must be an integer >= 0 (0: off), got "
+          f"{self.anderson!r}. The default is {DEFAULT_ANDERSON_MEMORY}.")
+    object.__setattr__(self, "anderson", int(self.anderson))
+    if not isinstance(self.anneal, (bool, np.bool_)):
+      raise ValueError(f"anneal must be True or False, got {self.anneal!r}.")
+    object.__setattr__(self, "anneal", bool(self.anneal))
+
+
+#: The keywords of :func:`solve_neuron_ot`: the two dataclasses' fields.
+PROBLEM_OPTIONS = tuple(f.name for f in dataclasses.fields(NeuronProblem))
+SINKHORN_OPTIONS = tuple(f.name for f in dataclasses.fields(SinkhornOptions))
+
+
+def make_options(problem: Optional[NeuronProblem] = None,
+                 sinkhorn: Optional[SinkhornOptions] = None,
+                 *, caller: str = "solve_neuron_ot",
+                 **options: Any) -> Tuple[NeuronProblem, SinkhornOptions]:
+  """``(problem, sinkhorn)`` from the convenient keywords.
+
+  Args:
+    problem, sinkhorn: the options as dataclasses (None: the defaults).
+    caller: the function named in an error message.
+    **options: fields of either dataclass; they override ``problem``'s and
+      ``sinkhorn``'s.
+
+  Raises:
+    TypeError: a keyword that is neither dataclass's field (as Python does
+      for an unexpected keyword), or ``problem`` / ``sinkhorn`` of the wrong
+      type.
+    ValueError: an invalid option value (see the dataclasses).
+  """
+  unknown = sorted(set(options) - set(PROBLEM_OPTIONS) - set(SINKHORN_OPTIONS))
+  if unknown:
+    raise TypeError(
+        f"{caller}() got unexpected keyword argument(s) {unknown}; its "
+        f"options are the fields of NeuronProblem {PROBLEM_OPTIONS} and of "
+        f"SinkhornOptions {SINKHORN_OPTIONS}.")
+  for name, value, cls in (("problem", problem, NeuronProblem),
+                           ("sinkhorn", sinkhorn, SinkhornOptions)):
+    if value is not None and not isinstance(value, cls):
+      raise TypeError(f"{caller}(): {name} must be an ot.{cls.__name__}, "
+                      f"got {type(value).__name__}.")
+
+  def build(cls, given, names):
+    fields = {k: options[k] for k in names if k in options}
+    if given is None:
+      return cls(**fields)
+    return dataclasses.replace(given, **fields) if fields else given
+
+  return (build(NeuronProblem, problem, PROBLEM_OPTIONS),
+          build(SinkhornOptions, sinkhorn, SINKHORN_OPTIONS))
+
+
+# ---------------------------------------------------------------------------
+# The solution
+# ---------------------------------------------------------------------------
 
 
 @struct.dataclass
@@ -149,7 +368,6 @@ class NeuronTransport:
       plan, not the entropic objective). Its gradient depends on ``grad``.
     plan: ``(n_s, n_t)``, the entropic plan ``P*``; sums to 1 (``mass``
       when ``tau < 1``).
-    cost_matrix: ``(n_s, n_t)``, ``C_jk = ||a_j - t_k||^2 / D``.
     matched_fraction: scalar, ``trace(P*)`` when ``n_s == n_t``: the share of
       mass that stays on "each neuron with its counterpart" (1 when the student
       equals the teacher); ``NaN`` for unequal widths.
@@ -161,11 +379,12 @@ class NeuronTransport:
     epsilon: scalar, the absolute entropic regularisation used.
     mass: scalar, ``sum(P*)``: 1 for balanced transport (up to
       ``threshold``), the share of mass transported when ``tau < 1``.
+    comparison: static (not a leaf), how the neurons were described and
+      compared: what :meth:`cost_matrix` needs besides the activations.
   """
 
   value: jax.Array
   plan: jax.Array
-  cost_matrix: jax.Array
   matched_fraction: jax.Array
   converged: jax.Array
   n_iters: jax.Array
@@ -173,11 +392,42 @@ class NeuronTransport:
   g: jax.Array
   epsilon: jax.Array
   mass: jax.Array
+  comparison: Comparison = struct.field(
+      pytree_node=False, default=Comparison("flatten", "none", "highest",
+                                            None))
 
   @property
   def potentials(self) -> Tuple[jax.Array, jax.Array]:
     """``(f, g)``, ready to be passed as ``init=`` to the next solve."""
     return self.f, self.g
+
+  def cost_matrix(self, student: jax.Array, teacher: jax.Array) -> jax.Array:
+    """``(n_s, n_t)``, ``C_jk = ||a_j - t_k||^2 / D``: the cost this plan
+    was solved for, computed when asked (a solve returns the plan, not the
+    cost, so an eager solve does not build a second ``n_s x n_t`` output).
+
+    Args:
+      student: the student activations that were solved, ``(m,
+        *positions, n_s)``.
+      teacher: the teacher's, ``(m, *positions', n_t)``. Under
+        ``axis_name=``, call it where the solve ran (inside the same
+        ``pmap`` / ``shard_map``).
+
+    Raises:
+      ValueError: activations that cannot be compared, or of other widths
+        than the plan's.
+    """
+    spatial, _, _, axis_name = self.comparison
+    student, teacher = check_activations(student, teacher, spatial,
+                                         axis_name=axis_name)
+    widths = (student.shape[-1], teacher.shape[-1])
+    if widths != tuple(self.plan.shape):
+      raise ValueError(
+          f"These activations have {widths[0]} student and {widths[1]} "
+          f"teacher neurons, but the plan is {tuple(self.plan.shape)}: pass "
+          "the student and teacher activations this transport was solved "
+          "for.")
+    return _scaled_cost(student, teacher, **self.comparison._asdict())
 
 
 def iteration_budget(max_iterations: int, tau: float) -> int:
@@ -208,285 +458,8 @@ def iteration_budget(max_iterations: int, tau: float) -> int:
   return max_iterations + math.ceil(
       round(UNBALANCED_ITERATIONS_PER_RHO * tau / (1.0 - tau), 6))
 
-
-def _check_choice(name: str, value: str, choices: Tuple[str, ...]) -> None:
-  if not isinstance(value, str) or value not in choices:
-    raise ValueError(f"{name}={value!r} is not one of {choices}.")
-
-
-def _is_traced(x: Any) -> bool:
-  return isinstance(x, jax.core.Tracer)
-
-
-def _real_scalar(name: str, value: Any) -> Optional[float]:
-  """``value`` as a float, or None when traced; ValueError if not a number.
-
-  Python, NumPy and JAX scalars are treated alike (a bool is not a number).
-  """
-  if isinstance(value, (str, bytes)):
-    dtype, shape = None, None
-  elif hasattr(value, "dtype"):
-    dtype, shape = value.dtype, tuple(value.shape)
-  else:
-    array = np.asarray(value)
-    dtype, shape = array.dtype, array.shape
-  real = dtype is not None and (jnp.issubdtype(dtype, jnp.floating) or (
-      jnp.issubdtype(dtype, jnp.integer) and dtype != bool))
-  if not real or shape != ():
-    raise ValueError(
-        f"{name} must be a real number (a scalar), got {value!r} of type "
-        f"{type(value).__name__}. Pass e.g. {name}=0.01.")
-  return None if _is_traced(value) else float(value)
-
-
-def _check_positive(name: str, value: Any, hint: str) -> None:
-  """ValueError unless a concrete ``value`` is a positive finite number."""
-  v = _real_scalar(name, value)
-  if v is not None and not (v > 0 and math.isfinite(v)):
-    raise ValueError(
-        f"{name} must be a positive finite number, got {value!r}. {hint}")
-
-
-def check_tau(tau: Any) -> float:
-  """``tau`` as a float; ValueError unless a concrete number in (0, 1].
-
-  (ott-jax branches on ``tau == 1`` in Python, so it cannot be traced.)
-  """
-  hint = ("tau=1 is balanced transport; a smaller tau lets more mass go "
-          "unmatched, e.g. tau=0.9.")
-  if _is_traced(tau):
-    raise ValueError(
-        "tau must be a concrete Python float, got a traced value: the solver "
-        f"is built for a fixed tau. Pass it as a constant. {hint}")
-  v = _real_scalar("tau", tau)
-  if not 0.0 < v <= 1.0:
-    raise ValueError(f"tau must lie in (0, 1], got {tau!r}. {hint}")
-  return v
-
-
-def _check_count(name: str, value: Any) -> int:
-  """A concrete integer >= 1 (an iteration count sets the loop's bounds)."""
-  if isinstance(value, (bool, np.bool_)) or _is_traced(value):
-    value_ok = None
-  else:
-    try:
-      value_ok = operator.index(value)
-    except TypeError:
-      value_ok = None
-  if value_ok is None or value_ok < 1:
-    raise ValueError(
-        f"{name} must be an integer >= 1, got {value!r}. Iteration counts "
-        "are static (they size the solver's loop): pass a Python int.")
-  return value_ok
-
-
-def _as_array(x: Any, who: str) -> jax.Array:
-  """Arrays (JAX, NumPy, tracers) as they are; other array-likes (nested
-  lists, tuples) converted, or a ValueError saying what to pass."""
-  if isinstance(x, (jax.Array, np.ndarray)):
-    return x
-  try:
-    array = np.asarray(x)
-  except (ValueError, TypeError):  # Ragged nested lists.
-    array = None
-  if array is None or array.dtype.kind not in "biufc":
-    raise ValueError(
-        f"The {who} activations, a {type(x).__name__}, are not a numeric "
-        "array (ragged rows, or not numbers). Pass a jax or numpy array "
-        "(batch, [height, width,] neurons), e.g. jnp.asarray(rows) with rows "
-        "of equal length.")
-  return array
-
-
-def _check_finite(x: Any, what: str, fix: str) -> None:
-  """ValueError if a concrete array holds NaN or inf; traced ones (under
-  ``jit``) cannot be inspected: they give a NaN result instead."""
-  if _is_traced(x):
-    return
-  if not isinstance(x, np.ndarray):
-    # A device array is reduced where it lives (copied only when it fails),
-    # eagerly even when it is a constant inside a function being traced.
-    with jax.ensure_compile_time_eval():
-      if bool(jnp.all(jnp.isfinite(x))):
-        return
-  finite = np.isfinite(np.asarray(x))
-  if finite.all():
-    return
-  first = tuple(int(i) for i in np.argwhere(~finite)[0])
-  raise ValueError(
-      f"{what} contain {int((~finite).sum())} non-finite values (NaN or "
-      f"inf) out of {finite.size}, the first at index {first}. {fix}")
-
-
-def _check_dtype(x: Any, who: str) -> None:
-  dtype = np.dtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)
-  if not jnp.issubdtype(dtype, jnp.floating):
-    raise ValueError(
-        f"The {who} activations have dtype {dtype}; the regulariser needs "
-        "real floating-point activations. Cast them first, e.g. "
-        "x.astype(jnp.float32) (or take the real part / magnitude of complex "
-        "values).")
-
-
-def check_activation_shapes(
-    student_shape: Tuple[int, ...],
-    teacher_shape: Tuple[int, ...],
-    spatial: str = "flatten",
-) -> None:
-  """Raises ``ValueError`` unless two activation shapes can be compared.
-
-  Activations are ``(batch, *positions, neurons)``: ``(m, n)`` for a dense
-  layer, ``(m, h, w, n)`` for a convolution, ``(m, tokens, n)`` for a
-  transformer. Student and teacher must share the batch; ``spatial="flatten"``
-  also needs equal positions (same rank and same ``h, w``, or ``h * w`` tokens
-  against an ``h x w`` grid: a ViT's patches in row-major order),
-  ``spatial="pool"`` averages positions away so any may differ.
-  Under ``axis_name=`` the shapes are each device's shard.
-  """
-  _check_choice("spatial", spatial, SPATIAL_MODES)
-  given = f"student {tuple(student_shape)}, teacher {tuple(teacher_shape)}"
-  for who, shape in (("student", student_shape), ("teacher", teacher_shape)):
-    if len(shape) < 2:
-      raise ValueError(
-          f"Activations must be (batch, [positions...,] neurons); the {who} "
-          f"has shape {tuple(shape)} (given: {given}). Add a batch axis, e.g. "
-          "x[None] for a single example.")
-    if 0 in tuple(shape):
-      raise ValueError(
-          f"The {who} activations have an empty axis (size 0): {given}. "
-          "Every axis (batch, positions, neurons) needs at least one entry; "
-          "check the batch split and the captured layer.")
-  if student_shape[0] != teacher_shape[0]:
-    raise ValueError(
-        f"Student and teacher must see the same mini-batch, but the batch "
-        f"sizes differ: {given}. Feed both networks the same examples.")
-  s_pos, t_pos = tuple(student_shape[1:-1]), tuple(teacher_shape[1:-1])
-  # A token sequence against a grid: tokens are the grid's rows, row-major.
-  tokens_vs_grid = ((len(s_pos) == 1) != (len(t_pos) == 1) and
-                    math.prod(s_pos) == math.prod(t_pos))
-  if spatial == "flatten" and s_pos != t_pos and not tokens_vs_grid:
-    raise ValueError(
-        f"spatial='flatten' compares neurons position by position, so the "
-        f"positions must match: student positions {s_pos} vs teacher {t_pos} "
-        f"({given}). Pick layers with the same resolution and rank (or h * w "
-        "tokens against an h x w grid), or use spatial='pool' to average "
-        "positions away.")
-
-
-def check_activations(student: Any, teacher: Any, spatial: str = "flatten",
-                      *, axis_name: AxisName = None
-                      ) -> Tuple[jax.Array, jax.Array]:
-  """Raises ``ValueError`` unless two layers' activations can be compared.
-
-  Checks :func:`check_activation_shapes`, a real floating-point dtype, finite
-  values (concrete arrays only: under ``jit`` non-finite activations give a
-  NaN result with ``converged=False``) and, inside ``shard_map``,
-  :func:`check_axis_name`.
-
-  Returns:
-    ``(student, teacher)`` as arrays: array-likes (nested lists) converted,
-    arrays unchanged.
-  """
-  student, teacher = _as_array(student, "student"), _as_array(teacher,
-                                                              "teacher")
-  _check_dtype(student, "student")
-  _check_dtype(teacher, "teacher")
-  check_activation_shapes(jnp.shape(student), jnp.shape(teacher), spatial)
-  check_axis_name(axis_name, student=student, teacher=teacher)
-  fix = ("Check what produced them (a diverged network, log(0), a bfloat16 "
-         "overflow); Omega_P of NaN is undefined. (Under jax.jit values "
-         "cannot be checked: the result is NaN with converged=False.)")
-  _check_finite(student, "The student activations", fix)
-  _check_finite(teacher, "The teacher activations", fix)
-  return student, teacher
-
-
 # ---------------------------------------------------------------------------
-# Sums over a batch-sharded device axis
-# ---------------------------------------------------------------------------
-
-
-def _varying_axes(x: jax.Array) -> frozenset:
-  """Mesh axes along which ``x`` varies inside ``shard_map`` (else empty)."""
-  aval = jax.typeof(x)
-  vma = getattr(aval, "vma", None)
-  if vma is None:
-    vma = getattr(getattr(aval, "manual_axis_type", None), "varying", ())
-  return frozenset(vma)
-
-
-def _axes(axis_name: AxisName) -> Tuple[str, ...]:
-  return tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (
-      axis_name,)
-
-
-def global_sum(x: Any, axis_name: AxisName = None) -> Any:
-  """``lax.psum`` of per-device partial sums over ``axis_name``.
-
-  Args:
-    x: an array or pytree of arrays, this device's partial sums.
-    axis_name: the batch-sharded axis of ``jax.pmap`` / ``jax.shard_map``, a
-      tuple of axes, or None (single device: returns ``x``).
-
-  Returns:
-    The same on every device; differentiated by JAX's own rules for
-    ``psum`` (see the module docstring).
-  """
-  return x if axis_name is None else jax.lax.psum(x, axis_name)
-
-
-def axis_size(axis_name: AxisName) -> int:
-  """Number of devices along ``axis_name`` (1 when None); static."""
-  if axis_name is None:
-    return 1
-  return math.prod(jax.lax.axis_size(a) for a in _axes(axis_name))
-
-
-def _replicated(x: jax.Array, axis_name: AxisName) -> jax.Array:
-  """``x`` made invariant across ``axis_name`` inside ``shard_map``.
-
-  ott-jax's Sinkhorn needs every input mesh-invariant (its ``lax.cond``
-  branches must have equal types); values that already are cost nothing.
-  """
-  if axis_name is None or not (set(_axes(axis_name)) & _varying_axes(x)):
-    return x
-  return jax.lax.pmean(x, axis_name)
-
-
-def check_axis_name(axis_name: AxisName, **arrays: Any) -> None:
-  """ValueError when, inside ``jax.shard_map``, an input varies across a mesh
-  axis that ``axis_name`` does not name.
-
-  Such an input is a shard of a batch split over that axis: without its name
-  the result would be the OT (or mean) of one device's shard, and ott-jax's
-  Sinkhorn would fail deep inside with a ``cond`` TypeError. Under
-  ``jax.pmap`` (which does not type values by device) and
-  ``shard_map(..., check_vma=False)`` nothing can be detected: without
-  ``axis_name`` every function computes the per-device value, i.e. on the
-  device's shard of the batch.
-
-  Args:
-    axis_name: as passed to the function, None included.
-    **arrays: the inputs by name (``student=...``, ``teacher=...``).
-  """
-  named = set() if axis_name is None else set(_axes(axis_name))
-  for who, x in arrays.items():
-    missing = sorted(_varying_axes(x) - named)
-    if not missing:
-      continue
-    axes = ", ".join(repr(a) for a in missing)
-    wanted = sorted(named | set(missing))
-    fix = repr(wanted[0]) if len(wanted) == 1 else repr(tuple(wanted))
-    raise ValueError(
-        f"The {who} activations vary across the shard_map mesh axis {axes} "
-        f"(the batch is split over it), but axis_name={axis_name!r}. Pass "
-        f"axis_name={fix} to get the value of the global batch on every "
-        "device (docs/usage.md, 'Several devices'); for the per-device value "
-        "of each shard instead, run under shard_map(..., check_vma=False).")
-
-
-# ---------------------------------------------------------------------------
-# Descriptors -> cost -> solve
+# Descriptors -> cost
 # ---------------------------------------------------------------------------
 
 
@@ -515,9 +488,9 @@ def neuron_descriptors(
     ``(D, n)``, one column per neuron (this device's rows of the global
     descriptors under ``axis_name``), float32 (float64 for float64 input).
   """
-  _check_choice("spatial", spatial, SPATIAL_MODES)
-  _check_choice("normalize", normalize, NORMALIZE_MODES)
-  activations = _as_array(activations, "layer")
+  check_choice("spatial", spatial, SPATIAL_MODES)
+  check_choice("normalize", normalize, NORMALIZE_MODES)
+  activations = as_array(activations, "layer")
   check_axis_name(axis_name, layer=activations)
   # Low-precision inputs (bfloat16) are computed in float32; float64 stays.
   x = activations.astype(jnp.promote_types(activations.dtype, jnp.float32))
@@ -531,11 +504,11 @@ def neuron_descriptors(
 
   if normalize == "l2":
     # max(., tiny) keeps dead neurons at 0 with a finite gradient.
-    rms = jnp.sqrt(jnp.maximum(column_mean(x * x), _TINY))
+    rms = jnp.sqrt(jnp.maximum(column_mean(x * x), TINY))
     x = x / rms
   elif normalize == "standardize":
     x = x - column_mean(x)
-    std = jnp.sqrt(jnp.maximum(column_mean(x * x), _TINY))
+    std = jnp.sqrt(jnp.maximum(column_mean(x * x), TINY))
     x = x / std
   return x
 
@@ -566,8 +539,8 @@ def cost_matrix(student_desc: jax.Array, teacher_desc: jax.Array, *,
     (``|a|^2 + |t|^2 - 2 a.t``) and clipped at 0 against round-off; the same
     on every device.
   """
-  student_desc = _as_array(student_desc, "student")
-  teacher_desc = _as_array(teacher_desc, "teacher")
+  student_desc = as_array(student_desc, "student")
+  teacher_desc = as_array(teacher_desc, "teacher")
   check_axis_name(axis_name, student=student_desc, teacher=teacher_desc)
   sq_s, sq_t, cross, _, d = _cost_terms(student_desc, teacher_desc, axis_name,
                                         precision)
@@ -583,7 +556,7 @@ def _cost_terms(a: jax.Array, t: jax.Array, axis_name: AxisName,
   over the ``n_s x n_t`` matrix: mean_jk a_j.t_k = (sum_j a_j).(sum_k t_k) /
   (n_s n_t). (It ignores the clipping at 0, i.e. round-off.)
   """
-  _check_choice("precision", precision, PRECISIONS)
+  check_choice("precision", precision, PRECISIONS)
   (d_local, n_s), n_t = a.shape, t.shape[1]
   d = d_local * axis_size(axis_name)
   sq_s, sq_t, cross, cross_total = global_sum(
@@ -640,15 +613,120 @@ def _epsilon(mean_cost: jax.Array, epsilon: Any, relative_epsilon: Any,
   else:
     # The plan is a constant of the regulariser, and so is its temperature.
     scale = jax.lax.stop_gradient(mean_cost)
-    eps = jnp.asarray(relative_epsilon, dtype) * jnp.maximum(scale, _TINY)
+    eps = jnp.asarray(relative_epsilon, dtype) * jnp.maximum(scale, TINY)
   # Concrete values were checked up front; a traced invalid one poisons the
   # solve (NaN value, converged=False) instead of returning a plausible value.
   return jnp.where((eps > 0) & jnp.isfinite(eps), eps, jnp.nan)
 
 
-def _solver(threshold: float, max_iterations: int, inner_iterations: int,
-            min_iterations: int, anderson: int,
-            recenter: bool) -> "sinkhorn.Sinkhorn":
+# ---------------------------------------------------------------------------
+# The pieces both solvers share: scaled problem in, transport out
+# ---------------------------------------------------------------------------
+
+
+class ScaledProblem(NamedTuple):
+  """One layer pair's OT problem as the Sinkhorn loop sees it.
+
+  Attributes:
+    a: ``(D, n_s)`` student descriptors (this device's rows).
+    t: ``(D, n_t)`` teacher descriptors (a constant).
+    cost: ``(n_s, n_t)`` cost matrix in units of its mean: ``C / unit``.
+    unit: scalar, the mean cost ``mean(C)`` (floored at ``TINY``), a
+      constant: Sinkhorn sees the cost in these units, so that its numbers
+      (and Anderson's extrapolation, which is not scale-free) do not depend
+      on the activations' scale; the plan is the same.
+    epsilon: scalar, the absolute epsilon (NaN when a traced value is
+      invalid).
+    d: the descriptor length ``D`` of the global batch (static).
+  """
+
+  a: jax.Array
+  t: jax.Array
+  cost: jax.Array
+  unit: jax.Array
+  epsilon: jax.Array
+  d: int
+
+
+def scale_problem(student: jax.Array, teacher: jax.Array,
+                  problem: NeuronProblem) -> ScaledProblem:
+  """Descriptors, cost in units of its mean and epsilon of checked
+  activations (:func:`check_activations`), with one ``psum`` under
+  ``problem.axis_name``. The teacher's side is a constant."""
+  describe = functools.partial(neuron_descriptors, spatial=problem.spatial,
+                               normalize=problem.normalize,
+                               axis_name=problem.axis_name)
+  a = describe(student)
+  t = jax.lax.stop_gradient(describe(teacher))
+  sq_s, sq_t, cross, mean_cost, d = _cost_terms(a, t, problem.axis_name,
+                                                problem.precision)
+  eps = _epsilon(mean_cost, problem.epsilon, problem.relative_epsilon,
+                 cross.dtype)
+  if problem.epsilon is not None:
+    eps = replicated(eps, problem.axis_name)
+  unit = jax.lax.stop_gradient(jnp.maximum(mean_cost, TINY))
+  return ScaledProblem(a, t, _assemble_cost(sq_s, sq_t, cross, d * unit),
+                       unit, eps, d)
+
+
+def transport_from_solution(scaled: ScaledProblem, plan: jax.Array,
+                            f: jax.Array, g: jax.Array, converged: jax.Array,
+                            n_iters: jax.Array, problem: NeuronProblem, *,
+                            envelope: bool) -> NeuronTransport:
+  """The :class:`NeuronTransport` of a solved :class:`ScaledProblem`.
+
+  Args:
+    scaled: the problem (``scaled.cost`` a constant when ``envelope``).
+    plan: ``(n_s, n_t)`` in the cost's dtype; built once, it gives the
+      value, the gradient, the matched fraction and the mass.
+    f, g: ``(n_s,)``, ``(n_t,)`` potentials in the cost's units.
+    converged, n_iters: the solver's.
+    envelope: the value's gradient is the envelope gradient (a
+      ``custom_vjp``, one GEMM backward); otherwise autodiff through
+      ``plan`` and ``scaled.cost`` ("unroll").
+  """
+  dtype = scaled.cost.dtype
+  value = scaled.unit * jnp.sum(plan * scaled.cost)
+  if envelope:
+    plan = jax.lax.stop_gradient(plan)
+    value = value + global_sum(
+        _envelope_gradient(scaled.a, scaled.t, plan, scaled.d,
+                           problem.precision, problem.axis_name),
+        problem.axis_name)
+  n_s, n_t = plan.shape
+  matched = (jnp.trace(plan) if n_s == n_t else
+             jnp.asarray(jnp.nan, dtype))
+  return NeuronTransport(
+      value=value,
+      plan=plan,
+      matched_fraction=jax.lax.stop_gradient(matched),
+      converged=converged,
+      n_iters=n_iters,
+      f=jax.lax.stop_gradient(f.astype(dtype) * scaled.unit),
+      g=jax.lax.stop_gradient(g.astype(dtype) * scaled.unit),
+      epsilon=scaled.epsilon,
+      mass=jax.lax.stop_gradient(jnp.sum(plan)),
+      comparison=problem.comparison,
+  )
+
+
+@functools.partial(jax.jit, static_argnames=("spatial", "normalize",
+                                             "precision", "axis_name"))
+def _scaled_cost(student, teacher, *, spatial, normalize, precision,
+                 axis_name) -> jax.Array:
+  """:meth:`NeuronTransport.cost_matrix`: ``C`` as the solve computed it."""
+  scaled = scale_problem(student, teacher, NeuronProblem(
+      spatial=spatial, normalize=normalize, precision=precision,
+      axis_name=axis_name))
+  return scaled.cost * scaled.unit
+
+
+def make_sinkhorn(threshold: float, max_iterations: int,
+                  inner_iterations: int, min_iterations: int, anderson: int,
+                  recenter: bool) -> "sinkhorn.Sinkhorn":
+  """ott-jax's ``Sinkhorn`` as :func:`solve_neuron_ot` runs it (log
+  domain, no implicit differentiation); ``max_iterations`` is the whole
+  budget (:func:`iteration_budget`), ``anderson`` 0 is off."""
   from ott.solvers.linear import acceleration, sinkhorn
   return sinkhorn.Sinkhorn(
       lse_mode=True,
@@ -669,43 +747,19 @@ def _solver(threshold: float, max_iterations: int, inner_iterations: int,
   )
 
 
-def _check_init(init: Any, n_s: int, n_t: int) -> None:
-  expected = f"f ({n_s},) for the student's {n_s} neurons and g ({n_t},) " \
-      f"for the teacher's {n_t}"
-  if not (isinstance(init, (tuple, list)) and len(init) == 2):
-    raise ValueError(
-        f"init must be a pair (f, g) of potentials, {expected}; got "
-        f"{type(init).__name__}. Pass a previous result's .potentials.")
-  shapes = tuple(tuple(jnp.shape(p)) for p in init)
-  if shapes != ((n_s,), (n_t,)):
-    raise ValueError(
-        f"init potentials have shapes f {shapes[0]} and g {shapes[1]}, but "
-        f"this problem needs {expected}. Pass the .potentials of a solve of "
-        "the same layer pair (student first), or init=None for a cold start.")
-  for name, potential in zip("fg", init):
-    _check_finite(potential, f"The init potentials {name}",
-                  "They come from a solve that diverged or saw non-finite "
-                  "activations: pass init=None for a cold start.")
+# ---------------------------------------------------------------------------
+# The solve
+# ---------------------------------------------------------------------------
 
 
 def solve_neuron_ot(
     student: jax.Array,
     teacher: jax.Array,
     *,
-    epsilon: Optional[float] = None,
-    relative_epsilon: float = DEFAULT_RELATIVE_EPSILON,
-    spatial: Spatial = "flatten",
-    normalize: Normalize = "none",
-    threshold: float = 1e-3,
-    max_iterations: int = 2000,
-    inner_iterations: Optional[int] = None,
-    anneal: bool = True,
-    grad: GradMode = "envelope",
+    problem: Optional[NeuronProblem] = None,
+    sinkhorn: Optional[SinkhornOptions] = None,
     init: Optional[Tuple[jax.Array, jax.Array]] = None,
-    axis_name: AxisName = None,
-    precision: Precision = "highest",
-    anderson: int = DEFAULT_ANDERSON_MEMORY,
-    tau: float = 1.0,
+    **options: Any,
 ) -> NeuronTransport:
   """Entropic OT between a student layer's and a teacher layer's neurons.
 
@@ -714,52 +768,17 @@ def solve_neuron_ot(
       float32).
     teacher: ``(m, *positions', n_t)`` activations of the same batch. Treated as
       a constant (``stop_gradient``).
-    epsilon: absolute entropic regularisation; overrides ``relative_epsilon``.
-    relative_epsilon: ``epsilon = relative_epsilon * mean(C)`` when ``epsilon``
-      is None, so the plan's sharpness does not depend on the activations'
-      scale.
-    spatial, normalize: how neurons are described, see
-      :func:`neuron_descriptors`.
-    threshold: Sinkhorn stops when the L1 marginal error is below this.
-    max_iterations: iteration budget of balanced transport (a bound, not a
-      target); an unbalanced solve gets ``ceil(5 tau / (1 - tau))`` more
-      (6,995 in all at ``tau=0.999``), see :func:`iteration_budget`. Whether
-      the solve converged within it is ``converged`` (and ``n_iters``).
-    inner_iterations: iterations between two convergence checks (each check
-      costs about one iteration). Default: 10 from a cold start, 2 from a
-      warm one, which typically converges within a few iterations.
-    anneal: epsilon scaling on a cold start (``init`` None): epsilon starts at
-      ``ANNEAL_INIT`` times its target and decays by ``ANNEAL_DECAY`` per
-      iteration, reaching the target after ``ANNEAL_ITERATIONS``; the solve
-      runs at least that long. It cuts a cold solve's iterations 2-3 fold at
-      small epsilon. Warm starts always use the target epsilon.
-    grad: ``"envelope"`` (default) or ``"unroll"``; see the
-      module docstring.
+    problem: what is solved, a :class:`NeuronProblem` (None: its defaults).
+    sinkhorn: how, a :class:`SinkhornOptions` (None: its defaults).
     init: ``(f, g)`` potentials of a previous solve, ``(n_s,)`` and ``(n_t,)``,
       to warm-start Sinkhorn (plans move slowly between training steps).
-    axis_name: inside ``jax.pmap`` / ``jax.shard_map`` with the batch sharded
-      over this axis (or tuple of axes), solve the OT problem of the *global*
-      batch: each device's partial cost terms are summed with one ``psum``
-      and every device solves the same ``n_s x n_t`` problem. The value is
-      replicated; the gradient is the per-shard gradient of the global
-      Omega_P (see the module docstring for what to ``psum`` afterwards).
-    precision: of the cost matrix's GEMM (and the envelope gradient's):
-      ``"highest"`` (default, full float32), ``"high"``, ``"default"`` (the
-      backend's fastest: TF32 / bf16 passes on GPUs and TPUs), ``"bfloat16"``
-      (operands cast to bfloat16, float32 accumulation).
-    anderson: memory of the Anderson acceleration (``grad="envelope"``
-      only): from iteration ``anderson + 1`` on, each iteration extrapolates
-      from the last ``anderson`` potentials. 3 cuts a cold solve's iterations
-      2-4 fold at the same accuracy; warm starts that converge within
-      ``anderson`` iterations are unaffected. 0 turns it off.
-    tau: in (0, 1]; 1 (default) is balanced transport, every neuron's mass
-      matched. Below 1 the marginals are KL penalties of weight ``rho = eps
-      tau / (1 - tau)`` (ott-jax's ``tau_a = tau_b = tau``): neurons with no
-      good counterpart keep part of their mass unmatched (see the module
-      docstring for the value and gradient). ``rho`` scales with epsilon:
-      at the default ``relative_epsilon=0.01``, ``tau=0.99`` prices unmatched
-      mass at about the mean cost, while ``tau=0.9`` (``rho`` = 0.09 x mean
-      cost) already leaves most of the mass unmatched.
+    **options: the convenient form: any field of :class:`NeuronProblem`
+      (``spatial``, ``normalize``, ``epsilon``, ``relative_epsilon``,
+      ``tau``, ``precision``, ``axis_name``) or of :class:`SinkhornOptions`
+      (``threshold``, ``max_iterations``, ``inner_iterations``, ``anneal``,
+      ``anderson``, ``grad``) by name; it overrides the field of
+      ``problem`` / ``sinkhorn``. E.g. ``solve_neuron_ot(s, t,
+      relative_epsilon=0.02, tau=0.9)``.
 
   Returns:
     A :class:`NeuronTransport` (replicated under ``axis_name``).
@@ -773,46 +792,31 @@ def solve_neuron_ot(
 
   Raises:
     ValueError: for activations that cannot be compared (see
-      :func:`check_activations`), an unknown option, a concrete epsilon or
-      relative_epsilon that is not a positive finite number, iteration counts
-      below 1, a non-positive threshold, ``init`` of the wrong shapes, a
-      ``tau`` outside (0, 1] (or traced), or NaN / inf in concrete activations
-      or ``init``. Under ``jit`` (traced values) nothing can be inspected:
-      non-finite activations or an invalid epsilon give a NaN value with
-      ``converged=False``; non-finite ``init`` potentials are restarted from
-      by ott-jax's Sinkhorn (tested).
+      :func:`check_activations`), an unknown option value, a concrete
+      epsilon or relative_epsilon that is not a positive finite number,
+      iteration counts below 1, a non-positive threshold, ``init`` of the
+      wrong shapes, a ``tau`` outside (0, 1] (or traced), or NaN / inf in
+      concrete activations or ``init``. Under ``jit`` (traced values) nothing
+      can be inspected: non-finite activations or an invalid epsilon give a
+      NaN value with ``converged=False``; non-finite ``init`` potentials are
+      restarted from by ott-jax's Sinkhorn (tested).
+    TypeError: a keyword that is no option.
   """
-  student, teacher = check_activations(student, teacher, spatial,
-                                       axis_name=axis_name)
-  _check_choice("grad", grad, GRAD_MODES)
-  _check_choice("precision", precision, PRECISIONS)
-  hint = (f"The default is relative_epsilon={DEFAULT_RELATIVE_EPSILON} "
-          "(times mean cost).")
-  if epsilon is not None:
-    _check_positive("epsilon", epsilon, hint)
-  _check_positive("relative_epsilon", relative_epsilon, hint)
-  _check_positive("threshold", threshold,
-                  "It bounds the L1 marginal error, e.g. threshold=1e-3.")
-  max_iterations = _check_count("max_iterations", max_iterations)
-  if inner_iterations is not None:
-    inner_iterations = _check_count("inner_iterations", inner_iterations)
-  if isinstance(anderson, (bool, np.bool_)) or not isinstance(
-      anderson, (int, np.integer)) or anderson < 0:
-    raise ValueError(f"anderson must be an integer >= 0 (0: off), got "
-                     f"{anderson!r}. The default is {DEFAULT_ANDERSON_MEMORY}.")
-  if not isinstance(anneal, (bool, np.bool_)):
-    raise ValueError(f"anneal must be True or False, got {anneal!r}.")
-  tau = check_tau(tau)
+  problem, sinkhorn = make_options(problem, sinkhorn, **options)
+  student, teacher = check_activations(student, teacher, problem.spatial,
+                                       axis_name=problem.axis_name)
   if init is not None:
-    _check_init(init, student.shape[-1], teacher.shape[-1])
+    check_init(init, student.shape[-1], teacher.shape[-1])
     init = tuple(init)
-  return _solve(student, teacher, init, epsilon, relative_epsilon, threshold,
-                spatial=spatial, normalize=normalize,
-                max_iterations=iteration_budget(max_iterations, tau),
-                inner_iterations=inner_iterations, anneal=bool(anneal),
-                grad=grad, axis_name=tuple(axis_name) if isinstance(
-                    axis_name, list) else axis_name,
-                precision=precision, anderson=int(anderson), tau=tau)
+  return _solve(student, teacher, init, problem.epsilon,
+                problem.relative_epsilon, sinkhorn.threshold,
+                spatial=problem.spatial, normalize=problem.normalize,
+                max_iterations=iteration_budget(sinkhorn.max_iterations,
+                                                problem.tau),
+                inner_iterations=sinkhorn.inner_iterations,
+                anneal=sinkhorn.anneal, grad=sinkhorn.grad,
+                axis_name=problem.axis_name, precision=problem.precision,
+                anderson=sinkhorn.anderson, tau=problem.tau)
 
 
 # Compiled once per (shapes, dtypes, static options): an eager call runs one
@@ -830,32 +834,23 @@ def _solve(student, teacher, init, epsilon, relative_epsilon, threshold, *,
   whole budget (:func:`iteration_budget`)."""
   from ott.geometry import epsilon_scheduler, geometry
   from ott.problems.linear import linear_problem
+  problem = NeuronProblem(spatial=spatial, normalize=normalize,
+                          epsilon=epsilon, relative_epsilon=relative_epsilon,
+                          tau=tau, precision=precision, axis_name=axis_name)
   n_s, n_t = student.shape[-1], teacher.shape[-1]
   if init is not None:
-    init = tuple(_replicated(jnp.asarray(p), axis_name) for p in init)
+    init = tuple(replicated(jnp.asarray(p), axis_name) for p in init)
 
-  describe = functools.partial(neuron_descriptors, spatial=spatial,
-                               normalize=normalize, axis_name=axis_name)
-  a = describe(student)
-  t = jax.lax.stop_gradient(describe(teacher))
-  sq_s, sq_t, cross, mean_cost, d = _cost_terms(a, t, axis_name, precision)
-  eps = _epsilon(mean_cost, epsilon, relative_epsilon, cross.dtype)
-  if epsilon is not None:
-    eps = _replicated(eps, axis_name)
-  # Sinkhorn sees the cost in units of its mean, so that its numbers (and
-  # Anderson's extrapolation, which is not scale-free) do not depend on the
-  # activations' scale; the plan is the same, the potentials are scaled back.
-  unit = jax.lax.stop_gradient(jnp.maximum(mean_cost, _TINY))
-  scaled_cost = _assemble_cost(sq_s, sq_t, cross, d * unit)
-
+  scaled = scale_problem(student, teacher, problem)
   envelope = grad == "envelope"
   if envelope:
-    scaled_cost = jax.lax.stop_gradient(scaled_cost)
+    scaled = scaled._replace(cost=jax.lax.stop_gradient(scaled.cost))
+  unit = scaled.unit
   # Under jax_enable_x64, ott-jax builds some of its state in float64 (e.g.
   # Anderson's history), which a float32 solve cannot mix with: the small
   # n_s x n_t solve then runs in float64 and its results come back in the
   # activations' precision. Without x64 this is float32 throughout.
-  dtype = scaled_cost.dtype
+  dtype = scaled.cost.dtype
   solve_dtype = jnp.promote_types(dtype, jnp.result_type(float))
   cold = init is None
   if not cold:
@@ -863,46 +858,27 @@ def _solve(student, teacher, init, epsilon, relative_epsilon, threshold, *,
   annealing = anneal and cold
   if inner_iterations is None:
     inner_iterations = 10 if cold else 2
-  solve_eps = (eps / unit).astype(solve_dtype)
+  solve_eps = (scaled.epsilon / unit).astype(solve_dtype)
   schedule = (epsilon_scheduler.Epsilon(solve_eps, ANNEAL_INIT, ANNEAL_DECAY)
               if annealing else solve_eps)
-  solver_cost = scaled_cost
+  solver_cost = scaled.cost
   if tau < 1.0:
     # ott-jax's entropy is KL(P | 1 1^T); ours (and POT's) is KL(P | u v^T).
     # With uniform u, v they differ by <P, eps log(n_s n_t)>, a constant
     # shift of the cost: it moves no balanced plan but sets the unbalanced
     # plan's mass (without it the mass grows with the number of neurons).
-    solver_cost = scaled_cost + (eps / unit) * math.log(n_s * n_t)
+    solver_cost = scaled.cost + (scaled.epsilon / unit) * math.log(n_s * n_t)
   geom = geometry.Geometry(cost_matrix=solver_cost.astype(solve_dtype),
                            epsilon=schedule)
   # Anderson's inner linear solve is a while loop: "unroll" could not
   # backpropagate through it.
   accelerate = anderson if envelope else 0
-  out = _solver(threshold, max_iterations, inner_iterations,
-                ANNEAL_ITERATIONS if annealing else 0, accelerate,
-                recenter=tau < 1.0)(
-                    linear_problem.LinearProblem(geom, tau_a=tau, tau_b=tau),
-                    init=init)
-  # The plan is built once: value, gradient and matched fraction reuse it.
-  plan = out.matrix.astype(dtype)
-  value = unit * jnp.sum(plan * scaled_cost)
-  if envelope:
-    plan = jax.lax.stop_gradient(plan)
-    value = value + global_sum(
-        _envelope_gradient(a, t, plan, d, precision, axis_name), axis_name)
-
-  matched = (jnp.trace(plan) if n_s == n_t else
-             jnp.asarray(jnp.nan, scaled_cost.dtype))
-  return NeuronTransport(
-      value=value,
-      plan=plan,
-      # Materialised only if used (a training step uses value and f, g).
-      cost_matrix=scaled_cost * unit,
-      matched_fraction=jax.lax.stop_gradient(matched),
-      converged=out.converged,
-      n_iters=out.n_iters,
-      f=jax.lax.stop_gradient(out.f.astype(dtype) * unit),
-      g=jax.lax.stop_gradient(out.g.astype(dtype) * unit),
-      epsilon=eps,
-      mass=jax.lax.stop_gradient(jnp.sum(plan)),
-  )
+  out = make_sinkhorn(threshold, max_iterations, inner_iterations,
+                      ANNEAL_ITERATIONS if annealing else 0, accelerate,
+                      recenter=tau < 1.0)(
+                          linear_problem.LinearProblem(geom, tau_a=tau,
+                                                       tau_b=tau),
+                          init=init)
+  return transport_from_solution(scaled, out.matrix.astype(dtype), out.f,
+                                 out.g, out.converged, out.n_iters, problem,
+                                 envelope=envelope)

@@ -20,8 +20,8 @@ non-trainable state (Omega_P's Sinkhorn potentials, carried from step to
 step). ``apply`` returns a float32 scalar, a dict of scalar metrics and the
 next state; the teacher's input is already ``stop_gradient``-ed.
 
-The training loss (:func:`ot_transfer_jax.train.make_loss_fn`) loops over the
-configured :class:`Term` s without knowing their names. Add your own::
+The training loss (:func:`ot_transfer_jax.train.make_loss_fn`) loops over its
+:class:`Term` s (:func:`make_term`) without knowing their names. Add your own::
 
     from ot_transfer_jax import regularizers
 
@@ -34,8 +34,10 @@ configured :class:`Term` s without knowing their names. Add your own::
         ...
         return value, {}, state
 
-then ``loss.terms.cosine = regularizers.term_config("cosine", weight=..., ...)``
-in an experiment config. A regulariser's options are its dataclass fields;
+then ``regularizers.make_term("cos", "cosine", weight=..., student_layers=...,
+eps=...)`` builds a loss term of it (in an experiment config,
+``loss.terms.cos = experiments.terms.term_config("cosine", weight=..., ...)``;
+this library reads no config). A regulariser's options are its dataclass fields;
 an option passed on to a library function takes that function's default
 (:func:`default_of`), so the two cannot drift. Registering a taken name
 raises unless ``replace=True``. ``regularizer`` may also be an import path
@@ -54,7 +56,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ot_transfer_jax import batched_sinkhorn, delta_weights, losses, ot
+from ot_transfer_jax import (_validation, batched_sinkhorn, delta_weights,
+                             losses, ot)
 
 PyTree = Any
 READS = ("features", "logits", "params")
@@ -222,7 +225,7 @@ def get(name: str) -> type:
 # ---------------------------------------------------------------------------
 
 
-_solve = ot.solve_neuron_ot
+_PROBLEM, _SINKHORN = ot.NeuronProblem, ot.SinkhornOptions
 
 
 @register("ot")
@@ -230,42 +233,56 @@ _solve = ot.solve_neuron_ot
 class OmegaP(Regularizer):
   """Omega_P: entropic OT between the two layers' neurons (the method).
 
-  Options: keywords of :func:`ot_transfer_jax.ot.solve_neuron_ot` (with its
-  defaults; ``tau`` < 1: unbalanced transport, logged as
-  ``transported_mass``), ``warm_start`` (start Sinkhorn from the previous
-  step's potentials), and how the term's layer pairs are solved: ``solver``
-  ``"per_layer"`` (one ``solve_neuron_ot`` per pair), ``"batched"`` (all
-  pairs in one Sinkhorn loop of ``block`` iterations per trip,
-  :mod:`ot_transfer_jax.batched_sinkhorn`; envelope gradient only) or
-  ``"auto"`` (batched on GPUs and TPUs, per layer on the CPU). State: the
-  potentials ``(f (n_s,), g (n_t,))``, zero at step 0 (a valid start,
-  without the epsilon scaling of a true cold start).
+  Options: fields of :class:`ot_transfer_jax.ot.NeuronProblem`
+  (``relative_epsilon``, ``spatial``, ``normalize``, ``tau``: below 1,
+  unbalanced transport, logged as ``transported_mass``) and of
+  :class:`ot_transfer_jax.ot.SinkhornOptions` (``threshold``,
+  ``max_iterations``, ``grad``), with their defaults; ``warm_start`` (start
+  Sinkhorn from the previous step's potentials), and how the term's layer
+  pairs are solved: ``solver`` ``"per_layer"`` (one ``solve_neuron_ot`` per
+  pair), ``"batched"`` (all pairs in one Sinkhorn loop of ``block``
+  iterations per trip, :mod:`ot_transfer_jax.batched_sinkhorn`; envelope
+  gradient only) or ``"auto"`` (batched on GPUs and TPUs, per layer on the
+  CPU). The option names are the config's (``loss.terms.<name>.options``),
+  which saved configs and records are compared with key by key: keep them.
+  State: the potentials ``(f (n_s,), g (n_t,))``, zero at step 0 (a valid
+  start, without the epsilon scaling of a true cold start).
   """
 
-  relative_epsilon: float = default_of(_solve, "relative_epsilon")
-  spatial: str = default_of(_solve, "spatial")
-  normalize: str = default_of(_solve, "normalize")
-  threshold: float = default_of(_solve, "threshold")
-  max_iterations: int = default_of(_solve, "max_iterations")
-  grad: str = default_of(_solve, "grad")
-  tau: float = default_of(_solve, "tau")
+  relative_epsilon: float = default_of(_PROBLEM, "relative_epsilon")
+  spatial: str = default_of(_PROBLEM, "spatial")
+  normalize: str = default_of(_PROBLEM, "normalize")
+  threshold: float = default_of(_SINKHORN, "threshold")
+  max_iterations: int = default_of(_SINKHORN, "max_iterations")
+  grad: str = default_of(_SINKHORN, "grad")
+  tau: float = default_of(_PROBLEM, "tau")
   solver: str = "auto"
   block: int = default_of(batched_sinkhorn.solve_layers, "block")
   warm_start: bool = True
 
   def __post_init__(self):
     # Checked when the config is written, not at the first step.
-    ot.check_tau(self.tau)
-    ot._check_choice("solver", self.solver, batched_sinkhorn.SOLVERS)
+    _ = (self.problem, self.sinkhorn)  # Invalid values raise here.
+    _validation.check_choice("solver", self.solver, batched_sinkhorn.SOLVERS)
     batched_sinkhorn.check_block(self.block)
     if self.solver == "batched" and self.grad != "envelope":
       raise ValueError(
           f"solver='batched' solves with the envelope gradient only, not "
           f"grad={self.grad!r}: use solver='per_layer' (or 'auto' on a CPU).")
 
-  def _solve_options(self) -> dict:
-    return {k: v for k, v in self.options.items()
-            if k not in ("warm_start", "solver", "block")}
+  @property
+  def problem(self) -> ot.NeuronProblem:
+    """The OT problem these options define."""
+    return ot.NeuronProblem(relative_epsilon=self.relative_epsilon,
+                            spatial=self.spatial, normalize=self.normalize,
+                            tau=self.tau)
+
+  @property
+  def sinkhorn(self) -> ot.SinkhornOptions:
+    """How it is solved."""
+    return ot.SinkhornOptions(threshold=self.threshold,
+                              max_iterations=self.max_iterations,
+                              grad=self.grad)
 
   @staticmethod
   def _outputs(res: ot.NeuronTransport, unbalanced: bool):
@@ -278,14 +295,15 @@ class OmegaP(Regularizer):
 
   def init(self, rng, student, teacher, context):
     del rng, context
-    ot.check_activation_shapes(student.shape, teacher.shape, self.spatial)
+    _validation.check_activation_shapes(student.shape, teacher.shape,
+                                        self.spatial)
     return {}, (jnp.zeros((student.shape[-1],), jnp.float32),
                 jnp.zeros((teacher.shape[-1],), jnp.float32))
 
   def apply(self, params, state, student, teacher):
     res = ot.solve_neuron_ot(
-        student, teacher, init=state if self.warm_start else None,
-        **self._solve_options())
+        student, teacher, problem=self.problem, sinkhorn=self.sinkhorn,
+        init=state if self.warm_start else None)
     return self._outputs(res, self.tau != 1.0)
 
   def apply_pairs(self, params, states, students, teachers):
@@ -295,8 +313,8 @@ class OmegaP(Regularizer):
         or self.grad != "envelope"):
       return super().apply_pairs(params, states, students, teachers)
     results = batched_sinkhorn.solve_layers(
-        students, teachers, inits=states if self.warm_start else None,
-        block=self.block, **self._solve_options())
+        students, teachers, problem=self.problem, sinkhorn=self.sinkhorn,
+        inits=states if self.warm_start else None, block=self.block)
     return [self._outputs(res, self.tau != 1.0) for res in results]
 
 
@@ -392,7 +410,8 @@ class FitNets(Regularizer):
 
   def init(self, rng, student, teacher, context):
     del context
-    ot.check_activation_shapes(student.shape, teacher.shape, "flatten")
+    _validation.check_activation_shapes(student.shape, teacher.shape,
+                                        "flatten")
     params = HintRegressor(teacher.shape[-1]).init(
         rng, jnp.zeros(student.shape, jnp.float32))["params"]
     return params, {}
@@ -454,60 +473,63 @@ class Term:
     return self.regularizer.reads
 
 
-def term_config(regularizer: str, *, weight: float,
-                student_layers: Sequence[str] = (),
-                teacher_layers: Sequence[str] = (),
-                layer_weights: Sequence[float] = (), **options) -> dict:
-  """One entry of ``config.loss.terms``, every key present.
+def make_term(name: str, regularizer: Any, *, weight: float,
+              student_layers: Sequence[str] = (),
+              teacher_layers: Sequence[str] = (),
+              layer_weights: Sequence[float] = (),
+              **options: Any) -> Term:
+  """A :class:`Term` from explicit arguments.
 
-  ``teacher_layers`` defaults to ``student_layers``, ``layer_weights`` to 1
-  per layer; ``options`` are the regulariser's (merged over its defaults, so
-  the config lists them all and a command line can override any).
-  """
-  # Unknown options fail here, when the config is written.
-  reg = get(regularizer).from_options(**options)
-  return {"regularizer": regularizer, "weight": float(weight),
-          "student_layers": tuple(student_layers),
-          "teacher_layers": tuple(teacher_layers),
-          "layer_weights": tuple(float(w) for w in layer_weights),
-          "options": reg.options}
-
-
-def terms_from_config(terms_cfg: Mapping[str, Any]) -> Tuple[Term, ...]:
-  """The loss terms of ``config.loss.terms``, layer terms first, then by name.
+  Args:
+    name: the term's name (its metrics are ``reg/<name>/...``).
+    regularizer: a registered name (:func:`names`), an import path
+      ``"package.module:Class"``, or a :class:`Regularizer` instance (then
+      no ``options``).
+    weight: the term's weight in the loss.
+    student_layers: the student layers a ``"features"`` regulariser reads
+      (none for the others).
+    teacher_layers: their teacher counterparts (default: the same names).
+    layer_weights: one weight per layer pair (default: 1 each).
+    **options: the regulariser's options (its dataclass fields).
 
   Raises:
     ValueError: unknown regulariser or option, layers given to a term that
       does not read features (or missing for one that does), or lists of
-      unequal lengths; the message names the term.
+      unequal lengths.
   """
-  out = []
-  for name in sorted(terms_cfg):
-    cfg = terms_cfg[name]
-    where = f"loss.terms.{name}"
-    try:
-      reg = get(cfg["regularizer"]).from_options(**dict(cfg["options"]))
-    except ValueError as e:
-      raise ValueError(f"{where}: {e}") from None
-    s_layers = tuple(cfg["student_layers"])
-    t_layers = tuple(cfg["teacher_layers"]) or s_layers
-    weights = tuple(cfg["layer_weights"]) or (1.0,) * len(s_layers)
-    if reg.reads != "features":
-      if s_layers or cfg["teacher_layers"] or cfg["layer_weights"]:
-        raise ValueError(f"{where}: {cfg['regularizer']!r} reads "
-                         f"{reg.reads}, not layers; remove its student_layers, "
-                         "teacher_layers and layer_weights.")
-      pairs = ()
-    else:
-      if not s_layers or not len(s_layers) == len(t_layers) == len(weights):
-        raise ValueError(
-            f"{where}: student_layers, teacher_layers and layer_weights must "
-            f"be non-empty and of equal length; got {s_layers}, {t_layers}, "
-            f"{weights}.")
-      pairs = tuple(zip(s_layers, t_layers, (float(w) for w in weights)))
-    out.append(Term(name, reg, float(cfg["weight"]), pairs))
+  if isinstance(regularizer, Regularizer):
+    if options:
+      raise ValueError(f"Options {sorted(options)} given with a "
+                       f"{type(regularizer).__name__} instance: set them on "
+                       "the instance, or pass the regulariser's name.")
+    reg = regularizer
+  else:
+    reg = get(regularizer).from_options(**options)
+  s_layers = tuple(student_layers)
+  t_layers = tuple(teacher_layers) or s_layers
+  weights = tuple(layer_weights) or (1.0,) * len(s_layers)
+  if reg.reads != "features":
+    if student_layers or teacher_layers or layer_weights:
+      who = (repr(regularizer) if isinstance(regularizer, str) else
+             type(reg).__name__)
+      raise ValueError(f"{who} reads {reg.reads}, not layers; remove its "
+                       "student_layers, teacher_layers and layer_weights.")
+    pairs = ()
+  else:
+    if not s_layers or not len(s_layers) == len(t_layers) == len(weights):
+      raise ValueError(
+          f"student_layers, teacher_layers and layer_weights must be "
+          f"non-empty and of equal length; got {s_layers}, {t_layers}, "
+          f"{weights}.")
+    pairs = tuple(zip(s_layers, t_layers, (float(w) for w in weights)))
+  return Term(name, reg, float(weight), pairs)
+
+
+def ordered(terms: Sequence[Term]) -> Tuple[Term, ...]:
+  """``terms`` layer terms first, then logits, then parameters (``READS``
+  order), by name within each: the order the loss adds them in."""
   order = {reads: i for i, reads in enumerate(READS)}
-  return tuple(sorted(out, key=lambda t: order[t.reads]))
+  return tuple(sorted(terms, key=lambda t: (order[t.reads], t.name)))
 
 
 def pair_key(student_layer: str, teacher_layer: str) -> str:

@@ -15,8 +15,8 @@ over a device mesh (:mod:`ot_transfer_jax.parallel`), so BatchNorm statistics
 and every layer's OT problem are computed over the global batch. Every option
 is an argument (the optimizer: :mod:`ot_transfer_jax.optim`)::
 
-  terms = regularizers.terms_from_config({"ot": regularizers.term_config(
-      "ot", weight=0.1, student_layers=("stage2",))})
+  terms = (regularizers.make_term("ot", "ot", weight=0.1,
+                                  student_layers=("stage2",)),)
   loss_fn = train.make_loss_fn(model, teacher, terms, weight_decay=5e-4)
   tx = optim.make_optimizer(num_steps, learning_rate=0.05)
   state = train.create_train_state(model, teacher, teacher_vars, terms, rng,
@@ -113,7 +113,7 @@ def make_loss_fn(model: nn.Module, teacher: Optional[nn.Module],
 
   Args:
     terms: the teacher-based loss terms
-      (:func:`ot_transfer_jax.regularizers.terms_from_config`).
+      (:func:`ot_transfer_jax.regularizers.make_term`).
     label_smoothing: of the cross-entropy's one-hot targets.
     weight_decay, head_decay: ``decay * ||theta||^2 / 2`` on the backbone
       and on the ``head``.

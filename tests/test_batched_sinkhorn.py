@@ -95,9 +95,9 @@ def _train_step_hlo(solver):
   teacher = create_model("digits_cnn", 5)
   sample = jnp.zeros((8, 8, 8, 1))
   teacher_vars = train.init_model(teacher, jax.random.PRNGKey(1), sample[:1])
-  terms = regularizers.terms_from_config({"ot": regularizers.term_config(
-      "ot", weight=0.1, student_layers=("stage1", "stage2", "stage3"),
-      solver=solver)})
+  terms = (regularizers.make_term(
+      "ot", "ot", weight=0.1, student_layers=("stage1", "stage2", "stage3"),
+      solver=solver),)
   tx = optim.make_optimizer(10, learning_rate=0.05)
   state = train.create_train_state(model, teacher, teacher_vars, terms,
                                    jax.random.PRNGKey(0), sample, tx)

@@ -8,7 +8,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from experiments import data, job, loop, reproduce
+from experiments import data, job, loop, reproduce, terms
 from experiments.metric_writers import read_metrics
 from ot_transfer_jax import checkpoint, parallel, regularizers
 
@@ -221,8 +221,8 @@ def test_every_digits_method_has_a_config_whose_terms_parse(name):
   for method in methods:
     config = module.get_config(method)
     assert config.method == method
-    terms = regularizers.terms_from_config(config.loss.terms)
-    assert {t.name for t in terms} == set(config.loss.terms)
+    loss_terms = terms.terms_from_config(config.loss.terms)
+    assert {t.name for t in loss_terms} == set(config.loss.terms)
 
 
 @pytest.mark.slow
@@ -261,13 +261,13 @@ def test_terms_that_read_data_get_every_class(teacher_dir, monkeypatch):
                                                         kind="stable"),
                                    np.arange(ds.num_classes))
   ds = dataclasses.replace(ds, train=sorted_train)
-  terms = regularizers.terms_from_config(c.loss.terms)
-  assert job._training_sample(ds, ds.mean, ds.std, c, terms) == {
+  loss_terms = terms.terms_from_config(c.loss.terms)
+  assert job._training_sample(ds, ds.mean, ds.std, c, loss_terms) == {
       "num_classes": ds.num_classes}  # No term reads data: no images.
   with c.unlocked():
     c.loss.terms.delta = common.term("delta", 0.1, student_layers=("stage2",))
-  terms = regularizers.terms_from_config(c.loss.terms)
-  sample = job._training_sample(ds, ds.mean, ds.std, c, terms)
+  loss_terms = terms.terms_from_config(c.loss.terms)
+  sample = job._training_sample(ds, ds.mean, ds.std, c, loss_terms)
   assert sample["num_classes"] == 5
   per_class = -(-job.TRAINING_SAMPLE // 5)
   np.testing.assert_array_equal(np.bincount(sample["labels"]), [per_class] * 5)

@@ -38,7 +38,8 @@ def test_default_value_close_to_exact_ot(layer_pair, n_s, n_t):
 def test_conv_layers_flatten_positions(layer_pair):
   student, teacher = layer_pair(8, 48, 32, positions=(4, 4))
   res = solve_neuron_ot(student, teacher)
-  assert res.plan.shape == (48, 32) and res.cost_matrix.shape == (48, 32)
+  assert res.plan.shape == (48, 32)
+  assert res.cost_matrix(student, teacher).shape == (48, 32)
   exact = exact_ot(student, teacher)
   assert abs(float(res.value) - exact) <= 0.05 * exact
 
@@ -62,6 +63,57 @@ def test_cost_matrix_is_mean_squared_difference(rng):
                              atol=1e-6)
 
 
+def test_cost_matrix_is_computed_when_asked_from_the_solved_activations(
+    layer_pair):
+  student, teacher = layer_pair(16, 12, 10, positions=(2, 2))
+  res = solve_neuron_ot(student, teacher, normalize="l2", spatial="pool")
+  # Not a leaf: an eager solve returns the plan, not a second n_s x n_t.
+  assert len(jax.tree_util.tree_leaves(res)) == 9
+  want = cost_matrix(neuron_descriptors(student, spatial="pool",
+                                        normalize="l2"),
+                     neuron_descriptors(teacher, spatial="pool",
+                                        normalize="l2"))
+  np.testing.assert_allclose(res.cost_matrix(student, teacher), want,
+                             rtol=1e-5, atol=1e-6)
+  # The pytree stays valid under jit (the options are static), and so does
+  # the method inside it.
+  inside = jax.jit(lambda s, t: (lambda r: (r, r.cost_matrix(s, t)))(
+      solve_neuron_ot(s, t, normalize="l2", spatial="pool")))
+  res_jit, cost_jit = inside(student, teacher)
+  assert res_jit.comparison == res.comparison
+  np.testing.assert_allclose(cost_jit, res.cost_matrix(student, teacher),
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match="the plan is \\(12, 10\\)"):
+    res.cost_matrix(student, teacher[..., :4])
+
+
+def test_problem_and_sinkhorn_dataclasses_equal_the_keywords(layer_pair):
+  student, teacher = layer_pair(16, 12, 10)
+  by_keyword = solve_neuron_ot(student, teacher, relative_epsilon=0.02,
+                               tau=0.9, threshold=1e-4, anderson=0)
+  by_dataclass = solve_neuron_ot(
+      student, teacher,
+      problem=ot_module.NeuronProblem(relative_epsilon=0.02, tau=0.9),
+      sinkhorn=ot_module.SinkhornOptions(threshold=1e-4, anderson=0))
+  assert float(by_keyword.value) == float(by_dataclass.value)
+  np.testing.assert_array_equal(by_keyword.plan, by_dataclass.plan)
+  # A keyword overrides the dataclass's field.
+  mixed = solve_neuron_ot(
+      student, teacher, problem=ot_module.NeuronProblem(tau=0.5),
+      sinkhorn=ot_module.SinkhornOptions(threshold=1e-4, anderson=0),
+      relative_epsilon=0.02, tau=0.9)
+  assert float(mixed.value) == float(by_keyword.value)
+  with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) "
+                     r"\['epsilonn'\].*fields of NeuronProblem"):
+    ot_regularizer(student, teacher, epsilonn=0.1)
+  with pytest.raises(TypeError, match="problem must be an ot.NeuronProblem"):
+    solve_neuron_ot(student, teacher, problem={"tau": 0.9})
+  with pytest.raises(ValueError, match="tau must lie in"):
+    ot_module.NeuronProblem(tau=2.0)
+  with pytest.raises(ValueError, match="max_iterations must be an integer"):
+    ot_module.SinkhornOptions(max_iterations=0)
+
+
 def test_permutation_invariance_and_equivariant_gradient(layer_pair, rng):
   student, teacher = layer_pair(32, 96, 96, positions=(2, 2))
   perm = rng.permutation(96)
@@ -76,7 +128,8 @@ def test_permutation_invariance_and_equivariant_gradient(layer_pair, rng):
 def test_teacher_against_itself_matches_everything(layer_pair):
   _, teacher = layer_pair(64, 8, 128)
   res = solve_neuron_ot(teacher, teacher)
-  assert float(res.value) <= 0.01 * float(jnp.mean(res.cost_matrix))
+  assert float(res.value) <= 0.01 * float(jnp.mean(res.cost_matrix(teacher,
+                                                                  teacher)))
   assert float(res.matched_fraction) == pytest.approx(1.0, abs=0.02)
 
 

@@ -15,9 +15,10 @@ from ot_transfer_jax import (batched_sinkhorn, delta_weights, losses, ot,
 # Each option passed on to a library function, and that function: the
 # option's default must be the function's (read, never copied).
 CALLED = {
-    "ot": {**{name: ot.solve_neuron_ot for name in (
-        "relative_epsilon", "spatial", "normalize", "threshold",
-        "max_iterations", "grad", "tau")},
+    "ot": {**{name: ot.NeuronProblem for name in (
+        "relative_epsilon", "spatial", "normalize", "tau")},
+           **{name: ot.SinkhornOptions for name in (
+               "threshold", "max_iterations", "grad")},
            "block": batched_sinkhorn.solve_layers},
     "feature_matching": {"spatial": losses.feature_matching,
                          "normalize": losses.feature_matching},
@@ -49,19 +50,6 @@ def test_option_defaults_are_those_of_the_called_function(name):
   # Typed fields: each option has an annotation.
   assert {f.name for f in dataclasses.fields(cls)} == set(expected)
   assert cls().options == expected
-
-
-def test_term_config_lists_every_option_and_refuses_unknown_ones():
-  cfg = regularizers.term_config("ot", weight=0.5, student_layers=("a",),
-                                 relative_epsilon=0.1)
-  assert cfg["options"] == {**regularizers.get("ot").option_defaults(),
-                            "relative_epsilon": 0.1}
-  assert list(cfg["options"]) == list(regularizers.get("ot").option_defaults())
-  assert cfg["weight"] == 0.5 and cfg["teacher_layers"] == ()
-  with pytest.raises(ValueError, match=r"^OmegaP has no option\(s\) "
-                     r"\['epsilonn'\]; its options \(with defaults\) are "
-                     r"\{'relative_epsilon': 0.01, .*'warm_start': True\}\.$"):
-    regularizers.term_config("ot", weight=1.0, epsilonn=0.1)
 
 
 def test_registering_a_taken_name_raises_unless_replace(registry):
@@ -155,9 +143,8 @@ def test_a_module_class_path_imports_an_unregistered_regularizer(
         pass
   """))
   monkeypatch.syspath_prepend(str(tmp_path))
-  cfg = regularizers.term_config("my_terms:Gap", weight=1.0,
-                                 student_layers=("a",), scale=3.0)
-  (term,) = regularizers.terms_from_config({"gap": cfg})
+  term = regularizers.make_term("gap", "my_terms:Gap", weight=1.0,
+                                student_layers=("a",), scale=3.0)
   assert type(term.regularizer).__name__ == "Gap"
   assert term.regularizer.scale == 3.0
   assert "my_terms:Gap" not in regularizers.names()
@@ -173,48 +160,60 @@ def test_a_module_class_path_imports_an_unregistered_regularizer(
     regularizers.get("my_terms:NotOne")
 
 
-def _terms(**cfgs):
-  return regularizers.terms_from_config(cfgs)
+def _terms(**specs):
+  """``make_term(name, **spec)`` of each, in the loss's order."""
+  return regularizers.ordered([regularizers.make_term(name, **spec)
+                               for name, spec in specs.items()])
+
+
+def test_make_term_refuses_layers_it_cannot_use():
+  with pytest.raises(ValueError, match=r"^'kd' reads logits, not layers"):
+    regularizers.make_term("k", "kd", weight=1.0, student_layers=("s",))
+  with pytest.raises(ValueError, match=r"^student_layers, teacher_layers and "
+                     r"layer_weights must be non-empty"):
+    regularizers.make_term("x", "ot", weight=1.0)
+  with pytest.raises(ValueError, match=r"^OmegaP has no option\(s\) \['eps'\]"):
+    regularizers.make_term("x", "ot", weight=1.0, student_layers=("s",),
+                           eps=1.0)
+  instance = regularizers.OmegaP(tau=0.9)
+  term = regularizers.make_term("x", instance, weight=0.5,
+                                student_layers=("s",))
+  assert term.regularizer is instance and term.pairs == (("s", "s", 1.0),)
+  with pytest.raises(ValueError, match="set them on the instance"):
+    regularizers.make_term("x", instance, weight=0.5, student_layers=("s",),
+                           tau=0.5)
+
+
+def test_omega_p_options_are_the_two_dataclasses_fields():
+  # The config's option names stay; the solve gets them as the dataclasses.
+  reg = regularizers.OmegaP(relative_epsilon=0.02, tau=0.9, threshold=1e-4,
+                            grad="unroll", normalize="l2")
+  assert reg.problem == ot.NeuronProblem(relative_epsilon=0.02, tau=0.9,
+                                         normalize="l2")
+  assert reg.sinkhorn == ot.SinkhornOptions(threshold=1e-4, grad="unroll")
+  # Saved configs and records compare these names key by key.
+  assert list(regularizers.OmegaP.option_defaults()) == [
+      "relative_epsilon", "spatial", "normalize", "threshold",
+      "max_iterations", "grad", "tau", "solver", "block", "warm_start"]
+  with pytest.raises(ValueError, match="relative_epsilon must be a positive"):
+    regularizers.OmegaP(relative_epsilon=-1.0)
+  with pytest.raises(ValueError, match="max_iterations must be an integer"):
+    regularizers.OmegaP(max_iterations=0)
 
 
 def test_terms_are_ordered_features_then_logits_then_params_then_by_name():
   terms = _terms(
-      z_sp=regularizers.term_config("l2_sp", weight=0.1),
-      b_kd=regularizers.term_config("kd", weight=1.0),
-      c_ot=regularizers.term_config("ot", weight=0.1, student_layers=("s",)),
-      a_fm=regularizers.term_config("feature_matching", weight=0.1,
-                                    student_layers=("s", "t"),
-                                    teacher_layers=("u", "v"),
-                                    layer_weights=(1.0, 2.0)))
+      z_sp=dict(regularizer="l2_sp", weight=0.1),
+      b_kd=dict(regularizer="kd", weight=1.0),
+      c_ot=dict(regularizer="ot", weight=0.1, student_layers=("s",)),
+      a_fm=dict(regularizer="feature_matching", weight=0.1,
+                student_layers=("s", "t"), teacher_layers=("u", "v"),
+                layer_weights=(1.0, 2.0)))
   assert [t.name for t in terms] == ["a_fm", "c_ot", "b_kd", "z_sp"]
   assert terms[0].pairs == (("s", "u", 1.0), ("t", "v", 2.0))
   assert terms[1].pairs == (("s", "s", 1.0),)  # teacher layers default
   assert terms[2].pairs == terms[3].pairs == ()
   assert regularizers.captured_layers(terms) == (("s", "t"), ("u", "v", "s"))
-
-
-def test_term_errors_name_the_term():
-  ot_cfg = regularizers.term_config("ot", weight=0.1, student_layers=("s",))
-  with pytest.raises(ValueError, match=r"^loss.terms.x: Unknown regularizer "
-                     r"'nope'"):
-    _terms(x={**ot_cfg, "regularizer": "nope"})
-  with pytest.raises(ValueError, match=r"^loss.terms.x: OmegaP has no "
-                     r"option\(s\) \['eps'\]"):
-    _terms(x={**ot_cfg, "options": {"eps": 1.0}})
-  kd = regularizers.term_config("kd", weight=1.0)
-  for key, value in (("student_layers", ("s",)), ("teacher_layers", ("s",)),
-                     ("layer_weights", (2.0,))):
-    with pytest.raises(ValueError, match=r"^loss.terms.k: 'kd' reads logits, "
-                       r"not layers; remove its student_layers, "
-                       r"teacher_layers and layer_weights\.$"):
-      _terms(k={**kd, key: value})
-  for bad in ({"student_layers": ()},
-              {"teacher_layers": ("a", "b")},
-              {"layer_weights": (1.0, 2.0)}):
-    with pytest.raises(ValueError, match=r"^loss.terms.x: student_layers, "
-                       r"teacher_layers and layer_weights must be non-empty "
-                       r"and of equal length; got "):
-      _terms(x={**ot_cfg, **bad})
 
 
 def _features(seed, m, n_s, n_t, positions=(3, 3)):
@@ -231,14 +230,12 @@ def _abstract(tree):
 
 def test_init_and_apply_on_shapes():
   terms = _terms(
-      ot=regularizers.term_config("ot", weight=0.1, student_layers=("c",)),
-      fm=regularizers.term_config("feature_matching", weight=1.0,
-                                  student_layers=("a", "b"),
-                                  layer_weights=(1.0, 0.5)),
-      fitnets=regularizers.term_config("fitnets", weight=1.0,
-                                       student_layers=("c",)),
-      kd=regularizers.term_config("kd", weight=1.0),
-      l2_sp=regularizers.term_config("l2_sp", weight=0.1))
+      ot=dict(regularizer="ot", weight=0.1, student_layers=("c",)),
+      fm=dict(regularizer="feature_matching", weight=1.0,
+              student_layers=("a", "b"), layer_weights=(1.0, 0.5)),
+      fitnets=dict(regularizer="fitnets", weight=1.0, student_layers=("c",)),
+      kd=dict(regularizer="kd", weight=1.0),
+      l2_sp=dict(regularizer="l2_sp", weight=0.1))
   a_s, a_t = _features(0, 8, 5, 5)
   b_s, b_t = _features(1, 8, 5, 5)
   c_s, c_t = _features(2, 8, 4, 6)
@@ -276,20 +273,19 @@ def test_init_and_apply_on_shapes():
 
 
 def test_init_errors_name_the_term_and_the_layer_pair():
-  terms = _terms(fm=regularizers.term_config(
-      "feature_matching", weight=1.0, student_layers=("a",)))
+  terms = _terms(fm=dict(
+      regularizer="feature_matching", weight=1.0, student_layers=("a",)))
   s, t = _features(0, 4, 3, 5)
   views = {"features": ({"a": s}, {"a": t})}
   with pytest.raises(ValueError, match=r"^loss.terms.fm \(OmegaI\) on a->a: "
                      r".*widths must be equal"):
     regularizers.init_terms(terms, jax.random.PRNGKey(0), _abstract(views))
-  terms = _terms(ot=regularizers.term_config("ot", weight=1.0,
-                                             student_layers=("a",)))
+  terms = _terms(ot=dict(regularizer="ot", weight=1.0, student_layers=("a",)))
   views = {"features": ({"a": s[:, 0]}, {"a": t})}  # ranks differ
   with pytest.raises(ValueError, match=r"^loss.terms.ot \(OmegaP\) on a->a: "):
     regularizers.init_terms(terms, jax.random.PRNGKey(0), _abstract(views))
-  terms = _terms(delta=regularizers.term_config("delta", weight=1.0,
-                                                student_layers=("a",)))
+  terms = _terms(delta=dict(regularizer="delta", weight=1.0,
+                            student_layers=("a",)))
   views = {"features": ({"a": s}, {"a": s})}
   with pytest.raises(ValueError, match=r"^loss.terms.delta \(Delta\) on a->a: "
                      r"delta computes its channel weights from the teacher "

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import data
+from experiments import data, terms
 from experiments.configs import common
 from ot_transfer_jax import losses, optim, parallel, regularizers, train
 from ot_transfer_jax.models import create_model
@@ -61,18 +61,18 @@ def setup(cfg, steps, teacher_vars=None, mesh=None, seed=0,
   sample = jnp.zeros((64, 8, 8, 1))
   if teacher_vars is None:
     teacher_vars = teacher.init(jax.random.PRNGKey(1), sample[:1])
-  terms = regularizers.terms_from_config(cfg.loss.terms)
+  loss_terms = terms.terms_from_config(cfg.loss.terms)
   tx = optim.make_optimizer(steps, **cfg.optimizer)
   state = train.create_train_state(
-      model, teacher, teacher_vars, terms, jax.random.PRNGKey(seed), sample,
-      tx, init_variables=teacher_vars if init_from_teacher else None)
+      model, teacher, teacher_vars, loss_terms, jax.random.PRNGKey(seed),
+      sample, tx, init_variables=teacher_vars if init_from_teacher else None)
   step = train.make_train_step(loss_fn(cfg, model, teacher), tx, mesh)
   return model, teacher, teacher_vars, state, step, mesh
 
 
 def loss_fn(cfg, model, teacher):
   return train.make_loss_fn(
-      model, teacher, regularizers.terms_from_config(cfg.loss.terms),
+      model, teacher, terms.terms_from_config(cfg.loss.terms),
       label_smoothing=cfg.loss.label_smoothing,
       weight_decay=cfg.loss.weight_decay, head_decay=cfg.loss.head_decay,
       bn_train=not cfg.model.freeze_batchnorm)

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import terms
 from ot_transfer_jax import batched_sinkhorn, ot, regularizers
 
 DEFAULT_COSTS = os.path.normpath(os.path.join(
@@ -53,13 +54,8 @@ class RecordingOmegaP(regularizers.OmegaP):
   def apply(self, params, state, student, teacher):
     value, metrics, new_state = super().apply(params, state, student,
                                               teacher)
-    describe = lambda x: ot.neuron_descriptors(
-        x, spatial=self.spatial, normalize=self.normalize)
-    sq_s, sq_t, cross, mean, d = ot._cost_terms(
-        describe(student), describe(teacher), None, "highest")
-    unit = jnp.maximum(mean, ot._TINY)
-    metrics.update(cost=ot._assemble_cost(sq_s, sq_t, cross, d * unit),
-                   unit=unit)
+    scaled = ot.scale_problem(student, teacher, self.problem)
+    metrics.update(cost=scaled.cost, unit=scaled.unit)
     return value, metrics, new_state
 
   def apply_pairs(self, params, states, students, teachers):
@@ -84,7 +80,7 @@ def record(steps: int, out: str, workdir: str = "/tmp/replay") -> dict:
   job = job_lib.setup(config, os.path.join(workdir, "student"),
                       loop.ensure_teacher(config, workdir))
   keys = [regularizers.pair_key(s, t) for s, t, _ in
-          regularizers.terms_from_config(config.loss.terms)[0].pairs]
+          terms.terms_from_config(config.loss.terms)[0].pairs]
   state, batches = job.initial_state, job.train_batches(start_step=0)
   costs, units, iters = [[] for _ in keys], [], []
   for _ in range(steps):
@@ -132,7 +128,8 @@ def _per_layer_solve(anderson: int, threshold: float, max_iterations: int):
   from ott.geometry import geometry
   from ott.problems.linear import linear_problem
 
-  solver = ot._solver(threshold, max_iterations, 2, 0, anderson, False)
+  solver = ot.make_sinkhorn(threshold, max_iterations, 2, 0, anderson,
+                            False)
 
   @jax.jit
   def solve(cost, eps, f, g):
@@ -159,7 +156,7 @@ def replay(data: dict, solver: str = "per_layer", *, block: int = 8,
   if solver == "per_layer":
     solve = _per_layer_solve(anderson, threshold, max_iterations)
   else:
-    solve = jax.jit(lambda c, f, g: batched_sinkhorn.sinkhorn(
+    solve = jax.jit(lambda c, f, g: batched_sinkhorn.sinkhorn_loop(
         c, jnp.full((num,), eps, jnp.float32), shapes, init=(f, g),
         threshold=threshold, max_iterations=max_iterations, block=block))
   for s in range(steps):

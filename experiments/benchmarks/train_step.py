@@ -61,10 +61,8 @@ def last_stages(model_name: str, count: int) -> tuple:
 
 
 def step_seconds(model_name, method, layers, batch, repeats):
-  terms = regularizers.terms_from_config(
-      {} if method == "none" else
-      {method: regularizers.term_config(method, weight=0.1,
-                                        student_layers=layers)})
+  terms = () if method == "none" else (regularizers.make_term(
+      method, method, weight=0.1, student_layers=layers),)
   model = create_model(model_name, 10)
   shape = input_shape(model_name)
   sample = jnp.zeros((batch, *shape))

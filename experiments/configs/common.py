@@ -22,15 +22,15 @@ from typing import Callable, Mapping, Optional
 import ml_collections
 
 from experiments import data
-from ot_transfer_jax import regularizers
+from experiments.terms import term_config
 
 Method = Callable[[ml_collections.ConfigDict], None]
 
 
 def term(regularizer: str, weight: float, **kwargs) -> ml_collections.ConfigDict:
-  """A ``loss.terms`` entry: see :func:`ot_transfer_jax.regularizers.term_config`."""
+  """A ``loss.terms`` entry: see :func:`experiments.terms.term_config`."""
   return ml_collections.ConfigDict(
-      regularizers.term_config(regularizer, weight=weight, **kwargs))
+      term_config(regularizer, weight=weight, **kwargs))
 
 
 def base_config() -> ml_collections.ConfigDict:
