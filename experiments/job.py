@@ -28,7 +28,8 @@ from absl import logging
 from jax.sharding import Mesh
 
 from experiments import data, permutation, terms as config_terms
-from ot_transfer_jax import checkpoint, models, optim, parallel, regularizers, train
+from ot_transfer_jax import (checkpoint, inference, models, optim, parallel,
+                             regularizers, train)
 from ot_transfer_jax.features import validate_layers
 
 # torchvision's ImageNet statistics: pretrained teachers expect them.
@@ -183,7 +184,7 @@ def load_teacher(config, workdir: str) -> Optional[Teacher]:
         == t.job.num_steps)):
       return None
     try:
-      restored = checkpoint.restore(tdir)
+      restored = inference.restore(tdir)
     except checkpoint.DamagedCheckpointError as e:
       # Resuming the teacher's run moves the damaged step aside.
       logging.warning("%s", e)
@@ -203,7 +204,7 @@ def load_teacher(config, workdir: str) -> Optional[Teacher]:
           "teacher.source='checkpoint' needs teacher.path, the --workdir of "
           "the finished run to use as the teacher: add "
           "--config.teacher.path=DIR.")
-    restored = checkpoint.restore(t.path)
+    restored = inference.restore(t.path)
     return Teacher(restored.model, restored.variables)
   if t.source == "torchvision":
     from experiments import pretrained

@@ -115,13 +115,22 @@ def _stop_requested(log_step: bool) -> Optional[int]:
 
 
 def _run_meta(job: Job, history: History) -> checkpoint.RunMeta:
-  """What a checkpoint stores besides the state."""
+  """What a checkpoint stores besides the state: the fields
+  ``inference.restore`` rebuilds the model from, read from the config here
+  (the library never reads it), and the config itself for resuming."""
+  classes = job.config.data.classes
   return checkpoint.RunMeta(
       config=checkpoint.config_to_json(job.config),
       num_classes=job.ds.num_classes,
       mean=tuple(np.asarray(job.mean).tolist()),
       std=tuple(np.asarray(job.std).tolist()),
       history=dataclasses.asdict(history),
+      model=job.config.model.name,
+      model_kwargs=checkpoint.config_to_json(job.config.model.kwargs),
+      # The dataset's class id of each output (outputs 0..k-1 are
+      # data.classes in order, or every class).
+      class_ids=tuple(int(c) for c in (
+          classes if classes is not None else range(job.ds.num_classes))),
       # (H, W, C) of the model's inputs: predict checks images against it.
       image_shape=tuple(job.ds.image_shape))
 

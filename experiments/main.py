@@ -60,7 +60,7 @@ def outputs(workdir: str, final: dict) -> str:
            f"  {TENSORBOARD_DIR + '/':<19} tensorboard --logdir "
            f"{os.path.join(workdir, TENSORBOARD_DIR)}",
            f"  {checkpoint.CHECKPOINT_DIR + '/':<19} "
-           "ot_transfer_jax.checkpoint.restore(WORKDIR) -> predict "
+           "ot_transfer_jax.inference.restore(WORKDIR) -> predict "
            "(docs/experiments.md)",
            f"  {loop.ANALYSIS:<19} OT plans between student and teacher "
            "layers"]

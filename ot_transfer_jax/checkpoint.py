@@ -5,9 +5,10 @@ A run's checkpoints live in ``WORKDIR/checkpoints/<step>/`` with three items:
 * ``state``: the whole :class:`~ot_transfer_jax.train.TrainState` (student
   parameters, BatchNorm statistics, optimizer state, step, RNG, OT
   potentials), as arrays (tensorstore / OCDBT);
-* ``meta``: JSON (a :class:`RunMeta`): the run's config, number of classes,
-  input normalisation and evaluation history (best validation accuracy so
-  far, ...), so a resumed run ends exactly as an uninterrupted one;
+* ``meta``: JSON (a :class:`RunMeta`): the model's name and keyword
+  arguments, the class id of each output, the input shape and normalisation,
+  the evaluation history (best validation accuracy so far, ...: a resumed run
+  ends exactly as an uninterrupted one) and the run's config (opaque here);
 * ``checksums``: JSON ``{key path: sha256 of the array's bytes}`` for every
   array of ``state`` (key paths like ``params.stage2.conv.kernel`` or
   ``opt_state.1.0.trace.model.head.bias``), plus ``meta``'s, computed at save
@@ -25,26 +26,15 @@ tracebacks its event loop prints after a failed read are dropped).
 Nothing here unpickles or evaluates: arrays come from tensorstore, the rest
 from JSON.
 
-For users who only want a trained model (the run of ``python -m
-experiments.main --config experiments/configs/transfer.py:data=digits``, in
-its default workdir)::
+Loading a trained student for evaluation or predictions is
+:mod:`ot_transfer_jax.inference` (``restore``), built on this module.
 
-  restored = ot_transfer_jax.checkpoint.restore("workdirs/main/digits_transfer/ot")
-  # images: uint8 (N, H, W, C) as the dataset stores them, or floats in
-  # [0, 1], at the training resolution (restored.image_shape); predict
-  # normalises them as in training. Anything else (floats in 0..255,
-  # normalised floats, another size) is a ValueError saying what to do.
-  class_ids = restored.predict(images)  # (N,) the dataset's ids, e.g. 5-9
-  logits = restored.logits(images)      # (N, num_classes), model order
-
-This module imports only the core (jax, flax, optax, ott-jax, orbax, numpy,
-absl); ``experiments.data.test_batches(restored)`` reads a run's test split.
+This module imports only the core (jax, flax, optax, orbax, numpy, absl).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import logging as std_logging
@@ -55,16 +45,12 @@ import traceback
 from typing import Any, Callable, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT_MARK = ".corrupt-"
-# How far outside [0, 1] float images may stray (interpolation overshoot)
-# before they are taken for another convention (0..255, normalised).
-_RANGE_SLACK = 0.1
 _META_KEY = "<meta>"  # The checksum of the meta item (not an array path).
 
 
@@ -178,7 +164,7 @@ def verify(state: Any, meta: dict, expected: dict[str, str], step: int,
           "not match the checksum saved with it (bit rot or a partial "
           "copy). Rerunning the training command resumes from the newest "
           "intact step, moving this one aside to "
-          f"{step}{CORRUPT_MARK}<n>; checkpoint.restore(workdir, step=...) "
+          f"{step}{CORRUPT_MARK}<n>; inference.restore(workdir, step=...) "
           "loads an earlier step.")
 
 
@@ -191,11 +177,14 @@ def verify(state: Any, meta: dict, expected: dict[str, str], step: int,
 class RunMeta:
   """What a checkpoint holds besides the state: its ``meta`` item (JSON).
 
-  Written by the training loop at every checkpoint, read back by a resume
-  and by :func:`restore`.
+  Written by the training loop (``experiments/loop.py``) at every
+  checkpoint, read back by a resume and by
+  :func:`ot_transfer_jax.inference.restore`, which rebuilds the model from
+  the explicit fields alone: the library never reads ``config``.
   """
 
-  #: The run's config as JSON (:func:`config_to_json`).
+  #: The run's config as JSON (:func:`config_to_json`): opaque here; the
+  #: experiment driver compares it on resume.
   config: dict
   #: The model's outputs (the task's classes).
   num_classes: int
@@ -205,32 +194,70 @@ class RunMeta:
   #: The loop's evaluation history (``experiments.loop.History`` as a dict):
   #: a resumed run ends exactly as an uninterrupted one.
   history: dict
+  #: The student's :func:`ot_transfer_jax.models.create_model` name (None
+  #: only for a checkpoint that never recorded one).
+  model: Optional[str]
+  #: Its keyword arguments (``width``, ...).
+  model_kwargs: dict
+  #: The dataset's class id of each model output, ``(num_classes,)`` (e.g.
+  #: 5..9 for outputs 0..4).
+  class_ids: tuple[int, ...]
   #: (H, W, C) of the model's inputs, which ``Restored.predict`` checks
-  #: images against; None in checkpoints written before it was saved.
+  #: images against; None where unknown.
   image_shape: Optional[tuple[int, int, int]] = None
-
-  @property
-  def class_ids(self) -> np.ndarray:
-    """int64 ``(num_classes,)``: the dataset's class id of each output
-    (``config.data.classes``, e.g. 5..9 for outputs 0..4)."""
-    classes = self.config.get("data", {}).get("classes")
-    return np.asarray(classes if classes is not None
-                      else range(self.num_classes), np.int64)
 
   def to_json(self) -> dict:
     return {"config": self.config, "num_classes": int(self.num_classes),
             "mean": [float(x) for x in self.mean],
             "std": [float(x) for x in self.std], "history": self.history,
+            "model": self.model, "model_kwargs": dict(self.model_kwargs),
+            "class_ids": [int(c) for c in self.class_ids],
             **({} if self.image_shape is None else
                {"image_shape": [int(d) for d in self.image_shape]})}
 
   @classmethod
   def from_json(cls, meta: dict) -> RunMeta:
+    """Also reads the meta items of older checkpoints
+    (:func:`_fields_of_old_checkpoints`)."""
+    meta = {**_fields_of_old_checkpoints(meta), **meta}
     return cls(config=meta["config"], num_classes=int(meta["num_classes"]),
                mean=tuple(meta["mean"]), std=tuple(meta["std"]),
-               history=meta["history"],
+               history=meta["history"], model=meta["model"],
+               model_kwargs=dict(meta["model_kwargs"]),
+               class_ids=tuple(int(c) for c in meta["class_ids"]),
                image_shape=None if meta.get("image_shape") is None else tuple(
                    meta["image_shape"]))
+
+
+# ---------------------------------------------------------------------------
+# COMPATIBILITY: checkpoints written before RunMeta had explicit fields
+# ---------------------------------------------------------------------------
+
+
+def _fields_of_old_checkpoints(meta: dict) -> dict:
+  """COMPATIBILITY ONLY, the one place the library reads a config's layout.
+
+  A meta item written before ``model``, ``model_kwargs`` and ``class_ids``
+  were saved (and, older still, ``image_shape``) holds only the run's
+  config: they are read from its ``model.name``, ``model.kwargs``,
+  ``data.classes`` and ``data.image_size`` (the layout of ``experiments/``'
+  configs when those checkpoints were written). ``from_json`` lets the
+  item's own fields win, so a current checkpoint never depends on this.
+
+  Returns:
+    ``{"model", "model_kwargs", "class_ids"[, "image_shape"]}``.
+  """
+  config = meta.get("config") or {}
+  model, data = config.get("model") or {}, config.get("data") or {}
+  classes = data.get("classes")
+  fields = {"model": model.get("name"),
+            "model_kwargs": model.get("kwargs") or {},
+            "class_ids": list(classes if classes is not None
+                              else range(int(meta["num_classes"])))}
+  size = data.get("image_size")
+  if size:  # Square inputs of the dataset's channels.
+    fields["image_shape"] = [size, size, len(meta["mean"])]
+  return fields
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
@@ -352,7 +379,7 @@ def check_compatible(saved: Any, wanted: Any, step: int, where: str,
         "it.")
 
 
-def _restore_step(manager: ocp.CheckpointManager, step: int, target: Any,
+def restore_step(manager: ocp.CheckpointManager, step: int, target: Any,
                   where: str,
                   check_meta: Optional[Callable[[int, RunMeta], None]] = None
                   ) -> tuple[Any, RunMeta]:
@@ -385,7 +412,7 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, target: Any,
   else:
     target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
     check_compatible(saved_tree, target, step, where,
-                     run_meta.config.get("model", "?"))
+                     run_meta.model or "?")
   has_sums = _has_checksums(manager, step)
   try:
     items = manager.restore(step, args=ocp.args.Composite(
@@ -444,224 +471,12 @@ def restore_latest(manager: ocp.CheckpointManager, workdir: str,
   where = checkpoint_dir(workdir)
   for step in sorted(manager.all_steps(), reverse=True):
     try:
-      return _restore_step(manager, step, target_state, where, check_meta)
+      return restore_step(manager, step, target_state, where, check_meta)
     except DamagedCheckpointError as e:
       moved = _set_aside(manager, step)
       logging.warning("%s Moved it to %s; resuming from the previous intact "
                       "step, if any.", e, moved)
   return None
-
-
-# ---------------------------------------------------------------------------
-# Inference
-# ---------------------------------------------------------------------------
-
-
-class _Attrs(dict):
-  """A read-only nested dict with attribute access: the saved config when
-  ml_collections (experiment stack) is not installed."""
-
-  def __getattr__(self, name):
-    try:
-      value = self[name]
-    except KeyError:
-      raise AttributeError(name) from None
-    return _Attrs(value) if isinstance(value, dict) else value
-
-
-def _as_config(tree: dict):
-  try:
-    import ml_collections
-  except ImportError:
-    return _Attrs(tree)
-  return ml_collections.ConfigDict(tree)
-
-
-@dataclasses.dataclass(frozen=True)
-class Restored:
-  """A trained student with its input normalisation and label mapping.
-
-  ``predict(images)`` and ``logits(images)`` take images as the dataset
-  stores them (uint8 ``(N, H, W, C)``) or floats in [0, 1], at the model's
-  resolution, and normalise them exactly as training and evaluation did;
-  other shapes and value ranges (floats in 0..255, normalised floats) are a
-  ``ValueError`` saying the conversion to apply.
-  ``experiments.data.test_batches(restored)`` reads the run's test split.
-  """
-
-  model: Any
-  variables: dict
-  #: The run's config: an ``ml_collections.ConfigDict`` (a read-only
-  #: attribute dict without ml_collections).
-  config: Any
-  step: int
-  #: The checkpoint's config, normalisation and evaluation history.
-  meta: RunMeta
-  #: Per-channel input normalisation the model was trained with:
-  #: ``model.apply(variables, (images - mean) / std)``, images in [0, 1].
-  mean: np.ndarray
-  std: np.ndarray
-  #: The dataset's class id of each model output, int64 ``(num_classes,)``
-  #: (``config.data.classes``, e.g. 5..9 for outputs 0..4).
-  class_ids: np.ndarray
-  #: (H, W, C) of the training inputs; None where unknown (a checkpoint
-  #: written before it was saved, without ``data.image_size``): then only C
-  #: is checked.
-  image_shape: Optional[tuple[int, int, int]] = None
-
-  @functools.cached_property
-  def _apply(self):
-    return jax.jit(functools.partial(self.model.apply, train=False))
-
-  def normalize(self, images: np.ndarray) -> np.ndarray:
-    """uint8 or [0, 1] float ``(N, H, W, C)`` -> float32 model inputs.
-
-    Raises:
-      ValueError: images of another shape than the model trained on, or
-        values outside what training saw (floats far outside [0, 1], e.g.
-        0..255 or already normalised; integers outside 0..255), saying which
-        conversion to apply.
-    """
-    images = np.asarray(images)
-    self._check_shape(images.shape)
-    if images.dtype.kind in "iu":  # e.g. np.array of Python ints: int64.
-      if images.size and (images.min() < 0 or images.max() > 255):
-        raise ValueError(
-            f"Integer images must hold pixel values 0..255 (as uint8 "
-            f"datasets store them); got {images.dtype} values in "
-            f"[{images.min()}, {images.max()}]. Rescale them to 0..255 first.")
-      images = images.astype(np.uint8)
-    if images.dtype == np.uint8:
-      x = images.astype(np.float32) / 255
-    elif images.dtype.kind == "f":
-      x = images.astype(np.float32)
-      self._check_float_range(x)
-    else:
-      raise ValueError(
-          f"images have dtype {images.dtype}; pass uint8 pixels (0..255) or "
-          "floats in [0, 1].")
-    # The same float32 arithmetic as the data pipeline: bit-identical inputs.
-    return (x - self.mean) / self.std
-
-  def _check_shape(self, shape: tuple) -> None:
-    trained = self.image_shape or (None, None, len(self.mean))
-    said = "x".join("?" if d is None else str(d) for d in trained)
-    if len(shape) != 4:
-      fix = "pass a batch (N, H, W, C)"
-      if len(shape) == 3:
-        fix = ("one image? add the batch axis: images[None]"
-               if shape[-1] == trained[-1] else
-               "one-channel images without their channel axis? "
-               "images[..., None]")
-      raise ValueError(
-          f"images must be (N, H, W, C), here N x {said}; got shape "
-          f"{tuple(shape)}: {fix}.")
-    if any(t is not None and t != d for t, d in zip(trained, shape[1:])):
-      got = "x".join(str(d) for d in shape[1:])
-      raise ValueError(
-          f"This model was trained on {said} images (H x W x C); got {got} "
-          f"(shape {tuple(shape)}). Resize or crop them to {said} as the "
-          "dataset's images were (e.g. test_batches() yields them so).")
-
-  @staticmethod
-  def _check_float_range(x: np.ndarray) -> None:
-    """Training saw [0, 1] (uint8 / 255); far outside it is another
-    convention, silently wrong predictions if accepted."""
-    if not x.size:
-      return
-    if not np.isfinite(x).all():
-      raise ValueError(f"images hold {int((~np.isfinite(x)).sum())} NaN or "
-                       "inf values; pass finite pixels.")
-    lo, hi = float(x.min()), float(x.max())
-    if lo < -_RANGE_SLACK:
-      raise ValueError(
-          f"Float images must be in [0, 1] as in training (uint8 / 255); "
-          f"these go down to {lo:.4g}: already normalised ((x - mean) / "
-          "std)? Pass the raw [0, 1] or uint8 images: predict and logits "
-          "normalise them with the run's mean and std themselves.")
-    if hi > 1 + _RANGE_SLACK:
-      guess = " (0..255 pixels?)" if 2 < hi <= 255 else ""
-      raise ValueError(
-          f"Float images must be in [0, 1] as in training (uint8 / 255); "
-          f"these reach {hi:.4g}{guess}. Divide them by 255 (images / 255), "
-          "or pass the uint8 array itself.")
-
-  def logits(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """float32 ``(N, num_classes)`` logits, outputs in the model's order
-    (``class_ids[k]`` is output k's dataset class)."""
-    x = self.normalize(images)
-    out = []
-    for start in range(0, len(x), batch_size):
-      chunk = x[start:start + batch_size]
-      pad = batch_size - len(chunk)  # One shape: one compilation.
-      padded = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]),
-                                               chunk.dtype)]) if pad else chunk
-      logits = self._apply(self.variables, jnp.asarray(padded))
-      out.append(np.asarray(logits, np.float32)[:len(chunk)])
-    if not out:
-      return np.zeros((0, len(self.class_ids)), np.float32)
-    return np.concatenate(out)
-
-  def predict(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """int64 ``(N,)``: the dataset's class id of each image's prediction."""
-    return self.class_ids[np.argmax(self.logits(images, batch_size), -1)]
-
-
-def restore(workdir: str, step: Optional[int] = None) -> Restored:
-  """The student of a run's checkpoint, for evaluation or fine-tuning.
-
-  Reads only (safe while the run is still writing); verifies the checksums.
-
-  Args:
-    workdir: the run's ``--workdir``.
-    step: a checkpointed step; the latest when None.
-
-  Returns:
-    :class:`Restored` with the model rebuilt from the saved config, its
-    ``{"params", "batch_stats"}`` variables (numpy arrays), the input
-    normalisation and the label mapping.
-
-  Raises:
-    CheckpointError: no checkpoint there, or one that cannot be read or does
-      not match its checksums (the message names the array and the step).
-  """
-  # Local imports: keep this module light to import.
-  from ot_transfer_jax import models, train
-
-  path = checkpoint_dir(workdir)
-  if not os.path.isdir(path):
-    raise CheckpointError(
-        f"No checkpoints in {path}: train first with `python -m "
-        f"experiments.main --config ... --workdir {workdir}`, or pass the "
-        "workdir of a finished run.")
-  manager = make_manager(workdir, reading=True)
-  if not manager.all_steps():
-    raise CheckpointError(
-        f"No complete checkpoint in {path} yet: the run in {workdir} stopped "
-        "(or is still running) before its first checkpoint. Rerun its "
-        f"training command (`python -m experiments.main --config ... "
-        f"--workdir {workdir}`, the same flags) to resume it; it starts from "
-        "step 0.")
-  step = manager.latest_step() if step is None else step
-  if step not in manager.all_steps():
-    raise CheckpointError(
-        f"No complete checkpoint of step {step} in {path} (available steps: "
-        f"{list(manager.all_steps())}).")
-  state, meta = _restore_step(manager, step, None, path)
-  config = _as_config(meta.config)
-  model = models.create_model(config.model.name, meta.num_classes,
-                              **config.model.get("kwargs", {}))
-  variables = train.model_variables(state["params"], state.get("batch_stats"))
-  mean = np.asarray(meta.mean, np.float32)
-  image_shape = meta.image_shape
-  size = meta.config.get("data", {}).get("image_size")
-  if image_shape is None and size:  # Older checkpoints: from the config.
-    image_shape = (size, size, len(mean))
-  return Restored(model=model, variables=variables, config=config, step=step,
-                  meta=meta, mean=mean, std=np.asarray(meta.std, np.float32),
-                  class_ids=meta.class_ids,
-                  image_shape=None if image_shape is None else tuple(
-                      int(d) for d in image_shape))
 
 
 def config_to_json(config) -> dict:

@@ -12,10 +12,11 @@ import sys
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from experiments import data, loop
-from ot_transfer_jax import checkpoint
+from ot_transfer_jax import checkpoint, inference
 
 import doc_support
 from digits_job import REPO, main_command, tiny_config
@@ -29,36 +30,15 @@ def run_dir(teacher_dir, tmp_path_factory):
   return path
 
 
-def test_run_meta_is_saved_with_the_state_and_restored(tmp_path):
-  """Without training (fast): a state and its RunMeta round-trip through
-  save / restore_latest / restore, which rebuilds the model from the config
-  and maps outputs to the config's classes."""
+def _mlp_state():
   from ot_transfer_jax.models import create_model
   model = create_model("digits_mlp", 3)
   variables = model.init(jax.random.PRNGKey(0), np.zeros((1, 8, 8, 1)))
-  state = {"params": variables["params"], "step": jax.numpy.asarray(7)}
-  meta = checkpoint.RunMeta(
-      config={"model": {"name": "digits_mlp", "kwargs": {}},
-              "data": {"classes": [7, 5, 6]}},
-      num_classes=3, mean=(0.25,), std=(0.5,),
-      history={"best_step": 5, "best_val_accuracy": 0.5})
-  manager = checkpoint.make_manager(str(tmp_path))
-  checkpoint.save(manager, 7, state, meta)
-  seen = []
-  _, restored_meta = checkpoint.restore_latest(
-      manager, str(tmp_path), state, check_meta=lambda *a: seen.append(a))
-  assert restored_meta == meta and seen == [(7, meta)]
-  # The JSON item keeps the layout earlier versions wrote (they restore).
-  with open(tmp_path / "checkpoints" / "7" / "meta" / "metadata") as f:
-    assert json.load(f) == {"config": meta.config, "num_classes": 3,
-                            "mean": [0.25], "std": [0.5],
-                            "history": meta.history}
-  # The input shape, which predict checks images against, when known.
-  shaped = dataclasses.replace(meta, image_shape=(8, 8, 1))
-  assert shaped.to_json()["image_shape"] == [8, 8, 1]
-  assert checkpoint.RunMeta.from_json(shaped.to_json()) == shaped
-  restored = checkpoint.restore(str(tmp_path))
-  assert restored.meta == meta and restored.step == 7
+  return model, variables, {"params": variables["params"],
+                            "step": jax.numpy.asarray(7)}
+
+
+def _check_predictions(restored, model, variables):
   np.testing.assert_array_equal(restored.class_ids, [7, 5, 6])
   np.testing.assert_array_equal(restored.mean, [0.25])
   images = np.full((2, 8, 8, 1), 0.25 + 0.5 * 0.1, np.float32)
@@ -66,6 +46,63 @@ def test_run_meta_is_saved_with_the_state_and_restored(tmp_path):
       restored.logits(images),
       model.apply(variables, np.full((2, 8, 8, 1), 0.1, np.float32)),
       rtol=1e-5, atol=1e-6)
+
+
+def test_run_meta_is_saved_with_the_state_and_restored(tmp_path):
+  """Without training (fast): a state and its RunMeta round-trip through
+  save / restore_latest / restore, which rebuilds the model from the meta's
+  explicit fields and maps outputs to its class ids."""
+  model, variables, state = _mlp_state()
+  meta = checkpoint.RunMeta(
+      config={"opaque": "the library never reads the config"},
+      num_classes=3, mean=(0.25,), std=(0.5,),
+      history={"best_step": 5, "best_val_accuracy": 0.5},
+      model="digits_mlp", model_kwargs={}, class_ids=(7, 5, 6))
+  manager = checkpoint.make_manager(str(tmp_path))
+  checkpoint.save(manager, 7, state, meta)
+  seen = []
+  _, restored_meta = checkpoint.restore_latest(
+      manager, str(tmp_path), state, check_meta=lambda *a: seen.append(a))
+  assert restored_meta == meta and seen == [(7, meta)]
+  with open(tmp_path / "checkpoints" / "7" / "meta" / "metadata") as f:
+    assert json.load(f) == {"config": meta.config, "num_classes": 3,
+                            "mean": [0.25], "std": [0.5],
+                            "history": meta.history, "model": "digits_mlp",
+                            "model_kwargs": {}, "class_ids": [7, 5, 6]}
+  # The input shape, which predict checks images against, when known.
+  shaped = dataclasses.replace(meta, image_shape=(8, 8, 1))
+  assert shaped.to_json()["image_shape"] == [8, 8, 1]
+  assert checkpoint.RunMeta.from_json(shaped.to_json()) == shaped
+  restored = inference.restore(str(tmp_path))
+  assert restored.meta == meta and restored.step == 7
+  assert restored.image_shape is None
+  _check_predictions(restored, model, variables)
+
+
+def test_checkpoints_whose_meta_holds_only_the_config_still_restore(
+    tmp_path):
+  # The meta item as checkpoints written before RunMeta's explicit fields
+  # have it: model, classes and input size only in the run's config.
+  model, variables, state = _mlp_state()
+  old = {"config": {"model": {"name": "digits_mlp", "kwargs": {}},
+                    "data": {"classes": [7, 5, 6], "image_size": 8}},
+         "num_classes": 3, "mean": [0.25], "std": [0.5],
+         "history": {"best_step": 5}}
+  manager = checkpoint.make_manager(str(tmp_path))
+  manager.save(7, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(old),
+      checksums=ocp.args.JsonSave(checkpoint.checksums(state, old))))
+  manager.wait_until_finished()
+  _, meta = checkpoint.restore_latest(manager, str(tmp_path), state)
+  assert (meta.model, meta.model_kwargs, meta.class_ids, meta.image_shape) \
+      == ("digits_mlp", {}, (7, 5, 6), (8, 8, 1))
+  restored = inference.restore(str(tmp_path))
+  assert restored.image_shape == (8, 8, 1) and restored.meta == meta
+  _check_predictions(restored, model, variables)
+  # Without data.classes: every class, in order.
+  del old["config"]["data"]
+  meta = checkpoint.RunMeta.from_json(old)
+  assert meta.class_ids == (0, 1, 2) and meta.image_shape is None
 
 
 def _copy(run_dir, dst):
@@ -97,7 +134,7 @@ def test_one_flipped_byte_in_any_read_array_file_is_detected(run_dir,
   when the file still decodes; or the byte is never read (orbax leaves
   superseded b-tree nodes behind) and the restored arrays are intact."""
   step_dir = run_dir / "checkpoints" / "20"
-  reference = checkpoint.restore(str(run_dir))
+  reference = inference.restore(str(run_dir))
   named, trials = set(), 0
   for rel in _data_files(step_dir):
     size = (step_dir / rel).stat().st_size
@@ -108,14 +145,14 @@ def test_one_flipped_byte_in_any_read_array_file_is_detected(run_dir,
       work = _copy(run_dir, tmp_path / f"flip{trials}")
       _flip(work / "checkpoints" / "20" / rel, offset)
       try:
-        checkpoint.restore(str(work))
+        inference.restore(str(work))
       except checkpoint.DamagedCheckpointError as e:
         assert "step 20" in str(e), e
         named.update(re.findall(r"array (\S+) does not match", str(e)))
         continue
       # Undetected: then the flipped byte is one orbax never reads (a
       # superseded b-tree node or chunk), and what it restores is intact.
-      restored = checkpoint.restore(str(work))
+      restored = inference.restore(str(work))
       jax.tree_util.tree_map(np.testing.assert_array_equal,
                              restored.variables, reference.variables)
   assert any(n.startswith("params.") for n in named), named
@@ -133,7 +170,7 @@ def test_resume_falls_back_to_the_newest_intact_step(teacher_dir, run_dir,
   with pytest.raises(checkpoint.CheckpointError,
                      match=r"step 20 .* (damaged: array (params|opt_state)\.\S+ "
                      r"does not|cannot be read)"):  # Checksum, or no decode.
-    checkpoint.restore(str(work))
+    inference.restore(str(work))
   os.remove(work / "final_metrics.json")
 
   with caplog.at_level(logging.WARNING):
@@ -142,8 +179,8 @@ def test_resume_falls_back_to_the_newest_intact_step(teacher_dir, run_dir,
   assert (work / "checkpoints" / "20.corrupt-1").is_dir()  # Kept, renamed.
   assert final == _final(run_dir)  # Steps 10-20 retrained exactly.
   jax.tree_util.tree_map(np.testing.assert_array_equal,
-                         checkpoint.restore(str(work)).variables,
-                         checkpoint.restore(str(run_dir)).variables)
+                         inference.restore(str(work)).variables,
+                         inference.restore(str(run_dir)).variables)
 
 
 def _truncate_arrays(step_dir):
@@ -164,11 +201,11 @@ def test_damaged_steps_give_one_line_each_and_no_traceback(run_dir,
   # of orbax's "Event loop is closed" tracebacks in between or at exit.
   script = f"""
 import sys
-from ot_transfer_jax import checkpoint
+from ot_transfer_jax import checkpoint, inference
 for attempt in range(4):
   for step in (10, 20):
     try:
-      checkpoint.restore({str(work)!r}, step=step)
+      inference.restore({str(work)!r}, step=step)
     except checkpoint.DamagedCheckpointError as e:
       print(e, file=sys.stderr)
 """
@@ -209,13 +246,13 @@ def test_a_teacher_whose_only_step_is_damaged_is_retrained(teacher_dir,
       f.write_bytes(b"\0garbage")
   with pytest.raises(checkpoint.CheckpointError,
                      match=rf"step {step} .* cannot be read.*newest intact"):
-    checkpoint.restore(str(teacher))
+    inference.restore(str(teacher))
   config = tiny_config(teacher, num_steps=2, eval_every=2, checkpoint_every=2)
   assert loop.train_and_evaluate(config, str(tmp_path / "student"))["step"] == 2
   assert (teacher / "checkpoints" / f"{step}.corrupt-1").is_dir()
   jax.tree_util.tree_map(np.testing.assert_array_equal,  # Retrained exactly.
-                         checkpoint.restore(str(teacher)).variables,
-                         checkpoint.restore(str(teacher_dir)).variables)
+                         inference.restore(str(teacher)).variables,
+                         inference.restore(str(teacher_dir)).variables)
 
 
 @pytest.mark.slow
@@ -241,8 +278,17 @@ def test_a_checkpoint_of_other_shapes_names_the_first_differing_path(
 
 @pytest.mark.slow
 def test_predict_returns_dataset_class_ids_from_normalised_images(run_dir):
-  restored = checkpoint.restore(str(run_dir))
+  restored = inference.restore(str(run_dir))
   np.testing.assert_array_equal(restored.class_ids, [5, 6, 7, 8, 9])
+  # The loop saves what restore needs as explicit fields (the config is
+  # only passed on).
+  with open(run_dir / "checkpoints" / str(restored.step) / "meta" /
+            "metadata") as f:
+    saved = json.load(f)
+  assert (saved["model"], saved["model_kwargs"], saved["class_ids"],
+          saved["image_shape"]) == (restored.config.model.name,
+                                    restored.config.model.kwargs.to_dict(),
+                                    [5, 6, 7, 8, 9], [8, 8, 1])
   images, class_ids = next(data.test_batches(restored, batch_size=64))
   assert images.dtype == np.uint8 and images.shape == (64, 8, 8, 1)
   assert set(np.unique(class_ids)) <= {5, 6, 7, 8, 9}
@@ -265,7 +311,7 @@ def test_predict_returns_dataset_class_ids_from_normalised_images(run_dir):
 
 @pytest.mark.slow
 def test_predict_checks_images_against_what_the_model_trained_on(run_dir):
-  restored = checkpoint.restore(str(run_dir))
+  restored = inference.restore(str(run_dir))
   assert restored.image_shape == (8, 8, 1)
   images, _ = next(data.test_batches(restored, batch_size=16))
   predicted = restored.predict(images)
@@ -325,7 +371,7 @@ def test_docs_restore_snippets_run_as_saved_scripts_from_another_folder(
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout.strip().splitlines()[-1]
 
-  restored = checkpoint.restore(str(run_dir))
+  restored = inference.restore(str(run_dir))
   images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 1), np.uint8)
   assert run(own, WORKDIR=str(run_dir)) == str(restored.predict(images))
   assert float(run(split, CHECKOUT=str(REPO), WORKDIR=str(run_dir))) == (
@@ -338,16 +384,16 @@ def test_restore_and_predict_without_the_experiment_stack(run_dir):
 import sys
 for name in ("ml_collections", "tensorflow_datasets", "grain", "tensorflow"):
   sys.modules[name] = None  # import fails
-from ot_transfer_jax import checkpoint
+from ot_transfer_jax import inference
 import numpy as np
-restored = checkpoint.restore({str(run_dir)!r})
+restored = inference.restore({str(run_dir)!r})
 images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 1), np.uint8)
 print(restored.config.data.classes, restored.predict(images).tolist())
 """
   proc = subprocess.run([sys.executable, "-c", script], cwd=REPO,
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  restored = checkpoint.restore(str(run_dir))
+  restored = inference.restore(str(run_dir))
   images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 1), np.uint8)
   assert proc.stdout.split() == (
       str(list(restored.config.data.classes)).split()
@@ -359,7 +405,7 @@ def test_restoring_a_run_killed_before_its_first_checkpoint_says_rerun(
   # What a run killed before its first checkpoint leaves: an empty manager.
   checkpoint.make_manager(str(tmp_path))
   with pytest.raises(checkpoint.CheckpointError) as err:
-    checkpoint.restore(str(tmp_path))
+    inference.restore(str(tmp_path))
   message = str(err.value)
   assert "stopped (or is still running) before its first checkpoint" in \
       message and "Rerun its training command" in message

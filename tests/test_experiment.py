@@ -10,7 +10,7 @@ import pytest
 
 from experiments import data, job, loop, reproduce, terms
 from experiments.metric_writers import read_metrics
-from ot_transfer_jax import checkpoint, parallel, regularizers
+from ot_transfer_jax import checkpoint, inference, parallel
 
 import doc_support
 from digits_job import REPO, main_command, tiny_config
@@ -41,7 +41,7 @@ def test_job_writes_outputs_and_restores(teacher_dir, tmp_path):
   assert all(0 <= m <= 1 + 1e-5 for m in analysis["matched_fraction"])
   assert np.asarray(analysis["plans"]["stage2"]).shape == (32, 32)
 
-  restored = checkpoint.restore(str(tmp_path))
+  restored = inference.restore(str(tmp_path))
   assert restored.step == 20 and restored.config.method == "ot"
   ds_check = data.get_datasets(restored.config.data)
   np.testing.assert_allclose(restored.mean, ds_check.mean)
@@ -70,7 +70,7 @@ def test_periodic_actions_set_to_0_run_at_the_last_step_only(teacher_dir,
   assert final["step"] == 4 and final["best_step"] == 4
   assert [(r["split"], r["step"]) for r in read_metrics(str(tmp_path))] == [
       ("train", 4), ("val", 4), ("test", 4)]
-  assert checkpoint.restore(str(tmp_path)).step == 4
+  assert inference.restore(str(tmp_path)).step == 4
 
 
 @pytest.mark.slow
@@ -90,7 +90,7 @@ def test_command_line_override_wins_over_the_method(teacher_dir, tmp_path):
       "--config.num_steps=5", "--config.loss.head_decay=0.02"),
       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  saved = checkpoint.restore(str(tmp_path)).config
+  saved = inference.restore(str(tmp_path)).config
   assert saved.loss.terms.ot.weight == 0.5  # The method sets 0.1.
   assert saved.loss.head_decay == 0.02  # The method sets 0.01.
   last = read_metrics(str(tmp_path), split="train")[-1]
@@ -185,7 +185,7 @@ def test_a_key_one_side_lacks_counts_as_its_default(tmp_path):
 
 def test_restore_without_checkpoints_says_what_to_do(tmp_path):
   with pytest.raises(checkpoint.CheckpointError, match="train first"):
-    checkpoint.restore(str(tmp_path))
+    inference.restore(str(tmp_path))
 
 
 @pytest.mark.slow
@@ -251,7 +251,6 @@ def test_terms_that_read_data_get_every_class(teacher_dir, monkeypatch):
   knowing the task's classes, even when the data are sorted by class."""
   from experiments import job
   from experiments.configs import common
-  from ot_transfer_jax import regularizers
   c = tiny_config(teacher_dir, method="scratch")
   c.data.samples_per_class = None  # ~500 images: more than the sample.
   monkeypatch.setattr(job, "TRAINING_SAMPLE", 100)

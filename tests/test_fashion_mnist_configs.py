@@ -122,9 +122,9 @@ def test_config_trains_on_idx_files(name, method, overrides, idx_dir, teachers, 
   assert teacher_final["step"] == 2
   if overrides:
     # num_classes follows data.classes: 3 classes for the student, 5 for the teacher.
-    from ot_transfer_jax import checkpoint
-    student = checkpoint.restore(str(tmp_path / method))
-    teacher = checkpoint.restore(c.teacher.workdir)
+    from ot_transfer_jax import inference
+    student = inference.restore(str(tmp_path / method))
+    teacher = inference.restore(c.teacher.workdir)
     assert student.variables["params"]["head"]["kernel"].shape[-1] == 3
     assert teacher.variables["params"]["head"]["kernel"].shape[-1] == 5
     assert student.config["data"]["samples_per_class"] == 4

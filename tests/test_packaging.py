@@ -120,8 +120,9 @@ _BLOCKED_RUN = _ABSENT + _IMPORT_ALL + textwrap.dedent("""
 README_EXAMPLES = ("## Use the regulariser", "### Flax NNX")
 # Every module the package must hold (a new module is added here).
 PACKAGE_MODULES = {
-    "ot_transfer_jax.batched_sinkhorn",
-    "ot_transfer_jax.checkpoint", "ot_transfer_jax.delta_weights",
+    "ot_transfer_jax._validation", "ot_transfer_jax.batched_sinkhorn",
+    "ot_transfer_jax.checkpoint", "ot_transfer_jax.collectives",
+    "ot_transfer_jax.delta_weights", "ot_transfer_jax.inference",
     "ot_transfer_jax.features", "ot_transfer_jax.losses", "ot_transfer_jax.ot",
     "ot_transfer_jax.optim", "ot_transfer_jax.parallel",
     "ot_transfer_jax.regularizers", "ot_transfer_jax.train",

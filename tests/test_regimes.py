@@ -6,7 +6,7 @@ import pytest
 
 from experiments import terms
 from experiments.configs import regimes
-from ot_transfer_jax import ot, regularizers
+from ot_transfer_jax import ot
 
 
 def _options(study, method):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from experiments import loop
-from ot_transfer_jax import checkpoint
+from ot_transfer_jax import checkpoint, inference
 
 from digits_job import REPO, main_command, tiny_config
 
@@ -30,7 +30,7 @@ def _final(workdir):
 
 
 def _params(workdir):
-  return jax.device_get(checkpoint.restore(str(workdir)).variables)
+  return jax.device_get(inference.restore(str(workdir)).variables)
 
 
 def _assert_same_params(a, b, rtol):
@@ -139,7 +139,7 @@ def test_non_finite_steps_stop_the_run_and_keep_good_checkpoints(
                      match="consecutive training steps had a non-finite"):
     loop.train_and_evaluate(config, str(tmp_path))
   assert not (tmp_path / "final_metrics.json").exists()
-  restored = checkpoint.restore(str(tmp_path))
+  restored = inference.restore(str(tmp_path))
   for leaf in jax.tree_util.tree_leaves(restored.variables):
     assert np.all(np.isfinite(leaf))
 
@@ -181,7 +181,7 @@ def test_crafted_checkpoint_cannot_execute_code(tmp_path):
     (step / rel).parent.mkdir(parents=True, exist_ok=True)
     (step / rel).write_bytes(payload)
   with pytest.raises(checkpoint.CheckpointError):
-    checkpoint.restore(str(tmp_path / "run"))
+    inference.restore(str(tmp_path / "run"))
   assert not marker.exists()
 
 

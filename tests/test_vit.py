@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from experiments import data
-from ot_transfer_jax import checkpoint, losses, ot
+from ot_transfer_jax import inference, losses, ot
 from ot_transfer_jax.features import apply_with_features, validate_layers
 from ot_transfer_jax.models import ViT, create_model
 
@@ -118,7 +118,7 @@ def test_vit_trains_resumes_and_predicts_from_the_cli(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
   assert "Resuming" in proc.stderr or "resum" in proc.stderr.lower()
-  restored = checkpoint.restore(str(workdir))
+  restored = inference.restore(str(workdir))
   assert restored.step == 20 and restored.config.model.name == "digits_vit"
   images, labels = next(data.test_batches(restored, 64))
   accuracy = np.mean(restored.predict(images) == labels)

@@ -220,7 +220,7 @@ def _label_map(num_classes: int, classes: Sequence[int] | None) -> np.ndarray:
 
 
 def test_batches(restored: Any, batch_size: int = 256) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """The test split of a restored run (``ot_transfer_jax.checkpoint.restore``), in order.
+  """The test split of a restored run (``ot_transfer_jax.inference.restore``), in order.
 
   Yields:
     ``(images, class_ids)``: uint8 ``(B, H, W, C)`` at the model's resolution, as
