@@ -4,6 +4,10 @@ The regulariser and its baselines are pure functions of activations::
 
     from ot_transfer_jax import ot_regularizer
     omega = ot_regularizer(student_feats, teacher_feats)   # (m, [h, w,] n)
+
+Its options are the fields of :class:`~ot_transfer_jax.ot.NeuronProblem` and
+:class:`~ot_transfer_jax.ot.SinkhornOptions`, passed by name (the convenient
+form) or as the two dataclasses (``problem=``, ``sinkhorn=``).
 """
 
 from ot_transfer_jax.losses import (
@@ -18,7 +22,9 @@ from ot_transfer_jax.losses import (
 )
 from ot_transfer_jax.ot import (
     DEFAULT_RELATIVE_EPSILON,
+    NeuronProblem,
     NeuronTransport,
+    SinkhornOptions,
     cost_matrix,
     neuron_descriptors,
     solve_neuron_ot,
@@ -28,7 +34,9 @@ __version__ = "0.2.0"
 
 __all__ = [
     "DEFAULT_RELATIVE_EPSILON",
+    "NeuronProblem",
     "NeuronTransport",
+    "SinkhornOptions",
     "attention_transfer",
     "cost_matrix",
     "delta",

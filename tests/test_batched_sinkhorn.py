@@ -264,13 +264,24 @@ def test_replay_of_a_digits_run_matches_todays_solver():
 # ---------------------------------------------------------------------------
 
 
-def test_shared_options_default_as_solve_neuron_ot():
+def test_options_are_the_same_dataclasses_as_solve_neuron_ot(pairs):
+  # One definition of the options and their defaults for both solvers.
   ours = inspect.signature(batched_sinkhorn.solve_layers).parameters
   theirs = inspect.signature(ot.solve_neuron_ot).parameters
-  shared = set(ours) & set(theirs)
-  assert {"threshold", "max_iterations", "relative_epsilon", "tau"} <= shared
-  assert {k: ours[k].default for k in shared} == {
-      k: theirs[k].default for k in shared}
+  for name in ("problem", "sinkhorn"):
+    assert ours[name].default is theirs[name].default is None
+  students, teachers = pairs
+  by_keyword = batched_sinkhorn.solve_layers(
+      students, teachers, relative_epsilon=0.02, tau=0.9, threshold=1e-4)
+  by_dataclass = batched_sinkhorn.solve_layers(
+      students, teachers,
+      problem=ot.NeuronProblem(relative_epsilon=0.02, tau=0.9),
+      sinkhorn=ot.SinkhornOptions(threshold=1e-4))
+  for a, b in zip(by_keyword, by_dataclass):
+    assert float(a.value) == float(b.value)
+  with pytest.raises(TypeError, match="options the batched solver does not "
+                     "have"):
+    batched_sinkhorn.solve_layers(students, teachers, anderson=0)
 
 
 def test_auto_is_batched_on_accelerators_and_per_layer_on_the_cpu():

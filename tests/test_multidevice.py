@@ -79,7 +79,7 @@ def test_ott_still_needs_mesh_invariant_inputs(results):
   # ot.py makes everything entering ott-jax's Sinkhorn invariant across the
   # mesh (a psum'd cost, pmean'd potentials): ott-jax 0.6's lax.cond fails on
   # mesh-varying inputs inside shard_map. When this fails, upstream accepts
-  # them and _replicated() in ot.py may go.
+  # them and collectives.replicated() may go.
   status = [r for r in results if "upstream_varying_cost_works" in r]
   assert status == [{"upstream_varying_cost_works": False}]
 
