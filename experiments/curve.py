@@ -602,13 +602,13 @@ class Curve:
   def run(self) -> dict:
     """Every value: weights, then method x seed; writes the outputs."""
     self.teachers()
-    chosen, runs = {}, []
+    chosen, table = {}, []
     for value in self.values:
       vl = label(self.key, value)
       chosen[vl] = {}
       for m in self.methods:
         if not self.applies(m, self.configs[vl][m]):
-          runs.append({**self._base("run", value, m, None,
+          table.append({**self._base("run", value, m, None,
                                     self.configs[vl][m]),
                        "status": "skipped", "skipped": True})
           continue
@@ -627,11 +627,11 @@ class Curve:
               cfg, os.path.join(self.workdir, vl, m, f"seed{seed}"), path,
               self._base("run", value, m, seed, cfg))
           self.wall_s["runs"] += record["wall_s"]
-          runs.append(record)
-      self.write(chosen, runs)  # Tables grow value by value.
-    return self.write(chosen, runs)
+          table.append(record)
+      self.write(chosen, table)  # Tables grow value by value.
+    return self.write(chosen, table)
 
-  def write(self, chosen, runs) -> dict:
+  def write(self, chosen, table) -> dict:
     summary = {"key": self.key, "values": self.values,
                "methods": self.methods, "seeds": self.seeds,
                "tuning_seeds": self.tuning_seeds, "focus": self.focus,
@@ -642,7 +642,7 @@ class Curve:
                                for m, c in cs.items()}
                           for vl, cs in chosen.items()},
                "runs": [{k: v for k, v in r.items() if k != "config"}
-                        for r in runs]}
+                        for r in table]}
     os.makedirs(self.out, exist_ok=True)
     runs.write_json(os.path.join(self.out, "results.json"), summary, indent=1)
     with open(os.path.join(self.out, "results.md"), "w",
