@@ -219,9 +219,10 @@ class Record(TypedDict, total=False):
   config: dict
 
 
-def run_record(config, workdir: str, **base) -> Record:
+def run_record(config, workdir: str, /, **base) -> Record:
   """Trains ``config`` in ``workdir`` (or reuses / resumes the run there)
-  and returns its :class:`Record`: ``base`` first, then the outcome.
+  and returns its :class:`Record`: ``base`` first (it may hold a
+  ``workdir`` field), then the outcome.
 
   A run that diverges (``loop.Diverged``) is logged and recorded with status
   ``"diverged"``; every other exception propagates (a preempted run resumes

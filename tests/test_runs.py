@@ -111,8 +111,9 @@ def test_a_finished_run_records_both_reads_and_the_plan(tmp_path,
       "test_accuracy_at_best_val": 0.81, "test_accuracy": 0.8,
       "best_val_accuracy": 0.83, "best_step": 40, "step": 50})
   cfg = DIGITS.get_config("ot")
-  record = runs.run_record(cfg, str(tmp_path), method="ot", seed=3)
-  assert list(record)[:3] == ["method", "seed", "status"]  # base first.
+  record = runs.run_record(cfg, str(tmp_path), method="ot", seed=3,
+                           workdir="as/recorded")
+  assert list(record)[:4] == ["method", "seed", "workdir", "status"]
   assert record["status"] == "finished"
   assert (record["test_accuracy_best_val"], record["test_accuracy_last"],
           record["val_accuracy_best"], record["best_step"],
