@@ -4,10 +4,13 @@ import contextlib
 import logging as std_logging
 import os
 import re
-import shlex
+import signal
 import sys
 
 from absl import logging
+
+from experiments import interrupts
+from experiments.interrupts import resume_command  # noqa: F401 (re-exported)
 
 
 def maybe_initialize_distributed() -> None:
@@ -26,11 +29,45 @@ def maybe_initialize_distributed() -> None:
         process_id=int(os.environ["JAX_PROCESS_ID"]))
 
 
-def quiet_orbax() -> None:
-  """INFO logs for our progress lines, but only warnings from orbax."""
+# Our packages: their INFO lines (progress, headers) are the run's log.
+_OURS = tuple(os.path.dirname(os.path.abspath(p)) + os.sep for p in (
+    __file__, os.path.join(os.path.dirname(__file__), "..", "ot_transfer_jax",
+                           "__init__.py")))
+
+
+def quiet_libraries() -> None:
+  """INFO logs for our own lines (progress, headers, evaluations), only
+  warnings and errors from libraries: orbax's per-save INFO lines and jax's
+  backend probing ("Unable to initialize backend 'tpu'", INFO, on every
+  machine without a TPU) would read like errors. JAX's warnings (e.g. a GPU
+  present but no CUDA jaxlib) still show."""
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(
-      lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname)
+      lambda r: r.levelno >= std_logging.WARNING
+      or os.path.abspath(r.pathname).startswith(_OURS))
+
+
+def config_name(path: str) -> str:
+  """``digits_transfer`` for ``.../transfer.py:data=digits,method=ot``: the
+  file's name after ARG's values other than the method; the default workdirs
+  of the tools are named by it."""
+  path, _, arg = path.partition(":")
+  values = [part.split("=", 1)[1] for part in arg.split(",")
+            if "=" in part and not part.startswith("method=")]
+  return "_".join([*values, os.path.splitext(os.path.basename(path))[0]])
+
+
+def default_workdir(config_path: str, method: str) -> str:
+  """``experiments.main``'s default --workdir: ``workdirs/main/digits_transfer/ot``
+  for ``transfer.py:data=digits`` (its default method, ``ot``)."""
+  return os.path.join(default_root("main", config_path), method or "default")
+
+
+def default_root(tool: str, config_path: str) -> str:
+  """``workdirs/<tool>/<config name>``: the default --workdir of
+  ``reproduce``, ``sweep`` and ``curve`` (``main``'s adds the method), so no
+  tool's default writes inside another's."""
+  return os.path.join("workdirs", tool, config_name(config_path))
 
 
 def parse_flags(argv):
@@ -108,15 +145,6 @@ def _exit_error(message: str, code: int = 1) -> None:
   sys.exit(code)
 
 
-def resume_command() -> str:
-  """The command line of this process, to rerun it (it resumes): ``python -m
-  experiments.<module>`` for the entry point that runs (main, reproduce,
-  sweep, curve)."""
-  stem = os.path.splitext(os.path.basename(sys.argv[0]))[0]
-  module = stem if stem in ("reproduce", "sweep", "curve") else "main"
-  return shlex.join(["python", "-m", f"experiments.{module}", *sys.argv[1:]])
-
-
 @contextlib.contextmanager
 def user_errors():
   """The errors a user can fix, as one message on stderr, not a traceback.
@@ -125,18 +153,19 @@ def user_errors():
   prepared, damaged checkpoint; OSError: an unreadable or unwritable path)
   and a diverged run exit with status 1. A preempted run (checkpoint saved)
   exits with 143 after SIGTERM and 130 after SIGINT (Ctrl-C), printing where
-  the checkpoint is and the command that resumes.
+  the checkpoint is and the command that resumes; a signal anywhere else
+  (start-up, data, compilation, analysis) exits the same way, saying that no
+  checkpoint was written (:mod:`experiments.interrupts`).
   """
   from experiments.loop import Diverged, Preempted
   try:
     yield
+    interrupts.check()  # A signal whose exception something swallowed.
   except Preempted as e:
-    sys.stderr.write(f"{e} Resume: {resume_command()}\n")
-    sys.exit(e.exit_code)
-  except KeyboardInterrupt:  # Ctrl-C outside the training loop.
-    sys.stderr.write(
-        "Interrupted by SIGINT (no checkpoint written since the last one). "
-        f"Resume: {resume_command()}\n")
-    sys.exit(130)
+    interrupts.exit_now(f"{e} Resume: {resume_command()}", e.exit_code)
+  except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM outside the loop.
+    signum = getattr(e, "signum", signal.SIGINT)
+    interrupts.exit_now(interrupts.interrupted_message(signum),
+                        128 + int(signum))
   except (ValueError, OSError, Diverged) as e:
     _exit_error(str(e))

@@ -88,6 +88,11 @@ the differences: use another ``--out``.
 
 from __future__ import annotations
 
+from experiments import interrupts
+
+if __name__ == "__main__":  # A command (not an import): from its first line,
+  interrupts.install()  # Ctrl-C / SIGTERM end in one line (imports included).
+
 import ast
 import difflib
 import json
@@ -101,7 +106,8 @@ from matplotlib.figure import Figure
 from ml_collections import config_flags
 
 from experiments import loop, runs, same_run
-from experiments.cli import parse_flags, quiet_orbax, user_errors
+from experiments.cli import (default_root, parse_flags, quiet_libraries,
+                             user_errors)
 from ot_transfer_jax import checkpoint
 
 
@@ -122,7 +128,7 @@ def define_flags() -> None:
       "out", None, "Directory of the records, tables and figure (committed).")
   flags.DEFINE_string(
       "workdir", None, "Directory of the runs' workdirs and teachers "
-      "(default: workdirs/curve_<config name>).")
+      "(default: workdirs/curve/<config name>).")
   flags.DEFINE_list(
       "tuning_seeds", ["100", "101"], "Seeds of the weight choice (their "
       "mean validation accuracy decides); no table seed may equal one.")
@@ -669,7 +675,7 @@ def parse_grids(specs: Sequence[str]) -> dict:
 
 def main(argv):
   del argv
-  quiet_orbax()
+  quiet_libraries()
   opts = flags.FLAGS
   with user_errors():
     flag = opts["config"]
@@ -680,11 +686,10 @@ def main(argv):
     if not opts.out:
       raise ValueError("--out is required: the directory of the records "
                        "(e.g. docs/regimes/<study>).")
-    name = runs.config_name(path)
     curve = Curve(
         runs.load_config_module(path), opts.key, parse_values(opts.values),
         opts.methods, opts.seeds, opts.out,
-        opts.workdir or os.path.join("workdirs", f"curve_{name}"),
+        opts.workdir or default_root("curve", path),
         config_flags.get_override_values(flag),
         [int(t) for t in opts.tuning_seeds], parse_grids(opts.grid),
         opts.extensions, opts.focus)

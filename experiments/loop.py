@@ -37,7 +37,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from experiments import analysis, same_run, workdir_lock
+from experiments import analysis, interrupts, same_run, workdir_lock
 from experiments import job as job_lib
 from experiments.job import Job, Teacher, setup
 from experiments.metric_writers import MetricWriter, Progress
@@ -99,59 +99,19 @@ def itstime(step: int, every: int, total: int) -> bool:
   return step == total or (every > 0 and step % every == 0)
 
 
-class _Interrupted:
-  """SIGTERM or SIGINT (Ctrl-C) sets a flag; the loop then checkpoints and
-  exits cleanly. A second SIGINT stops at once, without saving (the last
-  checkpoint is still a clean resume point)."""
-
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-  def __init__(self):
-    self.flag = False
-    self.signum: Optional[int] = None
-    self._previous = {}
-
-  def __enter__(self):
-    for signum in self.SIGNALS:
-      try:
-        self._previous[signum] = signal.signal(signum, self._handle)
-      except ValueError:  # Not the main thread: no handler, no flag.
-        pass
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    if self.flag and signum == signal.SIGINT:
-      raise KeyboardInterrupt
-    name = signal.Signals(signum).name
-    logging.warning("%s: saving a checkpoint before exiting%s.", name,
-                    " (Ctrl-C again: exit now, without it)"
-                    if signum == signal.SIGINT else "")
-    self.flag, self.signum = True, signum
-
-  def __exit__(self, *exc):
-    for signum, previous in self._previous.items():
-      signal.signal(signum, previous)
-
-  @property
-  def signal_name(self) -> str:
-    return signal.Signals(self.signum or signal.SIGTERM).name
-
-  @property
-  def exit_code(self) -> int:
-    """The shell's convention: 128 + the signal's number."""
-    return 128 + int(self.signum or signal.SIGTERM)
-
-  def stop(self, log_step: bool) -> bool:
-    """Whether to checkpoint and exit now. With several processes all must
-    agree (saving is collective), so they vote at log steps."""
-    if jax.process_count() == 1:
-      return self.flag
-    if not log_step:
-      return False
-    from jax.experimental import multihost_utils
-    votes = multihost_utils.process_allgather(np.int32(self.flag))
-    return bool(np.max(votes))
+def _stop_requested(log_step: bool) -> Optional[int]:
+  """The signal to checkpoint and stop for now (:mod:`experiments.interrupts`),
+  or None. With several processes all must agree (saving is collective), so
+  they vote at log steps; a process that got no signal itself reports
+  SIGTERM (what a scheduler sends)."""
+  signum = interrupts.pending()
+  if jax.process_count() == 1:
+    return signum
+  if not log_step:
+    return None
+  from jax.experimental import multihost_utils
+  votes = multihost_utils.process_allgather(np.int32(signum is not None))
+  return (signum or int(signal.SIGTERM)) if np.max(votes) else None
 
 
 def _run_meta(job: Job, history: History) -> checkpoint.RunMeta:
@@ -205,9 +165,15 @@ def resume(job: Job, manager) -> tuple[train.TrainState, History]:
   return state, history
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       role: str = "student") -> dict:
   """Trains the student described by ``config`` in ``workdir``; resumes.
+
+  Args:
+    config: the run's config (``experiments/configs``).
+    workdir: where its outputs go (see the module docstring).
+    role: what the log lines call the run: ``"student"``, or ``"teacher"``
+      for a teacher job (:func:`ensure_teacher`).
 
   Returns:
     The final metrics (also written to ``WORKDIR/final_metrics.json``).
@@ -217,20 +183,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     Diverged: ``loss.max_bad_steps`` consecutive non-finite steps.
     workdir_lock.WorkdirLocked: another live run holds ``workdir``.
   """
+  interrupts.check()  # A signal whose exception something swallowed.
   with workdir_lock.hold(workdir):
-    return _train_and_evaluate(config, workdir)
+    return _train_and_evaluate(config, workdir, role)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict,
-                        workdir: str) -> dict:
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        role: str) -> dict:
   job = setup(config, workdir, ensure_teacher(config, workdir))
   manager = checkpoint.make_manager(workdir, max_to_keep=config.max_to_keep)
   state, history = resume(job, manager)
   batches = job.train_batches(start_step=int(state.step))
   total = config.num_steps
+  logging.info("%s", _header(config, workdir, role, int(state.step)))
   with MetricWriter(workdir, process_index=jax.process_index(),
                     resume_step=int(state.step)) as writer, \
-      _Interrupted() as interrupted:
+      interrupts.deferred():
     progress = Progress(total, start_step=int(state.step))
     for step in range(int(state.step) + 1, total + 1):
       batch = parallel.shard_batch(next(batches), job.mesh)
@@ -249,15 +217,29 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
       if itstime(step, config.eval_every, total):
         history.record(step, *_evaluate(job, state, writer, step, history,
                                         last=step == total))
-      stop = interrupted.stop(itstime(step, config.log_every, total))
+        if history.last_val_accuracy is not None:
+          logging.info("step %d/%d | val accuracy %.4f | best %.4f at step %d",
+                       step, total, history.last_val_accuracy,
+                       history.best_val_accuracy, history.best_step)
+      stop = _stop_requested(itstime(step, config.log_every, total))
       if itstime(step, config.checkpoint_every, total) or stop:
         checkpoint.save(manager, step, state, _run_meta(job, history))
-      if stop and step < total:
+      if stop:  # Also at the last step: the signal is never ignored.
         raise Preempted(
-            f"Stopped by {interrupted.signal_name} at step {step}; checkpoint "
-            f"saved in {checkpoint.checkpoint_dir(workdir)}. Rerun the same "
-            "command to resume.", interrupted.exit_code)
-  return finish(job, state, history)
+            f"Stopped by {signal.Signals(stop).name} at step {step}; "
+            f"checkpoint saved in {checkpoint.checkpoint_dir(workdir)}. "
+            "Rerun the same command to resume.", 128 + int(stop))
+  return finish(job, state, history, role)
+
+
+def _header(config, workdir: str, role: str, step: int) -> str:
+  """The line that opens a run's log: which run, what it trains, where."""
+  what = [f"method {config.method}"] if config.method else []
+  what += [f"model {config.model.name}", f"seed {config.seed}"]
+  start = (f"from step {step} of {config.num_steps}" if step else
+           f"{config.num_steps} steps")
+  return (f"{'Resuming' if step else 'Training'} the {role} "
+          f"({', '.join(what)}; {start}) in {workdir}")
 
 
 def ensure_teacher(config: ml_collections.ConfigDict, workdir: str) -> Teacher:
@@ -272,8 +254,7 @@ def ensure_teacher(config: ml_collections.ConfigDict, workdir: str) -> Teacher:
   job_lib.check_student(config, workdir,
                         job_lib.untrained_teacher(config.teacher.job))
   tdir = job_lib.teacher_workdir(config, workdir)
-  logging.info("Training the teacher in %s", tdir)
-  train_and_evaluate(config.teacher.job, tdir)
+  train_and_evaluate(config.teacher.job, tdir, role="teacher")
   teacher = job_lib.load_teacher(config, workdir)
   if teacher is None:  # Damaged as soon as written: do not loop.
     raise checkpoint.CheckpointError(
@@ -306,8 +287,9 @@ def _evaluate(job: Job, state, writer, step: int, history: History,
   return tuple(accuracies)
 
 
-def finish(job: Job, state, history: History) -> dict:
+def finish(job: Job, state, history: History, role: str = "student") -> dict:
   """Writes ``analysis.json`` and ``final_metrics.json`` (process 0)."""
+  interrupts.check()  # A signal whose exception something swallowed.
   final = {
       "method": job.config.method,
       "seed": job.config.seed,
@@ -324,7 +306,8 @@ def finish(job: Job, state, history: History) -> dict:
     _write_json(os.path.join(job.workdir, ANALYSIS),
                 analysis.run_analysis(job, jax.device_get(state.variables)))
     _write_json(os.path.join(job.workdir, FINAL_METRICS), final)
-  logging.info("Final metrics: %s", final)
+  logging.info("Final metrics of the %s in %s: %s", role, job.workdir,
+               {k: v for k, v in final.items() if v != "" or k != "method"})
   return final
 
 

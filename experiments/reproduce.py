@@ -2,7 +2,7 @@
 
   python -m experiments.reproduce \
       --config experiments/configs/transfer.py:data=digits --seeds 3 \
-      [--workdir workdirs/digits_transfer] [--methods ot,l2_sp] \
+      [--workdir workdirs/reproduce/digits_transfer] [--methods ot,l2_sp] \
       [--config.num_steps=100 ...]
 
 Runs ``experiments.main``'s job for each (method, seed) in
@@ -28,10 +28,16 @@ gives ``get_config("data=fashion_mnist,method=<method>")``); the command
 line's ``--config.key=value`` overrides are checked against the config
 ``--config`` names (its default method, or the one ARG names) and applied,
 last, to every method whose config has the key. The default WORKDIR is
-``workdirs/<name>``, ``name`` being the file's, prefixed by ARG's values other
-than the method: ``workdirs/fashion_mnist_transfer`` for
-``transfer.py:data=fashion_mnist``.
+``workdirs/reproduce/<name>``, ``name`` being the file's, prefixed by ARG's
+values other than the method: ``workdirs/reproduce/fashion_mnist_transfer``
+for ``transfer.py:data=fashion_mnist`` (:func:`cli.default_root`; main, sweep
+and curve have their own, so no tool writes into another's runs).
 """
+
+from experiments import interrupts
+
+if __name__ == "__main__":  # A command (not an import): from its first line,
+  interrupts.install()  # Ctrl-C / SIGTERM end in one line (imports included).
 
 import os
 
@@ -40,8 +46,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import loop, report, runs
-from experiments.cli import (maybe_initialize_distributed, parse_flags,
-                             quiet_orbax, user_errors)
+from experiments.cli import (default_root, maybe_initialize_distributed,
+                             parse_flags, quiet_libraries, user_errors)
 
 
 def define_flags() -> None:
@@ -51,8 +57,9 @@ def define_flags() -> None:
       "config", None, "Path to an experiment config with methods.",
       lock_config=True)
   flags.DEFINE_integer("seeds", 3, "Seeds per method: 0 .. seeds-1.")
-  flags.DEFINE_string("workdir", None,
-                      "Root directory (default: workdirs/<config name>).")
+  flags.DEFINE_string(
+      "workdir", None, "Root directory (default: workdirs/reproduce/<config "
+      "name>).")
   flags.DEFINE_list("methods", None,
                     "Subset of the config's methods (default: all).")
   flags.mark_flags_as_required(["config"])
@@ -106,7 +113,7 @@ def run_all(configs: dict, root: str, seeds: int, baseline=None) -> tuple:
 def main(argv):
   del argv
   maybe_initialize_distributed()
-  quiet_orbax()
+  quiet_libraries()
   with user_errors():
     _run(flags.FLAGS)
 
@@ -118,7 +125,7 @@ def _run(opts):
   methods = runs.known_methods(module, opts.methods)
   configs = runs.method_configs(module, methods,
                                 config_flags.get_override_values(config_flag))
-  root = opts.workdir or os.path.join("workdirs", runs.config_name(path))
+  root = opts.workdir or default_root("reproduce", path)
   os.makedirs(root, exist_ok=True)
   _, table = run_all(configs, root, opts.seeds,
                      baseline=opts.config.baseline_method)

@@ -3,7 +3,7 @@
 The three tools differ in what they vary and what they tabulate, not in how
 they run one config:
 
-* **Config files** (:func:`load_config_module`, :func:`config_name`,
+* **Config files** (:func:`load_config_module`,
   :func:`method_configs`, :func:`seeded`, :func:`has_key`, :func:`flatten`,
   :func:`hyperparameters`): a config file ``file.py[:ARG]`` as its methods'
   configs, the command line's ``--config.key=value`` overrides applied last,
@@ -66,15 +66,6 @@ def load_config_module(path: str) -> types.SimpleNamespace:
       applies=getattr(module, "applies", None),
       get_config=lambda method=None: module.get_config(
           common.with_method(arg, method)))
-
-
-def config_name(path: str) -> str:
-  """``fashion_mnist_transfer`` for ``.../transfer.py:data=fashion_mnist``:
-  the file's name after ARG's values other than the method."""
-  path, _, arg = path.partition(":")
-  values = [part.split("=", 1)[1] for part in arg.split(",")
-            if "=" in part and not part.startswith("method=")]
-  return "_".join([*values, os.path.splitext(os.path.basename(path))[0]])
 
 
 def known_methods(module, methods: Optional[Sequence[str]]) -> list:

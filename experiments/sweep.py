@@ -2,7 +2,7 @@
 
   python -m experiments.sweep \
       --config experiments/configs/transfer.py:data=fashion_mnist [--seed 100] \
-      [--workdir workdirs/fashion_mnist_transfer_sweep] [--methods ot,l2_sp]
+      [--workdir workdirs/sweep/fashion_mnist_transfer] [--methods ot,l2_sp]
 
 The config file lists its grids in a module-level ``SWEEP = {method:
 (config_key, (value, ...))}``, e.g. ``{"ot": ("loss.terms.ot.weight", (0.01,
@@ -37,13 +37,19 @@ accuracies, a choice per method *and* key, the layout of the committed
 ``docs/fashion_mnist/*/sweep.json``).
 """
 
+from experiments import interrupts
+
+if __name__ == "__main__":  # A command (not an import): from its first line,
+  interrupts.install()  # Ctrl-C / SIGTERM end in one line (imports included).
+
 import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import runs
-from experiments.cli import parse_flags, quiet_orbax, user_errors
+from experiments.cli import (default_root, parse_flags, quiet_libraries,
+                             user_errors)
 
 #: The fields of a run's record that sweep.json keeps (no test accuracy).
 FIELDS = ("method", "key", "value", "seed", "val_accuracy_best", "best_step",
@@ -58,8 +64,8 @@ def define_flags() -> None:
   flags.DEFINE_integer(
       "seed", 100, "Tuning seed; keep it out of the table's seeds 0 .. n-1.")
   flags.DEFINE_string(
-      "workdir", None, "Root directory (default: workdirs/<config "
-      "name>_sweep).")
+      "workdir", None, "Root directory (default: workdirs/sweep/<config "
+      "name>).")
   flags.DEFINE_list("methods", None,
                     "Methods to sweep (default: every method of SWEEP).")
   flags.DEFINE_string(
@@ -142,13 +148,12 @@ def run_sweep(module, root: str, seed: int, methods=None, overrides=None,
 
 def main(argv):
   del argv
-  quiet_orbax()
+  quiet_libraries()
   opts = flags.FLAGS
   with user_errors():
     path = opts["config"].config_filename
     module = runs.load_config_module(path)
-    root = opts.workdir or os.path.join(
-        "workdirs", f"{runs.config_name(path)}_sweep")
+    root = opts.workdir or default_root("sweep", path)
     os.makedirs(root, exist_ok=True)
     grids = None
     if opts.key or opts.values:

@@ -24,7 +24,7 @@ from ot_transfer_jax.ot import (
     solve_neuron_ot,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "DEFAULT_RELATIVE_EPSILON",

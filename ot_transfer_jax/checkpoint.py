@@ -26,10 +26,10 @@ Nothing here unpickles or evaluates: arrays come from tensorstore, the rest
 from JSON.
 
 For users who only want a trained model (the run of ``python -m
-experiments.main --config experiments/configs/digits_transfer.py --workdir
-workdirs/digits_transfer/ot``)::
+experiments.main --config experiments/configs/transfer.py:data=digits``, in
+its default workdir)::
 
-  restored = ot_transfer_jax.checkpoint.restore("workdirs/digits_transfer/ot")
+  restored = ot_transfer_jax.checkpoint.restore("workdirs/main/digits_transfer/ot")
   # images: uint8 (N, H, W, C) as the dataset stores them, or floats in
   # [0, 1], at the training resolution (restored.image_shape); predict
   # normalises them as in training. Anything else (floats in 0..255,
@@ -329,7 +329,7 @@ def check_compatible(saved: Any, wanted: Any, step: int, where: str,
 
   Args:
     saved, wanted: pytrees of leaves with ``.shape`` and ``.dtype`` (orbax
-      array metadata, ``jax.ShapeDtypeStruct``s or arrays).
+      array metadata, ``jax.ShapeDtypeStruct`` or arrays).
   """
   saved, wanted = flat_arrays(saved), flat_arrays(wanted)
   for path in sorted(saved.keys() | wanted.keys()):
@@ -501,7 +501,7 @@ class Restored:
   #: ``model.apply(variables, (images - mean) / std)``, images in [0, 1].
   mean: np.ndarray
   std: np.ndarray
-  #: int64 (num_classes,): the dataset's class id of each model output
+  #: The dataset's class id of each model output, int64 ``(num_classes,)``
   #: (``config.data.classes``, e.g. 5..9 for outputs 0..4).
   class_ids: np.ndarray
   #: (H, W, C) of the training inputs; None where unknown (a checkpoint

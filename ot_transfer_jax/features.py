@@ -123,11 +123,14 @@ def apply_with_features(
     train: BatchNorm normalises with, and updates from, batch statistics;
       dropout is active.
     rngs: PRNG keys of the forward pass, e.g. ``{"dropout": key}``.
+
   Returns:
-    logits: [N, num_classes].
-    features: ``{path: activation}``, e.g. ``{"stage3": [N, H', W', C']}``;
-      for a module called more than once, its last output.
-    new_model_state: with ``train``, the updated collections,
+    ``(logits, features, new_model_state)``:
+
+    * ``logits``: [N, num_classes];
+    * ``features``: ``{path: activation}``, e.g. ``{"stage3": [N, H', W',
+      C']}``; for a module called more than once, its last output;
+    * ``new_model_state``: with ``train``, the updated collections,
       ``{"batch_stats": ...}`` (``{}`` for a model without BatchNorm);
       without ``train``, always ``{}``: nothing changes.
   """

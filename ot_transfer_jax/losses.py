@@ -1,8 +1,10 @@
 """The OT regulariser and the baselines it is compared with, as pure functions.
 
 Activations are ``(batch, [height, width,] neurons)``; the teacher's are held
-constant (``stop_gradient``). Every function returns a float32 scalar and works
-under ``jax.jit``, ``jax.grad`` and ``jax.vmap`` for float32 or bfloat16 inputs.
+constant (``stop_gradient``). Every function returns a float32 scalar (and
+``ot_regularizer(..., return_transport=True)`` the solve with it, to check
+``converged``) and works under ``jax.jit``, ``jax.grad`` and ``jax.vmap`` for
+float32 or bfloat16 inputs.
 The feature losses take ``axis_name=``: inside ``jax.pmap`` / ``jax.shard_map``
 over a batch-sharded axis they return the global-batch value on every device,
 with the per-shard gradient convention of :mod:`ot_transfer_jax.ot`.
@@ -32,23 +34,33 @@ from ot_transfer_jax import ot
 PyTree = Any
 
 
-def ot_regularizer(student: jax.Array, teacher: jax.Array,
-                   **options: Any) -> jax.Array:
+def ot_regularizer(student: jax.Array, teacher: jax.Array, *,
+                   return_transport: bool = False, **options: Any) -> Any:
   """Omega_P between two layers: ``solve_neuron_ot(student, teacher, ...).value``.
 
   Args:
     student: ``(m, *positions, n_s)`` activations.
     teacher: ``(m, *positions', n_t)`` activations of the same batch.
+    return_transport: also return the solve's
+      :class:`~ot_transfer_jax.ot.NeuronTransport` (``converged``,
+      ``n_iters``, ``plan``, ``mass``, ...): ``(value, transport)``, the
+      shape ``jax.value_and_grad(..., has_aux=True)`` expects.
     **options: any keyword of :func:`ot_transfer_jax.ot.solve_neuron_ot`
       (``epsilon``, ``relative_epsilon``, ``spatial``, ``normalize``,
       ``threshold``, ``max_iterations``, ``grad``, ``init``, ``axis_name``,
       ``precision``, ``tau``: below 1, unbalanced transport).
 
   Returns:
-    Scalar float32. With the default ``grad="envelope"`` its gradient treats
-    the plan as a constant.
+    Scalar float32 (with ``return_transport``: ``(value, transport)``). With
+    the default ``grad="envelope"`` its gradient treats the plan as a
+    constant. A solve that ran out of iterations still returns a value:
+    ``transport.converged`` says whether it met ``threshold``.
   """
-  return ot.solve_neuron_ot(student, teacher, **options).value
+  if not isinstance(return_transport, bool):
+    raise ValueError(f"return_transport must be True or False, got "
+                     f"{return_transport!r}.")
+  transport = ot.solve_neuron_ot(student, teacher, **options)
+  return (transport.value, transport) if return_transport else transport.value
 
 
 def _global_mean(x: jax.Array, axis_name: ot.AxisName) -> jax.Array:

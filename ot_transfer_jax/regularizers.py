@@ -54,7 +54,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ot_transfer_jax import delta_weights, losses, ot
+from ot_transfer_jax import batched_sinkhorn, delta_weights, losses, ot
 
 PyTree = Any
 READS = ("features", "logits", "params")
@@ -128,6 +128,17 @@ class Regularizer:
   def apply(self, params: PyTree, state: PyTree, student: Any,
             teacher: Any) -> Tuple[jax.Array, dict, PyTree]:
     raise NotImplementedError
+
+  def apply_pairs(self, params: Sequence[PyTree], states: Sequence[PyTree],
+                  students: Sequence[Any], teachers: Sequence[Any]
+                  ) -> list[Tuple[jax.Array, dict, PyTree]]:
+    """``apply`` of all a term's inputs (its layer pairs) at once.
+
+    The default calls ``apply`` on each; a regulariser that can do better
+    together (Omega_P: one Sinkhorn loop for all layers) overrides it.
+    """
+    return [self.apply(*args) for args in zip(params, states, students,
+                                              teachers)]
 
 
 _REGISTRY: dict[str, type] = {}
@@ -221,9 +232,14 @@ class OmegaP(Regularizer):
 
   Options: keywords of :func:`ot_transfer_jax.ot.solve_neuron_ot` (with its
   defaults; ``tau`` < 1: unbalanced transport, logged as
-  ``transported_mass``), and ``warm_start`` (start Sinkhorn from the previous
-  step's potentials). State: the potentials ``(f (n_s,), g (n_t,))``, zero at
-  step 0 (a valid start, without the epsilon scaling of a true cold start).
+  ``transported_mass``), ``warm_start`` (start Sinkhorn from the previous
+  step's potentials), and how the term's layer pairs are solved: ``solver``
+  ``"per_layer"`` (one ``solve_neuron_ot`` per pair), ``"batched"`` (all
+  pairs in one Sinkhorn loop of ``block`` iterations per trip,
+  :mod:`ot_transfer_jax.batched_sinkhorn`; envelope gradient only) or
+  ``"auto"`` (batched on GPUs and TPUs, per layer on the CPU). State: the
+  potentials ``(f (n_s,), g (n_t,))``, zero at step 0 (a valid start,
+  without the epsilon scaling of a true cold start).
   """
 
   relative_epsilon: float = default_of(_solve, "relative_epsilon")
@@ -233,14 +249,32 @@ class OmegaP(Regularizer):
   max_iterations: int = default_of(_solve, "max_iterations")
   grad: str = default_of(_solve, "grad")
   tau: float = default_of(_solve, "tau")
+  solver: str = "auto"
+  block: int = default_of(batched_sinkhorn.solve_layers, "block")
   warm_start: bool = True
 
   def __post_init__(self):
     # Checked when the config is written, not at the first step.
     ot.check_tau(self.tau)
+    ot._check_choice("solver", self.solver, batched_sinkhorn.SOLVERS)
+    batched_sinkhorn.check_block(self.block)
+    if self.solver == "batched" and self.grad != "envelope":
+      raise ValueError(
+          f"solver='batched' solves with the envelope gradient only, not "
+          f"grad={self.grad!r}: use solver='per_layer' (or 'auto' on a CPU).")
 
   def _solve_options(self) -> dict:
-    return {k: v for k, v in self.options.items() if k != "warm_start"}
+    return {k: v for k, v in self.options.items()
+            if k not in ("warm_start", "solver", "block")}
+
+  @staticmethod
+  def _outputs(res: ot.NeuronTransport, unbalanced: bool):
+    metrics = {"matched_fraction": res.matched_fraction,
+               "sinkhorn_iters": res.n_iters,
+               "sinkhorn_converged": res.converged.astype(jnp.float32)}
+    if unbalanced:  # How much mass was matched.
+      metrics["transported_mass"] = res.mass
+    return res.value, metrics, res.potentials
 
   def init(self, rng, student, teacher, context):
     del rng, context
@@ -252,12 +286,18 @@ class OmegaP(Regularizer):
     res = ot.solve_neuron_ot(
         student, teacher, init=state if self.warm_start else None,
         **self._solve_options())
-    metrics = {"matched_fraction": res.matched_fraction,
-               "sinkhorn_iters": res.n_iters,
-               "sinkhorn_converged": res.converged.astype(jnp.float32)}
-    if self.tau != 1.0:  # Unbalanced: how much mass was matched.
-      metrics["transported_mass"] = res.mass
-    return res.value, metrics, res.potentials
+    return self._outputs(res, self.tau != 1.0)
+
+  def apply_pairs(self, params, states, students, teachers):
+    # With the envelope gradient only: "auto" on an accelerator with
+    # grad="unroll" stays per layer.
+    if (batched_sinkhorn.resolve_solver(self.solver) == "per_layer"
+        or self.grad != "envelope"):
+      return super().apply_pairs(params, states, students, teachers)
+    results = batched_sinkhorn.solve_layers(
+        students, teachers, inits=states if self.warm_start else None,
+        block=self.block, **self._solve_options())
+    return [self._outputs(res, self.tau != 1.0) for res in results]
 
 
 @register("feature_matching")
@@ -551,9 +591,12 @@ def apply_terms(terms: Sequence[Term], params: Mapping, state: Mapping,
     value = jnp.zeros((), jnp.float32)
     new_state[term.name] = {}
     weights = [w for _, _, w in term.pairs] or [1.0]
-    for (key, s, t), w in zip(_inputs(term, views), weights):
-      v, m, new_state[term.name][key] = term.regularizer.apply(
-          params[term.name][key], state[term.name][key], s, t)
+    keys, students, teachers = zip(*_inputs(term, views))
+    outputs = term.regularizer.apply_pairs(
+        [params[term.name][k] for k in keys],
+        [state[term.name][k] for k in keys], students, teachers)
+    for key, (v, m, new_state[term.name][key]), w in zip(keys, outputs,
+                                                          weights):
       value = value + w * v
       metrics[f"reg/{term.name}/{key}"] = v
       metrics.update({f"{k}/{term.name}/{key}": x for k, x in m.items()})

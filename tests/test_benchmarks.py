@@ -114,11 +114,42 @@ def test_train_cost_variants_are_the_configs_methods():
     assert list(omega_p.loss.terms) == list(floor.loss.terms) == ["ot"]
     assert floor.loss.terms.ot.options.max_iterations == 2 < (
         omega_p.loss.terms.ot.options.max_iterations)
+    assert floor.loss.terms.ot.options.block == 2
+    assert omega_p.loss.terms.ot.options.solver == "auto"
     assert all(c.eval_every == 0 and c.teacher.workdir == f"/w/{setting}/teacher"
                for c in configs.values())
     # Everything but the terms is the Omega_P run's.
     assert task.num_steps == omega_p.num_steps and task.init_from_teacher == (
         omega_p.init_from_teacher)
+
+
+def test_train_cost_times_each_solver_it_is_given():
+  configs = train_cost.variant_configs(
+      "digits_transfer", workdir="/w", solvers=("per_layer", "batched"))
+  assert list(configs) == [train_cost.TASK, "+ Omega_I",
+                           "+ Omega_P (per_layer)", "+ Omega_P (batched)",
+                           train_cost.FLOOR]
+  solver = lambda label: configs[label].loss.terms.ot.options.solver
+  assert solver("+ Omega_P (per_layer)") == "per_layer"
+  assert solver("+ Omega_P (batched)") == "batched"
+  assert solver(train_cost.FLOOR) == "per_layer"  # The first solver's floor.
+  with pytest.raises(ValueError, match="choose one or more of"):
+    train_cost.variant_configs("digits_transfer", solvers=("fast",))
+
+
+def test_train_cost_row_reports_mean_median_p90_and_iterations_per_step():
+  v = train_cost.Variant("+ Omega_P", None, None, None, None,
+                         seconds=[0.001, 0.002, 0.003, 0.010],
+                         iters=[2, 4, 6, 8, 10, 12, 14, 16],
+                         step_iters=[6, 22], unconverged=[0.0] * 8)
+  row = train_cost._row("digits_transfer", v)
+  assert row["step_ms"] == pytest.approx(2.5)
+  assert row["mean_ms"] == pytest.approx(4.0)
+  assert row["p90_ms"] == pytest.approx(7.9)
+  assert row["step_iters_mean"] == 14 and row["step_iters_median"] == 14
+  assert row["iters_max"] == 16 and row["unconverged_pct"] == 0
+  for column in ("mean_ms", "p90_ms", "over_ref_mean", "step_iters_mean"):
+    assert column in train_cost.TRAIN_COST_COLUMNS
 
 
 @pytest.mark.slow
@@ -136,6 +167,11 @@ def test_train_cost_benchmark_runs(tmp_path):
   assert rows[0]["over_task"] == 1.0
   assert rows[2]["over_ref"] == pytest.approx(rows[2]["step_ms"] /
                                               rows[1]["step_ms"])
+  assert rows[2]["over_ref_mean"] == pytest.approx(rows[2]["mean_ms"] /
+                                                   rows[1]["mean_ms"])
+  assert rows[2]["step_ms"] <= rows[2]["p90_ms"]
+  # Iterations per step: the 3 layers' together.
+  assert rows[2]["step_iters_median"] >= 3 * 1
   # Iterations only where Sinkhorn runs: 3 layers x TINY_STEPS layer-steps.
   assert "iters_median" not in rows[0] and "iters_median" not in rows[1]
   assert 1 <= rows[2]["iters_median"] <= rows[2]["iters_p90"] <= (

@@ -1,6 +1,8 @@
 """Command-line user errors: one `Error:` line, exit 1, no traceback (nor a
 background thread's), and the checks that run before a teacher is trained."""
 
+import json
+import os
 import re
 import subprocess
 
@@ -120,3 +122,71 @@ def test_harmless_changes_resume(teacher_dir, tmp_path):
   final = loop.train_and_evaluate(longer, str(tmp_path))
   assert final["step"] == 20 and final["history_from_step"] == 0
   assert final["best_val_accuracy"] >= first["best_val_accuracy"]
+
+
+@pytest.mark.slow
+def test_the_default_job_says_what_it_trains_and_where_its_outputs_are(
+    tmp_path):
+  """The CLI as a user runs it: no --workdir (the default one, under the
+  current directory), a teacher trained first, JAX free to probe for
+  accelerators (JAX_PLATFORMS unset: on a machine without a TPU, jax logs
+  "Unable to initialize backend 'tpu'" at INFO, which must not show)."""
+  command = [c for c in main_command("unused", tmp_path / "teacher")
+             if not c.startswith("--workdir")]
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  env["PYTHONPATH"] = REPO  # The experiments package, from another folder.
+  proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  err, out = proc.stderr, proc.stdout.splitlines()
+  workdir = os.path.join("workdirs", "main", "digits_transfer", "ot")
+  # A header per phase, the validation accuracy at each evaluation (teacher:
+  # 40 steps, eval_every 100 -> step 40; student: steps 10 and 20).
+  assert re.search(r"Training the teacher \(model digits_cnn, seed 0; 40 "
+                   rf"steps\) in {re.escape(str(tmp_path / 'teacher'))}", err)
+  assert re.search(r"Training the student \(method ot, model digits_cnn, "
+                   rf"seed 0; 20 steps\) in {re.escape(workdir)}\n", err)
+  vals = re.findall(r"step (\d+)/(\d+) \| val accuracy 0\.\d{4} \| best", err)
+  assert vals == [("40", "40"), ("10", "20"), ("20", "20")], err[-3000:]
+  teacher_final = next(l for l in err.splitlines()
+                       if "Final metrics of the teacher" in l)
+  assert "'method'" not in teacher_final
+  assert "Unable to initialize backend" not in err
+  # The closing block: where each output is, each of which exists.
+  start = out.index(f"Outputs in {workdir}:")
+  for name in ("final_metrics.json", "metrics.jsonl", "tensorboard/",
+               "checkpoints/", "analysis.json"):
+    assert any(l.split()[0] == name for l in out[start + 1:-1]), out
+    assert (tmp_path / workdir / name.rstrip("/")).exists(), name
+  assert f"  teacher:            {tmp_path / 'teacher'}" in out
+  # The last line: the test accuracy at the best validation step first.
+  with open(tmp_path / workdir / "final_metrics.json") as f:
+    final = json.load(f)
+  assert out[-1] == (
+      f"ot, seed 0: test accuracy {final['test_accuracy_at_best_val']:.4f} "
+      f"at the best validation step {final['best_step']} (val accuracy "
+      f"{final['best_val_accuracy']:.4f}); at the last step (20): "
+      f"{final['test_accuracy']:.4f}")
+
+
+def test_default_workdirs_of_the_tools_never_nest():
+  """main, reproduce, sweep and curve each default to their own root: none
+  is inside another's (reproduce used to train in main's workdir)."""
+  from experiments import cli
+  configs = ["experiments/configs/transfer.py:data=digits",
+             "experiments/configs/transfer.py:data=fashion_mnist,method=ot",
+             "experiments/configs/distill.py:data=digits",
+             "experiments/configs/fashion_mnist_transfer.py:ot",
+             "experiments/configs/cifar100_resnet56_resnet20.py"]
+  roots = {("main", c, m): cli.default_workdir(c, m)
+           for c in configs for m in ("ot", "scratch")}
+  roots.update({(tool, c, None): cli.default_root(tool, c)
+                for tool in ("reproduce", "sweep", "curve") for c in configs})
+  assert cli.default_workdir(configs[0], "ot") == os.path.join(
+      "workdirs", "main", "digits_transfer", "ot")
+  assert cli.default_root("reproduce", configs[1]) == os.path.join(
+      "workdirs", "reproduce", "fashion_mnist_transfer")
+  for a, root_a in roots.items():
+    for b, root_b in roots.items():
+      if a[0] != b[0]:  # Two tools: disjoint trees.
+        assert not (root_a + os.sep).startswith(root_b + os.sep), (a, b)

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from experiments import runs
+from experiments import cli, runs
 from experiments.configs import common, cross_arch, distill, transfer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,8 +67,8 @@ def test_the_old_per_dataset_files_are_the_same_configs(setting, data):
 def test_reproduce_reads_a_config_with_arguments(setting):
   path = os.path.join(REPO, f"experiments/configs/{setting}.py:"
                       "data=fashion_mnist,method=ot")
-  assert runs.config_name(path) == f"fashion_mnist_{setting}"
-  assert runs.config_name(path.split(":")[0]) == setting
+  assert cli.config_name(path) == f"fashion_mnist_{setting}"
+  assert cli.config_name(path.split(":")[0]) == setting
   module = runs.load_config_module(path)
   default = module.get_config()
   assert default.method == "ot" and default.data.name == "fashion_mnist"

@@ -169,6 +169,22 @@ def test_a_longer_teacher_job_is_another_run_for_the_student(tmp_path):
       "teacher.job.num_steps: 40 -> 50"]
 
 
+def test_a_key_one_side_lacks_counts_as_its_default(tmp_path):
+  # A run saved before an option existed resumes as long as the option keeps
+  # the old behaviour (its default); another value is another run.
+  now = checkpoint.config_to_json(tiny_config(tmp_path))
+  saved = json.loads(json.dumps(now))
+  del saved["test_every_eval"], saved["teacher_normalization"]
+  del saved["loss"]["terms"]["ot"]["options"]["solver"]
+  del saved["teacher"]["job"]["init_permuted"]
+  assert same_run.resume_differences(saved, now) == []
+  now["teacher_normalization"] = True
+  now["loss"]["terms"]["ot"]["options"]["solver"] = "batched"
+  assert same_run.resume_differences(saved, now) == [
+      "loss.terms.ot.options.solver: 'auto' -> 'batched'",
+      "teacher_normalization: False -> True"]
+
+
 def test_restore_without_checkpoints_says_what_to_do(tmp_path):
   with pytest.raises(checkpoint.CheckpointError, match="train first"):
     checkpoint.restore(str(tmp_path))

@@ -127,3 +127,32 @@ def test_baselines_reject_non_float_and_empty_activations(fn, shape):
   empty = (4, 0, 2, 3)
   with pytest.raises(ValueError, match="empty axis"):
     fn(jnp.ones(empty), jnp.ones(empty))
+
+
+def test_ot_regularizer_returns_the_solve_on_request(layer_pair):
+  # The diagnostics of the solve (converged, n_iters, ...) next to the value,
+  # in the (value, aux) form of value_and_grad(..., has_aux=True).
+  student, teacher = layer_pair(32, 12, 9)
+  value, transport = ot_regularizer(student, teacher, tau=0.999,
+                                    return_transport=True)
+  assert bool(transport.converged) and int(transport.n_iters) >= 1
+  assert transport.plan.shape == (12, 9)
+  assert float(value) == float(ot_regularizer(student, teacher, tau=0.999))
+  (v, aux), grad = jax.value_and_grad(
+      lambda s: ot_regularizer(s, teacher, tau=0.999, return_transport=True),
+      has_aux=True)(student)
+  assert float(v) == pytest.approx(float(value), rel=1e-6)
+  assert int(aux.n_iters) == int(transport.n_iters)
+  np.testing.assert_allclose(
+      grad, jax.grad(ot_regularizer)(student, teacher, tau=0.999), rtol=1e-6)
+  with pytest.raises(ValueError, match="return_transport must be True or"):
+    ot_regularizer(student, teacher, return_transport="yes")
+
+
+def test_usage_convergence_example_runs():
+  # docs/usage.md's recipe: tau=0.999 converges under the default budget.
+  from doc_support import run_block
+  namespace = run_block("### Convergence and compilation")
+  transport = namespace["transport"]
+  assert bool(transport.converged) and 1 <= int(transport.n_iters) <= 100
+  assert namespace["grad"].shape == namespace["student"].shape

@@ -230,6 +230,36 @@ def test_jit_compiles_once_per_shape(layer_pair):
   assert len(traces) == 1
 
 
+def test_eager_calls_compile_once_per_shape_and_option_set(layer_pair):
+  # Outside jit the solve is one cached jax.jit: a second call with the same
+  # shapes compiles nothing at all (validation included), new values of
+  # epsilon or threshold neither; a new static option compiles it once more.
+  student, teacher = layer_pair(16, 7, 5)  # Shapes no other test uses.
+  compiles = []
+
+  def on_event(event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(event)
+
+  solve = ot_module._solve
+  first = solve_neuron_ot(student, teacher)
+  after_first = solve._cache_size()
+  jax.monitoring.register_event_duration_secs_listener(on_event)
+  try:
+    again = solve_neuron_ot(student + 1.0, teacher)
+    solve_neuron_ot(student, teacher, relative_epsilon=0.02, threshold=1e-4)
+    value = ot_regularizer(student, teacher)
+    assert compiles == [] and solve._cache_size() == after_first
+    solve_neuron_ot(student, teacher, tau=0.9)
+    assert solve._cache_size() == after_first + 1 and compiles
+    compiles.clear()
+    solve_neuron_ot(student * 2.0, teacher, tau=0.9)
+    assert compiles == [] and solve._cache_size() == after_first + 1
+  finally:
+    jax.monitoring.unregister_event_duration_listener(on_event)
+  assert float(value) == float(first.value) != float(again.value)
+
+
 def test_warm_start_needs_fewer_iterations(layer_pair):
   student, teacher = layer_pair(64, 256, 256)
   cold = solve_neuron_ot(student, teacher)
@@ -652,6 +682,54 @@ def test_unbalanced_warm_start_reaches_the_same_plan(layer_pair):
                          init=cold.potentials)
   assert bool(warm.converged) and int(warm.n_iters) < int(ref.n_iters)
   assert float(warm.value) == pytest.approx(float(ref.value), rel=1e-3)
+
+
+def _issue_relu_pair(seed):
+  """Independent 64 x 48 and 64 x 32 ReLU features (issue 26's case)."""
+  rng = np.random.default_rng(seed)
+  return (np.maximum(rng.normal(size=(64, 48)), 0).astype(np.float32),
+          np.maximum(rng.normal(size=(64, 32)), 0).astype(np.float32))
+
+
+@pytest.mark.parametrize("tau", [0.99, 0.999])
+@pytest.mark.parametrize("features", ["independent", "correlated"])
+def test_tau_near_one_converges_within_the_default_budget(layer_pair, tau,
+                                                         features):
+  # The values the docs recommend; 0.999 used to stop unconverged at the
+  # 2,000 iterations of the old budget (it needed ~4,100).
+  student, teacher = (_issue_relu_pair(0) if features == "independent" else
+                      layer_pair(64, 48, 32))
+  res = solve_neuron_ot(student, teacher, tau=tau)
+  assert bool(res.converged)
+  assert int(res.n_iters) <= ot_module.iteration_budget(2000, tau)
+  if features == "independent":
+    # Recentred potentials: the slow mass mode is gone, not just outwaited.
+    assert int(res.n_iters) <= 100
+  c = cost_matrix(neuron_descriptors(student), neuron_descriptors(teacher))
+  _, value, _ = _pot_unbalanced_plan(student, teacher,
+                                     float(res.epsilon), tau)
+  assert float(jnp.mean(c)) * 0.01 == pytest.approx(float(res.epsilon),
+                                                    rel=1e-5)
+  assert float(res.value) == pytest.approx(value, rel=1e-3)
+
+
+def test_iteration_budget_grows_with_rho_over_eps():
+  budget = ot_module.iteration_budget
+  assert budget(2000, 1.0) == 2000 and budget(7, 1.0) == 7
+  assert budget(2000, 0.999) == 2000 + 4995  # 5 rho / eps, rho / eps = 999
+  assert budget(2000, 0.9) == 2045
+  assert budget(1, 0.5) == 6
+
+
+def test_non_convergence_is_reported_not_hidden(layer_pair):
+  # A budget too small for the threshold: a value comes back, and so does
+  # converged=False.
+  student, teacher = layer_pair(64, 48, 32)
+  value, res = ot_regularizer(student, teacher, max_iterations=3,
+                              anneal=False, inner_iterations=1,
+                              return_transport=True)
+  assert not bool(res.converged) and int(res.n_iters) == 3
+  assert np.isfinite(float(value)) and float(value) == float(res.value)
 
 
 @pytest.mark.parametrize("tau", [0.0, -0.5, 1.5, float("nan"), "0.5", None])

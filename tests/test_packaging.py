@@ -10,9 +10,11 @@ be imported at all: from the checkout (fast) and from a ``pip install``-ed copy
 import importlib.metadata
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import textwrap
 import tomllib
 
@@ -118,6 +120,7 @@ _BLOCKED_RUN = _ABSENT + _IMPORT_ALL + textwrap.dedent("""
 README_EXAMPLES = ("## Use the regulariser", "### Flax NNX")
 # Every module the package must hold (a new module is added here).
 PACKAGE_MODULES = {
+    "ot_transfer_jax.batched_sinkhorn",
     "ot_transfer_jax.checkpoint", "ot_transfer_jax.delta_weights",
     "ot_transfer_jax.features", "ot_transfer_jax.losses", "ot_transfer_jax.ot",
     "ot_transfer_jax.optim", "ot_transfer_jax.parallel",
@@ -194,3 +197,70 @@ def test_importing_the_package_defers_ott_jax_and_its_solvers():
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.split("\n")[:2] == ["[]", "True"], proc.stdout
+
+
+@pytest.mark.slow
+def test_api_reference_builds_from_the_docstrings_without_warnings(tmp_path):
+  """docs/api (Sphinx autodoc + napoleon, Google-style docstrings) builds
+  with warnings as errors, with a page entry for every module of the package
+  and every public name."""
+  import ot_transfer_jax
+  out = tmp_path / "html"
+  proc = subprocess.run(
+      [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-E", "-b",
+       "html", str(REPO / "docs" / "api"), str(out)],
+      cwd=tmp_path, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  html = "".join(p.read_text() for p in out.glob("*.html"))
+  for module in PACKAGE_MODULES:  # A new module needs its automodule.
+    assert f'id="module-{module}"' in html, module
+  for name in ot_transfer_jax.__all__:
+    assert re.search(rf'id="ot_transfer_jax\.[\w.]+\.{name}"', html), name
+
+
+@pytest.mark.slow
+def test_wheel_and_sdist_build_and_the_wheel_installs_in_a_fresh_venv(
+    tmp_path):
+  """``python -m build`` on a copy of the checkout (``--no-isolation``:
+  setuptools comes from this environment instead of a download) gives a
+  wheel and an sdist of ot_transfer_jax.__version__; the wheel installs
+  (``--no-deps``) into a new venv that sees this environment's jax etc.
+  (``--system-site-packages``), where the package imports from the venv,
+  reports its version and runs the regulariser."""
+  import ot_transfer_jax
+  version = ot_transfer_jax.__version__
+  project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+  assert "version" in project["dynamic"]  # One place: __version__.
+  source, dist = tmp_path / "source", tmp_path / "dist"
+  shutil.copytree(REPO / "ot_transfer_jax", source / "ot_transfer_jax",
+                  ignore=shutil.ignore_patterns("__pycache__"))
+  for name in ("pyproject.toml", "README.md", "CHANGELOG.md"):
+    shutil.copy(REPO / name, source / name)
+  subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--outdir",
+                  str(dist), str(source)], check=True, capture_output=True,
+                 timeout=600, cwd=tmp_path)
+  wheel = dist / f"ot_transfer_jax-{version}-py3-none-any.whl"
+  sdist = dist / f"ot_transfer_jax-{version}.tar.gz"
+  assert sorted(dist.iterdir()) == sorted([wheel, sdist])
+  with tarfile.open(sdist) as tar:
+    names = tar.getnames()
+  for member in ("pyproject.toml", "ot_transfer_jax/ot.py",
+                 "ot_transfer_jax/models/vit.py"):
+    assert f"ot_transfer_jax-{version}/{member}" in names, member
+  venv = tmp_path / "venv"
+  subprocess.run([sys.executable, "-m", "venv", "--system-site-packages",
+                  str(venv)], check=True, timeout=300)
+  python = str(venv / "bin" / "python")
+  subprocess.run([python, "-m", "pip", "install", "--quiet", "--no-deps",
+                  "--no-index", str(wheel)], check=True, timeout=300)
+  script = ("import importlib.metadata as md, ot_transfer_jax as o; "
+            "print(o.__file__, o.__version__, md.version('ot_transfer_jax'), "
+            "float(o.ot_regularizer([[1.0, 0.0], [0.0, 1.0]], "
+            "[[0.0, 1.0], [1.0, 0.0]])))")
+  proc = subprocess.run([python, "-c", script], cwd=tmp_path,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  where, *versions, omega = proc.stdout.split()
+  assert where.startswith(str(venv)), where  # The wheel, not the checkout.
+  assert versions == [version, version]
+  assert float(omega) >= 0.0

@@ -9,14 +9,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ot_transfer_jax import delta_weights, losses, ot, regularizers
+from ot_transfer_jax import (batched_sinkhorn, delta_weights, losses, ot,
+                             regularizers)
 
 # Each option passed on to a library function, and that function: the
 # option's default must be the function's (read, never copied).
 CALLED = {
-    "ot": {name: ot.solve_neuron_ot for name in (
+    "ot": {**{name: ot.solve_neuron_ot for name in (
         "relative_epsilon", "spatial", "normalize", "threshold",
         "max_iterations", "grad", "tau")},
+           "block": batched_sinkhorn.solve_layers},
     "feature_matching": {"spatial": losses.feature_matching,
                          "normalize": losses.feature_matching},
     "delta": {"temperature": delta_weights.channel_weights,
@@ -26,7 +28,7 @@ CALLED = {
     "kd": {"temperature": losses.kd_loss},
 }
 # Options of the regulariser's own (not passed on).
-OWN = {"ot": {"warm_start": True}}
+OWN = {"ot": {"solver": "auto", "warm_start": True}}
 
 
 @pytest.fixture

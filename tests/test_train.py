@@ -356,15 +356,18 @@ def test_a_batch_that_does_not_divide_over_the_devices_runs_exactly(devices):
 
 @pytest.mark.slow
 def test_unbalanced_ot_term_trains_and_logs_its_mass(digits):
-  cfg = make_config("ot", layers=("stage2",), tau=0.8)
+  # tau=0.99 (0.8 leaves ~0.1 % of the mass: every step then converges in
+  # the minimum 2 iterations, warm or not).
+  cfg = make_config("ot", layers=("stage2",), tau=0.99)
   _, state, history = run(cfg, digits, 3)
   assert int(state.step) == 3
   mass = [float(h["transported_mass/ot/stage2->stage2"]) for h in history]
   assert all(0.0 < m < 0.99 for m in mass)
   assert all(np.isfinite(h["reg/ot"]) and h["reg/ot"] > 0 for h in history)
+  assert all(h["sinkhorn_converged/ot/stage2->stage2"] == 1 for h in history)
   # Warm starts: later steps start from the previous step's potentials.
   iters = [int(h["sinkhorn_iters/ot/stage2->stage2"]) for h in history]
-  assert iters[-1] < iters[0]
+  assert max(iters[1:]) < iters[0]
 
 
 def test_invalid_tau_rejected_when_the_config_is_written():

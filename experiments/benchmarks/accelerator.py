@@ -1,7 +1,7 @@
 """Accelerator benchmark: the OT solve, the training step and a run's cost, one command.
 
   python -m experiments.benchmarks.accelerator --out benchmarks_out
-      [--budget-s 200] [--fashion-mnist-dir DIR] [--tiny]
+      [--budget-s 200] [--fashion-mnist-dir DIR] [--solvers auto] [--tiny]
 
 Meant for one GPU/TPU (about 5 minutes); runs on whatever
 ``jax.devices()[0]`` is. The OT table needs only the core install and this
@@ -20,10 +20,12 @@ experiments extra (without it, each is one row saying so). Three tables:
 3. Training cost (``train_cost.bench_setting``): the digits transfer run and,
    when the Fashion-MNIST IDX files are found (``--fashion-mnist-dir``), the
    Fashion-MNIST transfer and distillation runs, trained task only,
-   + Omega_I / + FitNets and + Omega_P, interleaved, evaluation off: median
-   step time, Omega_P over the reference, Sinkhorn iterations per
-   layer-step. Teachers are trained first, in ``--workdir`` (default: a
-   temporary directory), not timed.
+   + Omega_I / + FitNets and + Omega_P (once per ``--solvers`` entry, e.g.
+   ``per_layer,batched``; default ``auto``: the batched solver on an
+   accelerator), interleaved, evaluation off: median, mean and p90 step
+   time, Omega_P over the reference, Sinkhorn iterations per step. Teachers
+   are trained first, in ``--workdir`` (default: a temporary directory), not
+   timed.
 
 Writes ``OUT/accelerator.json`` (the device name, machine, settings, rows),
 ``OUT/accelerator.md``, and the training-cost table alone as
@@ -45,6 +47,7 @@ from typing import Optional
 import jax
 
 from experiments.benchmarks import ot_solver
+from ot_transfer_jax.batched_sinkhorn import SOLVERS
 from experiments.benchmarks.common import (TRAIN_COST_COLUMNS, machine,
                                            markdown_table)
 
@@ -86,7 +89,7 @@ def _experiments_module(name: str, what: str, rows: list):
 
 def run(settings: dict, budget_s: float, tiny: bool = False,
         fashion_mnist_dir: Optional[str] = None,
-        workdir: Optional[str] = None) -> dict:
+        workdir: Optional[str] = None, solvers=("auto",)) -> dict:
   """The three tables on ``jax.devices()[0]``; returns the JSON-able result."""
   start = time.monotonic()
   seconds = {}
@@ -105,7 +108,7 @@ def run(settings: dict, budget_s: float, tiny: bool = False,
   if train_cost:
     cost = train_cost.run(settings["cost_settings"], tiny, fashion_mnist_dir,
                           workdir or tempfile.mkdtemp(prefix="train_cost_"),
-                          deadline=start + 0.65 * budget_s)
+                          deadline=start + 0.65 * budget_s, solvers=solvers)
   seconds["train_cost"] = time.monotonic() - start - sum(seconds.values())
 
   train_rows = []
@@ -148,7 +151,7 @@ def markdown(result: dict) -> str:
       markdown_table(result["ot_solver"]["rows"], OT_COLUMNS),
       "",
       "## Training cost: real runs, evaluation off, variants interleaved "
-      "(median step, ms)",
+      "(step times in ms: median, mean, p90)",
       "",
       markdown_table(result["train_cost"]["rows"], TRAIN_COST_COLUMNS),
       "",
@@ -175,13 +178,21 @@ def main(argv=None):
   parser.add_argument("--workdir", default=None,
                       help="where the training-cost teachers are trained "
                       "(default: a new temporary directory).")
+  parser.add_argument("--solvers", default="auto",
+                      help="the training-cost table's Omega_P solvers, "
+                      f"comma-separated of {SOLVERS} (one row each; default "
+                      "auto).")
   parser.add_argument("--tiny", action="store_true",
                       help="toy sizes: seconds on a CPU (for the tests).")
   args = parser.parse_args(argv)
   if args.budget_s < 0:
     parser.error(f"--budget-s must be >= 0, got {args.budget_s}.")
+  solvers = args.solvers.split(",")
+  if sorted(set(solvers) - set(SOLVERS)):
+    parser.error(f"unknown solver(s) in --solvers {args.solvers!r}; choose "
+                 f"from {SOLVERS}.")
   result = run(TINY if args.tiny else FULL, args.budget_s, args.tiny,
-               args.fashion_mnist_dir, args.workdir)
+               args.fashion_mnist_dir, args.workdir, solvers)
   os.makedirs(args.out, exist_ok=True)
   if "machine" in result["train_cost"]:  # The table alone, as train_cost's.
     importlib.import_module("experiments.benchmarks.train_cost").write(

@@ -12,9 +12,13 @@ import numpy as np
 
 
 # The training-cost table's columns (train_cost, accelerator).
-TRAIN_COST_COLUMNS = ("setting", "variant", "steps", "step_ms", "over_task",
-                      "over_ref", "iters_median", "iters_p90", "iters_max",
-                      "unconverged_pct", "skipped")
+# step_ms is the median step; a run pays the mean (mean_ms); step_iters_* are
+# Sinkhorn iterations per step, all layers together.
+TRAIN_COST_COLUMNS = ("setting", "variant", "steps", "step_ms", "mean_ms",
+                      "p90_ms", "over_task", "over_ref", "over_ref_mean",
+                      "step_iters_median", "step_iters_mean",
+                      "step_iters_p90", "iters_max", "unconverged_pct",
+                      "skipped")
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:

@@ -29,7 +29,7 @@ Launch one method (default: data=digits, method=ot):
   python -m experiments.main \
       --config experiments/configs/cross_arch.py:data=digits,method=ot \
       --workdir workdirs/digits_cross_arch/ot
-All methods x seeds, table and figures (in workdirs/<data>_cross_arch):
+All methods x seeds, table and figures (in workdirs/reproduce/<data>_cross_arch):
   python -m experiments.reproduce \
       --config experiments/configs/cross_arch.py:data=digits --seeds 3
   python -m experiments.reproduce \

@@ -34,7 +34,7 @@ Launch one method (default: data=digits, method=ot):
   python -m experiments.main \
       --config experiments/configs/distill.py:data=digits,method=ot \
       --workdir workdirs/digits_distill/ot
-All methods x seeds, table and figures (in workdirs/<data>_distill):
+All methods x seeds, table and figures (in workdirs/reproduce/<data>_distill):
   python -m experiments.reproduce \
       --config experiments/configs/distill.py:data=digits --seeds 3
   python -m experiments.reproduce \

@@ -47,7 +47,7 @@ Launch one method (default: data=digits, method=ot):
   python -m experiments.main \
       --config experiments/configs/transfer.py:data=digits,method=ot \
       --workdir workdirs/digits_transfer/ot
-All methods x seeds, table and figures (in workdirs/<data>_transfer):
+All methods x seeds, table and figures (in workdirs/reproduce/<data>_transfer):
   python -m experiments.reproduce \
       --config experiments/configs/transfer.py:data=digits --seeds 3
   python -m experiments.reproduce \

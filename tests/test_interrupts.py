@@ -1,0 +1,94 @@
+"""Ctrl-C and SIGTERM at every moment of ``python -m experiments.main``: one
+line, the shell's exit status, never a crash or an ignored signal
+(experiments/interrupts.py). Real processes, signals from Popen."""
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from digits_job import REPO, main_command
+
+ENV = dict(os.environ, PYTHONUNBUFFERED="1")
+_SIGTERM_BIT = 1 << (signal.SIGTERM - 1)
+
+
+def _handlers_installed(pid: int) -> bool:
+  """Whether the process catches SIGTERM (Python alone does not: only
+  experiments.interrupts.install() does), from /proc/PID/status."""
+  with open(f"/proc/{pid}/status") as f:
+    caught = next(l for l in f if l.startswith("SigCgt:")).split()[1]
+  return bool(int(caught, 16) & _SIGTERM_BIT)
+
+
+def _interrupt(tmp_path, name, sig, *, after_install=None, on_line=None):
+  """Starts the tiny digits job (its teacher trains first), sends ``sig``
+  ``after_install`` seconds after the signal handlers exist, or as soon as
+  stderr shows ``on_line``; returns (exit status, stderr)."""
+  workdir, teacher = tmp_path / name / "run", tmp_path / name / "teacher"
+  proc = subprocess.Popen(main_command(workdir, teacher), cwd=REPO, env=ENV,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  seen = []
+  try:
+    if on_line is None:
+      deadline = time.time() + 60
+      while not _handlers_installed(proc.pid):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.005)
+      time.sleep(after_install)
+    else:
+      for line in proc.stderr:
+        seen.append(line)
+        if on_line in line:
+          break
+      else:
+        pytest.fail(f"{name}: the run ended without logging {on_line!r}")
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=180)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  return proc.returncode, "".join(seen) + err, out
+
+
+@pytest.mark.slow
+def test_a_signal_at_any_moment_ends_with_one_line_and_its_exit_status(
+    tmp_path):
+  """Before any other import, during the imports, jax's start-up and the
+  config, the teacher's set-up, its loop (SIGTERM), between the teacher and
+  the student, and at the student's last step (a signal there used to be
+  forgotten: the run ended with status 0)."""
+  cases = [  # name, signal, when
+      ("first_line", signal.SIGINT, dict(after_install=0.0)),
+      ("imports", signal.SIGINT, dict(after_install=0.3)),
+      ("start_up", signal.SIGINT, dict(after_install=1.0)),
+      ("config", signal.SIGINT, dict(after_install=2.0)),
+      ("teacher_loop", signal.SIGTERM, dict(on_line="step 25/40")),
+      ("student_set_up", signal.SIGINT,
+       dict(on_line="Final metrics of the teacher")),
+      ("last_step", signal.SIGINT, dict(on_line="step 20/20 (100.0%)")),
+  ]
+  for name, sig, when in cases:
+    code, err, out = _interrupt(tmp_path, name, sig, **when)
+    tail = f"{name}: exit {code}\n{err[-3000:]}"
+    assert code == 128 + sig, tail
+    # In the loop: a checkpoint, then this line; elsewhere: no checkpoint.
+    lines = [l for l in err.splitlines() if
+             f"Stopped by {sig.name} at step" in l and "checkpoint saved" in l
+             or f"Interrupted by {sig.name} (no checkpoint written" in l]
+    assert len(lines) == 1, tail
+    assert "Resume: python -m experiments.main --config" in lines[0], tail
+    for noise in ("Traceback", "Fatal Python error", "Exception ignored"):
+      assert noise not in err, tail
+    assert "test accuracy" not in out  # It never finished.
+  # Stopped at the last step: the rerun finishes without training.
+  proc = subprocess.run(main_command(tmp_path / "last_step" / "run",
+                                     tmp_path / "last_step" / "teacher"),
+                        cwd=REPO, env=ENV, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Resuming the student" in proc.stderr
+  assert "test accuracy" in proc.stdout.splitlines()[-1]
