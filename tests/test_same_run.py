@@ -161,8 +161,9 @@ def _study(out: str):
   values that have records (the first-protocol studies stopped part way:
   a value without records would need runs the teacher-seed check now refuses
   to start), and its overrides."""
-  (argv,) = [a for a in _documented_curve_commands()
-             if a[a.index("--out") + 1] == out]
+  # The docs and the config's docstring give the same command.
+  (argv,) = {tuple(a): a for a in _documented_curve_commands()
+             if a[a.index("--out") + 1] == out}.values()
   opt = lambda name, default=None: (argv[argv.index(name) + 1]
                                     if name in argv else default)
   key = opt("--key")
