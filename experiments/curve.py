@@ -17,13 +17,13 @@ for every run of that value):
    once per grid point and tuning seed (``config.seed`` and ``data.seed`` =
    each of ``--tuning_seeds``, none of which a table seed may equal) and
    keeps the point of best *mean* validation accuracy over the tuning seeds
-   (:func:`bracket`): one seed's few hundred validation images choose little
+   (:func:`experiments.runs.bracket`): one seed's few hundred validation images choose little
    better than chance between neighbouring grid points. When the
    best point is at an edge of the grid, the grid extends 10x that way, at
    most ``--extensions`` (2) times; a choice still at an edge is recorded as
    not bracketed. Methods without a grid run with the config's values.
 2. **The table.** Every method x seed ``0 .. seeds-1`` with the chosen weight
-   (``reproduce.seeded``: for a seed, every method sees the same data and
+   (``runs.seeded``: for a seed, every method sees the same data and
    initialisation). A student from random weights whose seed equals its
    teacher's (same architecture) is refused before any run: it would start
    from the teacher's own initial weights.
@@ -44,12 +44,14 @@ trains its own in ``<teacher dir>/<key>=<value>`` and the log says so.
 
 Outputs. In ``--out`` (small files, meant to be committed):
 
-* ``runs/<key>=<value>/<method>/seed<k>.json``: one record per table run:
-  ``kind`` ("run"), ``key``, ``value``, ``method``, ``seed``, ``status``
-  ("finished" | "diverged"), ``weights`` (``reproduce.hyperparameters``),
+* ``runs/<key>=<value>/<method>/seed<k>.json``: one record per table run
+  (:class:`experiments.runs.Record`):
+  ``kind`` ("run"), ``key``, ``value``, ``label``, ``method``, ``seed``,
+  ``weights`` (``runs.hyperparameters``), ``status`` ("finished" |
+  "diverged"),
   ``test_accuracy_best_val``, ``test_accuracy_last``, ``val_accuracy_best``,
   ``best_step``, ``step``, the plan diagnostics of the run's
-  ``analysis.json`` (``{layer: float | None}`` each, :data:`PLAN_MEASURES`:
+  ``analysis.json`` (``{layer: float | None}`` each, ``runs.PLAN_MEASURES``:
   ``matched_fraction``, the trace of the OT plan between the trained
   student's and the teacher's layer, ``row_max_mass`` and ``plan_entropy``,
   which see a matching under any permutation), ``wall_s`` (seconds of the
@@ -76,10 +78,12 @@ Resuming. A rerun of the same command reuses every record in ``--out`` and
 trains only what is missing (a run interrupted in ``--workdir`` resumes from
 its checkpoint), so a fresh checkout of the committed records, without the
 workdir, continues where the last session stopped (retraining the teacher
-first if it is needed). A record whose config differs from the one this
-command builds now (another config file, override or value; keys present on
-one side only are ignored, as code changes add keys with neutral defaults) is
-refused with an ``Error:`` naming the differences: use another ``--out``.
+first if it is needed). A record whose config is another result than the
+one this command builds now (another config file, override or value:
+:func:`experiments.same_run.record_differences`, which lets only
+result-neutral keys such as paths differ and counts a key that a record made
+before it existed lacks as its default) is refused with an ``Error:`` naming
+the differences: use another ``--out``.
 """
 
 from __future__ import annotations
@@ -101,36 +105,43 @@ from absl import app, flags, logging
 from matplotlib.figure import Figure
 from ml_collections import config_flags
 
-from experiments import loop, reproduce
-from experiments.job import _flatten  # Dotted keys of a nested dict.
+from experiments import loop, runs, same_run
 from experiments.cli import (default_root, parse_flags, quiet_libraries,
                              user_errors)
 from ot_transfer_jax import checkpoint
 
-# --config, --workdir and --methods are experiments.reproduce's flags (this
-# module imports it; --seeds too); these are the curve's own.
-_KEY, _VALUES = reproduce.KEY, reproduce.VALUES  # --key, --values
-_OUT = flags.DEFINE_string(
-    "out", None, "Directory of the records, tables and figure (committed).")
-_TUNING_SEEDS = flags.DEFINE_list(
-    "tuning_seeds", ["100", "101"], "Seeds of the weight choice (their mean "
-    "validation accuracy decides); no table seed may equal one.")
-_GRID = flags.DEFINE_multi_string(
-    "grid", [], "METHOD=V1,V2,...: this method's weight grid (instead of the "
-    "config's SWEEP).")
-_EXTENSIONS = flags.DEFINE_integer(
-    "extensions", 2, "Times a grid may extend 10x past the edge its best "
-    "value is at.")
-_FOCUS = flags.DEFINE_string(
-    "focus", "ot", "The method whose paired differences against every other "
-    "method are tabulated and drawn.")
 
-# Settings that do not change a run's result: ignored when a record's config
-# is compared with the one a command builds now.
-NEUTRAL_KEYS = ("teacher.workdir", "data.data_dir", "log_every",
-                "checkpoint_every", "max_to_keep", "eval_batch_size",
-                "allow_resume_with_changes", "method_order", "baseline_method",
-                "max_devices")
+def define_flags() -> None:
+  """This tool's flags, defined when it runs (``python -m``): reproduce,
+  sweep and curve each define their own, so that they import together."""
+  config_flags.DEFINE_config_file(
+      "config", None, "Path to an experiment config with methods.",
+      lock_config=True)
+  flags.DEFINE_string(
+      "key", None, "The config key the curve varies (e.g. "
+      "data.samples_per_class).")
+  flags.DEFINE_list("values", None, "The values of --key (Python literals).")
+  flags.DEFINE_integer("seeds", 3, "Table seeds per point: 0 .. seeds-1.")
+  flags.DEFINE_list("methods", None,
+                    "Subset of the config's methods (default: all).")
+  flags.DEFINE_string(
+      "out", None, "Directory of the records, tables and figure (committed).")
+  flags.DEFINE_string(
+      "workdir", None, "Directory of the runs' workdirs and teachers "
+      "(default: workdirs/curve/<config name>).")
+  flags.DEFINE_list(
+      "tuning_seeds", ["100", "101"], "Seeds of the weight choice (their "
+      "mean validation accuracy decides); no table seed may equal one.")
+  flags.DEFINE_multi_string(
+      "grid", [], "METHOD=V1,V2,...: this method's weight grid (instead of "
+      "the config's SWEEP).")
+  flags.DEFINE_integer(
+      "extensions", 2, "Times a grid may extend 10x past the edge its best "
+      "value is at.")
+  flags.DEFINE_string(
+      "focus", "ot", "The method whose paired differences against every "
+      "other method are tabulated and drawn.")
+  flags.mark_flags_as_required(["config"])
 
 
 # ---------------------------------------------------------------------------
@@ -161,53 +172,6 @@ def label(key: str, value: Any) -> str:
   return f"{key.rsplit('.', 1)[-1]}={text}"
 
 
-def bracket(points: dict, base: int, extensions: int):
-  """The weight to choose and, if the grid must grow, the next one to try.
-
-  Args:
-    points: ``{weight: validation accuracy or None (diverged)}``.
-    base: how many of the weights are the original grid (the rest are
-      extensions).
-    extensions: how many extensions are allowed in all.
-
-  Returns:
-    ``(chosen, next_weight, note)``: ``chosen`` is the weight of best
-    validation accuracy (of equals, one strictly inside the grid if any, else
-    the smallest; None if every run diverged); ``next_weight`` is 10x past
-    the edge ``chosen`` is at, while extensions are left (else None);
-    ``note`` is "" when the grid brackets ``chosen``, else why it does not.
-  """
-  weights = sorted(points)
-  finite = [w for w in weights if points[w] is not None]
-  if not finite:
-    return None, None, "every run diverged"
-  best = max(points[w] for w in finite)
-  tied = [w for w in finite if points[w] == best]
-  inside = [w for w in tied if weights[0] < w < weights[-1]]
-  if inside:
-    return inside[0], None, ""
-  chosen = tied[0]
-  if len(weights) == 1:
-    return chosen, None, "a grid of one value brackets nothing"
-  step = 0.1 if chosen == weights[0] else 10.0
-  if len(weights) - base < extensions:
-    return chosen, float(f"{chosen * step:.6g}"), ""
-  edge = "smallest" if step < 1 else "largest"
-  return chosen, None, (f"best at the {edge} weight after "
-                        f"{len(weights) - base} extension(s): not bracketed")
-
-
-def config_mismatch(saved: dict, now: dict) -> list[str]:
-  """``["key: saved -> now", ...]`` between two JSON configs, over the keys
-  both have, but ``NEUTRAL_KEYS`` (and the same keys of a teacher's job)."""
-  saved, now = _flatten(saved), _flatten(now)
-  neutral = NEUTRAL_KEYS + tuple(f"teacher.job.{k}" for k in NEUTRAL_KEYS)
-  skip = lambda k: any(k == p or k.startswith(p + ".") for p in neutral)
-  return [f"{k}: {saved[k]!r} -> {now[k]!r}"
-          for k in sorted(saved.keys() & now.keys())
-          if not skip(k) and saved[k] != now[k]]
-
-
 def mean_se(values: Sequence[float]) -> tuple[float, float]:
   """Mean and standard error (sample std / sqrt(n); 0 for one value)."""
   v = np.asarray(values, np.float64)
@@ -219,13 +183,6 @@ def mean_se(values: Sequence[float]) -> tuple[float, float]:
 #: the last step. Every table gives both.
 READS = {"test_accuracy_best_val": "best-val step",
          "test_accuracy_last": "last step"}
-#: Per-layer plan diagnostics of a run's analysis (experiments.analysis).
-PLAN_MEASURES = {
-    "matched_fraction": "trace of the plan (1 = the identity matching)",
-    "row_max_mass": "row-max mass, sum_j max_k P_jk (1 = one-to-one under "
-                    "any permutation; 1/n_t = uniform)",
-    "plan_entropy": "normalised plan entropy (0 = one-to-one, 1 = uniform)",
-}
 
 
 def paired(records: Sequence[dict], focus: str, other: str,
@@ -309,7 +266,7 @@ def markdown(summary: dict) -> str:
               "| pair | n | best val: mean | s.e. | better | last: mean | "
               "s.e. | better |", "|---|---:|---:|---:|---:|---:|---:|---:|",
               *rows]
-    for measure, meaning in PLAN_MEASURES.items():
+    for measure, meaning in runs.PLAN_MEASURES.items():
       out += plan_table(records, methods, measure, meaning)
     out.append("")
   out += ["## Weights chosen on validation", "",
@@ -334,7 +291,7 @@ def markdown(summary: dict) -> str:
 
 def plan_table(records, methods, measure: str, meaning: str) -> list[str]:
   """Lines of a Markdown table: per method, the mean ± s.e. over seeds of
-  each layer's ``measure`` (:data:`PLAN_MEASURES`) after training; none
+  each layer's ``measure`` (``runs.PLAN_MEASURES``) after training; none
   without any."""
   layers = list(dict.fromkeys(
       l for r in records for l, v in (r.get(measure) or {}).items()
@@ -438,21 +395,15 @@ class Curve:
           f"--tuning_seeds {clash[0]} is one of the table's seeds 0 .. "
           f"{seeds - 1}: weights must be chosen on seeds no table uses. "
           f"Pass --tuning_seeds {max(100, seeds)},{max(100, seeds) + 1}.")
-    default = module.get_config()
-    known = list(default.method_order)
-    methods = list(methods or known)
-    unknown = [m for m in methods if m not in known]
-    if unknown:
-      raise ValueError(f"Unknown methods {unknown}; this config defines "
-                       f"{known}.")
+    methods = runs.known_methods(module, methods)
     if focus not in methods:
       raise ValueError(f"--focus {focus} is not one of the methods "
                        f"{methods}: add it to --methods or pass --focus.")
     self.methods, self.overrides = methods, dict(overrides)
-    self.base = reproduce.method_configs(module, methods, overrides)
+    self.base = runs.method_configs(module, methods, overrides)
     for m, cfg in self.base.items():
-      if not reproduce._has_key(cfg, key):
-        keys = sorted(_flatten(cfg.to_dict()))
+      if not runs.has_key(cfg, key):
+        keys = sorted(runs.flatten(cfg.to_dict()))
         near = difflib.get_close_matches(key, keys, n=3)
         raise ValueError(
             f"--key {key}: get_config({m!r}) has no such key"
@@ -482,7 +433,7 @@ class Curve:
         grids[m] = (sweep[m][0], tuple(sorted(sweep[m][1])))
       else:
         continue
-      if not reproduce._has_key(self.base[m], grids[m][0]):
+      if not runs.has_key(self.base[m], grids[m][0]):
         raise ValueError(f"The weight grid of {m} sets {grids[m][0]}, which "
                          f"get_config({m!r}) does not have.")
     return grids
@@ -493,7 +444,7 @@ class Curve:
     if weight is not None:
       overrides[self.grids[method][0]] = weight
     try:  # Built anew: references (batch_size = 5 x K) follow the value.
-      (cfg,) = reproduce.method_configs(self.module, [method],
+      (cfg,) = runs.method_configs(self.module, [method],
                                         overrides).values()
     except (TypeError, ValueError, KeyError, AttributeError) as e:
       raise ValueError(f"--values: {self.key}={value!r} does not fit "
@@ -535,7 +486,7 @@ class Curve:
     return check is None or bool(check(method, cfg))
 
   def seeded(self, cfg, seed: int, value_label: str):
-    cfg = reproduce.seeded(cfg, seed, self.workdir)
+    cfg = runs.seeded(cfg, seed, self.workdir)
     if self.teacher_per_value and cfg.teacher.source == "train":
       with cfg.unlocked():
         cfg.teacher.workdir = os.path.join(cfg.teacher.workdir, value_label)
@@ -547,9 +498,9 @@ class Curve:
     """The record at ``path`` if any; refuses one made with other settings."""
     if not os.path.exists(path):
       return None
-    with open(path) as f:
-      record = json.load(f)
-    diff = config_mismatch(record["config"], checkpoint.config_to_json(cfg))
+    record = runs.read_json(path)
+    diff = same_run.record_differences(record["config"],
+                                       checkpoint.config_to_json(cfg))
     if diff:
       raise ValueError(
           f"{path} was made with other settings than this command builds: "
@@ -558,31 +509,8 @@ class Curve:
     return record
 
   def _train(self, cfg, workdir: str, path: str, base: dict) -> dict:
-    start = time.time()
-    try:
-      final = loop.train_and_evaluate(cfg, workdir)
-      record = {**base, "status": "finished",
-                "test_accuracy_best_val": final["test_accuracy_at_best_val"],
-                "test_accuracy_last": final["test_accuracy"],
-                "val_accuracy_best": final["best_val_accuracy"],
-                "best_step": final["best_step"], "step": final["step"]}
-      with open(os.path.join(workdir, loop.ANALYSIS)) as f:
-        a = json.load(f)
-      for measure in PLAN_MEASURES:
-        record[measure] = dict(zip(a["layers"], a[measure]))
-    except loop.Diverged as e:  # Recorded, never hidden nor chosen.
-      logging.error("%s diverged: %s", workdir, e)
-      record = {**base, "status": "diverged", "test_accuracy_best_val": None,
-                "test_accuracy_last": None, "val_accuracy_best": None,
-                "best_step": None, "step": None,
-                **{measure: {} for measure in PLAN_MEASURES}}
-    record["wall_s"] = round(time.time() - start, 1)
-    record["config"] = checkpoint.config_to_json(cfg)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(record, f, indent=1)
-    os.replace(tmp, path)
+    record = runs.run_record(cfg, workdir, **base)
+    runs.write_json(path, record, indent=1)
     self.done_s += record["wall_s"]
     self.done_n += 1
     self._progress(record)
@@ -636,10 +564,9 @@ class Curve:
                  for t in self.tuning_seeds]
       val = [r["val_accuracy_best"] for r in records]
       test = [r["test_accuracy_best_val"] for r in records]
-      points[w] = None if None in val else float(np.mean(val))
-      tests[w] = None if None in test else float(np.mean(test))
+      points[w], tests[w] = runs.mean_or_none(val), runs.mean_or_none(test)
       if not weights:
-        chosen, nxt, note = bracket(points, len(grid), self.extensions)
+        chosen, nxt, note = runs.bracket(points, len(grid), self.extensions)
         if nxt is not None:
           weights.append(nxt)
     return {"key": wkey, "weight": chosen, "grid": points, "test": tests,
@@ -647,9 +574,7 @@ class Curve:
 
   def _tuning_run(self, value, vl, method, weight, seed) -> dict:
     cfg = self.seeded(self.at(method, value, weight), seed, vl)
-    if cfg.data.val_per_class is None and cfg.data.val_fraction is None:
-      raise ValueError("Weights are chosen on the validation split, but "
-                       "this config has none: set data.val_per_class.")
+    runs.require_validation(cfg)
     path = self._tuning_path(vl, method, weight, seed)
     record = self._load(path, cfg) or self._train(
         cfg, os.path.join(self.workdir, vl, "tuning", method, f"{weight:g}",
@@ -661,7 +586,7 @@ class Curve:
   def _base(self, kind, value, method, seed, cfg) -> dict:
     return {"kind": kind, "key": self.key, "value": value,
             "label": label(self.key, value), "method": method, "seed": seed,
-            "weights": reproduce.hyperparameters(cfg)}
+            "weights": runs.hyperparameters(cfg)}
 
   def teachers(self) -> None:
     """Trains (or restores) every teacher a missing run needs, before any
@@ -683,13 +608,13 @@ class Curve:
   def run(self) -> dict:
     """Every value: weights, then method x seed; writes the outputs."""
     self.teachers()
-    chosen, runs = {}, []
+    chosen, table = {}, []
     for value in self.values:
       vl = label(self.key, value)
       chosen[vl] = {}
       for m in self.methods:
         if not self.applies(m, self.configs[vl][m]):
-          runs.append({**self._base("run", value, m, None,
+          table.append({**self._base("run", value, m, None,
                                     self.configs[vl][m]),
                        "status": "skipped", "skipped": True})
           continue
@@ -708,11 +633,11 @@ class Curve:
               cfg, os.path.join(self.workdir, vl, m, f"seed{seed}"), path,
               self._base("run", value, m, seed, cfg))
           self.wall_s["runs"] += record["wall_s"]
-          runs.append(record)
-      self.write(chosen, runs)  # Tables grow value by value.
-    return self.write(chosen, runs)
+          table.append(record)
+      self.write(chosen, table)  # Tables grow value by value.
+    return self.write(chosen, table)
 
-  def write(self, chosen, runs) -> dict:
+  def write(self, chosen, table) -> dict:
     summary = {"key": self.key, "values": self.values,
                "methods": self.methods, "seeds": self.seeds,
                "tuning_seeds": self.tuning_seeds, "focus": self.focus,
@@ -723,10 +648,9 @@ class Curve:
                                for m, c in cs.items()}
                           for vl, cs in chosen.items()},
                "runs": [{k: v for k, v in r.items() if k != "config"}
-                        for r in runs]}
+                        for r in table]}
     os.makedirs(self.out, exist_ok=True)
-    with open(os.path.join(self.out, "results.json"), "w") as f:
-      json.dump(summary, f, indent=1)
+    runs.write_json(os.path.join(self.out, "results.json"), summary, indent=1)
     with open(os.path.join(self.out, "results.md"), "w",
               encoding="utf-8") as f:
       f.write(markdown(summary))
@@ -752,26 +676,28 @@ def parse_grids(specs: Sequence[str]) -> dict:
 def main(argv):
   del argv
   quiet_libraries()
+  opts = flags.FLAGS
   with user_errors():
-    flag = flags.FLAGS["config"]
+    flag = opts["config"]
     path = flag.config_filename
-    if not _KEY.value:
+    if not opts.key:
       raise ValueError("--key is required: the config key the curve varies, "
                        "e.g. --key data.samples_per_class.")
-    if not _OUT.value:
+    if not opts.out:
       raise ValueError("--out is required: the directory of the records "
                        "(e.g. docs/regimes/<study>).")
     curve = Curve(
-        reproduce.load_config_module(path), _KEY.value,
-        parse_values(_VALUES.value), flags.FLAGS.methods, flags.FLAGS.seeds,
-        _OUT.value, flags.FLAGS.workdir or default_root("curve", path),
+        runs.load_config_module(path), opts.key, parse_values(opts.values),
+        opts.methods, opts.seeds, opts.out,
+        opts.workdir or default_root("curve", path),
         config_flags.get_override_values(flag),
-        [int(t) for t in _TUNING_SEEDS.value],
-        parse_grids(_GRID.value), _EXTENSIONS.value, _FOCUS.value)
+        [int(t) for t in opts.tuning_seeds], parse_grids(opts.grid),
+        opts.extensions, opts.focus)
     summary = curve.run()
     print(f"\nCurve in {curve.out} ({len(summary['runs'])} table runs):\n")
     print(markdown(summary))
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main, flags_parser=parse_flags)

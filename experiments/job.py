@@ -14,7 +14,6 @@ A run starts in three steps (:func:`experiments.loop.train_and_evaluate`):
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 from typing import Any, Callable, Optional
@@ -27,7 +26,7 @@ import optax
 from absl import logging
 from jax.sharding import Mesh
 
-from experiments import data, permutation, terms as config_terms
+from experiments import data, permutation, same_run, terms as config_terms
 from ot_transfer_jax import (checkpoint, inference, models, optim, parallel,
                              regularizers, train)
 from ot_transfer_jax.features import validate_layers
@@ -189,8 +188,8 @@ def load_teacher(config, workdir: str) -> Optional[Teacher]:
       # Resuming the teacher's run moves the damaged step aside.
       logging.warning("%s", e)
       return None
-    differences = config_differences(restored.meta.config,
-                                     checkpoint.config_to_json(t.job))
+    differences = same_run.resume_differences(
+        restored.meta.config, checkpoint.config_to_json(t.job))
     if differences:
       raise ValueError(
           f"The teacher in {tdir} was trained with other settings than "
@@ -237,67 +236,6 @@ def untrained_teacher(job_config) -> Teacher:
                                 **job_config.model.kwargs)
   return Teacher(teacher, train.init_model(teacher, jax.random.PRNGKey(0),
                                            jnp.zeros((1, *tds.image_shape))))
-
-
-# Settings a resume may change: they do not change what the steps already
-# taken computed, nor the data, model or method they describe. Any other
-# difference is another run (prefixes of dotted config keys).
-_RUN_SETTINGS = (
-    "log_every", "eval_every", "checkpoint_every", "max_to_keep",
-    "eval_batch_size", "analysis", "data.data_dir", "loss.max_bad_steps",
-    "allow_resume_with_changes", "method_order", "baseline_method",
-    "vary_data_seed", "max_devices", "test_every_eval")
-RESUMABLE_CHANGES = (
-    "num_steps", *_RUN_SETTINGS, "teacher.workdir",
-    # The same settings of the teacher's job; not its num_steps: a longer
-    # teacher job trains the cached teacher on, so a different teacher.
-    *(f"teacher.job.{key}" for key in _RUN_SETTINGS))
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict:
-  if isinstance(tree, dict) and tree:
-    out = {}
-    for key, value in tree.items():
-      out.update(_flatten(value, f"{prefix}{key}."))
-    return out
-  return {prefix[:-1]: tree}
-
-
-def config_differences(saved: dict, now: dict) -> list[str]:
-  """``["key: saved -> now", ...]`` for the settings that make two JSON
-  configs different runs (everything but ``RESUMABLE_CHANGES``)."""
-  saved, now = _flatten(saved), _flatten(now)
-  harmless = lambda key: any(key == p or key.startswith(p + ".")
-                             for p in RESUMABLE_CHANGES)
-  # A key on one side only (a config written before the option existed)
-  # counts with its default: an option added with the old behaviour as its
-  # default does not make every older run another run.
-  get = lambda config, key: config[key] if key in config else _default(
-      key, {**saved, **now})
-  return [f"{key}: {get(saved, key)!r} -> {get(now, key)!r}"
-          for key in sorted(saved.keys() | now.keys())
-          if not harmless(key) and get(saved, key) != get(now, key)]
-
-
-def _default(key: str, flat: dict) -> Any:
-  """The default of a config key: ``base_config()``'s, or for a loss term's
-  option (``loss.terms.<name>.options.<option>``) its regulariser's."""
-  inner = key.removeprefix("teacher.job.")
-  parts = inner.split(".")
-  if parts[:2] == ["loss", "terms"] and len(parts) == 5 and (
-      parts[3] == "options"):
-    name = flat.get(f"{key[:len(key) - len(inner)]}loss.terms.{parts[2]}"
-                    ".regularizer")
-    if name in regularizers.names():
-      return regularizers.get(name).from_options().options.get(
-          parts[4], "(unset)")
-  return _base_defaults().get(inner, "(unset)")
-
-
-@functools.lru_cache(maxsize=1)
-def _base_defaults() -> dict:
-  from experiments.configs import common  # The configs import this module's.
-  return _flatten(checkpoint.config_to_json(common.base_config()))
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str,

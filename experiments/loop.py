@@ -37,9 +37,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from experiments import analysis, interrupts, workdir_lock
+from experiments import analysis, interrupts, same_run, workdir_lock
 from experiments import job as job_lib
-from experiments.job import Job, Teacher, config_differences, setup
+from experiments.job import Job, Teacher, setup
 from experiments.metric_writers import MetricWriter, Progress
 from ot_transfer_jax import checkpoint, parallel, train
 
@@ -139,7 +139,7 @@ def resume(job: Job, manager) -> tuple[train.TrainState, History]:
   """The newest intact checkpoint's state and history, or a fresh start.
 
   A checkpoint written with other settings (data, model, method, loss,
-  optimizer, seed, ...: see ``RESUMABLE_CHANGES`` for what may change) is
+  optimizer, seed, ...: :mod:`experiments.same_run` says what may change) is
   refused, unless ``allow_resume_with_changes``: then the run continues with
   a new history section (model selection restarts at the resumed step).
   """
@@ -148,7 +148,7 @@ def resume(job: Job, manager) -> tuple[train.TrainState, History]:
   changes = []
 
   def check(step: int, meta: checkpoint.RunMeta) -> None:
-    changes[:] = config_differences(meta.config, now)
+    changes[:] = same_run.resume_differences(meta.config, now)
     if changes and not allowed:
       shown = "; ".join(changes[:8]) + ("; ..." if len(changes) > 8 else "")
       raise ValueError(

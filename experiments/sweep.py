@@ -20,13 +20,21 @@ as in ``experiments.reproduce``.
 ``--methods ot --key loss.terms.ot.options.relative_epsilon --values
 0.003,0.01,0.1`` sweeps another key instead (an ablation), the same way.
 
-The value with the best *validation* accuracy (the first of equals, in grid
-order) is chosen, per method and key; test accuracies are neither printed nor
-used. Writes ``WORKDIR/sweep.json`` (``records``: one per run with ``method``,
-``key``, ``value``, ``seed``, ``val_accuracy_best``, ``best_step``,
-``workdir``, kept across invocations; ``chosen``: ``{method: {key: value}}``)
-and ``WORKDIR/sweep.md``, and prints the table and the chosen values: copy
-them into the config, with a comment naming this command.
+The value with the best *validation* accuracy is chosen, per method and key,
+by experiments.curve's rule (:func:`experiments.runs.bracket` without
+extensions: of equal accuracies, one strictly inside the grid, else the
+smallest); test accuracies are neither printed nor used. Writes
+``WORKDIR/sweep.json`` (``records``: one per run with ``method``, ``key``,
+``value``, ``seed``, ``val_accuracy_best``, ``best_step``, ``workdir`` -- the
+fields of an :class:`experiments.runs.Record` a sweep keeps -- kept across
+invocations; ``chosen``: ``{method: {key: value}}``) and ``WORKDIR/sweep.md``,
+and prints the table and the chosen values: copy them into the config, with a
+comment naming this command.
+
+A sweep is the weight choice of experiments.curve at one value, on one tuning
+seed, without extending its grids; it keeps its own outputs (no test
+accuracies, a choice per method *and* key, the layout of the committed
+``docs/fashion_mnist/*/sweep.json``).
 """
 
 from experiments import interrupts
@@ -34,32 +42,51 @@ from experiments import interrupts
 if __name__ == "__main__":  # A command (not an import): from its first line,
   interrupts.install()  # Ctrl-C / SIGTERM end in one line (imports included).
 
-import json
 import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import loop, reproduce
+from experiments import runs
 from experiments.cli import (default_root, parse_flags, quiet_libraries,
                              user_errors)
 
-# --config, --workdir and --methods are experiments.reproduce's flags (this
-# module imports it); these are the sweep's own.
-_SEED = flags.DEFINE_integer(
-    "seed", 100, "Tuning seed; keep it out of the table's seeds 0 .. n-1.")
-_KEY, _VALUES = reproduce.KEY, reproduce.VALUES  # --key, --values
+#: The fields of a run's record that sweep.json keeps (no test accuracy).
+FIELDS = ("method", "key", "value", "seed", "val_accuracy_best", "best_step",
+          "workdir")
+
+
+def define_flags() -> None:
+  """This tool's flags, defined when it runs (``python -m``)."""
+  config_flags.DEFINE_config_file(
+      "config", None, "Path to an experiment config with SWEEP or "
+      "get_sweep.", lock_config=True)
+  flags.DEFINE_integer(
+      "seed", 100, "Tuning seed; keep it out of the table's seeds 0 .. n-1.")
+  flags.DEFINE_string(
+      "workdir", None, "Root directory (default: workdirs/sweep/<config "
+      "name>).")
+  flags.DEFINE_list("methods", None,
+                    "Methods to sweep (default: every method of SWEEP).")
+  flags.DEFINE_string(
+      "key", None, "Instead of SWEEP, sweep this config key for --methods "
+      "(e.g. loss.terms.ot.options.relative_epsilon).")
+  flags.DEFINE_list("values", None, "The values of --key (numbers).")
+  flags.mark_flags_as_required(["config"])
 
 
 def choose(records) -> dict:
   """``{method: {key: value}}``: per swept key, the value of best validation
-  accuracy (the first of equals, in grid order; diverged runs never)."""
-  chosen, best = {}, {}
-  for r in records:  # In grid order.
-    acc, where = r["val_accuracy_best"], (r["method"], r["key"])
-    if acc is not None and (where not in best or acc > best[where]):
-      best[where] = acc
-      chosen.setdefault(r["method"], {})[r["key"]] = r["value"]
+  accuracy (:func:`experiments.runs.bracket`; diverged runs never)."""
+  points = {}
+  for r in records:
+    points.setdefault((r["method"], r["key"]), {})[r["value"]] = (
+        r["val_accuracy_best"])
+  chosen = {}
+  for (method, key), grid in points.items():
+    value = runs.bracket(grid, base=len(grid), extensions=0)[0]
+    if value is not None:
+      chosen.setdefault(method, {})[key] = value
   return chosen
 
 
@@ -103,57 +130,46 @@ def run_sweep(module, root: str, seed: int, methods=None, overrides=None,
   for method in methods:
     key, values = grids[method]
     for value in values:
-      (cfg,) = reproduce.method_configs(
+      (cfg,) = runs.method_configs(
           module, [method], {**(overrides or {}), key: value}).values()
-      if not reproduce._has_key(cfg, key):
+      if not runs.has_key(cfg, key):
         raise ValueError(f"SWEEP[{method!r}] sets {key!r}, which "
                          f"get_config({method!r}) does not have.")
-      cfg = reproduce.seeded(cfg, seed, root)
-      if cfg.data.val_per_class is None and cfg.data.val_fraction is None:
-        raise ValueError("The sweep chooses on the validation split, but this "
-                         "config has none: set data.val_per_class.")
+      cfg = runs.seeded(cfg, seed, root)
+      runs.require_validation(cfg)
       workdir = os.path.join(root, method, f"{key}={value:g}")
       logging.info("=== sweep %s %s=%g, seed %d -> %s", method, key, value,
                    seed, workdir)
-      try:
-        final = loop.train_and_evaluate(cfg, workdir)
-        val, step = final["best_val_accuracy"], final["best_step"]
-      except loop.Diverged as e:  # Recorded, never chosen.
-        logging.error("%s %s=%g diverged: %s", method, key, value, e)
-        val, step = None, None
-      records.append({"method": method, "key": key, "value": value,
-                      "seed": seed, "val_accuracy_best": val,
-                      "best_step": step, "workdir": workdir})
+      record = runs.run_record(cfg, workdir, method=method, key=key,
+                               value=value, seed=seed, workdir=workdir)
+      records.append({field: record[field] for field in FIELDS})
   return records, choose(records)
 
 
 def main(argv):
   del argv
   quiet_libraries()
+  opts = flags.FLAGS
   with user_errors():
-    opts = {"seed": _SEED.value, "key": _KEY.value, "values": _VALUES.value,
-         "workdir": flags.FLAGS.workdir, "methods": flags.FLAGS.methods}
-    flag = flags.FLAGS["config"]
-    path = flag.config_filename
-    module = reproduce.load_config_module(path)
-    root = opts["workdir"] or default_root("sweep", path)
+    path = opts["config"].config_filename
+    module = runs.load_config_module(path)
+    root = opts.workdir or default_root("sweep", path)
     os.makedirs(root, exist_ok=True)
     grids = None
-    if opts["key"] or opts["values"]:
-      if not (opts["key"] and opts["values"] and opts["methods"]):
+    if opts.key or opts.values:
+      if not (opts.key and opts.values and opts.methods):
         raise ValueError("--key needs --values and --methods.")
-      values = tuple(float(v) for v in opts["values"])
-      grids = {m: (opts["key"], values) for m in opts["methods"]}
-    records, _ = run_sweep(module, root, opts["seed"], opts["methods"],
-                           config_flags.get_override_values(flag), grids)
+      values = tuple(float(v) for v in opts.values)
+      grids = {m: (opts.key, values) for m in opts.methods}
+    records, _ = run_sweep(module, root, opts.seed, opts.methods,
+                           config_flags.get_override_values(opts["config"]),
+                           grids)
     path = os.path.join(root, "sweep.json")
     if os.path.exists(path):  # Earlier sweeps of other methods or keys stay.
-      with open(path) as f:
-        records = merge(json.load(f)["records"], records)
+      records = merge(runs.read_json(path)["records"], records)
     chosen = choose(records)
-    with open(path, "w") as f:
-      json.dump({"records": records, "chosen": chosen}, f, indent=2)
-    table = markdown(records, chosen, opts["seed"])
+    runs.write_json(path, {"records": records, "chosen": chosen})
+    table = markdown(records, chosen, opts.seed)
     with open(os.path.join(root, "sweep.md"), "w") as f:
       f.write(table)
     print(f"\nSweep in {root}:\n\n{table}\nChosen on validation:")
@@ -163,4 +179,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main, flags_parser=parse_flags)

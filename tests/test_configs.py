@@ -1,11 +1,11 @@
 """Config arguments (``file.py:data=...,method=...``), the per-dataset aliases,
-and how reproduce and sweep read a config file. Fast: configs only, no run."""
+and how the tools read a config file (experiments.runs). Fast: configs only, no run."""
 
 import os
 
 import pytest
 
-from experiments import reproduce
+from experiments import cli, runs
 from experiments.configs import common, cross_arch, distill, transfer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,7 +51,7 @@ def test_unknown_dataset_or_method_names_the_choices(setting):
 @pytest.mark.parametrize("data", DATASETS)
 def test_the_old_per_dataset_files_are_the_same_configs(setting, data):
   module = SETTINGS[setting]
-  alias = reproduce.load_config_module(
+  alias = runs.load_config_module(
       os.path.join(REPO, f"experiments/configs/{data}_{setting}.py"))
   default = module.get_config(f"data={data}")
   assert alias.get_config().to_json() == default.to_json()
@@ -67,9 +67,9 @@ def test_the_old_per_dataset_files_are_the_same_configs(setting, data):
 def test_reproduce_reads_a_config_with_arguments(setting):
   path = os.path.join(REPO, f"experiments/configs/{setting}.py:"
                       "data=fashion_mnist,method=ot")
-  assert reproduce.config_name(path) == f"fashion_mnist_{setting}"
-  assert reproduce.config_name(path.split(":")[0]) == setting
-  module = reproduce.load_config_module(path)
+  assert cli.config_name(path) == f"fashion_mnist_{setting}"
+  assert cli.config_name(path.split(":")[0]) == setting
+  module = runs.load_config_module(path)
   default = module.get_config()
   assert default.method == "ot" and default.data.name == "fashion_mnist"
   for method in default.method_order:  # data=... kept for every method.
@@ -77,7 +77,7 @@ def test_reproduce_reads_a_config_with_arguments(setting):
     assert (c.method, c.data.name) == (method, "fashion_mnist")
   assert module.SWEEP and set(module.SWEEP) <= set(default.method_order)
   # Digits has no sweep: its weights came from an exploratory one.
-  assert reproduce.load_config_module(
+  assert runs.load_config_module(
       path.replace("fashion_mnist", "digits")).SWEEP == {}
 
 

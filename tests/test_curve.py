@@ -1,4 +1,5 @@
-"""experiments.curve: weight choice, records, resumption and errors.
+"""experiments.curve: values, tables, records, resumption and errors (the
+weight choice itself: tests/test_runs.py).
 
 The end-to-end test runs the tool on the tiny digits job (2 values, 1 seed, a
 one-point weight grid, 20 steps) and checks the outputs' structure and that a
@@ -15,47 +16,13 @@ import sys
 import pytest
 
 from digits_job import REPO, TEACHER_STEPS, TINY
-from experiments import curve, loop, reproduce
+from experiments import curve, loop, runs
 from experiments.configs import common
 
-DIGITS = reproduce.load_config_module(
+DIGITS = runs.load_config_module(
     os.path.join(REPO, "experiments/configs/transfer.py:data=digits"))
 
 KEY = "data.samples_per_class"
-
-
-# --- The weight grid ---------------------------------------------------------
-
-
-def test_bracket_keeps_an_interior_best_without_extending():
-  assert curve.bracket({0.01: 0.5, 0.1: 0.7, 1.0: 0.6}, 3, 2) == (0.1, None,
-                                                                   "")
-
-
-def test_bracket_extends_ten_times_past_the_edge_of_the_best():
-  assert curve.bracket({0.01: 0.7, 0.1: 0.6, 1.0: 0.5}, 3, 2)[:2] == (0.01,
-                                                                      0.001)
-  assert curve.bracket({0.01: 0.5, 0.1: 0.6, 1.0: 0.7}, 3, 2)[:2] == (1.0,
-                                                                      10.0)
-
-
-def test_bracket_stops_after_the_allowed_extensions_and_says_so():
-  points = {1e-4: 0.8, 1e-3: 0.7, 0.01: 0.6, 0.1: 0.5, 1.0: 0.4}
-  chosen, nxt, note = curve.bracket(points, base=3, extensions=2)
-  assert (chosen, nxt) == (1e-4, None)
-  assert "not bracketed" in note and "smallest" in note
-
-
-def test_bracket_prefers_an_interior_value_among_equals():
-  assert curve.bracket({0.01: 0.7, 0.1: 0.7, 1.0: 0.5}, 3, 2)[:2] == (0.1,
-                                                                      None)
-
-
-def test_bracket_never_chooses_a_diverged_run():
-  # The diverged largest weight counts as worse: 0.1 is bracketed.
-  assert curve.bracket({0.01: 0.5, 0.1: 0.6, 1.0: None}, 3, 2)[:2] == (0.1,
-                                                                      None)
-  assert curve.bracket({0.1: None}, 1, 2)[0] is None
 
 
 # --- Values, records, tables ---------------------------------------------------
@@ -70,20 +37,12 @@ def test_parse_values_reads_literals_and_refuses_repeats():
     curve.parse_values([])
 
 
-def test_config_mismatch_ignores_neutral_and_one_sided_keys():
-  saved = {"seed": 0, "teacher": {"workdir": "a"}, "log_every": 5,
-           "old_key": 1}
-  now = {"seed": 1, "teacher": {"workdir": "b"}, "log_every": 9,
-         "new_key": 2}
-  assert curve.config_mismatch(saved, now) == ["seed: 0 -> 1"]
-
-
 def test_paired_differences_are_per_seed_in_points():
-  runs = [{"method": m, "seed": s, "status": "finished",
-           "test_accuracy_best_val": a}
-          for m, s, a in (("ot", 0, 0.52), ("ot", 1, 0.53), ("ot", 2, 0.9),
-                          ("scratch", 0, 0.51), ("scratch", 1, 0.50))]
-  mean, se, better, n = curve.paired(runs, "ot", "scratch")
+  records = [{"method": m, "seed": s, "status": "finished",
+              "test_accuracy_best_val": a}
+             for m, s, a in (("ot", 0, 0.52), ("ot", 1, 0.53), ("ot", 2, 0.9),
+                             ("scratch", 0, 0.51), ("scratch", 1, 0.50))]
+  mean, se, better, n = curve.paired(records, "ot", "scratch")
   assert n == 2 and better == 2  # Seed 2 has no scratch run.
   assert mean == pytest.approx(2.0) and se == pytest.approx(1.0)
 
@@ -130,8 +89,8 @@ def test_cli_error_is_one_line(tmp_path):
 
 
 def test_reproduce_refuses_curve_flags(tmp_path):
-  # --key/--values are defined in reproduce (shared by sweep and curve), so
-  # reproduce parses them: it must refuse, not ignore, them.
+  # --key/--values are the curve's and the sweep's flags: reproduce refuses
+  # them, naming the tools, rather than absl's unknown-flag message.
   result = subprocess.run(
       [sys.executable, "-m", "experiments.reproduce", "--config",
        "experiments/configs/transfer.py:data=digits", "--key",
@@ -161,7 +120,7 @@ def test_curve_writes_records_and_a_rerun_trains_nothing(tmp_path, teacher_dir,
     assert r["status"] == "finished" and r["kind"] == "run"
     assert 0 <= r["test_accuracy_best_val"] <= 1 and r["wall_s"] >= 0
     assert 0 <= r["test_accuracy_last"] <= 1
-    for measure in curve.PLAN_MEASURES:
+    for measure in runs.PLAN_MEASURES:
       assert set(r[measure]) == set(common.LAYERS)
     assert all(0 < v <= 1 + 1e-6 for v in r["row_max_mass"].values())
     if r["method"] == "ot":
@@ -232,7 +191,7 @@ def test_documented_study_builds_every_config(tmp_path, index):
   opt = lambda name: argv[argv.index(name) + 1]
   overrides = dict(a[len("--config."):].split("=", 1) for a in argv
                    if a.startswith("--config."))
-  module = reproduce.load_config_module(os.path.join(REPO, opt("--config")))
+  module = runs.load_config_module(os.path.join(REPO, opt("--config")))
   study = curve.Curve(module, opt("--key"),
                       curve.parse_values(opt("--values").split(",")), None,
                       int(opt("--seeds")), str(tmp_path / "out"),

@@ -8,7 +8,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from experiments import data, job, loop, reproduce, terms
+from experiments import data, job, loop, reproduce, runs, same_run, terms
 from experiments.metric_writers import read_metrics
 from ot_transfer_jax import checkpoint, inference, parallel
 
@@ -161,9 +161,11 @@ def test_a_longer_teacher_job_is_another_run_for_the_student(tmp_path):
   saved = checkpoint.config_to_json(tiny_config(tmp_path))
   now = tiny_config(tmp_path, num_steps=40, log_every=2)
   now.teacher.job.log_every = 3
-  assert job.config_differences(saved, checkpoint.config_to_json(now)) == []
+  now_json = checkpoint.config_to_json(now)
+  assert same_run.resume_differences(saved, now_json) == []
   now.teacher.job.num_steps += 10  # Trains the cached teacher on.
-  assert job.config_differences(saved, checkpoint.config_to_json(now)) == [
+  assert same_run.resume_differences(saved,
+                                     checkpoint.config_to_json(now)) == [
       "teacher.job.num_steps: 40 -> 50"]
 
 
@@ -175,10 +177,10 @@ def test_a_key_one_side_lacks_counts_as_its_default(tmp_path):
   del saved["test_every_eval"], saved["teacher_normalization"]
   del saved["loss"]["terms"]["ot"]["options"]["solver"]
   del saved["teacher"]["job"]["init_permuted"]
-  assert job.config_differences(saved, now) == []
+  assert same_run.resume_differences(saved, now) == []
   now["teacher_normalization"] = True
   now["loss"]["terms"]["ot"]["options"]["solver"] = "batched"
-  assert job.config_differences(saved, now) == [
+  assert same_run.resume_differences(saved, now) == [
       "loss.terms.ot.options.solver: 'auto' -> 'batched'",
       "teacher_normalization: False -> True"]
 
@@ -201,7 +203,7 @@ def test_reproduce_writes_results_table_and_figures(teacher_dir, tmp_path):
   for r in records:
     for key in ("test_accuracy_best_val", "test_accuracy_last"):
       assert 0 <= r[key] <= 1
-    assert r["hyperparameters"] == reproduce.hyperparameters(configs[r["method"]])
+    assert r["hyperparameters"] == runs.hyperparameters(configs[r["method"]])
   assert "loss.terms.ot.weight" in records[-1]["hyperparameters"]
   assert "| scratch | 2 |" in table and "| ot | 2 |" in table
   for name in ("results.md", "learning_curves.png", "ot_plan.png",
@@ -228,7 +230,7 @@ def test_every_digits_method_has_a_config_whose_terms_parse(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["distill", "cross_arch"])
 def test_every_digits_method_runs(name, tmp_path):
-  module = reproduce.load_config_module(
+  module = runs.load_config_module(
       os.path.join(REPO, f"experiments/configs/{name}.py:data=digits"))
   assert f"experiments/configs/{name}.py:data=digits" in module.__doc__
   for method in module.get_config().method_order:

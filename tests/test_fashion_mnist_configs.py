@@ -1,7 +1,7 @@
 """The Fashion-MNIST configs end to end on tiny IDX files written here (CI has no dataset).
 
 The configs are ``<setting>.py:data=fashion_mnist``, read as reproduce and
-sweep read them (``reproduce.load_config_module``). Each config runs its most involved method through ``loop.train_and_evaluate``
+sweep read them (``runs.load_config_module``). Each config runs its most involved method through ``loop.train_and_evaluate``
 with its own networks, layers and losses, the teacher trained by its own
 ``teacher.job`` (2 steps); only sizes shrink, through the same ``--config.*``
 keys a user would override. The transfer run also moves both class splits and
@@ -15,7 +15,7 @@ import re
 
 import pytest
 
-from experiments import loop, reproduce, sweep
+from experiments import loop, runs, sweep
 from experiments.metric_writers import read_metrics
 
 from idx_support import write_dataset
@@ -30,7 +30,7 @@ VIT_CONFIGS = ("fashion_mnist_vit_distill", "fashion_mnist_vit_cross_arch")
 
 def _module(name):
   arg = "" if name in VIT_CONFIGS else f":{ARG}"
-  return reproduce.load_config_module(
+  return runs.load_config_module(
       os.path.join(CONFIG_DIR, f"{name}.py{arg}"))
 
 
@@ -154,7 +154,9 @@ def test_sweep_chooses_on_validation_only(idx_dir, teachers, tmp_path):
     assert final["seed"] == 100 and final["best_val_accuracy"] == r["val_accuracy_best"]
 
 
-def test_choose_takes_the_first_of_equal_validation_accuracies_per_key():
+def test_choose_takes_the_best_validation_per_key_inside_the_grid_of_equals():
+  # runs.bracket's rule, without extensions: of 0.1 and 1.0 (equal), the
+  # one inside the grid.
   records = [{"method": "ot", "key": "k", "value": v, "val_accuracy_best": a, "seed": 1}
              for v, a in ((0.01, 0.8), (0.1, 0.9), (1.0, 0.9))]
   records.append({"method": "ot", "key": "eps", "value": 0.1, "val_accuracy_best": 0.7,

@@ -1,0 +1,324 @@
+"""Train a config, make a record: what reproduce, sweep and curve share.
+
+The three tools differ in what they vary and what they tabulate, not in how
+they run one config:
+
+* **Config files** (:func:`load_config_module`,
+  :func:`method_configs`, :func:`seeded`, :func:`has_key`, :func:`flatten`,
+  :func:`hyperparameters`): a config file ``file.py[:ARG]`` as its methods'
+  configs, the command line's ``--config.key=value`` overrides applied last,
+  and a method's config for one seed.
+* **The record of a run** (:class:`Record`, :func:`run_record`,
+  :func:`write_json`): ``experiments.loop.train_and_evaluate`` in a workdir
+  (finished runs are reused, interrupted ones resume), a run that diverges
+  recorded as such, never hidden, and the plan diagnostics of its
+  ``analysis.json`` (:data:`PLAN_MEASURES`).
+* **Choosing on validation** (:func:`bracket`, :func:`mean_or_none`,
+  :func:`require_validation`): a weight is chosen on the validation accuracy
+  at the best step, averaged over the tuning seeds; test accuracy chooses
+  nothing.
+
+Whether a saved record or checkpoint is the run a command asks for is
+:mod:`experiments.same_run`'s rule.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import time
+import types
+from typing import Any, Mapping, Optional, Sequence, TypedDict
+
+import jax
+import numpy as np
+from absl import logging
+
+from experiments import loop, same_run
+from experiments.configs import common
+from ot_transfer_jax import checkpoint
+
+# ---------------------------------------------------------------------------
+# Config files
+# ---------------------------------------------------------------------------
+
+
+def load_config_module(path: str) -> types.SimpleNamespace:
+  """The config file ``path`` (``file.py[:ARG]``), as the tools read it.
+
+  Returns:
+    A namespace with ``get_config(method=None)`` (the file's ``get_config``
+    with ``ARG``'s other settings, e.g. ``data=...``, kept and the method
+    set), ``SWEEP`` (``{method: (config_key, (value, ...))}``: the file's
+    ``SWEEP``, or ``get_sweep(ARG)`` in a file that takes arguments; None
+    without either), ``applies`` (the file's ``applies(method, config) ->
+    bool``, see experiments.curve; None if absent) and ``__doc__``.
+  """
+  path, _, arg = path.partition(":")
+  spec = importlib.util.spec_from_file_location("_reproduced_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  sweep = (module.get_sweep(arg or None) if hasattr(module, "get_sweep")
+           else getattr(module, "SWEEP", None))
+  return types.SimpleNamespace(
+      __doc__=module.__doc__, SWEEP=sweep,
+      applies=getattr(module, "applies", None),
+      get_config=lambda method=None: module.get_config(
+          common.with_method(arg, method)))
+
+
+def known_methods(module, methods: Optional[Sequence[str]]) -> list:
+  """``methods`` (default: every method of the config, in its order).
+
+  Raises:
+    ValueError: a method the config does not define, listing those it does.
+  """
+  known = list(module.get_config().method_order)
+  methods = list(methods or known)
+  unknown = [m for m in methods if m not in known]
+  if unknown:
+    raise ValueError(f"Unknown methods {unknown}; this config defines "
+                     f"{known}.")
+  return methods
+
+
+def method_configs(module, methods, overrides: Mapping[str, Any]) -> dict:
+  """``{method: config}``: ``module.get_config(method)`` with ``overrides``.
+
+  An override (``{"loss.terms.ot.weight": 0.5}``, as the command line gave
+  it) applies to every method whose config has that key, so the command
+  line always wins.
+  """
+  out = {}
+  for method in methods:
+    cfg = module.get_config(method)
+    with cfg.unlocked():
+      cfg.update_from_flattened_dict(
+          {k: v for k, v in overrides.items() if has_key(cfg, k)})
+    out[method] = cfg
+  return out
+
+
+#: ``{"a.b": leaf}`` of a nested dict (a JSON config): the keys
+#: :mod:`experiments.same_run` compares.
+flatten = same_run.flatten
+
+
+def has_key(cfg, dotted: str) -> bool:
+  """Whether the config (or nested dict) ``cfg`` has the key ``a.b.c``."""
+  node = cfg
+  for part in dotted.split("."):
+    if not hasattr(node, "keys") or part not in node.keys():
+      return False
+    node = node[part]
+  return True
+
+
+def seeded(config, seed: int, root: str):
+  """A copy of ``config`` for ``seed``: ``config.seed`` and, unless
+  ``vary_data_seed`` is False, ``data.seed`` (a new data draw and validation
+  split per seed; for one seed every method sees the same data, batches and
+  initialisation); a teacher the config trains goes to ``ROOT/teacher``
+  (unless ``teacher.workdir`` says where)."""
+  cfg = config.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.seed = seed
+    if cfg.vary_data_seed:
+      cfg.data.seed = seed
+    if cfg.teacher.source == "train" and not cfg.teacher.workdir:
+      cfg.teacher.workdir = os.path.join(root, "teacher")
+  return cfg
+
+
+def hyperparameters(config) -> dict:
+  """The weights a run used, by config key: each loss term's weight, weight
+  decay and head decay (what a sweep chooses per method)."""
+  out = {f"loss.terms.{name}.weight": term.weight
+         for name, term in config.loss.terms.items()}
+  out["loss.weight_decay"] = config.loss.weight_decay
+  out["loss.head_decay"] = config.loss.head_decay
+  return out
+
+
+# ---------------------------------------------------------------------------
+# The record of a run
+# ---------------------------------------------------------------------------
+
+#: Per-layer plan diagnostics of a run's analysis (experiments.analysis),
+#: copied into its record.
+PLAN_MEASURES = {
+    "matched_fraction": "trace of the plan (1 = the identity matching)",
+    "row_max_mass": "row-max mass, sum_j max_k P_jk (1 = one-to-one under "
+                    "any permutation; 1/n_t = uniform)",
+    "plan_entropy": "normalised plan entropy (0 = one-to-one, 1 = uniform)",
+}
+
+
+class Record(TypedDict, total=False):
+  """One run, as JSON: what every tool writes (a subset in sweep.json).
+
+  Set by the tool (``run_record``'s ``base``), in this order:
+
+  * ``kind``: curve: ``"run"`` (a table run) or ``"tuning"`` (a grid point);
+  * ``key``, ``value``: the setting a curve varies and its value (a sweep:
+    the key it sweeps and the value of this grid point); ``label``: curve:
+    the value's directory name (``samples_per_class=10``);
+  * ``method``: the config's method; ``seed``: ``config.seed`` (a tuning
+    seed for a tuning run);
+  * ``weights``: curve: :func:`hyperparameters`; ``hyperparameters``:
+    reproduce's name for the same (the committed results.json files have it);
+  * ``workdir``: reproduce and sweep: the run's experiments.main workdir.
+
+  Set by :func:`run_record`:
+
+  * ``status``: ``"finished"`` or ``"diverged"`` (curve's results.json also
+    lists a method that does not apply at a value as ``"skipped"``, with
+    ``skipped: True``);
+  * ``test_accuracy_best_val``: test accuracy at the best-validation step;
+    ``test_accuracy_last``: at the last step; ``val_accuracy_best``: the
+    best validation accuracy; ``best_step``, ``step``: the best-validation
+    and the last step (all None when diverged; the best-* None without a
+    validation split);
+  * one entry per :data:`PLAN_MEASURES` name: ``{layer: float or None}``
+    after training (``{}`` when diverged);
+  * ``wall_s``: seconds the call that made the record took;
+  * ``config``: the run's config as JSON (committed curve records keep it;
+    tables leave it out).
+  """
+
+  kind: str
+  key: str
+  value: Any
+  label: str
+  method: str
+  seed: Optional[int]
+  weights: dict
+  hyperparameters: dict
+  workdir: str
+  status: str
+  skipped: bool
+  test_accuracy_best_val: Optional[float]
+  test_accuracy_last: Optional[float]
+  val_accuracy_best: Optional[float]
+  best_step: Optional[int]
+  step: Optional[int]
+  matched_fraction: dict
+  row_max_mass: dict
+  plan_entropy: dict
+  wall_s: float
+  config: dict
+
+
+def run_record(config, workdir: str, /, **base) -> Record:
+  """Trains ``config`` in ``workdir`` (or reuses / resumes the run there)
+  and returns its :class:`Record`: ``base`` first (it may hold a
+  ``workdir`` field), then the outcome.
+
+  A run that diverges (``loop.Diverged``) is logged and recorded with status
+  ``"diverged"``; every other exception propagates (a preempted run resumes
+  when the command is rerun).
+  """
+  start = time.time()
+  try:
+    final = loop.train_and_evaluate(config, workdir)
+  except loop.Diverged as e:  # Recorded, never hidden nor chosen.
+    logging.error("%s diverged: %s", workdir, e)
+    record = {**base, "status": "diverged", "test_accuracy_best_val": None,
+              "test_accuracy_last": None, "val_accuracy_best": None,
+              "best_step": None, "step": None,
+              **{measure: {} for measure in PLAN_MEASURES}}
+  else:
+    record = {**base, "status": "finished",
+              "test_accuracy_best_val": final["test_accuracy_at_best_val"],
+              "test_accuracy_last": final["test_accuracy"],
+              "val_accuracy_best": final["best_val_accuracy"],
+              "best_step": final["best_step"], "step": final["step"],
+              **plan_measures(workdir)}
+  record["wall_s"] = round(time.time() - start, 1)
+  record["config"] = checkpoint.config_to_json(config)
+  return record
+
+
+def plan_measures(workdir: str) -> dict:
+  """``{measure: {layer: value}}`` of :data:`PLAN_MEASURES` from a finished
+  run's ``analysis.json`` (which process 0 writes; ``{}`` each elsewhere)."""
+  if jax.process_index() != 0:
+    return {measure: {} for measure in PLAN_MEASURES}
+  analysis = read_json(os.path.join(workdir, loop.ANALYSIS))
+  return {measure: dict(zip(analysis["layers"], analysis[measure]))
+          for measure in PLAN_MEASURES}
+
+
+def read_json(path: str) -> Any:
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_json(path: str, obj: Any, indent: int = 2) -> None:
+  """Writes ``obj`` to ``path`` atomically (a temporary file, then a rename:
+  an interrupted write never leaves half a record); makes the folder."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=indent)
+  os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------
+# Choosing on validation
+# ---------------------------------------------------------------------------
+
+
+def require_validation(config) -> None:
+  """Raises ValueError when ``config`` has no validation split to choose on."""
+  if config.data.val_per_class is None and config.data.val_fraction is None:
+    raise ValueError("Weights are chosen on the validation split, but this "
+                     "config has none: set data.val_per_class.")
+
+
+def mean_or_none(values: Sequence[Optional[float]]) -> Optional[float]:
+  """The mean of a grid point's accuracies over the tuning seeds; None when
+  one of them is None (a diverged run: the point is never chosen)."""
+  if not values or any(v is None for v in values):
+    return None
+  return float(np.mean(values))
+
+
+def bracket(points: Mapping[float, Optional[float]], base: int,
+            extensions: int):
+  """The weight to choose and, if the grid must grow, the next one to try.
+
+  Args:
+    points: ``{weight: validation accuracy (the tuning seeds' mean) or None
+      (diverged)}``.
+    base: how many of the weights are the original grid (the rest are
+      extensions).
+    extensions: how many extensions are allowed in all (0: none, as in
+      experiments.sweep).
+
+  Returns:
+    ``(chosen, next_weight, note)``: ``chosen`` is the weight of best
+    validation accuracy (of equals, one strictly inside the grid if any, else
+    the smallest; None if every run diverged); ``next_weight`` is 10x past
+    the edge ``chosen`` is at, while extensions are left (else None);
+    ``note`` is "" when the grid brackets ``chosen``, else why it does not.
+  """
+  weights = sorted(points)
+  finite = [w for w in weights if points[w] is not None]
+  if not finite:
+    return None, None, "every run diverged"
+  best = max(points[w] for w in finite)
+  tied = [w for w in finite if points[w] == best]
+  inside = [w for w in tied if weights[0] < w < weights[-1]]
+  if inside:
+    return inside[0], None, ""
+  chosen = tied[0]
+  if len(weights) == 1:
+    return chosen, None, "a grid of one value brackets nothing"
+  step = 0.1 if chosen == weights[0] else 10.0
+  if len(weights) - base < extensions:
+    return chosen, float(f"{chosen * step:.6g}"), ""
+  edge = "smallest" if step < 1 else "largest"
+  return chosen, None, (f"best at the {edge} weight after "
+                        f"{len(weights) - base} extension(s): not bracketed")
