@@ -6,7 +6,7 @@ import pytest
 
 from experiments import terms
 from experiments.configs import regimes
-from ot_transfer_jax import ot
+from ot_transfer_jax import ot, regularizers
 
 
 def _options(study, method):
@@ -19,11 +19,11 @@ def _options(study, method):
 def test_ot_uniform_plan_is_u_v_transpose(shape_s, shape_t):
   _, options = _options("permutation", "ot_uniform")
   # What the regulariser passes to the solve (not its own options).
-  options = regularizers.get("ot").from_options(**options)._solve_options()
+  reg = regularizers.get("ot").from_options(**options)
   ks, kt = jax.random.split(jax.random.PRNGKey(0))
   s = jax.nn.relu(jax.random.normal(ks, shape_s))
   t = jax.nn.relu(2 * jax.random.normal(kt, shape_t) + 0.5)
-  res = ot.solve_neuron_ot(s, t, **options)
+  res = ot.solve_neuron_ot(s, t, problem=reg.problem, sinkhorn=reg.sinkhorn)
   n_s, n_t = shape_s[-1], shape_t[-1]
   # Within 1e-3 of u v^T, relative to each entry.
   np.testing.assert_allclose(np.asarray(res.plan) * n_s * n_t, 1.0, atol=1e-3)
