@@ -53,7 +53,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher = ml_collections.ConfigDict({
       # 'none' | 'train' (c.teacher.job, cached in c.teacher.workdir, default
       # WORKDIR/teacher) | 'checkpoint' (c.teacher.path) | 'torchvision'
-      # (c.teacher.name, weights file c.teacher.path) | 'random'.
+      # (c.teacher.name, weights file c.teacher.path) | 'random'. name,
+      # kwargs: the network of a torchvision or random teacher only (a
+      # trained one's is c.teacher.job.model; same_run.READ_ONLY_WHERE).
       "source": "none", "name": "digits_cnn", "kwargs": {},
       "path": "", "workdir": "", "job": {},
       # Only for source='random': the teacher's label space and input shape.
