@@ -49,11 +49,17 @@ def quiet_libraries() -> None:
 
 def config_name(path: str) -> str:
   """``digits_transfer`` for ``.../transfer.py:data=digits,method=ot``: the
-  file's name after ARG's values other than the method; the default workdirs
-  of the tools are named by it."""
+  file's name after ARG's values other than the method, a true flag by its
+  key (``data=digits,smoke=True``: ``digits_smoke_transfer``, so that a smoke
+  run never resumes into a real run's workdir) and a false one left out; the
+  default workdirs of the tools are named by it."""
   path, _, arg = path.partition(":")
-  values = [part.split("=", 1)[1] for part in arg.split(",")
-            if "=" in part and not part.startswith("method=")]
+  values = []
+  for part in arg.split(","):
+    key, eq, value = part.partition("=")
+    if not eq or key == "method" or value in ("False", "false", "0", ""):
+      continue
+    values.append(key if value in ("True", "true", "1") else value)
   return "_".join([*values, os.path.splitext(os.path.basename(path))[0]])
 
 

@@ -1,7 +1,7 @@
 """Test accuracy against one config key: every method, its weight chosen per value on validation.
 
   python -m experiments.curve \
-      --config experiments/configs/fashion_mnist_scarcity.py \
+      --config experiments/configs/first_regimes.py:study=data_scarcity \
       --key data.samples_per_class --values 2,5,10,20,50 --seeds 5 \
       --out docs/regimes/data_scarcity [--workdir workdirs/regimes/data_scarcity] \
       [--methods scratch,ot] [--grid ot=0.01,0.1,1] [--tuning_seeds 100,101] \

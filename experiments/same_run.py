@@ -14,7 +14,9 @@ config with the one a command builds now, and both read :data:`KEYS`:
   ``num_steps`` or ``eval_every`` is another result.
 
 Every other key makes another run. An entry covers the key and every key
-under it (``analysis`` covers ``analysis.layers``).
+under it (``analysis`` covers ``analysis.layers``). A key that a run reads
+only for some values of another key (:data:`READ_ONLY_WHERE`) may differ
+where neither config reads it.
 
 **A key on one side only** (a config saved before an option existed, or
 after one was retired) is compared as follows (:func:`differences`):
@@ -89,6 +91,18 @@ KEYS: Mapping[str, str] = {
     "loss.max_bad_steps": RESUMABLE,
 }
 
+#: ``{key: (switch, values)}``: ``key`` is read only where ``switch`` has
+#: one of ``values``; where neither config reads it, it may differ (for a
+#: resume and for a record alike).
+READ_ONLY_WHERE: Mapping[str, tuple] = {
+    # experiments.job.load_teacher builds the teacher's network from
+    # teacher.name only for these sources; a trained teacher's is
+    # teacher.job.model. Configs of trained teachers wrote teacher.name until
+    # it was retired there: their records and checkpoints hold it, whatever
+    # it says.
+    "teacher.name": ("teacher.source", ("torchvision", "random")),
+}
+
 _TEACHER_JOB = "teacher.job."
 _TERMS = "loss.terms."
 # How a value on the side that lacks it is shown.
@@ -132,7 +146,7 @@ def differences(saved: dict, now: dict,
   flat = {"saved": flatten(saved), "now": flatten(now)}
   out, roots = [], set()
   for key in sorted(flat["saved"].keys() | flat["now"].keys()):
-    if kind(key) in ignore:
+    if kind(key) in ignore or _unread(key, flat):
       continue
     sides = [flat[s].get(key, _ABSENT) for s in ("saved", "now")]
     if _ABSENT not in sides:
@@ -158,6 +172,19 @@ def differences(saved: dict, now: dict,
       out.append(f"{root}: {shown} -> {_ABSENT}" if missing == "now"
                  else f"{root}: {_ABSENT} -> {shown}")
   return out
+
+
+def _unread(key: str, flat: dict) -> bool:
+  """Whether neither config reads ``key`` (:data:`READ_ONLY_WHERE`), inside
+  ``teacher.job`` too; a switch absent on a side counts as its default."""
+  inner = key[len(_TEACHER_JOB):] if key.startswith(_TEACHER_JOB) else key
+  scope = key[:len(key) - len(inner)]
+  for prefix, (switch, values) in READ_ONLY_WHERE.items():
+    if _covers(prefix, inner):
+      default = _base_defaults().get(switch)
+      return all(f.get(scope + switch, default) not in values
+                 for f in flat.values())
+  return False
 
 
 def flatten(tree: Any, prefix: str = "") -> dict:

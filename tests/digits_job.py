@@ -1,33 +1,32 @@
-"""A tiny digits transfer job (transfer.py:data=digits) shared by the end-to-end tests."""
+"""The digits transfer job at smoke sizes (transfer.py:data=digits,smoke=True), shared by the end-to-end tests."""
 
 import os
 import sys
 
-from experiments.configs import transfer
+from experiments.configs import common, transfer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = {"num_steps": 20, "eval_every": 10, "log_every": 5,
-        "checkpoint_every": 10}
-TEACHER_STEPS = 40
+# The job's sizes: 20 steps (evaluation and a checkpoint every 10), teacher 40.
+TINY, TEACHER_TINY = common.SMOKE["digits"]
+TEACHER_STEPS = TEACHER_TINY["num_steps"]
+ARG = "data=digits,smoke=True"
 
 
 def tiny_config(teacher_dir, method="ot", **overrides):
-  c = transfer.get_config(f"data=digits,method={method}")
-  c.update({**TINY, **overrides})
-  c.teacher.job.num_steps = TEACHER_STEPS
+  c = transfer.get_config(f"{ARG},method={method}")
+  c.update(overrides)
   c.teacher.workdir = str(teacher_dir)
   return c
 
 
 def cli_overrides(teacher_dir, **overrides):
-  flags = {**TINY, "teacher.job.num_steps": TEACHER_STEPS,
-           "teacher.workdir": str(teacher_dir), **overrides}
+  flags = {"teacher.workdir": str(teacher_dir), **overrides}
   return [f"--config.{k}={v}" for k, v in flags.items()]
 
 
 def main_command(workdir, teacher_dir, *extra, method="ot"):
-  """``python -m experiments.main`` on the tiny digits transfer config."""
+  """``python -m experiments.main`` on the smoke digits transfer config."""
   return [sys.executable, "-m", "experiments.main", "--config",
-          os.path.join(REPO, "experiments/configs/transfer.py:"
-                       f"data=digits,method={method}"),
+          os.path.join(REPO, f"experiments/configs/transfer.py:{ARG},"
+                       f"method={method}"),
           f"--workdir={workdir}", *cli_overrides(teacher_dir), *extra]

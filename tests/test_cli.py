@@ -139,7 +139,8 @@ def test_the_default_job_says_what_it_trains_and_where_its_outputs_are(
                         text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   err, out = proc.stderr, proc.stdout.splitlines()
-  workdir = os.path.join("workdirs", "main", "digits_transfer", "ot")
+  # smoke=True has its own default workdir: never a real run's.
+  workdir = os.path.join("workdirs", "main", "digits_smoke_transfer", "ot")
   # A header per phase, the validation accuracy at each evaluation (teacher:
   # 40 steps, eval_every 100 -> step 40; student: steps 10 and 20).
   assert re.search(r"Training the teacher \(model digits_cnn, seed 0; 40 "
@@ -176,8 +177,8 @@ def test_default_workdirs_of_the_tools_never_nest():
   configs = ["experiments/configs/transfer.py:data=digits",
              "experiments/configs/transfer.py:data=fashion_mnist,method=ot",
              "experiments/configs/distill.py:data=digits",
-             "experiments/configs/fashion_mnist_transfer.py:ot",
-             "experiments/configs/cifar100_resnet56_resnet20.py"]
+             "experiments/configs/transfer.py:data=digits,smoke=True",
+             "experiments/configs/cifar100.py:pair=resnet56_resnet20"]
   roots = {("main", c, m): cli.default_workdir(c, m)
            for c in configs for m in ("ot", "scratch")}
   roots.update({(tool, c, None): cli.default_root(tool, c)
@@ -186,6 +187,10 @@ def test_default_workdirs_of_the_tools_never_nest():
       "workdirs", "main", "digits_transfer", "ot")
   assert cli.default_root("reproduce", configs[1]) == os.path.join(
       "workdirs", "reproduce", "fashion_mnist_transfer")
+  assert cli.default_workdir(configs[3], "ot") == os.path.join(
+      "workdirs", "main", "digits_smoke_transfer", "ot")
+  assert cli.config_name("experiments/configs/transfer.py:data=digits,"
+                         "smoke=False") == "digits_transfer"
   for a, root_a in roots.items():
     for b, root_b in roots.items():
       if a[0] != b[0]:  # Two tools: disjoint trees.

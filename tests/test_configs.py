@@ -1,12 +1,18 @@
-"""Config arguments (``file.py:data=...,method=...``), the per-dataset aliases,
-and how the tools read a config file (experiments.runs). Fast: configs only, no run."""
+"""Config arguments (``file.py:data=...,method=...,smoke=True``), the grids
+named once, the committed reproduce and sweep records against the configs
+that made them, and how the tools read a config file (experiments.runs).
+Fast: configs only, no run."""
 
+import ast
+import glob
+import json
 import os
 
 import pytest
 
 from experiments import cli, runs
-from experiments.configs import common, cross_arch, distill, transfer
+from experiments.configs import (common, cross_arch, distill, first_regimes,
+                                 transfer)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = {"transfer": transfer, "distill": distill, "cross_arch": cross_arch}
@@ -49,18 +55,139 @@ def test_unknown_dataset_or_method_names_the_choices(setting):
 
 @pytest.mark.parametrize("setting", SETTINGS)
 @pytest.mark.parametrize("data", DATASETS)
-def test_the_old_per_dataset_files_are_the_same_configs(setting, data):
+def test_smoke_changes_only_sizes(setting, data):
   module = SETTINGS[setting]
-  alias = runs.load_config_module(
-      os.path.join(REPO, f"experiments/configs/{data}_{setting}.py"))
-  default = module.get_config(f"data={data}")
-  assert alias.get_config().to_json() == default.to_json()
-  assert default.data.name == data
-  for method in default.method_order:
-    new = module.get_config(f"data={data},method={method}")
-    assert new.method == method
-    assert alias.get_config(method).to_json() == new.to_json(), method
-  assert alias.SWEEP == module.get_sweep(f"data={data}")
+  full = module.get_config(f"data={data}")
+  for method in full.method_order:
+    real = runs.flatten(module.get_config(
+        f"data={data},method={method}").to_dict())
+    smoke = runs.flatten(module.get_config(
+        f"data={data},method={method},smoke=True").to_dict())
+    assert real.keys() == smoke.keys()
+    changed = {k for k in real if real[k] != smoke[k]}
+    sizes, teacher_sizes = common.SMOKE[data]
+    assert changed <= set(sizes) | {f"teacher.job.{k}" for k in teacher_sizes}
+    assert smoke["num_steps"] == sizes["num_steps"]
+    assert smoke["teacher.job.num_steps"] == teacher_sizes["num_steps"]
+  with pytest.raises(ValueError, match=r"smoke='yes' is not a boolean"):
+    module.get_config(f"data={data},smoke=yes")
+
+
+def test_smoke_shrinks_k_only_where_the_setting_draws_k():
+  t = transfer.get_config("data=fashion_mnist,smoke=True")
+  d = distill.get_config("data=fashion_mnist,smoke=True")
+  assert t.data.samples_per_class == 3
+  assert d.data.samples_per_class is None  # Every image, as in the setting.
+  assert t.teacher.job.data.samples_per_class is None
+
+
+def _config_files():
+  return sorted(glob.glob(os.path.join(REPO, "experiments", "configs",
+                                       "*.py")))
+
+
+def test_the_weight_grids_are_named_once():
+  # No config file writes a grid literal: every SWEEP entry is common.GRIDS'.
+  for path in _config_files():
+    if os.path.basename(path) in ("common.py", "regimes.py"):
+      continue
+    tree = ast.parse(open(path).read())
+    for node in ast.walk(tree):
+      if isinstance(node, ast.Assign) and any(
+          getattr(t, "id", "") == "SWEEP" for t in node.targets):
+        literals = [n for n in ast.walk(node.value)
+                    if isinstance(n, ast.Tuple) and n.elts and all(
+                        isinstance(e, ast.Constant) for e in n.elts)]
+        assert not literals, f"{path}: a grid literal in SWEEP"
+  for spec in ("transfer.py:data=fashion_mnist",
+               "distill.py:data=fashion_mnist",
+               "cross_arch.py:data=fashion_mnist", "vit_distill.py:teacher=vit",
+               "first_regimes.py:study=student_size"):
+    sweep = runs.load_config_module(
+        os.path.join(REPO, "experiments/configs", spec)).SWEEP
+    assert sweep and all(common.GRIDS[m] == g for m, g in sweep.items()), spec
+
+
+def test_omega_i_applies_where_the_trained_teachers_width_is_the_students():
+  # The teacher's width is in teacher.job.model.kwargs (a trained teacher);
+  # teacher.kwargs is read only for torchvision and random teachers.
+  c = first_regimes.get_config("study=student_size,method=feature_matching")
+  assert first_regimes.applies("feature_matching", c)  # 1.0 and 1.0.
+  for student, teacher, equal in ((2.0, 2.0, True), (1.0, 2.0, False),
+                                  (0.5, 1.0, False)):
+    with c.unlocked():
+      c.model.kwargs.width = student
+      c.teacher.job.model.kwargs = {"width": teacher}
+    assert first_regimes.applies("feature_matching", c) is equal
+    assert first_regimes.applies("ot", c)  # Any widths.
+
+
+# The committed records of experiments.reproduce and experiments.sweep, and
+# the configs whose documented commands made them.
+RECORDS = {
+    "docs/digits_transfer": "transfer.py:data=digits",
+    "docs/fashion_mnist/fashion_mnist_transfer": "transfer.py:data=fashion_mnist",
+    "docs/fashion_mnist/fashion_mnist_distill": "distill.py:data=fashion_mnist",
+    "docs/fashion_mnist/fashion_mnist_cross_arch":
+        "cross_arch.py:data=fashion_mnist",
+    "docs/fashion_mnist/fashion_mnist_vit_distill": "vit_distill.py:teacher=vit",
+}
+
+
+@pytest.mark.parametrize("folder", RECORDS)
+def test_the_committed_records_are_their_configs_runs(folder):
+  """Each reproduce record's weights are its method's in the config, and
+  each sweep record tried a value of the config's grid, the chosen one the
+  config's (records of keys a sweep no longer varies are kept as they
+  are); the docs' commands name the config."""
+  spec = RECORDS[folder]
+  module = runs.load_config_module(os.path.join(REPO, "experiments/configs",
+                                                spec))
+  checked = 0
+  for path in glob.glob(os.path.join(REPO, folder, "results*.json")):
+    for record in json.load(open(path)):
+      assert record["hyperparameters"] == runs.hyperparameters(
+          module.get_config(record["method"])), (path, record["method"])
+      checked += 1
+  sweep_path = os.path.join(REPO, folder, "sweep.json")
+  if os.path.exists(sweep_path):
+    sweep = json.load(open(sweep_path))
+    for record in sweep["records"]:
+      key, grid = module.SWEEP[record["method"]]
+      if record["key"] == key:
+        assert record["value"] in grid, record
+        checked += 1
+    for method, chosen in sweep["chosen"].items():
+      key = module.SWEEP[method][0]
+      if key in chosen:
+        assert runs.flatten(module.get_config(method).to_dict())[key] == (
+            chosen[key]), method
+  assert checked
+
+
+# The config files the flattening retired (one file per setting now).
+RETIRED = [f"{d}_{s}" for d in ("digits", "fashion_mnist")
+           for s in ("transfer", "distill", "cross_arch")] + [
+    "fashion_mnist_vit_distill", "fashion_mnist_vit_cross_arch",
+    "fashion_mnist_init", "fashion_mnist_scarcity", "fashion_mnist_width",
+    "cub200_resnet50", "stanford_dogs_resnet101",
+    "cifar100_resnet32x4_resnet8x4", "cifar100_resnet56_resnet20",
+    "cifar100_wrn40_2_wrn16_2"]
+
+
+def test_no_command_line_names_a_retired_config_file():
+  paths = [os.path.join(REPO, "README.md"), *glob.glob(
+      os.path.join(REPO, "docs", "**", "*.md"), recursive=True),
+      *glob.glob(os.path.join(REPO, "experiments", "**", "*.py"),
+                 recursive=True),
+      *glob.glob(os.path.join(REPO, "tests", "*.py"))]
+  for path in paths:
+    text = open(path).read()
+    for name in RETIRED:
+      assert f"configs/{name}.py" not in text, (path, name)
+  for name in RETIRED:
+    assert not os.path.exists(os.path.join(REPO, "experiments", "configs",
+                                           f"{name}.py")), name
 
 
 @pytest.mark.parametrize("setting", SETTINGS)

@@ -15,12 +15,15 @@ import sys
 
 import pytest
 
-from digits_job import REPO, TEACHER_STEPS, TINY
+from digits_job import ARG, REPO
 from experiments import curve, loop, runs
 from experiments.configs import common
 
 DIGITS = runs.load_config_module(
     os.path.join(REPO, "experiments/configs/transfer.py:data=digits"))
+# The same config at smoke sizes (20 steps, a 40-step teacher).
+DIGITS_SMOKE = runs.load_config_module(
+    os.path.join(REPO, f"experiments/configs/transfer.py:{ARG}"))
 
 KEY = "data.samples_per_class"
 
@@ -53,8 +56,8 @@ def test_paired_differences_are_per_seed_in_points():
 # Students from the teacher's weights: a random-init student of the teacher's
 # seed is refused (see test_a_student_of_the_teachers_seed_is_refused).
 def _curve(tmp_path, key=KEY, values=(3, 5), methods=("l2_sp", "ot"),
-           **kwargs):
-  return curve.Curve(DIGITS, key, list(values), list(methods),
+           module=DIGITS, **kwargs):
+  return curve.Curve(module, key, list(values), list(methods),
                      kwargs.pop("seeds", 1), str(tmp_path / "out"),
                      str(tmp_path / "work"), kwargs.pop("overrides", {}),
                      **kwargs)
@@ -109,10 +112,9 @@ def test_reproduce_refuses_curve_flags(tmp_path):
 @pytest.mark.slow
 def test_curve_writes_records_and_a_rerun_trains_nothing(tmp_path, teacher_dir,
                                                         monkeypatch):
-  overrides = {**TINY, "teacher.job.num_steps": TEACHER_STEPS,
-               "teacher.workdir": str(teacher_dir)}
-  summary = _curve(tmp_path, overrides=overrides, tuning_seeds=(100, 101),
-                   grids={"ot": (0.1,)}).run()
+  overrides = {"teacher.workdir": str(teacher_dir)}
+  summary = _curve(tmp_path, module=DIGITS_SMOKE, overrides=overrides,
+                   tuning_seeds=(100, 101), grids={"ot": (0.1,)}).run()
   out = tmp_path / "out"
   assert [(r["value"], r["method"], r["seed"]) for r in summary["runs"]] == [
       (3, "l2_sp", 0), (3, "ot", 0), (5, "l2_sp", 0), (5, "ot", 0)]
@@ -151,14 +153,15 @@ def test_curve_writes_records_and_a_rerun_trains_nothing(tmp_path, teacher_dir,
     raise AssertionError(f"retrained {args[1]}")
 
   monkeypatch.setattr(loop, "train_and_evaluate", no_training)
-  again = _curve(tmp_path / "fresh", overrides=overrides,
+  again = _curve(tmp_path / "fresh", module=DIGITS_SMOKE, overrides=overrides,
                  tuning_seeds=(100, 101), grids={"ot": (0.1,)})
   again.out = str(out)
   assert again.run()["runs"] == summary["runs"]
 
   # Records made with other settings are refused, naming the difference.
   with pytest.raises(ValueError, match="num_steps: 20 -> 10"):
-    _curve(tmp_path, overrides={**overrides, "num_steps": 10},
+    _curve(tmp_path, module=DIGITS_SMOKE,
+           overrides={**overrides, "num_steps": 10},
            tuning_seeds=(100, 101), grids={"ot": (0.1,)}).run()
 
 

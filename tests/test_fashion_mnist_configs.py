@@ -1,10 +1,12 @@
 """The Fashion-MNIST configs end to end on tiny IDX files written here (CI has no dataset).
 
-The configs are ``<setting>.py:data=fashion_mnist``, read as reproduce and
-sweep read them (``runs.load_config_module``). Each config runs its most involved method through ``loop.train_and_evaluate``
-with its own networks, layers and losses, the teacher trained by its own
-``teacher.job`` (2 steps); only sizes shrink, through the same ``--config.*``
-keys a user would override. The transfer run also moves both class splits and
+The configs are ``<setting>.py:data=fashion_mnist`` and
+``vit_distill.py:teacher=...``, read as reproduce and sweep read them
+(``runs.load_config_module``). Each config runs its most involved method
+through ``loop.train_and_evaluate`` with its own networks, layers and losses,
+the teacher trained by its own ``teacher.job`` (2 steps); only sizes shrink,
+by the configs' own ``smoke=True`` (common.SMOKE), and the data directory
+points at the IDX files. The transfer run also moves both class splits and
 K, which the configs must follow without other edits.
 """
 
@@ -24,14 +26,15 @@ CONFIGS = ("transfer", "distill", "cross_arch")
 ARG = "data=fashion_mnist"
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))), "experiments", "configs")
-# Transformer students: one file each, no dataset argument (docs/transformers.md).
-VIT_CONFIGS = ("fashion_mnist_vit_distill", "fashion_mnist_vit_cross_arch")
+# Transformer students: the teacher as the argument (docs/transformers.md).
+VIT_ARGS = {"vit_distill": "teacher=vit", "vit_cross_arch": "teacher=small_cnn"}
 
 
-def _module(name):
-  arg = "" if name in VIT_CONFIGS else f":{ARG}"
+def _module(name, smoke=False):
+  path = (f"vit_distill.py:{VIT_ARGS[name]}" if name in VIT_ARGS
+          else f"{name}.py:{ARG}")
   return runs.load_config_module(
-      os.path.join(CONFIG_DIR, f"{name}.py{arg}"))
+      os.path.join(CONFIG_DIR, path + (",smoke=True" if smoke else "")))
 
 
 @pytest.fixture(scope="module")
@@ -54,19 +57,12 @@ def teachers(tmp_path_factory):
   return workdir
 
 
-def _shrink(c, data_dir):
-  """Tiny sizes through the config's own keys; everything else kept."""
+def _on_idx_files(name, method, data_dir):
+  """``name``'s smoke config of ``method``, reading the IDX files."""
+  c = _module(name, smoke=True).get_config(method)
   c = c.copy_and_resolve_references()
   for job in (c, c.teacher.job):
     job.data.data_dir = data_dir
-    job.data.val_per_class = 2
-    if job.data.samples_per_class is not None:
-      job.data.samples_per_class = 3
-    job.num_steps = 2
-    job.batch_size = 8
-    job.eval_batch_size = 16
-    job.log_every = job.eval_every = job.checkpoint_every = 2
-  c.analysis.batch_size = 8
   return c
 
 
@@ -99,11 +95,11 @@ def test_docstring_sweep_and_methods(name):
     ("distill", "ot_kd", {}),
     ("cross_arch", "ot", {}),
     # ViT student: token layers against a ViT's and a CNN's 7 x 7 stage3.
-    pytest.param("fashion_mnist_vit_distill", "ot_kd", {}, marks=pytest.mark.slow),
-    pytest.param("fashion_mnist_vit_cross_arch", "ot_kd", {}, marks=pytest.mark.slow),
+    pytest.param("vit_distill", "ot_kd", {}, marks=pytest.mark.slow),
+    pytest.param("vit_cross_arch", "ot_kd", {}, marks=pytest.mark.slow),
 ])
 def test_config_trains_on_idx_files(name, method, overrides, idx_dir, teachers, tmp_path):
-  c = _shrink(_module(name).get_config(method), idx_dir)
+  c = _on_idx_files(name, method, idx_dir)
   for key, value in overrides.items():
     node = c
     *parents, leaf = key.split(".")
@@ -132,14 +128,12 @@ def test_config_trains_on_idx_files(name, method, overrides, idx_dir, teachers, 
 
 @pytest.mark.slow
 def test_sweep_chooses_on_validation_only(idx_dir, teachers, tmp_path):
-  module = _module("cross_arch")
-
   class Tiny:  # The config file with a one-method, two-value grid.
     SWEEP = {"ot": ("loss.terms.ot.weight", (0.01, 1.0))}
 
     @staticmethod
     def get_config(method=None):
-      c = _shrink(module.get_config(method), idx_dir)
+      c = _on_idx_files("cross_arch", method, idx_dir)
       c.teacher.workdir = teachers(c)  # The cross_arch test's, when it ran.
       return c
 

@@ -1,23 +1,22 @@
-"""Every paper-scale config, every method: one real training step end to end.
+"""Every paper-scale config, every setting, every method: one real training step end to end.
 
-Configs are discovered by glob (every ``experiments/configs/*.py`` with a
-``get_config``, except the small-data settings ``transfer``, ``distill`` and
-``cross_arch`` and their ``digits_*`` / ``fashion_mnist_*`` aliases:
-tests/test_experiment.py covers digits, tests/test_fashion_mnist_configs.py
-writes Fashion-MNIST's IDX data, tests/test_configs.py the aliases), so
-a new config is covered without touching this file. Each method runs through
-``loop.train_and_evaluate`` on TFDS mock data (random images and labels
-from the dataset's own feature spec, read through ``tfds.data_source``) with
-the config's own networks, layers, losses, optimizer and augmentation; only
-sizes shrink: 1 step, batch 4, small images, ImageNet ResNets with one block
-per stage (the same blocks and stage names: compiling ResNet-101's 33 blocks
-took 2-4 minutes of CPU; tests/test_models.py builds every depth), no
-validation carve-out (mock labels are spread over 100-200 classes, a few
-examples each), and the teacher at random initialisation (same architecture;
-``teacher.source='random'``) instead of a trained / downloaded one.
+The paper-scale configs are ``cifar100.py`` (one setting per network pair,
+``PAIRS``) and ``imagenet_transfer.py`` (one per dataset, ``DATASETS``); a new
+pair or dataset is covered without touching this file. Each method runs
+through ``loop.train_and_evaluate`` on TFDS mock data (random images and
+labels from the dataset's own feature spec, read through
+``tfds.data_source``) with the config's own networks, layers, losses,
+optimizer and augmentation; only sizes shrink, by the config's own
+``smoke=True`` (``paper.smoke``: 1 step, batch 4, 64 px images, ImageNet
+ResNets with one block per stage -- the same blocks and stage names: compiling
+ResNet-101's 33 blocks took 2-4 minutes of CPU; tests/test_models.py builds
+every depth -- and the ImageNet teacher at random initialisation). On mock
+data the test adds: no validation carve-out (mock labels are spread over
+100-200 classes, a few examples each), and a CIFAR teacher at random
+initialisation (same architecture; ``teacher.source='random'``) instead of a
+trained one.
 """
 
-import glob
 import importlib
 import json
 import math
@@ -28,69 +27,75 @@ import pytest
 import tensorflow_datasets as tfds
 
 from experiments import data, loop
+from experiments.configs import paper
 from experiments.metric_writers import read_metrics
-from ot_transfer_jax import models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "experiments", "configs")
 MOCK_EXAMPLES = 8
-BATCH = 4
-# ImageNet ResNets at 224 px compile and run slowly on CPU; 64 px keeps every
-# stage (stage4 is 2 x 2) and every code path.
-SMALL_IMAGE = 64
-# ImageNet ResNets (stage_sizes) shrink to one block per stage.
-SHALLOW = {"stage_sizes": (1, 1, 1, 1)}
 # Compilation dominates (7-50 s a method on 2 CPU cores), and every loss
 # method's code path is exercised per method by the digits configs' tests. So
 # by default each config runs its most involved method, Omega_P (plus the
 # analysis); PAPER_CONFIGS_ALL_METHODS=1 runs every method of every config.
 ALL_METHODS = os.environ.get("PAPER_CONFIGS_ALL_METHODS", "") == "1"
 DEFAULT_METHODS = ("ot",)
-# One config per small-data setting, the dataset as an argument.
-SETTINGS = ("transfer", "distill", "cross_arch")
+# The paper-scale config files, and the argument naming each setting.
+FILES = {"cifar100": "pair", "imagenet_transfer": "data"}
 
 
-def _paper_configs():
-  names = []
-  for path in sorted(glob.glob(os.path.join(CONFIG_DIR, "*.py"))):
-    name = os.path.splitext(os.path.basename(path))[0]
-    if name.startswith(("digits_", "fashion_mnist_", "_")) or name in SETTINGS:
-      continue
-    with open(path) as f:
-      if "\ndef get_config(" in f.read():  # At module level (not common.py).
-        names.append(name)
-  return names
+def _module(file):
+  return importlib.import_module(f"experiments.configs.{file}")
 
 
-CONFIGS = _paper_configs()
+def _settings():
+  """``file.py:key=value`` of every setting of the paper-scale files."""
+  out = []
+  for file, key in FILES.items():
+    module = _module(file)
+    values = getattr(module, {"pair": "PAIRS", "data": "DATASETS"}[key])
+    out.extend(f"{file}:{key}={v}" for v in values)
+  return out
 
 
-def _module(name):
-  return importlib.import_module(f"experiments.configs.{name}")
+CONFIGS = _settings()
+
+
+def _get_config(name, method=None, smoke=False):
+  """``name`` (``file:key=value``)'s config of ``method``."""
+  file, arg = name.split(":")
+  arg += f",method={method}" if method else ""
+  return _module(file).get_config(arg + (",smoke=True" if smoke else ""))
 
 
 def test_the_paper_configs_are_discovered():
-  assert {"cifar100_resnet32x4_resnet8x4", "cifar100_wrn40_2_wrn16_2",
-          "cifar100_resnet56_resnet20", "cub200_resnet50",
-          "stanford_dogs_resnet101"} <= set(CONFIGS)
+  assert {"cifar100:pair=resnet32x4_resnet8x4", "cifar100:pair=wrn40_2_wrn16_2",
+          "cifar100:pair=resnet56_resnet20", "imagenet_transfer:data=cub200",
+          "imagenet_transfer:data=stanford_dogs"} <= set(CONFIGS)
+  for file in FILES:
+    with pytest.raises(ValueError, match=f"Unknown {FILES[file]}='nope'"):
+      _module(file).get_config(f"{FILES[file]}=nope")
+
+
+@pytest.mark.parametrize("file", FILES)
+def test_docstring_launches_its_own_file(file):
+  doc = _module(file).__doc__ or ""
+  lines = [line for line in doc.splitlines() if "python -m experiments." in line]
+  assert lines, f"{file}.py: no `python -m experiments.` launch line."
+  # The --config argument may sit on a continuation line of the command.
+  assert f"experiments/configs/{file}.py:{FILES[file]}=" in doc
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_docstring_launches_its_own_file(name):
-  doc = _module(name).__doc__ or ""
-  lines = [line for line in doc.splitlines() if "python -m experiments." in line]
-  assert lines, f"{name}.py: no `python -m experiments.` launch line."
-  # The --config argument may sit on a continuation line of the command.
-  assert f"experiments/configs/{name}.py" in doc
-  config = _module(name).get_config()
-  for method in config.method_order:
-    assert _module(name).get_config(method).method == method
+def test_every_method_is_selectable(name):
+  for method in _get_config(name).method_order:
+    assert _get_config(name, method).method == method
+    assert _get_config(name, method, smoke=True).method == method
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_protocol_sizes_are_consistent(name):
   """Schedule boundaries inside training; evaluation and checkpoints happen."""
-  c = _module(name).get_config()
+  c = _get_config(name)
   assert all(0 < b < 1 for b in c.optimizer.step_boundaries)
   assert c.eval_every <= c.num_steps and c.checkpoint_every <= c.num_steps
   if c.data.name == "cifar100":
@@ -98,24 +103,36 @@ def test_protocol_sizes_are_consistent(name):
     assert c.eval_every == math.ceil(n_train / c.batch_size)  # One epoch.
     assert c.num_steps == 240 * c.eval_every
     assert c.teacher.job.num_steps == c.num_steps
-    assert c.teacher.job.model.name == c.teacher.name
 
 
-def _tiny(config, method, mock_num_classes, analysis=True):
-  """The config shrunk to one step on mock data; everything else kept.
+@pytest.mark.parametrize("name", CONFIGS)
+def test_smoke_keeps_the_setting_and_shrinks_its_sizes(name):
+  full, smoke = _get_config(name), _get_config(name, smoke=True)
+  for c in (smoke, *([smoke.teacher.job] if smoke.teacher.job else [])):
+    assert (c.num_steps, c.batch_size, c.eval_every) == (1, 4, 1)
+  for key in ("loss", "optimizer"):
+    assert smoke[key].to_json() == full[key].to_json(), key
+  assert (smoke.augment, smoke.init_from_teacher, smoke.data.name) == (
+      full.augment, full.init_from_teacher, full.data.name)
+  assert smoke.model.name == full.model.name
+  assert tuple(smoke.analysis.layers) == tuple(full.analysis.layers)[:1]
+  if full.teacher.source == "torchvision":  # No weights file needed.
+    assert smoke.teacher.source == "random"
+    assert smoke.data.image_size == paper.SMOKE_IMAGE_SIZE
+    assert dict(smoke.model.kwargs) == dict(smoke.teacher.kwargs) == dict(
+        paper.SHALLOW)
+
+
+def _on_mock_data(config, mock_num_classes, analysis=True):
+  """The smoke config on mock data: no validation split, a trained teacher
+  at random initialisation (same architecture, the job's label space).
 
   ``analysis=False`` drops the post-training OT analysis (method-independent
-  code, slow for 2048-neuron layers on CPU); otherwise it keeps one layer.
+  code, slow for 2048-neuron layers on CPU).
   """
   c = config.copy_and_resolve_references()
-  c.analysis.layers = tuple(c.analysis.layers)[:1] if analysis else ()
-  c.num_steps = 1
-  c.batch_size = BATCH
-  c.eval_batch_size = 2 * BATCH
-  c.log_every = c.eval_every = c.checkpoint_every = 1
-  c.analysis.batch_size = BATCH
-  if c.data.image_size is not None:
-    c.data.image_size = SMALL_IMAGE
+  if not analysis:
+    c.analysis.layers = ()
   c.data.val_per_class = None
   c.data.val_fraction = None
   c.data.samples_per_class = None
@@ -123,16 +140,10 @@ def _tiny(config, method, mock_num_classes, analysis=True):
   t = c.teacher
   if t.source == "train":
     t.name = t.job.model.name
+    t.kwargs = dict(t.job.model.kwargs)
     t.num_classes = mock_num_classes(t.job.data)
-  elif t.source == "torchvision":
-    t.num_classes = 1000  # ImageNet.
-  t.source = "random"
-  t.image_shape = (side, side, 3)
-  for model in (c.model, t):
-    if model.name in models.MODEL_NAMES and hasattr(
-        models.create_model(model.name, 1), "stage_sizes"):
-      with model.kwargs.unlocked():
-        model.kwargs.update(SHALLOW)
+    t.source = "random"
+    t.image_shape = (side, side, 3)
   return c
 
 
@@ -170,7 +181,7 @@ def _check_run(config, method, workdir):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_method_trains_one_step(name, tmp_path):
-  methods = (tuple(_module(name).get_config().method_order) if ALL_METHODS
+  methods = (tuple(_get_config(name).method_order) if ALL_METHODS
              else DEFAULT_METHODS)
   timings = {}
   with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES,
@@ -185,8 +196,8 @@ def test_every_method_trains_one_step(name, tmp_path):
 
     for i, method in enumerate(methods):
       start = time.perf_counter()
-      tiny = _tiny(_module(name).get_config(method), method,
-                   mock_num_classes, analysis=i == 0)
+      tiny = _on_mock_data(_get_config(name, method, smoke=True),
+                           mock_num_classes, analysis=i == 0)
       _check_run(tiny, method, str(tmp_path / method))
       timings[method] = round(time.perf_counter() - start, 1)
   print(f"{name}: seconds per method {timings}")

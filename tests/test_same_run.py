@@ -137,6 +137,28 @@ def test_a_term_or_model_kwarg_on_one_side_only_is_another_run():
       "model.kwargs.width: (absent) -> 0.5"]
 
 
+def test_teacher_name_counts_only_where_the_teacher_source_reads_it():
+  # A trained teacher's network is teacher.job.model: records and checkpoints
+  # that wrote teacher.name before it was retired there are the same run.
+  saved, now = _config(), _config()
+  assert now["teacher"]["source"] == "train"
+  saved["teacher"]["name"] = "small_cnn"
+  assert same_run.record_differences(saved, now) == []
+  assert same_run.resume_differences(saved, now) == []
+  del saved["teacher"]["name"]
+  assert same_run.record_differences(now, saved) == []
+  # A torchvision or random teacher is built from teacher.name.
+  for source in ("random", "torchvision"):
+    saved, now = _config(), _config()
+    saved["teacher"]["source"] = now["teacher"]["source"] = source
+    now["teacher"]["name"] = "resnet50"
+    assert same_run.record_differences(saved, now) == [
+        "teacher.name: 'digits_cnn' -> 'resnet50'"]
+    now["teacher"]["source"] = "train"  # One side reads it: it counts.
+    assert "teacher.name: 'digits_cnn' -> 'resnet50'" in (
+        same_run.resume_differences(saved, now))
+
+
 # --- Every committed record ------------------------------------------------------
 
 

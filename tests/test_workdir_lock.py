@@ -41,7 +41,8 @@ def _main(workdir, *extra):
   (no training: the lock is taken before it)."""
   return subprocess.run(
       [sys.executable, "-m", "experiments.main", "--config",
-       "experiments/configs/digits_transfer.py:ot", f"--workdir={workdir}",
+       "experiments/configs/transfer.py:data=digits,method=ot",
+       f"--workdir={workdir}",
        f"--config.teacher.workdir={workdir}/teacher", *extra],
       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
 

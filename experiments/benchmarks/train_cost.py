@@ -70,6 +70,10 @@ SETTINGS = {
     "fashion_mnist_transfer": ("feature_matching", "+ Omega_I"),
     "fashion_mnist_distill": ("fitnets", "+ FitNets"),
 }
+# setting -> its config: experiments/configs/<file>.py:data=<data>.
+CONFIGS = {"digits_transfer": ("transfer", "digits"),
+           "fashion_mnist_transfer": ("transfer", "fashion_mnist"),
+           "fashion_mnist_distill": ("distill", "fashion_mnist")}
 TASK, OMEGA_P, FLOOR = "task only", "+ Omega_P", "Omega_P floor"
 FLOOR_ITERATIONS = 2  # A warm start checks convergence every 2 iterations.
 SOLVERS = batched_sinkhorn.SOLVERS  # The Omega_P option ``solver``.
@@ -107,14 +111,15 @@ def variant_configs(setting: str, tiny: bool = False,
   if unknown or not solvers:
     raise ValueError(f"solvers={tuple(solvers)}: choose one or more of "
                      f"{SOLVERS}.")
-  module = importlib.import_module(f"experiments.configs.{setting}")
+  file, data = CONFIGS[setting]
+  module = importlib.import_module(f"experiments.configs.{file}")
   ref_method, ref_label = SETTINGS[setting]
   variants = [(TASK, "ot", None), (ref_label, ref_method, None)]
   variants += [(omega_p_label(s, solvers), "ot", s) for s in solvers]
   variants.append((FLOOR, "ot", solvers[0]))
   configs = {}
   for label, method, solver in variants:
-    c = module.get_config(method)
+    c = module.get_config(f"data={data},method={method}")
     with c.unlocked():
       if label == TASK:
         c.loss.terms = ml_collections.ConfigDict()

@@ -12,9 +12,18 @@ overrides are applied last, so they always win::
       --config experiments/configs/transfer.py:data=digits,method=ot \
       --workdir W --config.loss.terms.ot.weight=0.5
 
-transfer.py, distill.py and cross_arch.py are one config per setting, with
-the dataset as an argument; each method is written once, with its weight per
-dataset. The digits_* and fashion_mnist_* files are aliases (:func:`alias`).
+One file per setting, its choices as arguments (big_vision style): transfer.py,
+distill.py and cross_arch.py take the dataset (``data=digits|fashion_mnist``),
+vit_distill.py the teacher, cifar100.py the network pair, imagenet_transfer.py
+the dataset, regimes.py and first_regimes.py the study. Each method is written
+once, with its weight per dataset; the weight grids the sweeps try are named
+once (:data:`GRIDS`). The settings (not the regime studies) take
+``smoke=True`` (big_vision's
+``runlocal``): the same config, methods and code paths at a few steps and
+tiny sizes (:func:`shrink`), what the end-to-end tests run::
+
+  python -m experiments.main \
+      --config experiments/configs/transfer.py:data=digits,smoke=True
 """
 
 from typing import Callable, Mapping, Optional
@@ -44,7 +53,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher = ml_collections.ConfigDict({
       # 'none' | 'train' (c.teacher.job, cached in c.teacher.workdir, default
       # WORKDIR/teacher) | 'checkpoint' (c.teacher.path) | 'torchvision'
-      # (c.teacher.name, weights file c.teacher.path) | 'random'.
+      # (c.teacher.name, weights file c.teacher.path) | 'random'. name,
+      # kwargs: the network of a torchvision or random teacher only (a
+      # trained one's is c.teacher.job.model; same_run.READ_ONLY_WHERE).
       "source": "none", "name": "digits_cnn", "kwargs": {},
       "path": "", "workdir": "", "job": {},
       # Only for source='random': the teacher's label space and input shape.
@@ -230,42 +241,100 @@ def teacher_terms(plain: str, weights: Mapping[str, float],
   return methods
 
 
-def sweeps(grids: Mapping[str, dict]) -> Callable:
+# The weight grids of the sweeps, named once: method -> (config key, grid),
+# 0.1x / 1x / 10x a customary value. A config's SWEEP picks its methods'
+# (:func:`grids`); regimes.py's studies extend some of them.
+GRIDS = {
+    "finetune_l2": ("loss.weight_decay", (5e-5, 5e-4, 5e-3)),
+    "l2_sp": ("loss.terms.l2_sp.weight", (0.01, 0.1, 1.0)),
+    "delta": ("loss.terms.delta.weight", (0.01, 0.1, 1.0)),
+    "feature_matching": ("loss.terms.feature_matching.weight",
+                         (0.01, 0.1, 1.0)),
+    "ot": ("loss.terms.ot.weight", (0.01, 0.1, 1.0)),
+    "kd": ("loss.terms.kd.weight", (0.1, 1.0, 10.0)),
+    "fitnets": ("loss.terms.fitnets.weight", (0.1, 1.0, 10.0)),
+    "attention": ("loss.terms.attention.weight", (10.0, 100.0, 1000.0)),
+}
+
+
+def grids(*methods: str) -> dict:
+  """``{method: (config key, grid)}`` of :data:`GRIDS`, in this order."""
+  return {m: GRIDS[m] for m in methods}
+
+
+def sweeps(grids_of: Mapping[str, dict]) -> Callable:
   """``get_sweep(arg)`` of a per-setting config: the grids of ``arg``'s
   dataset in ``{data: {method: (config_key, values)}}`` ({} for none)."""
 
   def get_sweep(arg=None) -> dict:
-    return dict(grids.get(setting_arg(arg)[0], {}))
+    return dict(grids_of.get(setting_arg(arg)[0], {}))
 
   return get_sweep
 
 
-def setting_arg(arg: Optional[str]) -> tuple[str, str]:
-  """``(data, method)`` of a per-setting config's argument (transfer.py,
-  distill.py, cross_arch.py): ``data=digits`` by default, and the config's
-  default method (``""``).
+def flag(value: str, name: str = "smoke") -> bool:
+  """A boolean config argument (``smoke=True``): True/true/1 or
+  False/false/0/empty.
+
+  Raises:
+    ValueError: for any other value, naming the ones accepted.
+  """
+  if value in ("True", "true", "1"):
+    return True
+  if value in ("False", "false", "0", ""):
+    return False
+  raise ValueError(f"Config argument {name}={value!r} is not a boolean: "
+                   f"write {name}=True or {name}=False.")
+
+
+def setting_arg(arg: Optional[str]) -> tuple[str, str, bool]:
+  """``(data, method, smoke)`` of a per-setting config's argument
+  (transfer.py, distill.py, cross_arch.py): ``data=digits`` by default, the
+  config's default method (``""``), and ``smoke=False``.
 
   Raises:
     ValueError: for a dataset these configs do not define, listing them.
   """
-  a = parse_arg(arg, data="digits", method="")
+  a = parse_arg(arg, data="digits", method="", smoke="False")
   if a["data"] not in MAX_DEVICES:
     raise ValueError(f"Unknown data={a['data']!r} for this config; choose "
                      f"one of {tuple(MAX_DEVICES)} with "
                      "--config=<file>.py:data=<name>.")
-  return a["data"], a["method"]
+  return a["data"], a["method"], flag(a["smoke"])
 
 
-def alias(setting, data: str) -> tuple[Callable, Callable]:
-  """``(get_config, get_sweep)`` of the per-setting config module
-  ``setting`` with ``data`` fixed: the per-dataset files of the old command
-  lines (``digits_transfer.py:ot`` is ``transfer.py:data=digits,method=ot``)."""
+# smoke=True sizes of the small-data settings, per dataset: (the run's, its
+# teacher job's), config key -> value. Digits: the end-to-end tests' job (20
+# steps, an evaluation and a checkpoint every 10, resumable at 10; a 40-step
+# teacher). Fashion-MNIST: 2 steps of batch 8 on a few images per class (the
+# tests' IDX files hold 12 training images per class): 2 kept for validation
+# per class and, where the setting draws K per class, K = 3.
+_FASHION_MNIST_SMOKE = {
+    "num_steps": 2, "batch_size": 8, "eval_batch_size": 16, "log_every": 2,
+    "eval_every": 2, "checkpoint_every": 2, "data.val_per_class": 2,
+    "data.samples_per_class": 3, "analysis.batch_size": 8}
+SMOKE = {
+    "digits": ({"num_steps": 20, "eval_every": 10, "log_every": 5,
+                "checkpoint_every": 10}, {"num_steps": 40}),
+    "fashion_mnist": (_FASHION_MNIST_SMOKE, _FASHION_MNIST_SMOKE),
+}
 
-  def get_config(method=None):
-    return setting.get_config(with_method(f"data={data}", method))
 
-  def get_sweep(arg=None):
-    del arg  # The dataset is fixed.
-    return setting.get_sweep(f"data={data}")
-
-  return get_config, get_sweep
+def shrink(config: ml_collections.ConfigDict, sizes: Mapping[str, object],
+           teacher_sizes: Mapping[str, object] = None) -> None:
+  """``smoke=True``: ``config`` (unlocked) and, if it trains a teacher, its
+  ``teacher.job`` set to ``sizes`` and ``teacher_sizes`` (dotted keys). A
+  ``data.samples_per_class`` of None (every image) stays None: smoke shrinks
+  sizes, never the kind of data."""
+  jobs = [(config, sizes)]
+  if config.teacher.source == "train" and teacher_sizes:
+    jobs.append((config.teacher.job, teacher_sizes))
+  for job, values in jobs:
+    for key, value in values.items():
+      *parents, leaf = key.split(".")
+      node = job
+      for part in parents:
+        node = node[part]
+      if leaf == "samples_per_class" and node[leaf] is None:
+        continue
+      node[leaf] = value

@@ -40,11 +40,7 @@ from experiments.configs import common, transfer
 
 TEACHER_MODEL = {"digits": "digits_cnn", "fashion_mnist": "resnet8"}
 
-SWEEP = {"fashion_mnist": {
-    "fitnets": ("loss.terms.fitnets.weight", (0.1, 1.0, 10.0)),
-    "attention": ("loss.terms.attention.weight", (10.0, 100.0, 1000.0)),
-    "ot": ("loss.terms.ot.weight", (0.01, 0.1, 1.0)),
-}}
+SWEEP = {"fashion_mnist": common.grids("fitnets", "attention", "ot")}
 # Each term's weight (fashion_mnist: chosen by the sweep above, validation
 # accuracy, seed 100); the methods of a dataset are scratch and these, in
 # this order. The layers each term reads: common.TERM_LAYERS.
@@ -59,7 +55,6 @@ def experiment(data: str = "digits"):
   c = transfer.experiment(data)
   c.model.kwargs = {"width": 0.5}
   c.teacher.job.model.name = TEACHER_MODEL[data]
-  c.teacher.name = c.teacher.job.model.name  # As transfer.py: not read.
   c.analysis.layers = ()  # Unequal widths: no matched fraction (trace) to plot.
   c.loss.weight_decay = 5e-4
   c.loss.head_decay = 5e-4
@@ -70,8 +65,11 @@ get_sweep = common.sweeps(SWEEP)  # experiments.sweep's grids.
 
 
 def get_config(arg=None):
-  """``arg``: ``data=digits|fashion_mnist,method=<method>`` (or a method)."""
-  data, method = common.setting_arg(arg)
+  """``arg``: ``data=digits|fashion_mnist,method=<method>,smoke=False`` (or
+  a method)."""
+  data, method, smoke = common.setting_arg(arg)
+  c = experiment(data)
+  if smoke:
+    common.shrink(c, *common.SMOKE[data])
   return common.select_method(
-      experiment(data), common.teacher_terms("scratch", WEIGHTS[data], data),
-      method)
+      c, common.teacher_terms("scratch", WEIGHTS[data], data), method)

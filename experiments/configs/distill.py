@@ -48,12 +48,7 @@ from experiments.configs import common
 MODEL = {"digits": "digits_cnn", "fashion_mnist": "small_cnn"}
 WIDTH = {"digits": (1.0, 0.25), "fashion_mnist": (2.0, 0.5)}  # teacher, student
 
-SWEEP = {"fashion_mnist": {
-    "kd": ("loss.terms.kd.weight", (0.1, 1.0, 10.0)),
-    "fitnets": ("loss.terms.fitnets.weight", (0.1, 1.0, 10.0)),
-    "attention": ("loss.terms.attention.weight", (10.0, 100.0, 1000.0)),
-    "ot": ("loss.terms.ot.weight", (0.01, 0.1, 1.0)),
-}}
+SWEEP = {"fashion_mnist": common.grids("kd", "fitnets", "attention", "ot")}
 # Each term's weight (fashion_mnist: chosen by the sweep above, validation
 # accuracy, seed 100); the methods of a dataset are student, these in this
 # order, and ot_kd. The layers each term reads: common.TERM_LAYERS.
@@ -104,9 +99,6 @@ def experiment(data: str = "digits"):
   c.vary_data_seed = False  # The teacher trained on this same split.
   c.teacher.source = "train"
   c.teacher.job = teacher_job(data)
-  # Not read for source='train' (the job's model is); kept so that saved
-  # configs, and the resume checks that compare them, stay as they were.
-  c.teacher.name = c.teacher.job.model.name
   c.method = "ot"
   c.baseline_method = "student"
   return c
@@ -116,8 +108,11 @@ get_sweep = common.sweeps(SWEEP)  # experiments.sweep's grids.
 
 
 def get_config(arg=None):
-  """``arg``: ``data=digits|fashion_mnist,method=<method>`` (or a method)."""
-  data, method = common.setting_arg(arg)
+  """``arg``: ``data=digits|fashion_mnist,method=<method>,smoke=False`` (or
+  a method)."""
+  data, method, smoke = common.setting_arg(arg)
+  c = experiment(data)
+  if smoke:
+    common.shrink(c, *common.SMOKE[data])
   return common.select_method(
-      experiment(data), common.teacher_terms("student", WEIGHTS[data], data),
-      method)
+      c, common.teacher_terms("student", WEIGHTS[data], data), method)

@@ -1,8 +1,9 @@
 """What the paper-scale configs share: CIFAR-100 distillation and ImageNet transfer.
 
-Not a config itself (no ``get_config``): ``cifar100_*.py``, ``cub200_resnet50.py``
-and ``stanford_dogs_resnet101.py`` call :func:`cifar100_distillation` and
-:func:`imagenet_transfer` with their architectures.
+Not a config itself (no ``get_config``): ``cifar100.py`` (the network pair as an
+argument) and ``imagenet_transfer.py`` (the dataset as an argument) call
+:func:`cifar100_distillation` and :func:`imagenet_transfer` with their
+architectures, and :func:`smoke` for ``smoke=True``.
 
 Regulariser weights marked UNTUNED below are documented starting points, not
 values from the paper (whose full text we do not have): sweep them on the
@@ -100,7 +101,6 @@ def cifar100_distillation(teacher_name: str, student_name: str, *,
   """
   c = _cifar_protocol(student_name)
   c.teacher.source = "train"
-  c.teacher.name = teacher_name
   c.teacher.job = _cifar_protocol(teacher_name)
   c.vary_data_seed = False  # The teacher trained on this same split.
   c.analysis.layers = CIFAR_LAYERS
@@ -213,3 +213,38 @@ def imagenet_transfer(dataset: str, model_name: str, *,
           "ot", TRANSFER_OT_WEIGHT, student_layers=IMAGENET_LAYERS)),
   }
   return c, methods
+
+
+# ---------------------------------------------------------------------------
+# smoke=True: every code path of a config at sizes a CPU runs in seconds.
+# ---------------------------------------------------------------------------
+
+SMOKE = {"num_steps": 1, "batch_size": 4, "eval_batch_size": 8,
+         "log_every": 1, "eval_every": 1, "checkpoint_every": 1,
+         "analysis.batch_size": 4}
+# ImageNet ResNets at 224 px compile and run slowly on CPU; 64 px keeps every
+# stage (stage4 is 2 x 2) and every code path.
+SMOKE_IMAGE_SIZE = 64
+# ImageNet ResNets shrink to one block per stage: the same blocks and stage
+# names (compiling ResNet-101's 33 blocks took 2-4 minutes of CPU).
+SHALLOW = {"stage_sizes": (1, 1, 1, 1)}
+IMAGENET_CLASSES = 1000
+
+
+def smoke(c) -> None:
+  """``c`` (a config of this module's builders, unlocked) at smoke sizes:
+  one step of batch 4 for the student and a trained teacher, the analysis on
+  the first layer only, 64 px images where the config resizes them, and an
+  ImageNet-pretrained setting's ResNets of one block per stage, the teacher
+  then at random initialisation (torchvision's weights have every block; no
+  weights file is needed)."""
+  common.shrink(c, SMOKE, SMOKE)
+  c.analysis.layers = tuple(c.analysis.layers)[:1]
+  if c.data.image_size is not None:
+    c.data.image_size = SMOKE_IMAGE_SIZE
+  if c.teacher.source == "torchvision":
+    c.model.kwargs = dict(SHALLOW)
+    c.teacher.source = "random"
+    c.teacher.kwargs = dict(SHALLOW)
+    c.teacher.num_classes = IMAGENET_CLASSES
+    c.teacher.image_shape = (SMOKE_IMAGE_SIZE, SMOKE_IMAGE_SIZE, 3)

@@ -88,8 +88,8 @@ TERM_GRID = (0.01, 0.1, 1.0, 10.0)
 GRIDS = {
     "feature_matching": TERM_GRID, "ot": TERM_GRID, "ot_uniform": TERM_GRID,
     "ot_standardize": TERM_GRID, "delta": TERM_GRID,
-    "l2_sp": (0.01, 0.1, 1.0),
-    "attention": (10.0, 100.0, 1000.0), "fitnets": (0.1, 1.0, 10.0),
+    # The settings' grids (common.GRIDS).
+    **{m: common.GRIDS[m][1] for m in ("l2_sp", "attention", "fitnets")},
     "kd": (1.0, 10.0, 100.0), "ot_kd": (0.01, 0.1, 1.0),
     "ot_uniform_kd": (0.01, 0.1, 1.0),
 }
@@ -135,7 +135,6 @@ def experiment(study: str):
   c.batch_size = c.data.get_ref("samples_per_class") * 5  # Full batch.
   teacher = "resnet8" if study == "cross_arch" else "small_cnn"
   c.teacher.job = _teacher(teacher)
-  c.teacher.name = teacher
   c.teacher.workdir = TEACHER_WORKDIR.format(teacher)
   if study == "cross_arch":
     c.model.kwargs = {"width": 0.5}

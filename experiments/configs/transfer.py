@@ -52,6 +52,9 @@ All methods x seeds, table and figures (in workdirs/reproduce/<data>_transfer):
       --config experiments/configs/transfer.py:data=digits --seeds 3
   python -m experiments.reproduce \
       --config experiments/configs/transfer.py:data=fashion_mnist --seeds 5
+A smoke run (a few steps, tiny sizes: common.SMOKE):
+  python -m experiments.main \
+      --config experiments/configs/transfer.py:data=digits,smoke=True
 Other splits and sizes work as they are, e.g.
   --config.data.classes=0,2,4 --config.teacher.job.data.classes=1,3,5,7,9
   --config.data.samples_per_class=20
@@ -63,15 +66,9 @@ LAYERS = common.LAYERS
 MODEL = {"digits": "digits_cnn", "fashion_mnist": "small_cnn"}
 K = {"digits": 5, "fashion_mnist": 10}  # Training images per class.
 
-# The sweep (fashion_mnist): method -> (config key, grid), 0.1x / 1x / 10x a
-# customary value.
-SWEEP = {"fashion_mnist": {
-    "finetune_l2": ("loss.weight_decay", (5e-5, 5e-4, 5e-3)),
-    "l2_sp": ("loss.terms.l2_sp.weight", (0.01, 0.1, 1.0)),
-    "delta": ("loss.terms.delta.weight", (0.01, 0.1, 1.0)),
-    "feature_matching": ("loss.terms.feature_matching.weight", (0.01, 0.1, 1.0)),
-    "ot": ("loss.terms.ot.weight", (0.01, 0.1, 1.0)),
-}}
+# The sweep (fashion_mnist): method -> (config key, grid), common.GRIDS.
+SWEEP = {"fashion_mnist": common.grids(
+    "finetune_l2", "l2_sp", "delta", "feature_matching", "ot")}
 # Each method's weight; the methods of a dataset are scratch and these, in
 # this order. fashion_mnist: chosen by the sweep above (validation accuracy,
 # seed 100); digits: the exploratory sweep's.
@@ -128,9 +125,6 @@ def experiment(data: str = "digits"):
   c.batch_size = 5 * K[data]  # 5 classes x K images: one epoch per step.
   c.teacher.source = "train"
   c.teacher.job = teacher_job(data)
-  # Not read for source='train' (the job's model is); kept so that saved
-  # configs, and the resume checks that compare them, stay as they were.
-  c.teacher.name = c.teacher.job.model.name
   c.analysis.layers = LAYERS
   c.optimizer.learning_rate = 0.05
   c.optimizer.grad_clip_norm = 5.0
@@ -177,6 +171,10 @@ get_sweep = common.sweeps(SWEEP)  # experiments.sweep's grids.
 
 
 def get_config(arg=None):
-  """``arg``: ``data=digits|fashion_mnist,method=<method>`` (or a method)."""
-  data, method = common.setting_arg(arg)
-  return common.select_method(experiment(data), methods(data), method)
+  """``arg``: ``data=digits|fashion_mnist,method=<method>,smoke=False`` (or
+  a method)."""
+  data, method, smoke = common.setting_arg(arg)
+  c = experiment(data)
+  if smoke:
+    common.shrink(c, *common.SMOKE[data])
+  return common.select_method(c, methods(data), method)
