@@ -269,6 +269,7 @@ def markdown(summary: dict) -> str:
     for measure, meaning in runs.PLAN_MEASURES.items():
       out += plan_table(records, methods, measure, meaning)
     out.append("")
+  out += across_values(summary, by_value)
   out += ["## Weights chosen on validation", "",
           "Validation accuracy (%) at the best step, mean over tuning seeds "
           f"{', '.join(map(str, tseeds))} (test accuracy at that step in "
@@ -287,6 +288,35 @@ def markdown(summary: dict) -> str:
       out.append(f"| {value} | {m} | {c['key']} | {grid} | "
                  f"{c['note'] or 'bracketed'} |")
   return "\n".join(out) + "\n"
+
+
+def across_values(summary: dict, by_value: dict) -> list[str]:
+  """Lines of a Markdown table: per method, each value's test accuracy minus
+  the first value's, paired by seed, at both reads (how a method's result
+  moves along the key; e.g. what permuting the start costs each term)."""
+  key, values = summary["key"], summary["values"]
+  rows = []
+  for value in values[1:]:
+    for m in summary["methods"]:
+      pairs = []
+      for read in READS:
+        recs = [{**r, "method": r["label"]} for v in (value, values[0])
+                for r in by_value[label(key, v)] if r["method"] == m]
+        pairs.append(paired(recs, label(key, value), label(key, values[0]),
+                            read))
+      if all(pairs):
+        cells = [f"{p[0]:+.2f} | {p[1]:.2f} | {p[2]}/{p[3]}" for p in pairs]
+        rows.append(f"| {m} | {value} − {values[0]} | {pairs[0][3]} | "
+                    f"{' | '.join(cells)} |")
+  if not rows:
+    return []
+  return [f"## Along `{key}`, per method", "",
+          f"Each value's test accuracy minus that at {key} = {values[0]}, "
+          "paired by seed (points): mean, s.e., seeds on which it was "
+          "higher. The weights are each value's own choice.", "",
+          "| method | values | n | best val: mean | s.e. | higher | last: "
+          "mean | s.e. | higher |",
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|", *rows, ""]
 
 
 def plan_table(records, methods, measure: str, meaning: str) -> list[str]:
@@ -351,8 +381,7 @@ def plot(summary: dict, path: str) -> None:
   ax_diff.axhline(0, color="k", linewidth=0.8)
   spread = numeric and min(values) > 0 and max(values) / min(values) >= 8
   for ax, title in ((ax_acc, "test accuracy (%), mean ± s.e."),
-                    (ax_diff, f"paired difference {focus} − method (points); "
-                     "solid: best-val read, dashed: last step")):
+                    (ax_diff, f"paired difference {focus} − method (points)")):
     ax.set_title(title)
     ax.set_xlabel(key)
     if spread:

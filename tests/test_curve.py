@@ -145,6 +145,8 @@ def test_curve_writes_records_and_a_rerun_trains_nothing(tmp_path, teacher_dir,
   assert md.count("| ot − l2_sp | 1 |") == 2  # Both reads on each row.
   assert "| pair | n | best val: mean | s.e. | better | last: mean |" in md
   assert "row-max mass" in md and "tuning seeds 100, 101" in md
+  # Each method along the key, paired by seed, at both reads.
+  assert re.search(r"\| ot \| 5 − 3 \| 1 \| [-+]\d", md)
   assert "a grid of one value brackets nothing" in md
   assert (out / "curve.png").stat().st_size > 0
 
