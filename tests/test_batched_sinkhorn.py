@@ -112,6 +112,7 @@ def _train_step_hlo(solver):
   return compiled.as_text(), compiled(state, teacher_vars, batch)[1]
 
 
+@pytest.mark.slow  # Several seconds of compilation: full suite only.
 def test_a_training_step_solves_its_three_layers_in_one_loop_without_conditionals():
   hlo, metrics = _train_step_hlo("batched")
   assert _count(r"\bwhile\(", hlo) == 1
@@ -151,6 +152,7 @@ def test_cold_values_and_gradients_match_the_per_layer_solve(pairs):
     np.testing.assert_allclose(float(res.mass), 1.0, atol=1e-3)
 
 
+@pytest.mark.slow  # Several seconds of compilation: full suite only.
 def test_warm_values_and_gradients_match_the_per_layer_solve(pairs):
   students, teachers = pairs
   cold = [ot.solve_neuron_ot(s, t, **CLOSE) for s, t in zip(*pairs)]
@@ -164,6 +166,7 @@ def test_warm_values_and_gradients_match_the_per_layer_solve(pairs):
 
 
 @pytest.mark.parametrize("tau", [0.9])
+@pytest.mark.slow  # Several seconds of compilation: full suite only.
 def test_unbalanced_values_and_gradients_match_the_per_layer_solve(pairs, tau):
   students, teachers = pairs
   out = assert_matches_per_layer(students, teachers, tau=tau, **CLOSE)
@@ -177,6 +180,7 @@ def test_unbalanced_values_and_gradients_match_the_per_layer_solve(pairs, tau):
                            tau=tau, **CLOSE)
 
 
+@pytest.mark.slow  # Several seconds of compilation: full suite only.
 def test_each_problem_gives_what_its_own_solve_gives(pairs):
   # Converged problems stop changing: solving the 3 pairs together gives
   # each pair's result alone (up to float32 round-off), iterations included.
@@ -244,6 +248,7 @@ def test_global_batch_under_shard_map_on_two_devices():
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # Several seconds of compilation: full suite only.
 def test_replay_of_a_digits_run_matches_todays_solver():
   # The cost matrices of the first 40 steps of the digits transfer Omega_P
   # run (the hardest: the plans move most), warm-started step to step.
@@ -313,6 +318,7 @@ def test_bad_options_say_what_to_do(pairs):
     regularizers.OmegaP(solver="batched", grad="unroll")
 
 
+@pytest.mark.slow  # Several seconds of compilation: full suite only.
 def test_tau_close_to_one_converges_with_the_default_budget_as_per_layer():
   # The per-layer path's recentring and budget (ot.iteration_budget) hold
   # in the one loop too, padding included (48 vs 16 student neurons).

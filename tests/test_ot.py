@@ -163,6 +163,7 @@ def test_matched_fraction_nan_for_unequal_widths(layer_pair):
 
 @pytest.mark.parametrize("case", ["dead_neurons", "constant", "tiny", "huge",
                                   "batch_of_one", "both_dead"])
+@pytest.mark.slow  # Several seconds of compilation: full suite only.
 def test_finite_on_degenerate_inputs(layer_pair, case):
   student, teacher = layer_pair(16, 32, 24, positions=(3, 3))
   if case == "dead_neurons":
@@ -204,6 +205,7 @@ def _entropic_objective(student, teacher, epsilon):
   return out.reg_ot_cost
 
 
+@pytest.mark.slow  # Several seconds of compilation: full suite only.
 def test_envelope_gradient_matches_finite_differences(layer_pair, rng):
   student, teacher = layer_pair(16, 24, 20)
   with jax.enable_x64(True):
@@ -230,6 +232,7 @@ def test_gradient_step_lowers_omega(layer_pair):
   assert float(ot_regularizer(student - lr * g, teacher)) < float(v)
 
 
+@pytest.mark.slow  # Several seconds of compilation: full suite only.
 def test_unrolled_derivative_differs_from_envelope(layer_pair):
   student, teacher = layer_pair(16, 48, 40)
   grads = {
@@ -248,6 +251,7 @@ def test_unrolled_derivative_differs_from_envelope(layer_pair):
   np.testing.assert_allclose(values, values[0], rtol=1e-5)
 
 
+@pytest.mark.slow  # Several seconds of compilation: full suite only.
 def test_jit_vmap_and_bfloat16(layer_pair):
   student, teacher = layer_pair(16, 32, 24, positions=(2, 2))
   ref = float(ot_regularizer(student, teacher))
@@ -532,6 +536,7 @@ def test_gradient_adds_one_gemm_to_the_value(layer_pair):
 
 
 @pytest.mark.parametrize("grad", ["envelope", "unroll"])
+@pytest.mark.slow  # Several seconds of compilation: full suite only.
 def test_vmap_gradient_is_each_members_gradient(layer_pair, grad):
   pairs = [layer_pair(16, 12, 10) for _ in range(3)]
   s = jnp.stack([p[0] for p in pairs])
@@ -546,6 +551,7 @@ def test_vmap_gradient_is_each_members_gradient(layer_pair, grad):
 
 @pytest.mark.parametrize("options", [{}, {"grad": "unroll", "anneal": False,
                                           "epsilon": 0.5}])
+@pytest.mark.slow  # Several seconds of compilation: full suite only.
 def test_float32_activations_under_x64_give_the_float32_result(layer_pair,
                                                                options):
   # ott-jax builds part of its state in float64 under jax_enable_x64, which

@@ -162,6 +162,7 @@ def test_installed_package_imports_every_module_without_experiment_tools(
   assert _imported(proc.stdout) == PACKAGE_MODULES, proc.stdout
 
 
+@pytest.mark.slow  # Several seconds of compilation: full suite only.
 def test_core_imports_and_readme_examples_run_without_experiment_tools():
   proc = subprocess.run(
       [sys.executable, "-c", _BLOCKED_RUN, _BLOCKED, *README_EXAMPLES],

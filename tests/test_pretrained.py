@@ -70,6 +70,7 @@ def test_accepts_in_memory_torch_state_dict_and_round_trips():
     np.testing.assert_array_equal(back[key], value.numpy(), err_msg=key)
 
 
+@pytest.mark.slow  # Several seconds of compilation: full suite only.
 def test_missing_unexpected_and_mismatched_keys_are_listed():
   # A complete torchvision-layout state dict (numpy), made from our own model.
   model = create_model("resnet18", 5)

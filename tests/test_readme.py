@@ -38,6 +38,7 @@ def test_multi_device_example_matches_one_device():
           how, key)
 
 
+@pytest.mark.slow  # Several seconds of compilation: full suite only.
 def test_nnx_example_trains_with_the_reference_gradient():
   namespace = run_block("### Flax NNX")
   losses = namespace["losses"]
@@ -162,6 +163,7 @@ def test_the_readme_map_names_files_that_exist():
   assert not missing, f"the README's map names missing paths: {missing}"
 
 
+@pytest.mark.slow  # Several seconds of compilation: full suite only.
 def test_nnx_shard_map_recipe_runs_on_one_device():
   # tests/axis_name_check.py runs it on 2 devices (test_multidevice.py).
   namespace = run_block("### NNX modules under `shard_map`")

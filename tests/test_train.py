@@ -115,6 +115,7 @@ def test_ot_training_on_digits_reaches_90_percent(digits):
   assert all(h["skipped"] == 0 for h in history)
 
 
+@pytest.mark.slow  # Several seconds of compilation: full suite only.
 def test_identical_student_has_matched_fraction_one(digits):
   # Conv stages: at initialisation the dense stage3 has dead ReLU units,
   # which are indistinguishable, so the plan rightly splits their mass
@@ -143,6 +144,7 @@ def test_baseline_methods_train(digits, method):
     assert kernel.shape == (16, 32)  # Half-width student -> teacher.
 
 
+@pytest.mark.slow  # Several seconds of compilation: full suite only.
 def test_loss_is_the_weighted_sum_of_its_logged_terms(digits):
   """ce + sum_t weight_t * reg/t + weight_decay + head_decay, each checked by
   hand: KD from the logits, L2-SP from the parameters."""
