@@ -1,10 +1,10 @@
 """Test accuracy against one config key: every method, its weight chosen per value on validation.
 
   python -m experiments.curve \
-      --config experiments/configs/first_regimes.py:study=data_scarcity \
-      --key data.samples_per_class --values 2,5,10,20,50 --seeds 5 \
-      --out docs/regimes/data_scarcity [--workdir workdirs/regimes/data_scarcity] \
-      [--methods scratch,ot] [--grid ot=0.01,0.1,1] [--tuning_seeds 100,101] \
+      --config experiments/configs/regimes.py:study=permutation \
+      --key init_permuted --values False,True --seeds 10 \
+      --out docs/regimes/permutation [--workdir workdirs/regimes/permutation] \
+      [--methods none,ot] [--grid ot=0.01,0.1,1] [--tuning_seeds 100,101] \
       [--config.key=value ...]
 
 For each value ``v`` of ``--key`` (any key of the config: ``--config.key=v``
@@ -108,7 +108,7 @@ from ml_collections import config_flags
 from experiments import loop, runs, same_run
 from experiments.cli import (default_root, parse_flags, quiet_libraries,
                              user_errors)
-from ot_transfer_jax import checkpoint
+from ot_transfer_jax import checkpoint, models
 
 
 def define_flags() -> None:
@@ -497,9 +497,11 @@ class Curve:
     for vl, cfgs in self.configs.items():
       for m, cfg in cfgs.items():
         t = cfg.teacher
-        if (t.source != "train" or cfg.init_from_teacher
-            or cfg.model.name != t.job.model.name
-            or dict(cfg.model.kwargs) != dict(t.job.model.kwargs)):
+        # The same network: modules compare their fields, defaults filled
+        # in (no width and width=1.0 are one small_cnn).
+        same = models.create_model(cfg.model.name, 1, **cfg.model.kwargs) == (
+            models.create_model(t.job.model.name, 1, **t.job.model.kwargs))
+        if t.source != "train" or cfg.init_from_teacher or not same:
           continue
         seeds = [s for s in range(self.seeds)
                  if not os.path.exists(self._run_path(vl, m, s))]

@@ -97,6 +97,8 @@ def _handle(signum, frame) -> None:
   name = signal.Signals(signum).name
   if _State.deferring:
     if _State.signum is not None and signum == signal.SIGINT:
+      if not _State.installed:  # A library user's process: never end it.
+        raise KeyboardInterrupt
       exit_now(interrupted_message(signum),
                128 + int(signum))  # Second Ctrl-C: at once.
     if _State.signum is None:
@@ -178,11 +180,15 @@ def deferred() -> Iterator[None]:
   try:
     yield
   finally:
-    _State.deferring -= 1
+    # The previous handlers first: a signal in between must not find the
+    # loop's flag handler with the loop gone.
     if not _State.installed:
       for signum, handler in previous.items():
         signal.signal(signum, handler)
+    _State.deferring -= 1
+    if not _State.installed:
       _State.signum = None
+      _State.unwinding = False
 
 
 def resume_command() -> str:

@@ -14,7 +14,6 @@ A run starts in three steps (:func:`experiments.loop.train_and_evaluate`):
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Callable, Optional
 
@@ -83,15 +82,12 @@ class Job:
                              self.eval_batches(source), self.mesh)
 
 
-# Every run's input statistics, in its workdir: a student reads its
-# teacher's from there (``teacher_normalization``).
-NORMALIZATION = "normalization.json"
-
-
-def normalization(config, ds, workdir: str) -> tuple[np.ndarray, np.ndarray]:
+def normalization(config, ds, teacher: "Teacher") -> tuple[np.ndarray,
+                                                           np.ndarray]:
   """Per-channel (mean, std) of the run's inputs: ImageNet's when
   ``config.imagenet_normalization`` (pretrained ImageNet teachers), the
-  teacher's when ``config.teacher_normalization``, else the training set's.
+  teacher's own (those it was trained with, from its checkpoint) when
+  ``config.teacher_normalization``, else the training set's.
 
   Raises:
     ValueError: both options set, or a teacher whose statistics are unknown.
@@ -103,42 +99,14 @@ def normalization(config, ds, workdir: str) -> tuple[np.ndarray, np.ndarray]:
   if config.imagenet_normalization:
     return IMAGENET_MEAN, IMAGENET_STD
   if config.teacher_normalization:
-    return _teacher_statistics(config, workdir)
+    if teacher.mean is None:
+      raise ValueError(
+          "teacher_normalization=True needs a teacher with known input "
+          "statistics (teacher.source 'train', 'checkpoint' or "
+          f"'torchvision'), not {config.teacher.source!r}: set "
+          "teacher_normalization=False.")
+    return teacher.mean, teacher.std
   return ds.mean, ds.std
-
-
-def _teacher_statistics(config, workdir: str) -> tuple[np.ndarray, np.ndarray]:
-  t = config.teacher
-  if t.source == "torchvision":
-    return IMAGENET_MEAN, IMAGENET_STD
-  if t.source not in ("train", "checkpoint"):
-    raise ValueError(
-        f"teacher_normalization=True needs a teacher with known input "
-        f"statistics (teacher.source 'train', 'checkpoint' or 'torchvision'), "
-        f"not {t.source!r}: set teacher_normalization=False.")
-  tdir = teacher_workdir(config, workdir) if t.source == "train" else t.path
-  path = os.path.join(tdir, NORMALIZATION)
-  if os.path.exists(path):
-    with open(path) as f:
-      stats = json.load(f)
-    return (np.asarray(stats["mean"], np.float32),
-            np.asarray(stats["std"], np.float32))
-  if t.source == "train":  # A teacher trained before the file existed.
-    return normalization(t.job, data.get_datasets(t.job.data), tdir)
-  raise ValueError(
-      f"teacher_normalization=True, but {path} is missing: the teacher run "
-      "predates it. Write its training set's statistics there as "
-      '{"mean": [...], "std": [...]}, or set teacher_normalization=False.')
-
-
-def _write_normalization(workdir: str, mean, std) -> None:
-  if jax.process_index() != 0:
-    return
-  tmp = os.path.join(workdir, NORMALIZATION + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump({"mean": np.asarray(mean).tolist(),
-               "std": np.asarray(std).tolist()}, f)
-  os.replace(tmp, os.path.join(workdir, NORMALIZATION))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +116,10 @@ class Teacher:
 
   model: Optional[Any]
   variables: Any
+  #: The per-channel statistics its inputs were normalised with (from its
+  #: checkpoint; ImageNet's for torchvision weights); None when unknown.
+  mean: Optional[np.ndarray] = None
+  std: Optional[np.ndarray] = None
 
 
 def teacher_workdir(config, workdir: str) -> str:
@@ -196,7 +168,8 @@ def load_teacher(config, workdir: str) -> Optional[Teacher]:
           f"teacher.job: {'; '.join(differences[:8])}. Point "
           "--config.teacher.workdir at a new directory to train this "
           "teacher, or set teacher.job to the settings it was trained with.")
-    return Teacher(restored.model, restored.variables)
+    return Teacher(restored.model, restored.variables,
+                   *_statistics(restored.meta))
   if t.source == "checkpoint":
     if not t.path:
       raise ValueError(
@@ -204,7 +177,8 @@ def load_teacher(config, workdir: str) -> Optional[Teacher]:
           "the finished run to use as the teacher: add "
           "--config.teacher.path=DIR.")
     restored = inference.restore(t.path)
-    return Teacher(restored.model, restored.variables)
+    return Teacher(restored.model, restored.variables,
+                   *_statistics(restored.meta))
   if t.source == "torchvision":
     from experiments import pretrained
     if not os.path.isfile(t.path):
@@ -216,7 +190,7 @@ def load_teacher(config, workdir: str) -> Optional[Teacher]:
     variables = pretrained.load_torchvision_resnet(t.path, t.name)
     num_classes = variables["params"]["head"]["kernel"].shape[-1]
     return Teacher(models.create_model(t.name, num_classes, **t.kwargs),
-                   variables)
+                   variables, IMAGENET_MEAN, IMAGENET_STD)
   if t.source == "random":
     if not t.image_shape:
       raise ValueError("teacher.source='random' needs teacher.image_shape "
@@ -234,8 +208,14 @@ def untrained_teacher(job_config) -> Teacher:
   tds = data.get_datasets(job_config.data)
   teacher = models.create_model(job_config.model.name, tds.num_classes,
                                 **job_config.model.kwargs)
+  mean, std = normalization(job_config, tds, Teacher(None, {}))
   return Teacher(teacher, train.init_model(teacher, jax.random.PRNGKey(0),
-                                           jnp.zeros((1, *tds.image_shape))))
+                                           jnp.zeros((1, *tds.image_shape))),
+                 mean, std)
+
+
+def _statistics(meta) -> tuple[np.ndarray, np.ndarray]:
+  return (np.asarray(meta.mean, np.float32), np.asarray(meta.std, np.float32))
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str,
@@ -253,8 +233,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
   ds = data.get_datasets(config.data)
   model = models.create_model(config.model.name, ds.num_classes,
                               **config.model.kwargs)
-  mean, std = normalization(config, ds, workdir)
-  _write_normalization(workdir, mean, std)
+  mean, std = normalization(config, ds, teacher)
   sample = jnp.zeros((config.batch_size, *ds.image_shape), jnp.float32)
   rng = jax.random.PRNGKey(config.seed)
   terms = config_terms.terms_from_config(config.loss.terms)

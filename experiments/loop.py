@@ -135,19 +135,30 @@ def _run_meta(job: Job, history: History) -> checkpoint.RunMeta:
       image_shape=tuple(job.ds.image_shape))
 
 
-def resume(job: Job, manager) -> tuple[train.TrainState, History]:
+def resume(job: Job, manager,
+           strict: bool = False) -> tuple[train.TrainState, History]:
   """The newest intact checkpoint's state and history, or a fresh start.
 
   A checkpoint written with other settings (data, model, method, loss,
   optimizer, seed, ...: :mod:`experiments.same_run` says what may change) is
   refused, unless ``allow_resume_with_changes``: then the run continues with
   a new history section (model selection restarts at the resumed step).
+  ``strict``: any difference but result-neutral settings is refused (see
+  :func:`train_and_evaluate`).
   """
   now = checkpoint.config_to_json(job.config)
   allowed = job.config.allow_resume_with_changes
   changes = []
 
   def check(step: int, meta: checkpoint.RunMeta) -> None:
+    if strict:
+      other = same_run.record_differences(meta.config, now)
+      if other:
+        raise ValueError(
+            f"{job.workdir} holds a checkpoint (step {step}) of another run "
+            f"than this record's: {'; '.join(other[:8])}. Use a new "
+            "--workdir (or delete that one): a record states one run's "
+            "settings.")
     changes[:] = same_run.resume_differences(meta.config, now)
     if changes and not allowed:
       shown = "; ".join(changes[:8]) + ("; ..." if len(changes) > 8 else "")
@@ -175,7 +186,7 @@ def resume(job: Job, manager) -> tuple[train.TrainState, History]:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       role: str = "student") -> dict:
+                       role: str = "student", strict: bool = False) -> dict:
   """Trains the student described by ``config`` in ``workdir``; resumes.
 
   Args:
@@ -183,6 +194,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     workdir: where its outputs go (see the module docstring).
     role: what the log lines call the run: ``"student"``, or ``"teacher"``
       for a teacher job (:func:`ensure_teacher`).
+    strict: resume only a checkpoint of exactly this run (only
+      result-neutral settings may differ, :func:`same_run.record_differences`),
+      whatever ``allow_resume_with_changes`` says: what a record of the run
+      (``experiments.runs``) needs, since it states ``config`` as the run's.
 
   Returns:
     The final metrics (also written to ``WORKDIR/final_metrics.json``).
@@ -194,14 +209,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   interrupts.check()  # A signal whose exception something swallowed.
   with workdir_lock.hold(workdir):
-    return _train_and_evaluate(config, workdir, role)
+    return _train_and_evaluate(config, workdir, role, strict)
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                        role: str) -> dict:
+                        role: str, strict: bool = False) -> dict:
   job = setup(config, workdir, ensure_teacher(config, workdir))
   manager = checkpoint.make_manager(workdir, max_to_keep=config.max_to_keep)
-  state, history = resume(job, manager)
+  state, history = resume(job, manager, strict)
   batches = job.train_batches(start_step=int(state.step))
   total = config.num_steps
   logging.info("%s", _header(config, workdir, role, int(state.step)))

@@ -11,7 +11,8 @@ up to neuron order, the case where Omega_P (blind to order) and Omega_I
 Supported: networks whose top-level modules are stages ``stage1 .. stageN``
 applied one after another, each with one conv (4-D ``kernel``, optional
 ``bias``) and per-channel vectors (BatchNorm), then a ``head`` (``small_cnn``,
-``digits_cnn``). Anything else is refused with a ``ValueError``.
+not ``digits_cnn``, whose last stage is dense). Anything else is refused with
+a ``ValueError``.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def _stages(variables: Mapping) -> list[str]:
     raise ValueError(
         "Neuron permutation supports sequential CNNs (top-level modules "
         f"stage1..stageN and head); these variables have {sorted(names)}. "
-        "Use small_cnn or digits_cnn, or set init_permuted=False.")
+        "Use small_cnn, or set init_permuted=False.")
   return stages
 
 

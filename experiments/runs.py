@@ -221,7 +221,9 @@ def run_record(config, workdir: str, /, **base) -> Record:
   """
   start = time.time()
   try:
-    final = loop.train_and_evaluate(config, workdir)
+    # Strict: a checkpoint of the same run resumes, one made with other
+    # (even resumable) settings is refused, since the record names config.
+    final = loop.train_and_evaluate(config, workdir, strict=True)
   except loop.Diverged as e:  # Recorded, never hidden nor chosen.
     logging.error("%s diverged: %s", workdir, e)
     record = {**base, "status": "diverged", "test_accuracy_best_val": None,

@@ -151,7 +151,7 @@ def test_curve_writes_records_and_a_rerun_trains_nothing(tmp_path, teacher_dir,
   assert (out / "curve.png").stat().st_size > 0
 
   # The committed records alone resume: no workdir, no training.
-  def no_training(*args):
+  def no_training(*args, **kwargs):
     raise AssertionError(f"retrained {args[1]}")
 
   monkeypatch.setattr(loop, "train_and_evaluate", no_training)

@@ -13,7 +13,7 @@ from experiments.metric_writers import read_metrics
 from ot_transfer_jax import checkpoint, inference, parallel
 
 import doc_support
-from digits_job import REPO, main_command, tiny_config
+from digits_job import REPO, TEACHER_TINY, TINY, main_command, tiny_config
 
 
 @pytest.mark.slow
@@ -104,7 +104,12 @@ def test_a_regularizer_defined_outside_the_package_trains(teacher_dir,
   """The docs' "add your own regulariser" config, through experiments.main."""
   config_file = tmp_path / "my_config.py"
   config_file.write_text(doc_support.python_block("Add your own regulariser"))
-  command = main_command(tmp_path / "run", teacher_dir)
+  # The docs' config is full size: the smoke sizes on the command line (a
+  # 300-step teacher job would retrain the session's shared 40-step one).
+  student, teacher = TINY, TEACHER_TINY
+  command = main_command(tmp_path / "run", teacher_dir, *(
+      [f"--config.{k}={v}" for k, v in student.items()]
+      + [f"--config.teacher.job.{k}={v}" for k, v in teacher.items()]))
   command[command.index("--config") + 1] = str(config_file)
   proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
                         timeout=300)

@@ -92,3 +92,20 @@ def test_a_signal_at_any_moment_ends_with_one_line_and_its_exit_status(
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "Resuming the student" in proc.stderr
   assert "test accuracy" in proc.stdout.splitlines()[-1]
+
+
+def test_library_use_a_second_ctrl_c_raises_and_the_process_lives():
+  # Without install() (a notebook, a test), the loop's handler never ends the
+  # process: the second SIGINT is an ordinary KeyboardInterrupt, and the
+  # caller's handlers and a clean state come back afterwards.
+  from experiments import interrupts
+  before = signal.getsignal(signal.SIGINT)
+  with pytest.raises(KeyboardInterrupt):
+    with interrupts.deferred():
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.05)
+      assert interrupts.pending() == signal.SIGINT  # Only the flag.
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.05)
+  assert signal.getsignal(signal.SIGINT) is before
+  assert interrupts.pending() is None

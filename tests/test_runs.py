@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from digits_job import REPO
+from digits_job import REPO, tiny_config
 from experiments import loop, runs, sweep
 
 DIGITS = runs.load_config_module(
@@ -91,8 +91,9 @@ def _stub_training(monkeypatch, outcome):
   """loop.train_and_evaluate replaced: returns ``outcome``'s final metrics
   and writes an analysis (or raises it, an exception)."""
 
-  def train(config, workdir):
+  def train(config, workdir, *, strict):
     del config
+    assert strict  # A record resumes only a checkpoint of its own run.
     if isinstance(outcome, Exception):
       raise outcome
     os.makedirs(workdir, exist_ok=True)
@@ -184,3 +185,17 @@ def test_unknown_methods_are_named():
       DIGITS.get_config().method_order)
   with pytest.raises(ValueError, match=r"Unknown methods \['otp'\]"):
     runs.known_methods(DIGITS, ["ot", "otp"])
+
+
+@pytest.mark.slow
+def test_a_record_refuses_a_checkpoint_of_other_settings(teacher_dir,
+                                                         tmp_path):
+  # eval_every may change on a plain resume, but then the history is the old
+  # cadence's: a record naming the new config would misstate its run.
+  workdir = str(tmp_path / "run")
+  loop.train_and_evaluate(tiny_config(teacher_dir), workdir)
+  other = tiny_config(teacher_dir, eval_every=5)
+  with pytest.raises(ValueError, match="another run than this record's: "
+                     "eval_every: 10 -> 5"):
+    runs.run_record(other, workdir)
+  assert runs.run_record(tiny_config(teacher_dir), workdir)["step"] == 20
