@@ -327,17 +327,19 @@ def finish(job: Job, state, history: History, role: str = "student") -> dict:
       "history_from_step": history.from_step,
   }
   if jax.process_index() == 0:
-    _write_json(os.path.join(job.workdir, ANALYSIS),
+    write_json(os.path.join(job.workdir, ANALYSIS),
                 analysis.run_analysis(job, jax.device_get(state.variables)))
-    _write_json(os.path.join(job.workdir, FINAL_METRICS), final)
+    write_json(os.path.join(job.workdir, FINAL_METRICS), final)
   logging.info("Final metrics of the %s in %s: %s", role, job.workdir,
                {k: v for k, v in final.items() if v != "" or k != "method"})
   return final
 
 
-def _write_json(path: str, obj: Any) -> None:
-  """Atomic JSON write (temporary file, then rename)."""
+def write_json(path: str, obj: Any, indent: int = 2) -> None:
+  """Writes ``obj`` to ``path`` atomically (a temporary file, then a rename:
+  an interrupted write never leaves half a file); makes the folder."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   tmp = f"{path}.tmp"
   with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
+    json.dump(obj, f, indent=indent)
   os.replace(tmp, path)

@@ -257,14 +257,8 @@ def read_json(path: str) -> Any:
     return json.load(f)
 
 
-def write_json(path: str, obj: Any, indent: int = 2) -> None:
-  """Writes ``obj`` to ``path`` atomically (a temporary file, then a rename:
-  an interrupted write never leaves half a record); makes the folder."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=indent)
-  os.replace(tmp, path)
+# One atomic JSON writer for the records and the runs' outputs.
+write_json = loop.write_json
 
 
 # ---------------------------------------------------------------------------

@@ -303,6 +303,20 @@ def setting_arg(arg: Optional[str]) -> tuple[str, str, bool]:
   return a["data"], a["method"], flag(a["smoke"])
 
 
+def study_arg(arg: Optional[str], studies: tuple, file: str) -> tuple[str, str]:
+  """``(study, method)`` of a study config's argument (``study=<name>``,
+  default the first of ``studies``; ``method`` default ``""``).
+
+  Raises:
+    ValueError: for a study not in ``studies``, listing them.
+  """
+  a = parse_arg(arg, study=studies[0], method="")
+  if a["study"] not in studies:
+    raise ValueError(f"Unknown study={a['study']!r}; choose one of "
+                     f"{studies} with --config={file}:study=<name>.")
+  return a["study"], a["method"]
+
+
 # smoke=True sizes of the small-data settings, per dataset: (the run's, its
 # teacher job's), config key -> value. Digits: the end-to-end tests' job (20
 # steps, an evaluation and a checkpoint every 10, resumable at 10; a 40-step

@@ -116,11 +116,7 @@ def experiment(study: str):
 
 
 def _study(arg) -> tuple[str, str]:
-  a = common.parse_arg(arg, study="initialisation", method="")
-  if a["study"] not in STUDIES:
-    raise ValueError(f"Unknown study={a['study']!r}; choose one of "
-                     f"{STUDIES} with --config=first_regimes.py:study=<name>.")
-  return a["study"], a["method"]
+  return common.study_arg(arg, STUDIES, "first_regimes.py")
 
 
 def get_sweep(arg=None) -> dict:

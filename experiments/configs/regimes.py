@@ -198,11 +198,7 @@ METHODS = {
 
 
 def _study(arg) -> tuple[str, str]:
-  a = common.parse_arg(arg, study="permutation", method="")
-  if a["study"] not in STUDIES:
-    raise ValueError(f"Unknown study={a['study']!r}; choose one of "
-                     f"{STUDIES} with --config=regimes.py:study=<name>.")
-  return a["study"], a["method"]
+  return common.study_arg(arg, STUDIES, "regimes.py")
 
 
 def get_sweep(arg=None) -> dict:
