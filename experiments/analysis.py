@@ -66,8 +66,9 @@ def plan_diagnostics(plan) -> dict:
 
   * ``row_max_mass``: ``sum_j max_k P_jk``, each student neuron's largest
     share, summed: 1 when every student neuron sends all its mass to one
-    teacher neuron (any permutation, equal widths); ``1 / n_t`` for the
-    uniform plan ``u v^T``.
+    teacher neuron (any permutation, equal widths; at most ``n_s / n_t``
+    for a narrower student, whose neurons each spread over ``n_t / n_s``
+    teacher neurons); ``1 / n_t`` for the uniform plan ``u v^T``.
   * ``plan_entropy``: ``(H(P) - log max(n_s, n_t)) / log min(n_s, n_t)``,
     the entropy between its bounds for these marginals: 0 for a
     deterministic (permutation-like) plan, 1 for ``u v^T``.

@@ -132,8 +132,13 @@ def install() -> None:
   previous_hook = sys.excepthook
 
   def excepthook(kind, value, traceback):
-    if isinstance(value, KeyboardInterrupt):
-      signum = getattr(value, "signum", signal.SIGINT)
+    # After a signal, whatever ends the process is its consequence: the
+    # Interrupted itself, or what a C extension made of it (raised while
+    # jaxlib initialises, it surfaces as "ImportError: Encountered an error
+    # while initializing the extension").
+    if isinstance(value, KeyboardInterrupt) or _State.signum is not None:
+      signum = getattr(value, "signum", None) or _State.signum or (
+          signal.SIGINT)
       exit_now(interrupted_message(signum), 128 + int(signum))
     previous_hook(kind, value, traceback)
 

@@ -150,7 +150,8 @@ def hyperparameters(config) -> dict:
 PLAN_MEASURES = {
     "matched_fraction": "trace of the plan (1 = the identity matching)",
     "row_max_mass": "row-max mass, sum_j max_k P_jk (1 = one-to-one under "
-                    "any permutation; 1/n_t = uniform)",
+                    "any permutation, at most n_s/n_t for a narrower "
+                    "student; 1/n_t = uniform)",
     "plan_entropy": "normalised plan entropy (0 = one-to-one, 1 = uniform)",
 }
 

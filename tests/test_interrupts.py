@@ -5,6 +5,7 @@ line, the shell's exit status, never a crash or an ignored signal
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -109,3 +110,23 @@ def test_library_use_a_second_ctrl_c_raises_and_the_process_lives():
       time.sleep(0.05)
   assert signal.getsignal(signal.SIGINT) is before
   assert interrupts.pending() is None
+
+
+def test_an_error_that_a_signal_caused_ends_as_the_signal():
+  # A SIGINT inside a C extension's initialisation (jaxlib) surfaces as an
+  # ImportError: the process must still end as interrupted, with its line.
+  code = ("import os, signal, time\n"
+          "from experiments import interrupts\n"
+          "interrupts.install()\n"
+          "try:\n"
+          "  os.kill(os.getpid(), signal.SIGINT)\n"
+          "  time.sleep(1)\n"
+          "except KeyboardInterrupt:\n"
+          "  pass  # What the extension's initialisation did with it.\n"
+          "raise ImportError('Encountered an error while initializing the "
+          "extension.')\n")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO,
+                        capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 128 + signal.SIGINT, proc.stderr
+  assert proc.stderr.count("Interrupted by SIGINT") == 1
+  assert "Traceback" not in proc.stderr and "ImportError" not in proc.stderr
