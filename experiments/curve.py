@@ -316,6 +316,51 @@ def across_values(summary: dict, by_value: dict) -> list[str]:
           "higher. The weights are each value's own choice.", "",
           "| method | values | n | best val: mean | s.e. | higher | last: "
           "mean | s.e. | higher |",
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|", *rows, "",
+          *interactions(summary, by_value)]
+
+
+def interactions(summary: dict, by_value: dict) -> list[str]:
+  """Lines of a Markdown table: per method m, how focus - m moves along the
+  key, [(focus - m) at a value] - [(focus - m) at the first value], per seed
+  (e.g. whether Omega_P's gain over scratch grows for a narrower student)."""
+  key, values, focus = summary["key"], summary["values"], summary["focus"]
+
+  def gaps(value, m, read):  # {seed: focus - m}, points.
+    acc = {}
+    for r in by_value[label(key, value)]:
+      if r["status"] == "finished" and r["method"] in (focus, m):
+        acc.setdefault(r["method"], {})[r["seed"]] = 100 * r[read]
+    seeds = set(acc.get(focus, {})) & set(acc.get(m, {}))
+    return {s: acc[focus][s] - acc[m][s] for s in seeds}
+
+  rows = []
+  for value in values[1:]:
+    for m in summary["methods"]:
+      if m == focus:
+        continue
+      cells, n = [], None
+      for read in READS:
+        now, first = gaps(value, m, read), gaps(values[0], m, read)
+        seeds = sorted(set(now) & set(first))
+        if not seeds:
+          break
+        d = [now[s] - first[s] for s in seeds]
+        mean, se = mean_se(d)
+        cells.append(f"{mean:+.2f} | {se:.2f} | {sum(x > 0 for x in d)}/"
+                     f"{len(d)}")
+        n = len(d)
+      if len(cells) == len(READS):
+        rows.append(f"| {focus} − {m} | {value} − {values[0]} | {n} | "
+                    f"{' | '.join(cells)} |")
+  if not rows:
+    return []
+  return [f"## Interaction: {focus}'s gap along `{key}`", "",
+          f"[({focus} − m) at a value] − [({focus} − m) at {key} = "
+          f"{values[0]}], paired by seed (points): mean, s.e., seeds on "
+          "which the gap was larger there.", "",
+          "| pair | values | n | best val: mean | s.e. | larger | last: "
+          "mean | s.e. | larger |",
           "|---|---|---:|---:|---:|---:|---:|---:|---:|", *rows, ""]
 
 

@@ -50,6 +50,27 @@ def test_paired_differences_are_per_seed_in_points():
   assert mean == pytest.approx(2.0) and se == pytest.approx(1.0)
 
 
+def test_interaction_is_the_paired_change_of_the_focus_gap():
+  # Seed s: ot - scratch is 1 + s points at width 1.0 and 3 + 2 s at 0.25,
+  # so the gap grows by 2 + s (seeds 0, 1: mean 2.5, s.e. 0.5).
+  acc = {(1.0, "ot"): (0.60, 0.61), (1.0, "scratch"): (0.59, 0.59),
+         (0.25, "ot"): (0.55, 0.57), (0.25, "scratch"): (0.52, 0.52)}
+  key = "model.kwargs.width"
+  records = [{"label": curve.label(key, v), "method": m, "seed": s,
+              "status": "finished", "test_accuracy_best_val": a[s],
+              "test_accuracy_last": a[s] - 0.01 * (m == "ot")}
+             for (v, m), a in acc.items() for s in (0, 1)]
+  summary = {"key": key, "values": [1.0, 0.25], "focus": "ot",
+             "methods": ["scratch", "ot"]}
+  by_value = curve._by_value(records, [curve.label(key, v)
+                                       for v in summary["values"]])
+  lines = curve.interactions(summary, by_value)
+  (row,) = [line for line in lines if line.startswith("| ot − scratch")]
+  cells = [c.strip() for c in row.strip("|").split("|")]
+  assert cells[1:] == ["0.25 − 1.0", "2", "+2.50", "0.50", "2/2",
+                       "+2.50", "0.50", "2/2"]
+
+
 # --- Errors, before any run ----------------------------------------------------
 
 
