@@ -47,7 +47,7 @@ nothing):
                 random weights, K = 10 (Omega_I where the widths are equal)
     python -m experiments.curve \
         --config experiments/configs/regimes.py:study=width \
-        --key model.kwargs.width --values 0.25,1.0 --seeds 10 \
+        --key model.kwargs.width --values 1.0,0.25 --seeds 10 \
         --out docs/regimes/width --workdir workdirs/regimes/width
   scarcity      from the teacher's weights, K in {2, 5}
     python -m experiments.curve \
