@@ -48,7 +48,10 @@ def load_config_module(path: str) -> types.SimpleNamespace:
   """The config file ``path`` (``file.py[:ARG]``), as the tools read it.
 
   Returns:
-    A namespace with ``get_config(method=None)`` (the file's ``get_config``
+    A namespace with ``methods`` (the suite: the names of the file's
+    ``get_methods(ARG)``, in the order of the results), ``baseline`` (the
+    first of them, which reproduce compares every other with),
+    ``get_config(method=None)`` (the file's ``get_config``
     with ``ARG``'s other settings, e.g. ``data=...``, kept and the method
     set), ``SWEEP`` (``{method: (config_key, (value, ...))}``: the file's
     ``SWEEP``, or ``get_sweep(ARG)`` in a file that takes arguments; None
@@ -61,8 +64,13 @@ def load_config_module(path: str) -> types.SimpleNamespace:
   spec.loader.exec_module(module)
   sweep = (module.get_sweep(arg or None) if hasattr(module, "get_sweep")
            else getattr(module, "SWEEP", None))
+  if not hasattr(module, "get_methods"):
+    raise ValueError(f"{path} has no get_methods(arg=None) -> {{method: "
+                     "Method}: see experiments/configs/common.py.")
+  methods = tuple(module.get_methods(arg or None))
   return types.SimpleNamespace(
-      __doc__=module.__doc__, SWEEP=sweep,
+      __doc__=module.__doc__, methods=methods, baseline=methods[0],
+      SWEEP=sweep,
       applies=getattr(module, "applies", None),
       get_config=lambda method=None: module.get_config(
           common.with_method(arg, method)))
@@ -74,7 +82,7 @@ def known_methods(module, methods: Optional[Sequence[str]]) -> list:
   Raises:
     ValueError: a method the config does not define, listing those it does.
   """
-  known = list(module.get_config().method_order)
+  known = list(module.methods)
   methods = list(methods or known)
   unknown = [m for m in methods if m not in known]
   if unknown:
