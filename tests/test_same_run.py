@@ -230,8 +230,8 @@ def test_every_committed_record_is_the_run_its_command_builds_now(
     out, monkeypatch):
   study = _study(out)
 
-  def no_training(*args, **kwargs):
-    raise AssertionError(f"a committed study would train: {args[1]}")
+  def no_training(run):
+    raise AssertionError(f"a committed study would train: {run.path}")
 
   monkeypatch.setattr(study, "_train", no_training)
   checked = set()
