@@ -17,11 +17,12 @@ for every run of that value):
    once per grid point and tuning seed (``config.seed`` and ``data.seed`` =
    each of ``--tuning_seeds``, none of which a table seed may equal) and
    keeps the point of best *mean* validation accuracy over the tuning seeds
-   (:func:`experiments.runs.bracket`): one seed's few hundred validation images choose little
-   better than chance between neighbouring grid points. When the
-   best point is at an edge of the grid, the grid extends 10x that way, at
-   most ``--extensions`` (2) times; a choice still at an edge is recorded as
-   not bracketed. Methods without a grid run with the config's values.
+   (:func:`experiments.runs.tune`, the weight grid of experiments.sweep
+   too): one seed's few hundred validation images choose little better
+   than chance between neighbouring grid points. When the best point is at
+   an edge of the grid, the grid extends 10x that way, at most
+   ``--extensions`` (2) times; a choice still at an edge is recorded as not
+   bracketed. Methods without a grid run with the config's values.
 2. **The table.** Every method x seed ``0 .. seeds-1`` with the chosen weight
    (``runs.seeded``: for a seed, every method sees the same data and
    initialisation). A student from random weights whose seed equals its
@@ -105,7 +106,7 @@ from absl import app, flags, logging
 from matplotlib.figure import Figure
 from ml_collections import config_flags
 
-from experiments import loop, runs, same_run
+from experiments import loop, runs
 from experiments.cli import (default_root, parse_flags, quiet_libraries,
                              user_errors)
 from ot_transfer_jax import checkpoint, models
@@ -570,23 +571,9 @@ class Curve:
 
   # Records ----------------------------------------------------------------
 
-  def _load(self, path: str, cfg) -> Optional[dict]:
-    """The record at ``path`` if any; refuses one made with other settings."""
-    if not os.path.exists(path):
-      return None
-    record = runs.read_json(path)
-    diff = same_run.record_differences(record["config"],
-                                       checkpoint.config_to_json(cfg))
-    if diff:
-      raise ValueError(
-          f"{path} was made with other settings than this command builds: "
-          f"{'; '.join(diff[:6])}{'; ...' if len(diff) > 6 else ''}. Rerun "
-          "the command that made it, or pass another --out for this one.")
-    return record
-
-  def _train(self, cfg, workdir: str, path: str, base: dict) -> dict:
-    record = runs.run_record(cfg, workdir, **base)
-    runs.write_json(path, record, indent=1)
+  def _train(self, run: runs.Planned) -> dict:
+    """Trains a run without a record (``runs.recorded``'s ``train``)."""
+    record = runs.train_record(run)
     self.done_s += record["wall_s"]
     self.done_n += 1
     self._progress(record)
@@ -633,31 +620,24 @@ class Curve:
     the tuning seeds (None where one diverged)."""
     vl = label(self.key, value)
     wkey, grid = self.grids[method]
-    points, tests, weights = {}, {}, list(grid)
-    while weights:
-      w = weights.pop(0)
-      records = [self._tuning_run(value, vl, method, w, t)
-                 for t in self.tuning_seeds]
-      val = [r["val_accuracy_best"] for r in records]
-      test = [r["test_accuracy_best_val"] for r in records]
-      points[w], tests[w] = runs.mean_or_none(val), runs.mean_or_none(test)
-      if not weights:
-        chosen, nxt, note = runs.bracket(points, len(grid), self.extensions)
-        if nxt is not None:
-          weights.append(nxt)
-    return {"key": wkey, "weight": chosen, "grid": points, "test": tests,
-            "bracketed": not note, "note": note}
+    tuning = runs.tune(
+        lambda w, t: self._tuning_point(value, vl, method, w, t), wkey, grid,
+        self.tuning_seeds, self.extensions, train=self._train)
+    for records in tuning.records.values():
+      for record in records:
+        self.wall_s["tuning"] += record["wall_s"]
+    return {"key": wkey, "weight": tuning.weight, "grid": tuning.grid,
+            "test": tuning.test, "bracketed": not tuning.note,
+            "note": tuning.note}
 
-  def _tuning_run(self, value, vl, method, weight, seed) -> dict:
+  def _tuning_point(self, value, vl, method, weight, seed) -> runs.Planned:
+    """The run of ``weight`` on tuning seed ``seed`` at ``value``."""
     cfg = self.seeded(self.at(method, value, weight), seed, vl)
-    runs.require_validation(cfg)
-    path = self._tuning_path(vl, method, weight, seed)
-    record = self._load(path, cfg) or self._train(
+    return runs.Planned(
         cfg, os.path.join(self.workdir, vl, "tuning", method, f"{weight:g}",
                           f"seed{seed}"),
-        path, self._base("tuning", value, method, seed, cfg))
-    self.wall_s["tuning"] += record["wall_s"]
-    return record
+        self._tuning_path(vl, method, weight, seed),
+        self._base("tuning", value, method, seed, cfg))
 
   def _base(self, kind, value, method, seed, cfg) -> dict:
     return {"kind": kind, "key": self.key, "value": value,
@@ -704,10 +684,10 @@ class Curve:
             continue
         for seed in range(self.seeds):
           cfg = self.seeded(self.at(m, value, weight), seed, vl)
-          path = self._run_path(vl, m, seed)
-          record = self._load(path, cfg) or self._train(
-              cfg, os.path.join(self.workdir, vl, m, f"seed{seed}"), path,
-              self._base("run", value, m, seed, cfg))
+          record = runs.recorded(runs.Planned(
+              cfg, os.path.join(self.workdir, vl, m, f"seed{seed}"),
+              self._run_path(vl, m, seed),
+              self._base("run", value, m, seed, cfg)), train=self._train)
           self.wall_s["runs"] += record["wall_s"]
           table.append(record)
       self.write(chosen, table)  # Tables grow value by value.

@@ -127,8 +127,7 @@ def _run(opts):
                                 config_flags.get_override_values(config_flag))
   root = opts.workdir or default_root("reproduce", path)
   os.makedirs(root, exist_ok=True)
-  _, table = run_all(configs, root, opts.seeds,
-                     baseline=opts.config.baseline_method)
+  _, table = run_all(configs, root, opts.seeds, baseline=module.baseline)
   print(f"\nResults in {root} ({opts.seeds} seeds):\n")
   print(table)
 

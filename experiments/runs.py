@@ -9,14 +9,17 @@ they run one config:
   configs, the command line's ``--config.key=value`` overrides applied last,
   and a method's config for one seed.
 * **The record of a run** (:class:`Record`, :func:`run_record`,
-  :func:`write_json`): ``experiments.loop.train_and_evaluate`` in a workdir
-  (finished runs are reused, interrupted ones resume), a run that diverges
-  recorded as such, never hidden, and the plan diagnostics of its
-  ``analysis.json`` (:data:`PLAN_MEASURES`).
-* **Choosing on validation** (:func:`bracket`, :func:`mean_or_none`,
-  :func:`require_validation`): a weight is chosen on the validation accuracy
-  at the best step, averaged over the tuning seeds; test accuracy chooses
-  nothing.
+  :class:`Planned`, :func:`recorded`, :func:`write_json`):
+  ``experiments.loop.train_and_evaluate`` in a workdir (finished runs are
+  reused, interrupted ones resume), a run that diverges recorded as such,
+  never hidden, and the plan diagnostics of its ``analysis.json``
+  (:data:`PLAN_MEASURES`); a record kept in a file is reused when it is the
+  run asked for.
+* **Choosing on validation** (:func:`tune`, :class:`Tuning`,
+  :func:`bracket`, :func:`mean_or_none`, :func:`require_validation`): the one
+  way to run a weight grid (curve's choice at each value, sweep's): a weight
+  is chosen on the validation accuracy at the best step, averaged over the
+  tuning seeds; test accuracy chooses nothing.
 
 Whether a saved record or checkpoint is the run a command asks for is
 :mod:`experiments.same_run`'s rule.
@@ -24,12 +27,14 @@ Whether a saved record or checkpoint is the run a command asks for is
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
 import time
 import types
-from typing import Any, Mapping, Optional, Sequence, TypedDict
+from typing import (Any, Callable, Mapping, NamedTuple, Optional, Sequence,
+                    TypedDict)
 
 import jax
 import numpy as np
@@ -48,7 +53,10 @@ def load_config_module(path: str) -> types.SimpleNamespace:
   """The config file ``path`` (``file.py[:ARG]``), as the tools read it.
 
   Returns:
-    A namespace with ``get_config(method=None)`` (the file's ``get_config``
+    A namespace with ``methods`` (the suite: the names of the file's
+    ``get_methods(ARG)``, in the order of the results), ``baseline`` (the
+    first of them, which reproduce compares every other with),
+    ``get_config(method=None)`` (the file's ``get_config``
     with ``ARG``'s other settings, e.g. ``data=...``, kept and the method
     set), ``SWEEP`` (``{method: (config_key, (value, ...))}``: the file's
     ``SWEEP``, or ``get_sweep(ARG)`` in a file that takes arguments; None
@@ -61,8 +69,13 @@ def load_config_module(path: str) -> types.SimpleNamespace:
   spec.loader.exec_module(module)
   sweep = (module.get_sweep(arg or None) if hasattr(module, "get_sweep")
            else getattr(module, "SWEEP", None))
+  if not hasattr(module, "get_methods"):
+    raise ValueError(f"{path} has no get_methods(arg=None) -> {{method: "
+                     "Method}: see experiments/configs/common.py.")
+  methods = tuple(module.get_methods(arg or None))
   return types.SimpleNamespace(
-      __doc__=module.__doc__, SWEEP=sweep,
+      __doc__=module.__doc__, methods=methods, baseline=methods[0],
+      SWEEP=sweep,
       applies=getattr(module, "applies", None),
       get_config=lambda method=None: module.get_config(
           common.with_method(arg, method)))
@@ -74,7 +87,7 @@ def known_methods(module, methods: Optional[Sequence[str]]) -> list:
   Raises:
     ValueError: a method the config does not define, listing those it does.
   """
-  known = list(module.get_config().method_order)
+  known = list(module.methods)
   methods = list(methods or known)
   unknown = [m for m in methods if m not in known]
   if unknown:
@@ -243,6 +256,54 @@ def run_record(config, workdir: str, /, **base) -> Record:
   return record
 
 
+class Planned(NamedTuple):
+  """A run to record (:func:`recorded`)."""
+
+  config: Any  # The run's config (seeded: runs.seeded).
+  workdir: str  # Its experiments.main workdir.
+  # The JSON file that keeps its record (curve's committed records); None:
+  # the workdir alone keeps the run (run_record reuses a finished one).
+  path: Optional[str]
+  base: dict  # The record's leading fields (run_record's base).
+
+
+def recorded(run: Planned,
+             train: Optional[Callable[[Planned], Record]] = None) -> Record:
+  """``run``'s record: the one at ``run.path`` if there is one (refused if
+  made with other settings, :func:`load_record`), else ``train(run)``
+  (default :func:`train_record`)."""
+  return load_record(run.path, run.config) or (train or train_record)(run)
+
+
+def train_record(run: Planned) -> Record:
+  """:func:`run_record` of ``run``, written to ``run.path`` (if any)."""
+  record = run_record(run.config, run.workdir, **run.base)
+  if run.path:
+    write_json(run.path, record, indent=1)
+  return record
+
+
+def load_record(path: Optional[str], config) -> Optional[Record]:
+  """The record at ``path`` if there is one (None without).
+
+  Raises:
+    ValueError: the record is another result than a run of ``config``
+      (:func:`experiments.same_run.record_differences`), naming the
+      differences.
+  """
+  if not path or not os.path.exists(path):
+    return None
+  record = read_json(path)
+  diff = same_run.record_differences(record["config"],
+                                     checkpoint.config_to_json(config))
+  if diff:
+    raise ValueError(
+        f"{path} was made with other settings than this command builds: "
+        f"{'; '.join(diff[:6])}{'; ...' if len(diff) > 6 else ''}. Rerun "
+        "the command that made it, or pass another --out for this one.")
+  return record
+
+
 def plan_measures(workdir: str) -> dict:
   """``{measure: {layer: value}}`` of :data:`PLAN_MEASURES` from a finished
   run's ``analysis.json`` (which process 0 writes; ``{}`` each elsewhere)."""
@@ -272,6 +333,65 @@ def require_validation(config) -> None:
   if config.data.val_per_class is None and config.data.val_fraction is None:
     raise ValueError("Weights are chosen on the validation split, but this "
                      "config has none: set data.val_per_class.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+  """One method's weight grid at one setting, on the tuning seeds (:func:`tune`).
+
+  Attributes:
+    key: the config key the grid sets (``loss.terms.ot.weight``).
+    weight: the chosen weight (:func:`bracket`; None if every run diverged).
+    grid: ``{weight: mean validation accuracy over the tuning seeds}``
+      (None where one diverged), in the order the weights ran.
+    test: the same for the test accuracy at the best-validation step (for
+      reading; it chooses nothing).
+    records: ``{weight: [Record per tuning seed]}``.
+    note: "" when the grid brackets the choice, else why it does not.
+  """
+
+  key: str
+  weight: Optional[float]
+  grid: dict
+  test: dict
+  records: dict
+  note: str
+
+
+def tune(point: Callable[[float, int], Planned], key: str,
+         grid: Sequence[float], seeds: Sequence[int], extensions: int = 0,
+         train: Optional[Callable[[Planned], Record]] = None) -> Tuning:
+  """Runs (or reuses) a method's weight grid and chooses on validation: the
+  one way to run a weight grid (experiments.curve at each value,
+  experiments.sweep at its one setting).
+
+  Args:
+    point: ``point(weight, seed)`` is the run of ``weight`` on tuning seed
+      ``seed`` (its config must have a validation split); its record is
+      :func:`recorded` (reused if kept, else trained by ``train``).
+    key: the config key the grid sets.
+    grid: the weights, run in this order.
+    seeds: the tuning seeds; a weight's accuracy is their mean.
+    extensions: how often the grid may grow 10x past an edge best
+      (:func:`bracket`; 0: never, as in experiments.sweep).
+    train: trains a run without a kept record (default :func:`train_record`).
+  """
+  points, tests, records = {}, {}, {}
+  weights, chosen, note = list(grid), None, "an empty grid"
+  while weights:
+    w = weights.pop(0)
+    records[w] = []
+    for seed in seeds:
+      run = point(w, seed)
+      require_validation(run.config)
+      records[w].append(recorded(run, train))
+    points[w] = mean_or_none([r["val_accuracy_best"] for r in records[w]])
+    tests[w] = mean_or_none([r["test_accuracy_best_val"] for r in records[w]])
+    if not weights:
+      chosen, nxt, note = bracket(points, len(grid), extensions)
+      if nxt is not None:
+        weights.append(nxt)
+  return Tuning(key, chosen, points, tests, records, note)
 
 
 def mean_or_none(values: Sequence[Optional[float]]) -> Optional[float]:

@@ -55,6 +55,14 @@ RESUMABLE = "resumable"
 #: differ only there are the same run.
 RESULT_NEUTRAL = "result_neutral"
 
+#: Keys no config has any more that older records and checkpoints hold: the
+#: suite metadata (a results table's method order, its baseline) that configs
+#: wrote until the suite moved to the config file's ``get_methods``
+#: (``experiments.runs.load_config_module``). Result-neutral in :data:`KEYS`,
+#: so that every committed record and every existing checkpoint stays the
+#: same run, whatever they say.
+RETIRED = ("method_order", "baseline_method")
+
 #: Every key (or subtree) that two configs of the same run may differ in.
 KEYS: Mapping[str, str] = {
     # Where things are: paths and the machine.
@@ -78,10 +86,8 @@ KEYS: Mapping[str, str] = {
     # Read by experiments.runs.seeded only, whose effect is data.seed (which
     # is compared).
     "vary_data_seed": RESULT_NEUTRAL,
-    # Suite metadata (the order of a results table, its baseline), not the
-    # run's: older records and checkpoints hold them whatever they say.
-    "method_order": RESULT_NEUTRAL,
-    "baseline_method": RESULT_NEUTRAL,
+    # Retired suite metadata (:data:`RETIRED`): on the saved side only.
+    **dict.fromkeys(RETIRED, RESULT_NEUTRAL),
     # A resume may train on, evaluate at another cadence, analyse other
     # layers or tolerate more non-finite steps; a record of another value is
     # another result.

@@ -20,21 +20,21 @@ as in ``experiments.reproduce``.
 ``--methods ot --key loss.terms.ot.options.relative_epsilon --values
 0.003,0.01,0.1`` sweeps another key instead (an ablation), the same way.
 
-The value with the best *validation* accuracy is chosen, per method and key,
-by experiments.curve's rule (:func:`experiments.runs.bracket` without
-extensions: of equal accuracies, one strictly inside the grid, else the
-smallest); test accuracies are neither printed nor used. Writes
+A sweep is a curve with one value: each method's grid runs through
+:func:`experiments.runs.tune`, the weight choice experiments.curve makes at
+each of its values, here on the one tuning seed and without extending the
+grid. The value with the best *validation* accuracy is chosen, per method
+and key, by that rule (:func:`experiments.runs.bracket` without extensions:
+of equal accuracies, one strictly inside the grid, else the smallest); test
+accuracies are neither printed nor used. Writes
 ``WORKDIR/sweep.json`` (``records``: one per run with ``method``, ``key``,
 ``value``, ``seed``, ``val_accuracy_best``, ``best_step``, ``workdir`` -- the
 fields of an :class:`experiments.runs.Record` a sweep keeps -- kept across
-invocations; ``chosen``: ``{method: {key: value}}``) and ``WORKDIR/sweep.md``,
-and prints the table and the chosen values: copy them into the config, with a
-comment naming this command.
-
-A sweep is the weight choice of experiments.curve at one value, on one tuning
-seed, without extending its grids; it keeps its own outputs (no test
-accuracies, a choice per method *and* key, the layout of the committed
-``docs/fashion_mnist/*/sweep.json``).
+invocations; ``chosen``: ``{method: {key: value}}``, chosen anew over the
+records of every invocation) and ``WORKDIR/sweep.md``, and prints the table
+and the chosen values: copy them into the config, with a comment naming this
+command. A grid point's run is kept by its workdir alone (a finished one is
+reused), not by a record file as a curve's.
 """
 
 from experiments import interrupts
@@ -42,6 +42,7 @@ from experiments import interrupts
 if __name__ == "__main__":  # A command (not an import): from its first line,
   interrupts.install()  # Ctrl-C / SIGTERM end in one line (imports included).
 
+import functools
 import os
 
 from absl import app, flags, logging
@@ -129,21 +130,29 @@ def run_sweep(module, root: str, seed: int, methods=None, overrides=None,
   records = []
   for method in methods:
     key, values = grids[method]
-    for value in values:
-      (cfg,) = runs.method_configs(
-          module, [method], {**(overrides or {}), key: value}).values()
-      if not runs.has_key(cfg, key):
-        raise ValueError(f"SWEEP[{method!r}] sets {key!r}, which "
-                         f"get_config({method!r}) does not have.")
-      cfg = runs.seeded(cfg, seed, root)
-      runs.require_validation(cfg)
-      workdir = os.path.join(root, method, f"{key}={value:g}")
-      logging.info("=== sweep %s %s=%g, seed %d -> %s", method, key, value,
-                   seed, workdir)
-      record = runs.run_record(cfg, workdir, method=method, key=key,
-                               value=value, seed=seed, workdir=workdir)
-      records.append({field: record[field] for field in FIELDS})
+    point = functools.partial(_point, module, method, key, root=root,
+                              overrides=overrides)
+    tuning = runs.tune(point, key, values, [seed])  # No extensions.
+    records += [{field: r[field] for field in FIELDS}
+                for rs in tuning.records.values() for r in rs]
   return records, choose(records)
+
+
+def _point(module, method: str, key: str, value: float, seed: int, *,
+           root: str, overrides) -> runs.Planned:
+  """The run of ``method`` with ``key = value`` on ``seed``, in
+  ``ROOT/<method>/<key>=<value>``."""
+  (cfg,) = runs.method_configs(
+      module, [method], {**(overrides or {}), key: value}).values()
+  if not runs.has_key(cfg, key):
+    raise ValueError(f"SWEEP[{method!r}] sets {key!r}, which "
+                     f"get_config({method!r}) does not have.")
+  workdir = os.path.join(root, method, f"{key}={value:g}")
+  logging.info("=== sweep %s %s=%g, seed %d -> %s", method, key, value,
+               seed, workdir)
+  return runs.Planned(runs.seeded(cfg, seed, root), workdir, None,
+                      dict(method=method, key=key, value=value, seed=seed,
+                           workdir=workdir))
 
 
 def main(argv):

@@ -5,6 +5,7 @@ Fast: configs only, no run."""
 
 import ast
 import glob
+import importlib
 import json
 import os
 
@@ -57,8 +58,7 @@ def test_unknown_dataset_or_method_names_the_choices(setting):
 @pytest.mark.parametrize("data", DATASETS)
 def test_smoke_changes_only_sizes(setting, data):
   module = SETTINGS[setting]
-  full = module.get_config(f"data={data}")
-  for method in full.method_order:
+  for method in module.get_methods(f"data={data}"):
     real = runs.flatten(module.get_config(
         f"data={data},method={method}").to_dict())
     smoke = runs.flatten(module.get_config(
@@ -199,13 +199,70 @@ def test_reproduce_reads_a_config_with_arguments(setting):
   module = runs.load_config_module(path)
   default = module.get_config()
   assert default.method == "ot" and default.data.name == "fashion_mnist"
-  for method in default.method_order:  # data=... kept for every method.
+  for method in module.methods:  # data=... kept for every method.
     c = module.get_config(method)
     assert (c.method, c.data.name) == (method, "fashion_mnist")
-  assert module.SWEEP and set(module.SWEEP) <= set(default.method_order)
+  assert module.SWEEP and set(module.SWEEP) <= set(module.methods)
   # Digits has no sweep: its weights came from an exploratory one.
   assert runs.load_config_module(
       path.replace("fashion_mnist", "digits")).SWEEP == {}
+
+
+# Every config file's settings and the baseline of each (reproduce pairs
+# every method with it; the committed results.md tables name it).
+SUITES = {
+    **{f"{s}.py:data={d}": "student" if s == "distill" else "scratch"
+       for s in SETTINGS for d in DATASETS},
+    "vit_distill.py:teacher=vit": "student",
+    "vit_distill.py:teacher=small_cnn": "student",
+    **{f"cifar100.py:pair={p}": "student" for p in (
+        "resnet56_resnet20", "resnet32x4_resnet8x4", "wrn40_2_wrn16_2")},
+    "imagenet_transfer.py:data=cub200": "finetune_l2",
+    "imagenet_transfer.py:data=stanford_dogs": "finetune_l2",
+    "regimes.py:study=permutation": "none",
+    "regimes.py:study=cross_arch": "scratch",
+    "regimes.py:study=width": "scratch",
+    "regimes.py:study=scarcity": "finetune",
+    "regimes.py:study=distill": "student",
+    "first_regimes.py:study=initialisation": "none",
+    "first_regimes.py:study=data_scarcity": "scratch",
+    "first_regimes.py:study=student_size": "scratch",
+}
+
+
+def test_every_config_file_has_a_suite():
+  files = {os.path.basename(p) for p in glob.glob(
+      os.path.join(REPO, "experiments", "configs", "*.py"))}
+  assert {s.split(":")[0] for s in SUITES} == files - {
+      "__init__.py", "common.py", "paper.py"}
+
+
+@pytest.mark.parametrize("spec", SUITES)
+def test_the_suite_is_the_config_files_not_a_key_of_the_run_config(spec):
+  # The tools read the file's methods, in order, and its baseline (the
+  # first) from runs.load_config_module; every run config of the file lacks
+  # the retired keys (experiments.same_run.RETIRED), its teacher's too.
+  file, arg = spec.split(":")
+  source = importlib.import_module(f"experiments.configs.{file[:-3]}")
+  module = runs.load_config_module(
+      os.path.join(REPO, "experiments", "configs", spec))
+  assert module.methods == tuple(source.get_methods(arg))
+  assert module.baseline == module.methods[0] == SUITES[spec]
+  assert module.get_config().method in module.methods
+  for method in module.methods:
+    config = runs.flatten(module.get_config(method).to_dict())
+    assert config["method"] == method
+    assert not [k for k in config
+                if k.rsplit(".", 1)[-1] in ("method_order", "baseline_method")]
+
+
+@pytest.mark.parametrize("folder", [f for f in RECORDS if os.path.exists(
+    os.path.join(REPO, f, "results.md"))])
+def test_the_committed_tables_pair_with_the_config_files_baseline(folder):
+  module = runs.load_config_module(os.path.join(REPO, "experiments/configs",
+                                                RECORDS[folder]))
+  table = open(os.path.join(REPO, folder, "results.md")).read()
+  assert f"| method − {module.baseline} (same seeds) |" in table
 
 
 def test_digits_configs_run_on_one_device_and_fashion_mnist_on_all():

@@ -223,7 +223,7 @@ def test_every_digits_method_has_a_config_whose_terms_parse(name):
   trains each)."""
   module = runs.load_config_module(
       os.path.join(REPO, f"experiments/configs/{name}.py:data=digits"))
-  methods = module.get_config().method_order
+  methods = module.methods
   assert len(methods) >= 3 and module.get_config().method in methods
   for method in methods:
     config = module.get_config(method)
@@ -238,7 +238,7 @@ def test_every_digits_method_runs(name, tmp_path):
   module = runs.load_config_module(
       os.path.join(REPO, f"experiments/configs/{name}.py:data=digits"))
   assert f"experiments/configs/{name}.py:data=digits" in module.__doc__
-  for method in module.get_config().method_order:
+  for method in module.methods:
     config = module.get_config(method)
     config.update({"num_steps": 3, "eval_every": 3, "log_every": 1,
                    "checkpoint_every": 3})

@@ -72,7 +72,7 @@ def test_docstring_sweep_and_methods(name):
   doc = module.__doc__
   assert f"experiments/configs/{name}.py:{ARG} --seeds 5" in doc
   assert "python -m experiments.sweep" in doc
-  methods = module.get_config().method_order
+  methods = module.methods
   for method in methods:
     c = module.get_config(method)
     assert c.method == method and c.data.name == "fashion_mnist"

@@ -87,7 +87,8 @@ def test_docstring_launches_its_own_file(file):
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_method_is_selectable(name):
-  for method in _get_config(name).method_order:
+  file, arg = name.split(":")
+  for method in _module(file).get_methods(arg):
     assert _get_config(name, method).method == method
     assert _get_config(name, method, smoke=True).method == method
 
@@ -181,7 +182,8 @@ def _check_run(config, method, workdir):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_method_trains_one_step(name, tmp_path):
-  methods = (tuple(_get_config(name).method_order) if ALL_METHODS
+  file, arg = name.split(":")
+  methods = (tuple(_module(file).get_methods(arg)) if ALL_METHODS
              else DEFAULT_METHODS)
   timings = {}
   with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES,

@@ -12,7 +12,7 @@ import os
 import pytest
 
 from digits_job import REPO, tiny_config
-from experiments import loop, runs, sweep
+from experiments import curve, loop, runs, sweep
 
 DIGITS = runs.load_config_module(
     os.path.join(REPO, "experiments/configs/transfer.py:data=digits"))
@@ -82,6 +82,112 @@ def test_committed_sweeps_choose_what_they_recorded():
   assert len(sweeps) >= 8, sorted(sweeps)
   for path, saved in sweeps.items():
     assert sweep.choose(saved["records"]) == saved["chosen"], path
+
+
+# --- One way to run a weight grid ---------------------------------------------
+
+OT = "loss.terms.ot.weight"
+
+
+def _stub_grid_training(monkeypatch, accuracy):
+  """loop.train_and_evaluate replaced: a run's validation accuracy is
+  ``accuracy(ot weight)``; returns the list of (weight, seed) trained."""
+  trained = []
+
+  def train(config, workdir, *, strict):
+    del strict
+    w = config.loss.terms.ot.weight
+    trained.append((w, config.seed))
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, loop.ANALYSIS), "w") as f:
+      json.dump({"layers": [], "matched_fraction": [], "row_max_mass": [],
+                 "plan_entropy": []}, f)
+    return {"test_accuracy_at_best_val": 0.5, "test_accuracy": 0.5,
+            "best_val_accuracy": accuracy(w) + config.seed / 1000,
+            "best_step": 10, "step": 20}
+
+  monkeypatch.setattr(loop, "train_and_evaluate", train)
+  return trained
+
+
+def _point(tmp_path, keep=True):
+  def point(weight, seed):
+    (cfg,) = runs.method_configs(DIGITS, ["ot"], {OT: weight}).values()
+    where = tmp_path / f"{weight:g}" / f"seed{seed}"
+    return runs.Planned(runs.seeded(cfg, seed, str(tmp_path)), str(where),
+                        str(where) + ".json" if keep else None,
+                        {"method": "ot", "seed": seed})
+  return point
+
+
+def test_tune_means_the_tuning_seeds_extends_and_reuses_kept_records(
+    tmp_path, monkeypatch):
+  trained = _stub_grid_training(monkeypatch, lambda w: 1 - abs(w - 1e-3))
+  tuning = runs.tune(_point(tmp_path), OT, (0.01, 0.1), [100, 101],
+                     extensions=2)
+  # The best is at the smallest weight: the grid grows 10x that way, twice.
+  assert list(tuning.grid) == [0.01, 0.1, 0.001, 0.0001]
+  assert tuning.weight == 0.001 and tuning.note == ""
+  assert tuning.grid[0.01] == pytest.approx(1 - 0.009 + 0.1005)
+  assert [r["seed"] for r in tuning.records[0.1]] == [100, 101]
+  assert len(trained) == 8
+  # The kept records are the runs: nothing trains again.
+  again = runs.tune(_point(tmp_path), OT, (0.01, 0.1), [100, 101],
+                    extensions=2)
+  assert len(trained) == 8
+  assert (again.weight, again.grid, again.note) == (
+      tuning.weight, tuning.grid, tuning.note)
+
+  def longer(weight, seed):  # Another result than the kept records.
+    run = _point(tmp_path)(weight, seed)
+    with run.config.unlocked():
+      run.config.num_steps = 7
+    return run
+
+  with pytest.raises(ValueError, match="num_steps: 200 -> 7"):
+    runs.tune(longer, OT, (0.01,), [100])
+  assert len(trained) == 8
+
+
+def test_tune_without_extensions_is_a_sweeps_choice(tmp_path, monkeypatch):
+  _stub_grid_training(monkeypatch, lambda w: 1 - w)
+  tuning = runs.tune(_point(tmp_path, keep=False), OT, (0.01, 0.1, 1.0),
+                     [100])
+  assert tuning.weight == 0.01 and list(tuning.grid) == [0.01, 0.1, 1.0]
+  assert "not bracketed" in tuning.note
+  records = [{"key": OT, "value": w, **r}
+             for w, rs in tuning.records.items() for r in rs]
+  assert sweep.choose(records) == {"ot": {OT: tuning.weight}}
+  # Without a record path the workdir alone keeps a run.
+  assert not [p for p in tmp_path.glob("**/*.json") if p.name != loop.ANALYSIS]
+
+
+def test_sweep_and_curve_run_their_grids_through_tune(tmp_path, monkeypatch):
+  _stub_grid_training(monkeypatch, lambda w: 1 - abs(w - 0.1))
+  calls = []
+  original = runs.tune
+
+  def spy(point, key, grid, seeds, extensions=0, train=None):
+    calls.append((key, tuple(grid), tuple(seeds), extensions))
+    return original(point, key, grid, seeds, extensions, train)
+
+  monkeypatch.setattr(runs, "tune", spy)
+  grid = (0.01, 0.1, 1.0)
+  records, chosen = sweep.run_sweep(DIGITS, str(tmp_path / "sweep"), 100,
+                                    ["ot"], grids={"ot": (OT, grid)})
+  assert calls == [(OT, grid, (100,), 0)]
+  assert chosen == {"ot": {OT: 0.1}}
+  assert [tuple(r) for r in records] == [sweep.FIELDS] * 3
+  assert records[1]["workdir"] == str(tmp_path / "sweep" / "ot" /
+                                      f"{OT}=0.1")
+  study = curve.Curve(DIGITS, "data.samples_per_class", [5], ["l2_sp", "ot"],
+                      1, str(tmp_path / "out"), str(tmp_path / "work"), {},
+                      grids={"ot": grid})
+  choice = study.tune(5, "ot")
+  assert calls[1:] == [(OT, grid, (100, 101), 2)]
+  assert (choice["weight"], choice["bracketed"]) == (0.1, True)
+  assert os.path.exists(study._tuning_path("samples_per_class=5", "ot", 0.1,
+                                           101))
 
 
 # --- The record of a run -----------------------------------------------------
@@ -181,8 +287,8 @@ def test_seeded_sets_the_seeds_and_the_teachers_place(tmp_path):
 
 
 def test_unknown_methods_are_named():
-  assert runs.known_methods(DIGITS, None) == list(
-      DIGITS.get_config().method_order)
+  assert runs.known_methods(DIGITS, None) == list(DIGITS.methods) == [
+      "scratch", "finetune_l2", "l2_sp", "feature_matching", "ot"]
   with pytest.raises(ValueError, match=r"Unknown methods \['otp'\]"):
     runs.known_methods(DIGITS, ["ot", "otp"])
 

@@ -29,9 +29,11 @@ def _config(method="ot"):
 
 
 def test_every_key_of_the_table_is_a_key_of_the_base_config():
+  # But the retired ones, which only older records and checkpoints hold.
   base = runs.flatten(checkpoint.config_to_json(common.base_config()))
   for key in same_run.KEYS:
-    assert any(k == key or k.startswith(key + ".") for k in base), key
+    present = any(k == key or k.startswith(key + ".") for k in base)
+    assert present == (key not in same_run.RETIRED), key
   assert set(same_run.KEYS.values()) == {same_run.RESUMABLE,
                                          same_run.RESULT_NEUTRAL}
 
@@ -94,13 +96,23 @@ def test_a_base_config_key_on_one_side_counts_as_its_default():
       "init_permuted: True -> False"]
 
 
-def test_the_suite_metadata_on_one_side_only_is_the_same_run():
+def test_the_run_config_holds_no_suite_metadata():
+  # The suite (methods, order, baseline) is the config file's get_methods.
+  config = _config()
+  for key in same_run.RETIRED:
+    assert key not in config and key not in config["teacher"]["job"]
+
+
+def test_the_retired_suite_metadata_of_older_records_is_the_same_run():
   # method_order and baseline_method describe a results table: a record or
-  # checkpoint that has them matches a config that no longer does.
+  # checkpoint that has them (configs wrote them until they moved to the
+  # config file) matches a config that no longer does, whatever they say.
   saved, now = _config(), _config()
-  del now["method_order"], now["baseline_method"]
+  for job in (saved, saved["teacher"]["job"]):
+    job.update(method_order=["scratch", "ot"], baseline_method="scratch")
   assert same_run.record_differences(saved, now) == []
   assert same_run.resume_differences(saved, now) == []
+  assert same_run.resume_differences(now, saved) == []
 
 
 def test_a_term_option_on_one_side_counts_as_the_regularisers_default():
@@ -218,8 +230,8 @@ def test_every_committed_record_is_the_run_its_command_builds_now(
     out, monkeypatch):
   study = _study(out)
 
-  def no_training(*args, **kwargs):
-    raise AssertionError(f"a committed study would train: {args[1]}")
+  def no_training(run):
+    raise AssertionError(f"a committed study would train: {run.path}")
 
   monkeypatch.setattr(study, "_train", no_training)
   checked = set()

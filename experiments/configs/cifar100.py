@@ -37,14 +37,26 @@ PAIRS = {
 }
 
 
-def get_config(arg=None):
-  """``arg``: ``pair=<pair>,method=<method>,smoke=False`` (or a method)."""
+def _arg(arg) -> dict:
   a = common.parse_arg(arg, pair="resnet56_resnet20", method="",
                        smoke="False")
   if a["pair"] not in PAIRS:
     raise ValueError(f"Unknown pair={a['pair']!r}; choose one of "
                      f"{tuple(PAIRS)} with --config=cifar100.py:pair=<name>.")
-  c, methods = paper.cifar100_distillation(*PAIRS[a["pair"]])
+  return a
+
+
+def get_methods(arg=None) -> dict:
+  """``{method: Method}`` (the same for every pair), student (the baseline)
+  first."""
+  _arg(arg)
+  return paper.cifar100_methods()
+
+
+def get_config(arg=None):
+  """``arg``: ``pair=<pair>,method=<method>,smoke=False`` (or a method)."""
+  a = _arg(arg)
+  c = paper.cifar100_distillation(*PAIRS[a["pair"]])
   if common.flag(a["smoke"]):
     paper.smoke(c)
-  return common.select_method(c, methods, a["method"])
+  return common.select_method(c, get_methods(arg), a["method"])

@@ -3,8 +3,18 @@
 Every config starts from :func:`base_config`, changes what its experiment
 needs, and returns :func:`select_method`'s locked result. A config's methods
 (the variants ``experiments.reproduce`` compares) are functions that edit the
-config; the command line picks one with ml_collections' ``file.py:ARG``
-form (``file.py:method``, or big_vision style ``key=value`` pairs for the
+config. Every config file defines two functions of its argument:
+
+* ``get_methods(arg=None) -> {method: Method}``: the suite, ``arg``'s methods
+  in the order of the results; the first (the student without what the others
+  add) is the baseline that reproduce compares them with. The tools read it
+  through ``experiments.runs.load_config_module`` (``methods``,
+  ``baseline``): the suite is the file's, never a key of a run's config.
+* ``get_config(arg=None)``: one method's config,
+  ``select_method(c, get_methods(arg), method)``.
+
+The command line picks a method with ml_collections' ``file.py:ARG`` form
+(``file.py:method``, or big_vision style ``key=value`` pairs for the
 per-setting configs, :func:`parse_arg`) and its ``--config.key=value``
 overrides are applied last, so they always win::
 
@@ -113,11 +123,9 @@ def base_config() -> ml_collections.ConfigDict:
   # images (paper Fig. 2); ot: solve_neuron_ot options (empty: its defaults).
   c.analysis = ml_collections.ConfigDict({
       "layers": (), "batch_size": 256, "ot": {}})
-  # The method (experiment variant) this config describes; its methods in
-  # the order of the results, and the one reproduce compares them with.
+  # The method (experiment variant) this config describes (its file's
+  # get_methods lists them all, in order; not a key of the run's config).
   c.method = ""
-  c.method_order = ()
-  c.baseline_method = ""
   return c
 
 
@@ -136,7 +144,6 @@ def select_method(config: ml_collections.ConfigDict,
         f"{tuple(methods)} with --config=<file>.py:<method>.")
   methods[method](config)
   config.method = method
-  config.method_order = tuple(methods)
   config.lock()
   return config
 

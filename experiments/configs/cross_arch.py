@@ -64,6 +64,12 @@ def experiment(data: str = "digits"):
 get_sweep = common.sweeps(SWEEP)  # experiments.sweep's grids.
 
 
+def get_methods(arg=None) -> dict:
+  """``{method: Method}`` of ``arg``'s dataset, scratch (the baseline) first."""
+  data = common.setting_arg(arg)[0]
+  return common.teacher_terms("scratch", WEIGHTS[data], data)
+
+
 def get_config(arg=None):
   """``arg``: ``data=digits|fashion_mnist,method=<method>,smoke=False`` (or
   a method)."""
@@ -71,5 +77,4 @@ def get_config(arg=None):
   c = experiment(data)
   if smoke:
     common.shrink(c, *common.SMOKE[data])
-  return common.select_method(
-      c, common.teacher_terms("scratch", WEIGHTS[data], data), method)
+  return common.select_method(c, get_methods(arg), method)

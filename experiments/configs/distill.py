@@ -100,11 +100,16 @@ def experiment(data: str = "digits"):
   c.teacher.source = "train"
   c.teacher.job = teacher_job(data)
   c.method = "ot"
-  c.baseline_method = "student"
   return c
 
 
 get_sweep = common.sweeps(SWEEP)  # experiments.sweep's grids.
+
+
+def get_methods(arg=None) -> dict:
+  """``{method: Method}`` of ``arg``'s dataset, student (the baseline) first."""
+  data = common.setting_arg(arg)[0]
+  return common.teacher_terms("student", WEIGHTS[data], data)
 
 
 def get_config(arg=None):
@@ -114,5 +119,4 @@ def get_config(arg=None):
   c = experiment(data)
   if smoke:
     common.shrink(c, *common.SMOKE[data])
-  return common.select_method(
-      c, common.teacher_terms("student", WEIGHTS[data], data), method)
+  return common.select_method(c, get_methods(arg), method)

@@ -124,6 +124,11 @@ def get_sweep(arg=None) -> dict:
   return dict(SWEEP[_study(arg)[0]])
 
 
+def get_methods(arg=None) -> dict:
+  """``{method: Method}`` of the study, its baseline (no term) first."""
+  return dict(METHODS[_study(arg)[0]])
+
+
 # Omega_I compares neuron i with neuron i: equal widths only (the trained
 # teacher's width is in teacher.job.model.kwargs).
 applies = regimes.applies
@@ -132,4 +137,4 @@ applies = regimes.applies
 def get_config(arg=None):
   """``arg``: ``study=<name>,method=<method>`` (see the module docstring)."""
   study, method = _study(arg)
-  return common.select_method(experiment(study), METHODS[study], method)
+  return common.select_method(experiment(study), get_methods(arg), method)

@@ -46,16 +46,27 @@ DATASETS = {"cub200": ("caltech_birds2011", "resnet50"),
             "stanford_dogs": ("stanford_dogs", "resnet101")}
 
 
-def get_config(arg=None):
-  """``arg``: ``data=cub200|stanford_dogs,method=<method>,smoke=False`` (or
-  a method)."""
+def _arg(arg) -> dict:
   a = common.parse_arg(arg, data="cub200", method="", smoke="False")
   if a["data"] not in DATASETS:
     raise ValueError(f"Unknown data={a['data']!r}; choose one of "
                      f"{tuple(DATASETS)} with "
                      "--config=imagenet_transfer.py:data=<name>.")
-  c, methods = paper.imagenet_transfer(*DATASETS[a["data"]],
-                                       train_fraction=1.0)
+  return a
+
+
+def get_methods(arg=None) -> dict:
+  """``{method: Method}`` (the same for both datasets), finetune_l2 (the
+  baseline) first."""
+  _arg(arg)
+  return paper.imagenet_methods()
+
+
+def get_config(arg=None):
+  """``arg``: ``data=cub200|stanford_dogs,method=<method>,smoke=False`` (or
+  a method)."""
+  a = _arg(arg)
+  c = paper.imagenet_transfer(*DATASETS[a["data"]], train_fraction=1.0)
   if common.flag(a["smoke"]):
     paper.smoke(c)
-  return common.select_method(c, methods, a["method"])
+  return common.select_method(c, get_methods(arg), a["method"])

@@ -3,7 +3,8 @@
 Not a config itself (no ``get_config``): ``cifar100.py`` (the network pair as an
 argument) and ``imagenet_transfer.py`` (the dataset as an argument) call
 :func:`cifar100_distillation` and :func:`imagenet_transfer` with their
-architectures, and :func:`smoke` for ``smoke=True``.
+architectures, take their methods from :func:`cifar100_methods` and
+:func:`imagenet_methods`, and call :func:`smoke` for ``smoke=True``.
 
 Regulariser weights marked UNTUNED below are documented starting points, not
 values from the paper (whose full text we do not have): sweep them on the
@@ -69,8 +70,7 @@ def _cifar_protocol(model_name: str):
   return c
 
 
-def cifar100_distillation(teacher_name: str, student_name: str, *,
-                          feature_matching: bool = True):
+def cifar100_distillation(teacher_name: str, student_name: str):
   """Teacher ``teacher_name`` (trained here with the same protocol) -> ``student_name``.
 
   RepDistiller's protocol (Tian et al., ICLR 2020): 240 epochs of SGD (momentum
@@ -88,7 +88,8 @@ def cifar100_distillation(teacher_name: str, student_name: str, *,
   run instead: `--config.teacher.source=checkpoint
   --config.teacher.path=workdirs/.../teacher`.
 
-  Methods (CE is always there; RepDistiller's weights where it has them):
+  Methods (:func:`cifar100_methods`; CE is always there; RepDistiller's
+  weights where it has them):
     student           CE only
     kd                + KD, T=4, weight 1 (ours is CE + w KD)
     fitnets           + hint on stage3 (1x1 regressor), weight 100
@@ -105,7 +106,13 @@ def cifar100_distillation(teacher_name: str, student_name: str, *,
   c.vary_data_seed = False  # The teacher trained on this same split.
   c.analysis.layers = CIFAR_LAYERS
   c.method = "ot"
-  c.baseline_method = "student"
+  return c
+
+
+def cifar100_methods(*, feature_matching: bool = True) -> dict:
+  """``{method: Method}`` of :func:`cifar100_distillation`, student (the
+  baseline) first; without ``feature_matching`` (Omega_I) when the widths
+  differ."""
   # Teacher and student have the same resolution at every stage: the
   # default spatial='flatten' applies.
   ot = common.with_term("ot", CIFAR_OT_WEIGHT, student_layers=CIFAR_LAYERS)
@@ -123,7 +130,7 @@ def cifar100_distillation(teacher_name: str, student_name: str, *,
         "feature_matching", CIFAR_OT_WEIGHT, student_layers=CIFAR_LAYERS)
   methods["ot"] = ot
   methods["ot_kd"] = common.combine(ot, kd)
-  return c, methods
+  return methods
 
 
 # ---------------------------------------------------------------------------
@@ -152,7 +159,8 @@ def imagenet_transfer(dataset: str, model_name: str, *,
   + flips, ImageNet normalisation. 10 % of each class of the training split is
   held out for model selection (`data.val_fraction`); `data.train_fraction` of
   what is left is trained on (the protocol's 15 / 30 / 50 / 100 %); test = the
-  TFDS test split. Every fraction runs 9000 steps.
+  TFDS test split. Every fraction runs 9000 steps. Methods
+  (:func:`imagenet_methods`):
 
     finetune_l2       weight decay 0.01 on all weights (UNTUNED)
     l2_sp             alpha/2 ||theta - theta^0||^2, alpha=0.1; head beta=0.01
@@ -192,7 +200,12 @@ def imagenet_transfer(dataset: str, model_name: str, *,
   c.analysis.layers = IMAGENET_LAYERS
   c.analysis.batch_size = 128
   c.method = "ot"
-  c.baseline_method = "finetune_l2"
+  return c
+
+
+def imagenet_methods() -> dict:
+  """``{method: Method}`` of :func:`imagenet_transfer`, finetune_l2 (the
+  baseline) first."""
 
   def head_decay(c):
     c.loss.head_decay = L2SP_BETA
@@ -202,7 +215,7 @@ def imagenet_transfer(dataset: str, model_name: str, *,
     c.loss.head_decay = FINETUNE_L2
 
   # Same network: same resolutions, the default spatial='flatten' applies.
-  methods = {
+  return {
       "finetune_l2": finetune_l2,
       "l2_sp": common.combine(head_decay,
                               common.with_term("l2_sp", L2SP_ALPHA)),
@@ -212,7 +225,6 @@ def imagenet_transfer(dataset: str, model_name: str, *,
       "ot": common.combine(head_decay, common.with_term(
           "ot", TRANSFER_OT_WEIGHT, student_layers=IMAGENET_LAYERS)),
   }
-  return c, methods
 
 
 # ---------------------------------------------------------------------------

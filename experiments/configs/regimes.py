@@ -208,6 +208,11 @@ def get_sweep(arg=None) -> dict:
           for m in METHODS[study] if m in GRIDS}
 
 
+def get_methods(arg=None) -> dict:
+  """``{method: Method}`` of the study, its baseline (no term) first."""
+  return dict(METHODS[_study(arg)[0]])
+
+
 def applies(method, config) -> bool:
   """Omega_I compares neuron i with neuron i: equal widths only."""
   width = dict(config.model.kwargs).get("width", 1.0)
@@ -220,5 +225,4 @@ def get_config(arg=None):
   study, method = _study(arg)
   c = experiment(study)
   c.method = next(iter(METHODS[study]))
-  c.baseline_method = c.method
-  return common.select_method(c, METHODS[study], method)
+  return common.select_method(c, get_methods(arg), method)

@@ -129,7 +129,6 @@ def experiment(data: str = "digits"):
   c.optimizer.learning_rate = 0.05
   c.optimizer.grad_clip_norm = 5.0
   c.method = "ot"
-  c.baseline_method = "scratch"
   return c
 
 
@@ -170,6 +169,11 @@ def methods(data: str) -> dict:
 get_sweep = common.sweeps(SWEEP)  # experiments.sweep's grids.
 
 
+def get_methods(arg=None) -> dict:
+  """``{method: Method}`` of ``arg``'s dataset, scratch (the baseline) first."""
+  return methods(common.setting_arg(arg)[0])
+
+
 def get_config(arg=None):
   """``arg``: ``data=digits|fashion_mnist,method=<method>,smoke=False`` (or
   a method)."""
@@ -177,4 +181,4 @@ def get_config(arg=None):
   c = experiment(data)
   if smoke:
     common.shrink(c, *common.SMOKE[data])
-  return common.select_method(c, methods(data), method)
+  return common.select_method(c, get_methods(arg), method)

@@ -104,6 +104,12 @@ def get_sweep(arg=None) -> dict:
   return dict(SWEEP)
 
 
+def get_methods(arg=None) -> dict:
+  """``{method: Method}`` of ``arg``'s teacher, student (the baseline) first."""
+  teacher = _arg(arg)[0]
+  return methods(WEIGHTS[teacher], **OT_LAYERS[teacher])
+
+
 def get_config(arg=None):
   """``arg``: ``teacher=vit|small_cnn,method=<method>,smoke=False`` (or a
   method)."""
@@ -111,5 +117,4 @@ def get_config(arg=None):
   c = experiment(teacher)
   if smoke:
     common.shrink(c, *common.SMOKE[DATA])
-  return common.select_method(
-      c, methods(WEIGHTS[teacher], **OT_LAYERS[teacher]), method)
+  return common.select_method(c, get_methods(arg), method)
