@@ -256,6 +256,33 @@ def test_the_suite_is_the_config_files_not_a_key_of_the_run_config(spec):
                 if k.rsplit(".", 1)[-1] in ("method_order", "baseline_method")]
 
 
+# The settings' config files (not the regime studies, which choose their
+# controls per study and tune each control's weight).
+SETTING_SPECS = [s for s in SUITES if "regimes.py" not in s]
+
+
+@pytest.mark.parametrize("spec", SETTING_SPECS)
+def test_every_setting_has_omega_ps_controls_right_after_ot(spec):
+  # ot_uniform and ot_standardize: the ot method (initialisation, weight,
+  # layers) with their option alone (common.OT_CONTROLS); that the uniform
+  # option gives a uniform plan is tests/test_regimes.py's.
+  module = runs.load_config_module(
+      os.path.join(REPO, "experiments", "configs", spec))
+  methods = list(module.methods)
+  at = methods.index("ot")
+  assert methods[at:at + 3] == ["ot", "ot_uniform", "ot_standardize"]
+  ot = runs.flatten(module.get_config("ot").to_dict())
+  for control, options in common.OT_CONTROLS.items():
+    config = runs.flatten(module.get_config(control).to_dict())
+    assert config.keys() == ot.keys()
+    changed = {k: config[k] for k in config if config[k] != ot[k]}
+    assert changed == {"method": control, **{
+        f"loss.terms.ot.options.{k}": v for k, v in options.items()}}
+  assert common.OT_CONTROLS == {
+      "ot_uniform": {"relative_epsilon": 1e4},
+      "ot_standardize": {"normalize": "standardize"}}
+
+
 @pytest.mark.parametrize("folder", [f for f in RECORDS if os.path.exists(
     os.path.join(REPO, f, "results.md"))])
 def test_the_committed_tables_pair_with_the_config_files_baseline(folder):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from experiments import terms
-from experiments.configs import regimes
+from experiments.configs import common, regimes
 from ot_transfer_jax import ot, regularizers
 
 
@@ -41,6 +41,10 @@ def test_controls_differ_from_ot_by_their_option_only():
   assert diff(uniform) == {"relative_epsilon"}
   assert diff(standardize) == {"normalize"}
   assert standardize["normalize"] == "standardize"
+  # The settings' controls (common.OT_CONTROLS), each weight tuned here.
+  for control, options in (("ot_uniform", uniform),
+                           ("ot_standardize", standardize)):
+    assert common.OT_CONTROLS[control].items() <= options.items()
 
 
 @pytest.mark.parametrize("study", regimes.STUDIES)

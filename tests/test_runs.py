@@ -288,7 +288,8 @@ def test_seeded_sets_the_seeds_and_the_teachers_place(tmp_path):
 
 def test_unknown_methods_are_named():
   assert runs.known_methods(DIGITS, None) == list(DIGITS.methods) == [
-      "scratch", "finetune_l2", "l2_sp", "feature_matching", "ot"]
+      "scratch", "finetune_l2", "l2_sp", "feature_matching", "ot",
+      "ot_uniform", "ot_standardize"]
   with pytest.raises(ValueError, match=r"Unknown methods \['otp'\]"):
     runs.known_methods(DIGITS, ["ot", "otp"])
 

@@ -172,6 +172,43 @@ def unchanged(c) -> None:
   del c
 
 
+# The two controls of Omega_P (the ``ot`` term), each ``ot`` with these
+# options: ``ot_uniform``, a relative epsilon so large that the plan is
+# uniform (u v^T within 1e-3, tests/test_regimes.py): no neuron matching,
+# only a pull on the layer's moments; ``ot_standardize``, transport between
+# standardised neurons. Methods of every setting's config, beside ``ot``.
+OT_CONTROLS = {"ot_uniform": {"relative_epsilon": 1e4},
+               "ot_standardize": {"normalize": "standardize"}}
+
+
+def with_options(method: Method, name: str, **options) -> Method:
+  """``method``, then term ``name``'s options updated by ``options`` (its
+  regulariser, weight and layers kept; an unknown option is refused)."""
+
+  def edited(c):
+    method(c)
+    t = c.loss.terms[name]
+    c.loss.terms[name] = term(
+        t.regularizer, t.weight, student_layers=t.student_layers,
+        teacher_layers=t.teacher_layers, layer_weights=t.layer_weights,
+        **{**t.options, **options})
+
+  return edited
+
+
+def with_ot_controls(methods: Mapping[str, Method]) -> dict:
+  """``methods`` with :data:`OT_CONTROLS` right after ``ot``: each is the
+  ``ot`` method (its initialisation, weight and layers) with the control's
+  options on its ``ot`` term."""
+  out = {}
+  for name, method in methods.items():
+    out[name] = method
+    if name == "ot":
+      out.update({control: with_options(method, "ot", **options)
+                  for control, options in OT_CONTROLS.items()})
+  return out
+
+
 # The stages every small-data config reads (digits_cnn, small_cnn, resnet8).
 LAYERS = ("stage1", "stage2", "stage3")
 
@@ -236,7 +273,8 @@ def teacher_terms(plain: str, weights: Mapping[str, float],
   """``{method: Method}`` of a student trained without or with teacher-based
   terms: ``plain`` (CE and weight decay only), one method per regulariser in
   ``weights`` (at that weight, on ``TERM_LAYERS[data]``; none for logits),
-  and ``ot_kd`` (Omega_P + KD, each at its own weight) when both ``ot`` and
+  Omega_P's controls (:func:`with_ot_controls`, at ``ot``'s weight) and
+  ``ot_kd`` (Omega_P + KD, each at its own weight) when both ``ot`` and
   ``kd`` are there. In that order."""
   layers = TERM_LAYERS[data]
   methods = {plain: unchanged, **{
@@ -245,7 +283,7 @@ def teacher_terms(plain: str, weights: Mapping[str, float],
       for name, weight in weights.items()}}
   if "ot" in methods and "kd" in methods:
     methods["ot_kd"] = combine(methods["ot"], methods["kd"])
-  return methods
+  return with_ot_controls(methods)
 
 
 # The weight grids of the sweeps, named once: method -> (config key, grid),

@@ -18,6 +18,12 @@ differ (no KD); what transfers is the representation:
   attention  CE + attention transfer (digits: stage1-2; fashion_mnist: 1-3)
   fitnets    CE + FitNets hint on stage2 (learned 1x1 regressor)
   ot         CE + Omega_P on stage1-3 (widths differ: no projection needed)
+  ot_uniform      ot with a uniform plan (relative_epsilon 1e4): no neuron
+                  matching, only a pull on the layer's moments
+  ot_standardize  ot on standardised neurons (normalize="standardize")
+
+The two controls of Omega_P (common.OT_CONTROLS) run at ot's weight; the
+regime studies (regimes.py) tune them separately.
 
 On Fashion-MNIST each weight is the best on the validation split of tuning
 seed 100 out of 0.1x, 1x and 10x a customary value, chosen by

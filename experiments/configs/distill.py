@@ -20,7 +20,13 @@ Omega_P needs no projection:
   fitnets    CE + FitNets hint on stage2 (learned 1x1 regressor)
   attention  CE + attention transfer (digits: stage1-2; fashion_mnist: 1-3)
   ot         CE + Omega_P on stage1-3
+  ot_uniform      ot with a uniform plan (relative_epsilon 1e4): no neuron
+                  matching, only a pull on the layer's moments
+  ot_standardize  ot on standardised neurons (normalize="standardize")
   ot_kd      CE + Omega_P + KD, each weight as chosen for ot and kd alone
+
+The two controls of Omega_P (common.OT_CONTROLS) run at ot's weight; the
+regime studies (regimes.py) tune them separately.
 
 The teacher trained on this very split, so data.seed stays fixed
 (vary_data_seed=False): seeds change the student's initialisation and batch

@@ -30,7 +30,8 @@ records stay what they were, and a rerun of these commands trains nothing:
         --config.teacher.workdir=workdirs/regimes/teacher
 
   study=data_scarcity  K = 2 .. 50 training images per class, transfer.py's
-      methods (initialised from the teacher but ``scratch``) and weight grids,
+      methods (initialised from the teacher but ``scratch``; not Omega_P's
+      controls, which came later: ``transfer.methods``) and weight grids,
       with every step a full batch at any K: ``batch_size`` = 5 classes x
       ``data.samples_per_class`` (a reference, so
       ``--config.data.samples_per_class`` moves it too). The validation split

@@ -96,7 +96,13 @@ def cifar100_distillation(teacher_name: str, student_name: str):
     attention         + AT on stage1-3, weight 1000
     feature_matching  + Omega_I on stage1-3 (equal widths), weight 1 (UNTUNED)
     ot                + Omega_P on stage1-3, spatial='flatten', weight 1 (UNTUNED)
+    ot_uniform        ot with a uniform plan (relative_epsilon 1e4): no neuron
+                      matching, only a pull on the layer's moments
+    ot_standardize    ot on standardised neurons (normalize="standardize")
     ot_kd             ot + kd
+
+  The two controls of Omega_P (common.OT_CONTROLS) run at ot's weight; the
+  regime studies (regimes.py) tune them separately.
 
   ``feature_matching`` (Omega_I) needs equal widths per stage.
   """
@@ -130,7 +136,7 @@ def cifar100_methods(*, feature_matching: bool = True) -> dict:
         "feature_matching", CIFAR_OT_WEIGHT, student_layers=CIFAR_LAYERS)
   methods["ot"] = ot
   methods["ot_kd"] = common.combine(ot, kd)
-  return methods
+  return common.with_ot_controls(methods)
 
 
 # ---------------------------------------------------------------------------
@@ -168,6 +174,12 @@ def imagenet_transfer(dataset: str, model_name: str, *,
                       weight 1 (UNTUNED); head beta=0.01
     ot                Omega_P on stage1-4, spatial='flatten', weight 1 (UNTUNED);
                       head beta=0.01
+    ot_uniform        ot with a uniform plan (relative_epsilon 1e4): no neuron
+                      matching, only a pull on the layer's moments
+    ot_standardize    ot on standardised neurons (normalize="standardize")
+
+  The two controls of Omega_P (common.OT_CONTROLS) run at ot's weight; the
+  regime studies (regimes.py) tune them separately.
 
   stage1-4 are the outputs of torchvision's layer1..layer4 (56x56x256 ..
   7x7x2048 at 224 px).
@@ -215,7 +227,7 @@ def imagenet_methods() -> dict:
     c.loss.head_decay = FINETUNE_L2
 
   # Same network: same resolutions, the default spatial='flatten' applies.
-  return {
+  return common.with_ot_controls({
       "finetune_l2": finetune_l2,
       "l2_sp": common.combine(head_decay,
                               common.with_term("l2_sp", L2SP_ALPHA)),
@@ -224,7 +236,7 @@ def imagenet_methods() -> dict:
           student_layers=IMAGENET_LAYERS)),
       "ot": common.combine(head_decay, common.with_term(
           "ot", TRANSFER_OT_WEIGHT, student_layers=IMAGENET_LAYERS)),
-  }
+  })
 
 
 # ---------------------------------------------------------------------------

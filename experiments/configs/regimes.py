@@ -16,7 +16,9 @@ the protocol of docs/experiments.md ("Regime studies"):
 * weights chosen on the mean validation accuracy of tuning seeds 100 and 101,
   10 table seeds, both reads (curve's defaults and ``--seeds 10``).
 
-Two controls of Omega_P sit beside ``ot`` wherever it runs:
+Two controls of Omega_P sit beside ``ot`` wherever it runs (their options
+are common.OT_CONTROLS, as in every setting's config; here each has its own
+weight grid):
 
   ot_uniform      Omega_P with relative_epsilon 1e4: the plan is u v^T
                   (within 1e-3), no neuron matching, only a pull of every
@@ -80,8 +82,6 @@ TEACHER_SEED = 1000
 TEACHER_WORKDIR = "workdirs/regimes/teacher_{}"
 STUDIES = ("permutation", "cross_arch", "width", "scarcity", "distill")
 
-# A relative epsilon so large that the plan is uniform (tests check 1e-3).
-UNIFORM_RELATIVE_EPSILON = 1e4
 # Grids (0.01 .. 10 for the feature terms: where a pull starts to hurt is
 # part of the answer); curve extends a grid whose best is at an edge.
 TERM_GRID = (0.01, 0.1, 1.0, 10.0)
@@ -163,9 +163,8 @@ TERMS = {
     "attention": _term("attention"),
     "fitnets": _term("fitnets"),
     "ot": _term("ot"),
-    "ot_uniform": _term("ot_uniform",
-                        relative_epsilon=UNIFORM_RELATIVE_EPSILON),
-    "ot_standardize": _term("ot_standardize", normalize="standardize"),
+    # The controls' options: common.OT_CONTROLS (the settings' too).
+    **{m: _term(m, **options) for m, options in common.OT_CONTROLS.items()},
     "kd": _term("kd"),
 }
 _KD_FIXED = common.with_term("kd", KD_WEIGHT)

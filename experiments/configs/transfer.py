@@ -26,6 +26,13 @@ initialisation:
                     (fashion_mnist only)
   feature_matching  init from the teacher, Omega_I on stage1-3
   ot                init from the teacher, Omega_P on stage1-3
+  ot_uniform        ot with a uniform plan (relative_epsilon 1e4): no neuron
+                    matching, only a pull on the layer's moments (the
+                    no-matching control)
+  ot_standardize    ot on standardised neurons (normalize="standardize")
+
+The two controls of Omega_P (common.OT_CONTROLS) run at ot's weight; the
+regime studies (regimes.py) tune them separately.
 
 Students initialised from the teacher keep its BatchNorm statistics frozen
 (model.freeze_batchnorm): with so few training images, batch statistics are
@@ -144,7 +151,8 @@ def from_teacher(c):
 
 
 def methods(data: str) -> dict:
-  """``{method: Method}`` of ``data``, at its weights."""
+  """``{method: Method}`` of ``data``, at its weights, without Omega_P's
+  controls (first_regimes.py's data_scarcity study reads these)."""
   w = WEIGHTS[data]
 
   def finetune_l2(c):
@@ -170,8 +178,9 @@ get_sweep = common.sweeps(SWEEP)  # experiments.sweep's grids.
 
 
 def get_methods(arg=None) -> dict:
-  """``{method: Method}`` of ``arg``'s dataset, scratch (the baseline) first."""
-  return methods(common.setting_arg(arg)[0])
+  """``{method: Method}`` of ``arg``'s dataset, scratch (the baseline) first,
+  Omega_P's controls right after ot."""
+  return common.with_ot_controls(methods(common.setting_arg(arg)[0]))
 
 
 def get_config(arg=None):

@@ -23,7 +23,13 @@ differ, so Omega_I (feature matching) and DELTA do not apply:
   student    CE and weight decay only
   kd         CE + KD (T = 4)
   ot         CE + Omega_P (the layers above)
+  ot_uniform      ot with a uniform plan (relative_epsilon 1e4): no neuron
+                  matching, only a pull on the layer's moments
+  ot_standardize  ot on standardised neurons (normalize="standardize")
   ot_kd      CE + Omega_P + KD, each weight as chosen for ot and kd alone
+
+The two controls of Omega_P (common.OT_CONTROLS) run at ot's weight; the
+regime studies (regimes.py) tune them separately.
 
 Each weight is the best on the validation split of tuning seed 100 out of
 0.1x, 1x and 10x a customary value, chosen by
@@ -83,12 +89,13 @@ def experiment(teacher: str = "vit"):
 
 
 def methods(weights: dict, **ot_layers) -> dict:
-  """student, kd, ot and ot_kd with ``weights``; ``ot_layers``: the Omega_P
-  term's student_layers / teacher_layers."""
+  """student, kd, ot, its controls and ot_kd with ``weights``;
+  ``ot_layers``: the Omega_P term's student_layers / teacher_layers."""
   kd = common.with_term("kd", weights["kd"])
   ot = common.with_term("ot", weights["ot"], **ot_layers)
-  return {"student": common.unchanged,  # CE and weight decay only.
-          "kd": kd, "ot": ot, "ot_kd": common.combine(ot, kd)}
+  return common.with_ot_controls({
+      "student": common.unchanged,  # CE and weight decay only.
+      "kd": kd, "ot": ot, "ot_kd": common.combine(ot, kd)})
 
 
 def _arg(arg) -> tuple[str, str, bool]:
