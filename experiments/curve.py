@@ -67,8 +67,11 @@ Outputs. In ``--out`` (small files, meant to be committed):
 * ``results.md``: per value, mean +- standard error per method at both
   reads and the paired differences ``--focus`` (Omega_P: ``ot``) minus every
   other method on the same seeds (mean, s.e., on how many seeds it was
-  better) at both reads; the plan diagnostics per layer; then every tuning
-  grid with its mean validation accuracies and the choice;
+  better) at both reads; the plan diagnostics per layer; then, along the
+  key, each method's change from the first value and the interaction
+  [(focus - m) at a value] - [(focus - m) at the first value], both paired
+  by seed at both reads; then every tuning grid with its mean validation
+  accuracies and the choice;
 * ``curve.png``: accuracy against the value (mean +- s.e. per method) and the
   paired difference focus - each method against the value (mean +- s.e.).
 
@@ -259,8 +262,7 @@ def markdown(summary: dict) -> str:
       pairs = [paired(records, focus, m, k) if m != focus else None
                for k in READS]
       if all(pairs):
-        cells = [f"{p[0]:+.2f} | {p[1]:.2f} | {p[2]}/{p[3]}" for p in pairs]
-        rows.append(f"| {focus} − {m} | {pairs[0][3]} | {' | '.join(cells)} |")
+        rows.append(f"| {focus} − {m} | {pairs[0][3]} | {_cells(pairs)} |")
     if rows:
       out += ["", "Paired differences (same seeds, points): mean, s.e., "
               f"seeds on which {focus} was better.", "",
@@ -270,7 +272,7 @@ def markdown(summary: dict) -> str:
     for measure, meaning in runs.PLAN_MEASURES.items():
       out += plan_table(records, methods, measure, meaning)
     out.append("")
-  out += across_values(summary, by_value)
+  out += across_values(summary, by_value) + interactions(summary, by_value)
   out += ["## Weights chosen on validation", "",
           "Validation accuracy (%) at the best step, mean over tuning seeds "
           f"{', '.join(map(str, tseeds))} (test accuracy at that step in "
@@ -306,19 +308,12 @@ def across_values(summary: dict, by_value: dict) -> list[str]:
         pairs.append(paired(recs, label(key, value), label(key, values[0]),
                             read))
       if all(pairs):
-        cells = [f"{p[0]:+.2f} | {p[1]:.2f} | {p[2]}/{p[3]}" for p in pairs]
-        rows.append(f"| {m} | {value} − {values[0]} | {pairs[0][3]} | "
-                    f"{' | '.join(cells)} |")
-  if not rows:
-    return []
-  return [f"## Along `{key}`, per method", "",
-          f"Each value's test accuracy minus that at {key} = {values[0]}, "
-          "paired by seed (points): mean, s.e., seeds on which it was "
-          "higher. The weights are each value's own choice.", "",
-          "| method | values | n | best val: mean | s.e. | higher | last: "
-          "mean | s.e. | higher |",
-          "|---|---|---:|---:|---:|---:|---:|---:|---:|", *rows, "",
-          *interactions(summary, by_value)]
+        rows.append(_along_row(m, value, values[0], pairs))
+  return _along_table(
+      f"## Along `{key}`, per method",
+      f"Each value's test accuracy minus that at {key} = {values[0]}, "
+      "paired by seed (points): mean, s.e., seeds on which it was higher. "
+      "The weights are each value's own choice.", "method", "higher", rows)
 
 
 def interactions(summary: dict, by_value: dict) -> list[str]:
@@ -327,41 +322,50 @@ def interactions(summary: dict, by_value: dict) -> list[str]:
   (e.g. whether Omega_P's gain over scratch grows for a narrower student)."""
   key, values, focus = summary["key"], summary["values"], summary["focus"]
 
-  def gaps(value, m, read):  # {seed: focus - m}, points.
+  def gaps(value, m, read) -> list[dict]:
+    """focus - m per seed at ``value``, as records of method label(value)."""
     acc = {}
     for r in by_value[label(key, value)]:
       if r["status"] == "finished" and r["method"] in (focus, m):
-        acc.setdefault(r["method"], {})[r["seed"]] = 100 * r[read]
+        acc.setdefault(r["method"], {})[r["seed"]] = r[read]
     seeds = set(acc.get(focus, {})) & set(acc.get(m, {}))
-    return {s: acc[focus][s] - acc[m][s] for s in seeds}
+    return [{"status": "finished", "method": label(key, value), "seed": s,
+             read: acc[focus][s] - acc[m][s]} for s in seeds]
 
   rows = []
   for value in values[1:]:
     for m in summary["methods"]:
       if m == focus:
         continue
-      cells, n = [], None
-      for read in READS:
-        now, first = gaps(value, m, read), gaps(values[0], m, read)
-        seeds = sorted(set(now) & set(first))
-        if not seeds:
-          break
-        d = [now[s] - first[s] for s in seeds]
-        mean, se = mean_se(d)
-        cells.append(f"{mean:+.2f} | {se:.2f} | {sum(x > 0 for x in d)}/"
-                     f"{len(d)}")
-        n = len(d)
-      if len(cells) == len(READS):
-        rows.append(f"| {focus} − {m} | {value} − {values[0]} | {n} | "
-                    f"{' | '.join(cells)} |")
+      pairs = [paired(gaps(value, m, read) + gaps(values[0], m, read),
+                      label(key, value), label(key, values[0]), read)
+               for read in READS]
+      if all(pairs):
+        rows.append(_along_row(f"{focus} − {m}", value, values[0], pairs))
+  return _along_table(
+      f"## Interaction: {focus}'s gap along `{key}`",
+      f"[({focus} − m) at a value] − [({focus} − m) at {key} = "
+      f"{values[0]}], paired by seed (points): mean, s.e., seeds on which "
+      "the gap was larger there.", "pair", "larger", rows)
+
+
+def _cells(pairs) -> str:
+  """``paired``'s results at both reads as table cells: mean | s.e. | k/n."""
+  return " | ".join(f"{p[0]:+.2f} | {p[1]:.2f} | {p[2]}/{p[3]}" for p in pairs)
+
+
+def _along_row(name: str, value, first, pairs) -> str:
+  return f"| {name} | {value} − {first} | {pairs[0][3]} | {_cells(pairs)} |"
+
+
+def _along_table(title: str, caption: str, first: str, larger: str,
+                 rows: list[str]) -> list[str]:
+  """A table of differences along the key at both reads ([] without rows)."""
   if not rows:
     return []
-  return [f"## Interaction: {focus}'s gap along `{key}`", "",
-          f"[({focus} − m) at a value] − [({focus} − m) at {key} = "
-          f"{values[0]}], paired by seed (points): mean, s.e., seeds on "
-          "which the gap was larger there.", "",
-          "| pair | values | n | best val: mean | s.e. | larger | last: "
-          "mean | s.e. | larger |",
+  return [title, "", caption, "",
+          f"| {first} | values | n | best val: mean | s.e. | {larger} | "
+          f"last: mean | s.e. | {larger} |",
           "|---|---|---:|---:|---:|---:|---:|---:|---:|", *rows, ""]
 
 

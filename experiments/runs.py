@@ -52,6 +52,9 @@ from ot_transfer_jax import checkpoint
 def load_config_module(path: str) -> types.SimpleNamespace:
   """The config file ``path`` (``file.py[:ARG]``), as the tools read it.
 
+  Raises:
+    ValueError: the file has no ``get_methods``, or it returns no method.
+
   Returns:
     A namespace with ``methods`` (the suite: the names of the file's
     ``get_methods(ARG)``, in the order of the results), ``baseline`` (the
@@ -73,6 +76,9 @@ def load_config_module(path: str) -> types.SimpleNamespace:
     raise ValueError(f"{path} has no get_methods(arg=None) -> {{method: "
                      "Method}: see experiments/configs/common.py.")
   methods = tuple(module.get_methods(arg or None))
+  if not methods:
+    raise ValueError(f"{path}: get_methods({arg or None!r}) returns no "
+                     "method; the first it returns is the baseline.")
   return types.SimpleNamespace(
       __doc__=module.__doc__, methods=methods, baseline=methods[0],
       SWEEP=sweep,

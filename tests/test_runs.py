@@ -286,6 +286,17 @@ def test_seeded_sets_the_seeds_and_the_teachers_place(tmp_path):
   assert cfg.teacher.workdir == os.path.join(str(tmp_path), "teacher")
 
 
+@pytest.mark.parametrize("source, error", [
+    ("def get_config(arg=None):\n  return None\n", "has no get_methods"),
+    ("def get_methods(arg=None):\n  return {}\n", "returns no method"),
+])
+def test_a_config_file_without_a_suite_is_refused(tmp_path, source, error):
+  path = tmp_path / "suiteless.py"
+  path.write_text(source)
+  with pytest.raises(ValueError, match=error):
+    runs.load_config_module(f"{path}:data=digits")
+
+
 def test_unknown_methods_are_named():
   assert runs.known_methods(DIGITS, None) == list(DIGITS.methods) == [
       "scratch", "finetune_l2", "l2_sp", "feature_matching", "ot",
