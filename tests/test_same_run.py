@@ -254,4 +254,5 @@ def test_every_committed_record_is_the_run_its_command_builds_now(
     assert same_run.record_differences(
         record["config"], checkpoint.config_to_json(cfg)) == [], path
     checked.add(path)
-  assert len(checked) == len(paths) >= 20
+  # A study part way (records committed as they finish) has only some.
+  assert paths and len(checked) == len(paths)
