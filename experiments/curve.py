@@ -63,15 +63,19 @@ Outputs. In ``--out`` (small files, meant to be committed):
   "focus", "wall_s": {"tuning", "runs"}, "chosen": {value: {method: {"key",
   "weight", "grid": {weight: mean val acc}, "test": {weight: mean test acc},
   "bracketed", "note"}}}, "runs": [every table record without its
-  config]}``;
-* ``results.md``: per value, mean +- standard error per method at both
-  reads and the paired differences ``--focus`` (Omega_P: ``ot``) minus every
-  other method on the same seeds (mean, s.e., on how many seeds it was
-  better) at both reads; the plan diagnostics per layer; then, along the
-  key, each method's change from the first value and the interaction
-  [(focus - m) at a value] - [(focus - m) at the first value], both paired
-  by seed at both reads; then every tuning grid with its mean validation
-  accuracies and the choice;
+  config], "teachers": (where recorded) teachers.json}``;
+* ``teachers.json``: ``{teacher workdir: {"model", "kwargs", "step",
+  "test_accuracy", "best_step", "test_accuracy_at_best_val"}}`` of each
+  trained teacher the study reads (the weights of its last step), written
+  when the teacher is trained or found in its workdir;
+* ``results.md``: the teacher's test accuracy; per value, mean +- standard
+  error per method at both reads and the paired differences ``--focus``
+  (Omega_P: ``ot``) minus every other method on the same seeds (mean, s.e.,
+  on how many seeds it was better) at both reads; the plan diagnostics per
+  layer; then, along the key, each method's change from the first value
+  and the interaction [(focus - m) at a value] - [(focus - m) at the first
+  value], both paired by seed at both reads; then every tuning grid with its
+  mean validation accuracies and the choice;
 * ``curve.png``: accuracy against the value (mean +- s.e. per method) and the
   paired difference focus - each method against the value (mean +- s.e.).
 
@@ -109,6 +113,7 @@ from absl import app, flags, logging
 from matplotlib.figure import Figure
 from ml_collections import config_flags
 
+from experiments import job as job_lib
 from experiments import loop, runs
 from experiments.cli import (default_root, parse_flags, quiet_libraries,
                              user_errors)
@@ -185,6 +190,8 @@ def mean_se(values: Sequence[float]) -> tuple[float, float]:
 
 #: The two reads of a run: test accuracy at the best-validation step, and at
 #: the last step. Every table gives both.
+# In --out: {teacher workdir: its model and final metrics} (Curve.teachers).
+TEACHERS = "teachers.json"
 READS = {"test_accuracy_best_val": "best-val step",
          "test_accuracy_last": "last step"}
 
@@ -235,6 +242,12 @@ def markdown(summary: dict) -> str:
     out += [f"Wall time of the recorded runs (summed over the sessions that "
             f"made them; the teacher not included): tuning "
             f"{w['tuning'] / 60:.0f} min, table {w['runs'] / 60:.0f} min.", ""]
+  for workdir, t in summary.get("teachers", {}).items():
+    best = 100 * t["test_accuracy_at_best_val"]
+    out += [f"Teacher `{workdir}` ({t['model']} {t['kwargs']}): test accuracy "
+            f"{100 * t['test_accuracy']:.2f} % at its last step {t['step']}, "
+            f"the weights every run reads ({best:.2f} % at its best "
+            f"validation step {t['best_step']}).", ""]
   by_value = _by_value(summary["runs"], [label(key, v) for v in summary["values"]])
   for value in summary["values"]:
     records = by_value[label(key, value)]
@@ -650,20 +663,43 @@ class Curve:
 
   def teachers(self) -> None:
     """Trains (or restores) every teacher a missing run needs, before any
-    run: no run's wall time includes a teacher's."""
-    if not self._pending():
-      return
+    run: no run's wall time includes a teacher's. Each trained teacher found
+    (needed now, or left in its workdir by an earlier session) has its final
+    metrics added to ``<out>/teachers.json``: a table is read against how
+    good its teacher is, and that file stays with the committed records."""
+    pending = self._pending()
     ready = set()
     for vl, cfgs in self.configs.items():
       for cfg in cfgs.values():
         cfg = self.seeded(cfg, 0, vl)
         if cfg.teacher.source != "train" or cfg.teacher.workdir in ready:
           continue
-        start = time.time()
-        loop.ensure_teacher(cfg, self.workdir)
+        tdir = job_lib.teacher_workdir(cfg, self.workdir)
+        if pending:
+          start = time.time()
+          loop.ensure_teacher(cfg, self.workdir)
+          logging.info("curve: teacher in %s ready after %.0f s",
+                       cfg.teacher.workdir, time.time() - start)
+        # Nothing to train: a teacher left here is read (its config checked)
+        # only to record it; an absent or unfinished one is not recorded.
+        elif not (os.path.isdir(tdir)
+                  and job_lib.load_teacher(cfg, self.workdir)):
+          continue
         ready.add(cfg.teacher.workdir)
-        logging.info("curve: teacher in %s ready after %.0f s",
-                     cfg.teacher.workdir, time.time() - start)
+        self._record_teacher(cfg, tdir)
+
+  def _record_teacher(self, cfg, tdir: str) -> None:
+    metrics = runs.read_json(os.path.join(tdir, "final_metrics.json"))
+    path = os.path.join(self.out, TEACHERS)
+    teachers = runs.read_json(path) if os.path.exists(path) else {}
+    entry = {"model": cfg.teacher.job.model.name,
+             "kwargs": dict(cfg.teacher.job.model.kwargs),
+             **{k: metrics[k] for k in ("step", "test_accuracy", "best_step",
+                                        "test_accuracy_at_best_val")}}
+    if teachers.get(cfg.teacher.workdir) != entry:
+      teachers[cfg.teacher.workdir] = entry
+      os.makedirs(self.out, exist_ok=True)
+      runs.write_json(path, teachers, indent=1)
 
   def run(self) -> dict:
     """Every value: weights, then method x seed; writes the outputs."""
@@ -709,6 +745,9 @@ class Curve:
                           for vl, cs in chosen.items()},
                "runs": [{k: v for k, v in r.items() if k != "config"}
                         for r in table]}
+    teachers = os.path.join(self.out, TEACHERS)
+    if os.path.exists(teachers):
+      summary["teachers"] = runs.read_json(teachers)
     os.makedirs(self.out, exist_ok=True)
     runs.write_json(os.path.join(self.out, "results.json"), summary, indent=1)
     with open(os.path.join(self.out, "results.md"), "w",

@@ -193,6 +193,17 @@ def test_curve_writes_records_and_a_rerun_trains_nothing(tmp_path, teacher_dir,
   assert re.search(r"\| ot \| 5 − 3 \| 1 \| [-+]\d", md)
   assert "a grid of one value brackets nothing" in md
   assert (out / "curve.png").stat().st_size > 0
+  # The teacher every run read, recorded beside the records and in the table.
+  final = json.loads((teacher_dir / "final_metrics.json").read_text())
+  teachers = json.loads((out / "teachers.json").read_text())
+  assert list(teachers) == [str(teacher_dir)] == list(summary["teachers"])
+  entry = teachers[str(teacher_dir)]
+  assert entry["model"] == "digits_cnn"
+  assert (entry["step"], entry["test_accuracy"]) == (final["step"],
+                                                     final["test_accuracy"])
+  assert (f"Teacher `{teacher_dir}` (digits_cnn {{}}): test accuracy "
+          f"{100 * final['test_accuracy']:.2f} % at its last step "
+          f"{final['step']}") in md
 
   # The committed records alone resume: no workdir, no training.
   def no_training(*args, **kwargs):
@@ -203,6 +214,7 @@ def test_curve_writes_records_and_a_rerun_trains_nothing(tmp_path, teacher_dir,
                  tuning_seeds=(100, 101), grids={"ot": (0.1,)})
   again.out = str(out)
   assert again.run()["runs"] == summary["runs"]
+  assert json.loads((out / "teachers.json").read_text()) == teachers
 
   # Records made with other settings are refused, naming the difference.
   with pytest.raises(ValueError, match="num_steps: 20 -> 10"):
@@ -261,6 +273,9 @@ def test_documented_study_builds_every_config(tmp_path, index):
       assert cfg.teacher_normalization  # And 30 evaluations or more:
       assert cfg.eval_every <= cfg.num_steps // 30
       assert cfg.teacher.job.seed not in (*range(10), *study.tuning_seeds)
+      # A teacher trained longer than its student (distill.py's 800-step
+      # one, under the 2,000-step student, was no better than it).
+      assert cfg.teacher.job.num_steps >= cfg.num_steps
   assert "ot" in methods and any(m.startswith("ot_uniform") for m in methods)
 
 
