@@ -64,10 +64,10 @@ Outputs. In ``--out`` (small files, meant to be committed):
   "weight", "grid": {weight: mean val acc}, "test": {weight: mean test acc},
   "bracketed", "note"}}}, "runs": [every table record without its
   config], "teachers": (where recorded) teachers.json}``;
-* ``teachers.json``: ``{teacher workdir: {"model", "kwargs", "step",
-  "test_accuracy", "best_step", "test_accuracy_at_best_val"}}`` of each
-  trained teacher the study reads (the weights of its last step), written
-  when the teacher is trained or found in its workdir;
+* ``teachers.json``: ``{teacher workdir: [{"model", "kwargs", "step",
+  "test_accuracy", "best_step", "test_accuracy_at_best_val"}, ...]}``: each
+  distinct training of a teacher the runs read (the weights of its last
+  step; a session on another machine may retrain it a little differently);
 * ``results.md``: the teacher's test accuracy; per value, mean +- standard
   error per method at both reads and the paired differences ``--focus``
   (Omega_P: ``ot``) minus every other method on the same seeds (mean, s.e.,
@@ -242,12 +242,17 @@ def markdown(summary: dict) -> str:
     out += [f"Wall time of the recorded runs (summed over the sessions that "
             f"made them; the teacher not included): tuning "
             f"{w['tuning'] / 60:.0f} min, table {w['runs'] / 60:.0f} min.", ""]
-  for workdir, t in summary.get("teachers", {}).items():
-    best = 100 * t["test_accuracy_at_best_val"]
+  for workdir, trainings in summary.get("teachers", {}).items():
+    t = trainings[0]
+    acc = lambda k: " / ".join(f"{100 * t[k]:.2f}" for t in trainings)
     out += [f"Teacher `{workdir}` ({t['model']} {t['kwargs']}): test accuracy "
-            f"{100 * t['test_accuracy']:.2f} % at its last step {t['step']}, "
-            f"the weights every run reads ({best:.2f} % at its best "
-            f"validation step {t['best_step']}).", ""]
+            f"{acc('test_accuracy')} % at its last step {t['step']}, the "
+            f"weights the runs read ({acc('test_accuracy_at_best_val')} % at "
+            f"its best validation step "
+            f"{' / '.join(str(t['best_step']) for t in trainings)})"
+            + (f"; trained {len(trainings)} times by the sessions that made "
+               "the records (another machine's float rounding)."
+               if len(trainings) > 1 else "."), ""]
   by_value = _by_value(summary["runs"], [label(key, v) for v in summary["values"]])
   for value in summary["values"]:
     records = by_value[label(key, value)]
@@ -663,41 +668,38 @@ class Curve:
 
   def teachers(self) -> None:
     """Trains (or restores) every teacher a missing run needs, before any
-    run: no run's wall time includes a teacher's. Each trained teacher found
-    (needed now, or left in its workdir by an earlier session) has its final
-    metrics added to ``<out>/teachers.json``: a table is read against how
-    good its teacher is, and that file stays with the committed records."""
-    pending = self._pending()
+    run: no run's wall time includes a teacher's. Each teacher that runs are
+    about to read is added to ``<out>/teachers.json`` (its final metrics): a
+    table is read against how good its teacher is. A study resumed on
+    another machine retrains its teacher, whose weights float rounding may
+    change: each distinct training the records read is listed."""
+    if not self._pending():
+      return
     ready = set()
     for vl, cfgs in self.configs.items():
       for cfg in cfgs.values():
         cfg = self.seeded(cfg, 0, vl)
         if cfg.teacher.source != "train" or cfg.teacher.workdir in ready:
           continue
-        tdir = job_lib.teacher_workdir(cfg, self.workdir)
-        if pending:
-          start = time.time()
-          loop.ensure_teacher(cfg, self.workdir)
-          logging.info("curve: teacher in %s ready after %.0f s",
-                       cfg.teacher.workdir, time.time() - start)
-        # Nothing to train: a teacher left here is read (its config checked)
-        # only to record it; an absent or unfinished one is not recorded.
-        elif not (os.path.isdir(tdir)
-                  and job_lib.load_teacher(cfg, self.workdir)):
-          continue
+        start = time.time()
+        loop.ensure_teacher(cfg, self.workdir)
         ready.add(cfg.teacher.workdir)
-        self._record_teacher(cfg, tdir)
+        logging.info("curve: teacher in %s ready after %.0f s",
+                     cfg.teacher.workdir, time.time() - start)
+        self._record_teacher(cfg)
 
-  def _record_teacher(self, cfg, tdir: str) -> None:
-    metrics = runs.read_json(os.path.join(tdir, "final_metrics.json"))
-    path = os.path.join(self.out, TEACHERS)
-    teachers = runs.read_json(path) if os.path.exists(path) else {}
+  def _record_teacher(self, cfg) -> None:
+    metrics = runs.read_json(os.path.join(
+        job_lib.teacher_workdir(cfg, self.workdir), "final_metrics.json"))
     entry = {"model": cfg.teacher.job.model.name,
              "kwargs": dict(cfg.teacher.job.model.kwargs),
              **{k: metrics[k] for k in ("step", "test_accuracy", "best_step",
                                         "test_accuracy_at_best_val")}}
-    if teachers.get(cfg.teacher.workdir) != entry:
-      teachers[cfg.teacher.workdir] = entry
+    path = os.path.join(self.out, TEACHERS)
+    teachers = runs.read_json(path) if os.path.exists(path) else {}
+    trainings = teachers.setdefault(cfg.teacher.workdir, [])
+    if entry not in trainings:
+      trainings.append(entry)
       os.makedirs(self.out, exist_ok=True)
       runs.write_json(path, teachers, indent=1)
 

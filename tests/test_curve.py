@@ -197,13 +197,19 @@ def test_curve_writes_records_and_a_rerun_trains_nothing(tmp_path, teacher_dir,
   final = json.loads((teacher_dir / "final_metrics.json").read_text())
   teachers = json.loads((out / "teachers.json").read_text())
   assert list(teachers) == [str(teacher_dir)] == list(summary["teachers"])
-  entry = teachers[str(teacher_dir)]
+  (entry,) = teachers[str(teacher_dir)]
   assert entry["model"] == "digits_cnn"
   assert (entry["step"], entry["test_accuracy"]) == (final["step"],
                                                      final["test_accuracy"])
   assert (f"Teacher `{teacher_dir}` (digits_cnn {{}}): test accuracy "
           f"{100 * final['test_accuracy']:.2f} % at its last step "
           f"{final['step']}") in md
+  # A retrained teacher (another machine) is listed beside the first.
+  other = dict(summary, teachers={str(teacher_dir): [
+      entry, {**entry, "test_accuracy": 0.5}]})
+  assert (f"{100 * final['test_accuracy']:.2f} / 50.00 % at its last step"
+          in curve.markdown(other))
+  assert "trained 2 times" in curve.markdown(other)
 
   # The committed records alone resume: no workdir, no training.
   def no_training(*args, **kwargs):
