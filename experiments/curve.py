@@ -35,7 +35,11 @@ one read only is not a verdict.
 
 A config file may define ``applies(method, config) -> bool`` (e.g. Omega_I
 only where student and teacher widths are equal); a method that does not
-apply at a value is skipped there and shown as such.
+apply at a value is skipped there and shown as such. It may define
+``get_inherited(arg=None) -> {method: {config key: other method}}``: that key
+of the method's runs takes the weight chosen for the other method (tuned
+first) at the same value -- KD's weight in Omega_P + KD -- shown beside the
+method's own weight in results.md.
 
 A teacher the config trains (``teacher.source='train'``) is trained once,
 before any run (so that no run's ``wall_s`` includes it), in
@@ -265,6 +269,8 @@ def markdown(summary: dict) -> str:
       done = [r for r in rs if r["status"] == "finished"]
       weight = chosen.get(m, {}).get("weight")
       wtext = "—" if weight is None else f"{weight:g}"
+      for k, w in chosen.get(m, {}).get("inherited", {}).items():
+        wtext += f", {k.removeprefix('loss.terms.')} {w:g}"
       if rs and rs[0].get("skipped"):
         out.append(f"| {m} | — | 0 | does not apply | |")
         continue
@@ -507,8 +513,12 @@ class Curve:
             + (f" (did you mean {', '.join(near)}?)" if near else "")
             + ". See experiments/configs/common.py for every key.")
     self.grids = self._grids(grids or {})
-    # Build every value's config now: a bad value fails before any run.
-    self.configs = {label(key, v): {m: self.at(m, v) for m in methods}
+    self.inherited = self._inherited()
+    self._tuned = {}  # (value label, method) -> Curve.tune's choice.
+    # Build every value's config now: a bad value fails before any run
+    # (without the inherited weights, which need the tuning runs).
+    self.configs = {label(key, v): {m: self.at(m, v, inherit=False)
+                                    for m in methods}
                     for v in values}
     self.teacher_per_value = self._teacher_depends_on_value()
     self._check_initialisations()
@@ -535,9 +545,36 @@ class Curve:
                          f"get_config({m!r}) does not have.")
     return grids
 
-  def at(self, method: str, value, weight=None):
-    """``method``'s config at ``value`` (and ``weight`` on its grid key)."""
+  def _inherited(self) -> dict:
+    """``{method: {config key: other method}}`` (the config file's
+    ``get_inherited(ARG)``): the key takes the weight chosen for the other
+    method at the same value, e.g. KD's in Omega_P + KD."""
+    inherited = dict(getattr(self.module, "inherited", None) or {})
+    for m, keys in inherited.items():
+      for k, other in keys.items():
+        if m in self.methods and (
+            other not in self.grids
+            or self.methods.index(other) > self.methods.index(m)):
+          raise ValueError(
+              f"{m} takes {k} from the weight chosen for {other}: {other} "
+              "must be one of the methods, with a grid, before it (add it "
+              "to --methods).")
+        if m in self.base and not runs.has_key(self.base[m], k):
+          raise ValueError(f"{m} takes {k} from {other}'s choice, but "
+                           f"get_config({m!r}) has no such key.")
+    return inherited
+
+  def at(self, method: str, value, weight=None, inherit: bool = True):
+    """``method``'s config at ``value`` (and ``weight`` on its grid key;
+    with ``inherit``, the weights it takes from other methods' choices at
+    ``value``, which tunes those methods first if they are not yet)."""
     overrides = {**self.overrides, self.key: value}
+    for k, other in (self.inherited.get(method, {}) if inherit else {}).items():
+      chosen = self.tune(value, other)["weight"]
+      if chosen is None:
+        raise ValueError(f"{method} takes {k} from {other}, whose every "
+                         f"tuning run at {self.key}={value!r} diverged.")
+      overrides[k] = chosen
     if weight is not None:
       overrides[self.grids[method][0]] = weight
     try:  # Built anew: references (batch_size = 5 x K) follow the value.
@@ -641,6 +678,8 @@ class Curve:
     mean test acc at the best-val step}, "bracketed", "note"}``: means over
     the tuning seeds (None where one diverged)."""
     vl = label(self.key, value)
+    if (vl, method) in self._tuned:  # Read once: wall time counted once.
+      return self._tuned[vl, method]
     wkey, grid = self.grids[method]
     tuning = runs.tune(
         lambda w, t: self._tuning_point(value, vl, method, w, t), wkey, grid,
@@ -648,9 +687,11 @@ class Curve:
     for records in tuning.records.values():
       for record in records:
         self.wall_s["tuning"] += record["wall_s"]
-    return {"key": wkey, "weight": tuning.weight, "grid": tuning.grid,
-            "test": tuning.test, "bracketed": not tuning.note,
-            "note": tuning.note}
+    self._tuned[vl, method] = {
+        "key": wkey, "weight": tuning.weight, "grid": tuning.grid,
+        "test": tuning.test, "bracketed": not tuning.note,
+        "note": tuning.note}
+    return self._tuned[vl, method]
 
   def _tuning_point(self, value, vl, method, weight, seed) -> runs.Planned:
     """The run of ``weight`` on tuning seed ``seed`` at ``value``."""
@@ -718,7 +759,11 @@ class Curve:
           continue
         weight = None
         if m in self.grids:
-          chosen[vl][m] = self.tune(value, m)
+          chosen[vl][m] = dict(self.tune(value, m))
+          if m in self.inherited:
+            chosen[vl][m]["inherited"] = {
+                k: self.tune(value, o)["weight"]
+                for k, o in self.inherited[m].items()}
           weight = chosen[vl][m]["weight"]
           if weight is None:
             logging.error("%s at %s: every tuning run diverged; no table "

@@ -64,7 +64,10 @@ def load_config_module(path: str) -> types.SimpleNamespace:
     set), ``SWEEP`` (``{method: (config_key, (value, ...))}``: the file's
     ``SWEEP``, or ``get_sweep(ARG)`` in a file that takes arguments; None
     without either), ``applies`` (the file's ``applies(method, config) ->
-    bool``, see experiments.curve; None if absent) and ``__doc__``.
+    bool``, see experiments.curve; None if absent), ``inherited`` (the
+    file's ``get_inherited(ARG)``: ``{method: {config key: other method}}``,
+    the key set to the weight experiments.curve chose for the other method;
+    None if absent) and ``__doc__``.
   """
   path, _, arg = path.partition(":")
   spec = importlib.util.spec_from_file_location("_reproduced_config", path)
@@ -83,6 +86,8 @@ def load_config_module(path: str) -> types.SimpleNamespace:
       __doc__=module.__doc__, methods=methods, baseline=methods[0],
       SWEEP=sweep,
       applies=getattr(module, "applies", None),
+      inherited=(module.get_inherited(arg or None)
+                 if hasattr(module, "get_inherited") else None),
       get_config=lambda method=None: module.get_config(
           common.with_method(arg, method)))
 

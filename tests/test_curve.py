@@ -291,3 +291,55 @@ def test_a_preempted_curve_prints_its_own_resume_command(monkeypatch):
   assert cli.resume_command() == "python -m experiments.curve --key k"
   monkeypatch.setattr(sys, "argv", ["/r/experiments/main.py", "--workdir=w"])
   assert cli.resume_command() == "python -m experiments.main --workdir=w"
+
+
+# --- Weights one method takes from another's choice ---------------------------
+
+
+DISTILL = "experiments/configs/regimes.py:study=distill"
+
+
+def _distill_curve(tmp_path, methods=None):
+  module = runs.load_config_module(os.path.join(REPO, DISTILL))
+  return curve.Curve(module, "num_steps", [2000], methods, 10,
+                     str(tmp_path / "out"), str(tmp_path / "work"), {},
+                     focus="ot_kd")
+
+
+def test_a_combination_takes_the_weight_chosen_for_its_part(tmp_path,
+                                                           monkeypatch):
+  study = _distill_curve(tmp_path)
+  asked = []
+
+  def tune(value, method):
+    asked.append((value, method))
+    return {"weight": {"kd": 0.3}.get(method, 0.02)}
+
+  monkeypatch.setattr(study, "tune", tune)
+  cfg = study.at("ot_kd", 2000, 0.05)
+  assert (cfg.loss.terms.kd.weight, cfg.loss.terms.ot.weight) == (0.3, 0.05)
+  assert asked == [(2000, "kd")]
+  assert study.at("ot_uniform_kd", 2000, 1.0).loss.terms.kd.weight == 0.3
+  assert study.at("kd", 2000, 7.0).loss.terms.kd.weight == 7.0
+  # The configs built before any run do not tune: the file's own weight.
+  assert study.configs["num_steps=2000"]["ot_kd"].loss.terms.kd.weight != 0.3
+
+
+def test_a_combination_without_its_part_is_refused(tmp_path):
+  with pytest.raises(ValueError, match="kd must be one of the methods"):
+    _distill_curve(tmp_path, methods=["student", "ot_kd"])
+
+
+def test_results_md_shows_an_inherited_weight():
+  key = "num_steps"
+  runs_ = [{"label": curve.label(key, 2000), "method": m, "seed": 0,
+            "status": "finished", "test_accuracy_best_val": 0.8,
+            "test_accuracy_last": 0.8} for m in ("kd", "ot_kd")]
+  chosen = {"key": "loss.terms.ot.weight", "weight": 0.05,
+            "grid": {"0.05": 0.8}, "test": {"0.05": 0.8}, "bracketed": True,
+            "note": "", "inherited": {"loss.terms.kd.weight": 0.3}}
+  summary = {"key": key, "values": [2000], "methods": ["kd", "ot_kd"],
+             "seeds": 1, "tuning_seeds": [100, 101], "focus": "ot_kd",
+             "chosen": {curve.label(key, 2000): {"ot_kd": chosen}},
+             "runs": runs_}
+  assert "| ot_kd | 0.05, kd.weight 0.3 | 1 |" in curve.markdown(summary)

@@ -96,11 +96,6 @@ GRIDS = {
     "kd": (1.0, 10.0, 100.0), "ot_kd": (0.01, 0.1, 1.0),
     "ot_uniform_kd": (0.01, 0.1, 1.0),
 }
-# KD's weight where it is combined with a feature term: the weight the distill
-# study chose for KD alone (0.1 of 0.01 .. 100 on tuning seeds 100 and 101;
-# docs/regimes/distill/tuning/*/kd), so that Omega_P + KD is read against the
-# best KD. The 300-step sweep's 10 is 1.5 validation points below it at 2,000.
-KD_WEIGHT = 0.1
 # The config key each grid sets: the term a method adds.
 TERM_OF = {"ot_uniform": "ot", "ot_standardize": "ot", "ot_kd": "ot",
            "ot_uniform_kd": "ot"}
@@ -180,9 +175,9 @@ TERMS = {
     **{m: _term(m, **options) for m, options in common.OT_CONTROLS.items()},
     "kd": _term("kd"),
 }
-_KD_FIXED = common.with_term("kd", KD_WEIGHT)
-TERMS["ot_kd"] = common.combine(TERMS["ot"], _KD_FIXED)
-TERMS["ot_uniform_kd"] = common.combine(TERMS["ot_uniform"], _KD_FIXED)
+# KD's weight in these two: get_inherited.
+TERMS["ot_kd"] = common.combine(TERMS["ot"], TERMS["kd"])
+TERMS["ot_uniform_kd"] = common.combine(TERMS["ot_uniform"], TERMS["kd"])
 
 
 def _l2_sp(c):
@@ -223,6 +218,15 @@ def get_sweep(arg=None) -> dict:
 def get_methods(arg=None) -> dict:
   """``{method: Method}`` of the study, its baseline (no term) first."""
   return dict(METHODS[_study(arg)[0]])
+
+
+def get_inherited(arg=None) -> dict:
+  """KD in Omega_P + KD and ot_uniform + KD at the weight the study chose for
+  KD alone: a combination is read against the best KD."""
+  if _study(arg)[0] != "distill":
+    return {}
+  return {m: {"loss.terms.kd.weight": "kd"}
+          for m in ("ot_kd", "ot_uniform_kd")}
 
 
 def applies(method, config) -> bool:
