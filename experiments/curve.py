@@ -192,10 +192,10 @@ def mean_se(values: Sequence[float]) -> tuple[float, float]:
   return float(v.mean()), float(se)
 
 
-#: The two reads of a run: test accuracy at the best-validation step, and at
-#: the last step. Every table gives both.
 # In --out: {teacher workdir: its model and final metrics} (Curve.teachers).
 TEACHERS = "teachers.json"
+#: The two reads of a run: test accuracy at the best-validation step, and at
+#: the last step. Every table gives both.
 READS = {"test_accuracy_best_val": "best-val step",
          "test_accuracy_last": "last step"}
 
@@ -248,7 +248,8 @@ def markdown(summary: dict) -> str:
             f"{w['tuning'] / 60:.0f} min, table {w['runs'] / 60:.0f} min.", ""]
   for workdir, trainings in summary.get("teachers", {}).items():
     t = trainings[0]
-    acc = lambda k: " / ".join(f"{100 * t[k]:.2f}" for t in trainings)
+    acc = lambda k: " / ".join("—" if t.get(k) is None else
+                               f"{100 * t[k]:.2f}" for t in trainings)
     out += [f"Teacher `{workdir}` ({t['model']} {t['kwargs']}): test accuracy "
             f"{acc('test_accuracy')} % at its last step {t['step']}, the "
             f"weights the runs read ({acc('test_accuracy_at_best_val')} % at "

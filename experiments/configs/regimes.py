@@ -61,9 +61,9 @@ nothing):
                 teacher trained 6,000 steps of 128 (distill.py's 800 left it
                 no better than the student), the student 2,000 (4.4 epochs;
                 the first protocol's 300 left the best step at the last in
-                28 of 30 runs); student,
-                KD, Omega_P, Omega_P + KD, ot_uniform + KD (KD in the
-                combinations at the weight this study chose for KD alone)
+                28 of 30 runs); student, KD, Omega_P, Omega_P + KD,
+                ot_uniform + KD (KD in the combinations at the weight this
+                study chose for KD alone: get_inherited)
     python -m experiments.curve \
         --config experiments/configs/regimes.py:study=distill \
         --key num_steps --values 2000 --seeds 10 --focus ot_kd \
