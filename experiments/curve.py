@@ -552,30 +552,38 @@ class Curve:
     method at the same value, e.g. KD's in Omega_P + KD."""
     inherited = dict(getattr(self.module, "inherited", None) or {})
     for m, keys in inherited.items():
+      if m not in self.methods:
+        continue
       for k, other in keys.items():
-        if m in self.methods and (
-            other not in self.grids
+        if (other not in self.grids
             or self.methods.index(other) > self.methods.index(m)):
           raise ValueError(
               f"{m} takes {k} from the weight chosen for {other}: {other} "
               "must be one of the methods, with a grid, before it (add it "
               "to --methods).")
-        if m in self.base and not runs.has_key(self.base[m], k):
+        if not runs.has_key(self.base[m], k):
           raise ValueError(f"{m} takes {k} from {other}'s choice, but "
                            f"get_config({m!r}) has no such key.")
     return inherited
+
+  def _inherited_weights(self, method: str, value) -> dict:
+    """``{config key: weight}`` ``method`` takes from other methods' choices
+    at ``value`` (tuning them first if they are not yet)."""
+    weights = {}
+    for k, other in self.inherited.get(method, {}).items():
+      weights[k] = self.tune(value, other)["weight"]
+      if weights[k] is None:
+        raise ValueError(f"{method} takes {k} from {other}, whose every "
+                         f"tuning run at {self.key}={value!r} diverged.")
+    return weights
 
   def at(self, method: str, value, weight=None, inherit: bool = True):
     """``method``'s config at ``value`` (and ``weight`` on its grid key;
     with ``inherit``, the weights it takes from other methods' choices at
     ``value``, which tunes those methods first if they are not yet)."""
     overrides = {**self.overrides, self.key: value}
-    for k, other in (self.inherited.get(method, {}) if inherit else {}).items():
-      chosen = self.tune(value, other)["weight"]
-      if chosen is None:
-        raise ValueError(f"{method} takes {k} from {other}, whose every "
-                         f"tuning run at {self.key}={value!r} diverged.")
-      overrides[k] = chosen
+    if inherit:
+      overrides.update(self._inherited_weights(method, value))
     if weight is not None:
       overrides[self.grids[method][0]] = weight
     try:  # Built anew: references (batch_size = 5 x K) follow the value.
@@ -732,7 +740,7 @@ class Curve:
 
   def _record_teacher(self, cfg) -> None:
     metrics = runs.read_json(os.path.join(
-        job_lib.teacher_workdir(cfg, self.workdir), "final_metrics.json"))
+        job_lib.teacher_workdir(cfg, self.workdir), loop.FINAL_METRICS))
     entry = {"model": cfg.teacher.job.model.name,
              "kwargs": dict(cfg.teacher.job.model.kwargs),
              **{k: metrics[k] for k in ("step", "test_accuracy", "best_step",
@@ -762,9 +770,7 @@ class Curve:
         if m in self.grids:
           chosen[vl][m] = dict(self.tune(value, m))
           if m in self.inherited:
-            chosen[vl][m]["inherited"] = {
-                k: self.tune(value, o)["weight"]
-                for k, o in self.inherited[m].items()}
+            chosen[vl][m]["inherited"] = self._inherited_weights(m, value)
           weight = chosen[vl][m]["weight"]
           if weight is None:
             logging.error("%s at %s: every tuning run diverged; no table "
