@@ -262,8 +262,9 @@ def markdown(summary: dict) -> str:
   for value in summary["values"]:
     records = by_value[label(key, value)]
     out += [f"## {key} = {value}", "",
-            "| method | weight | n | test acc @ best val | test acc @ last |",
-            "|---|---|---:|---:|---:|"]
+            "| method | weight | n | test acc @ best val | test acc @ last | "
+            "best step: median (at 1st / last eval) |",
+            "|---|---|---:|---:|---:|---:|"]
     chosen = summary["chosen"].get(label(key, value), {})
     for m in methods:
       rs = [r for r in records if r["method"] == m]
@@ -281,7 +282,8 @@ def markdown(summary: dict) -> str:
       cells = [_cell([100 * r[k] for r in done]) for k in READS]
       diverged = len(rs) - len(done)
       n = f"{len(done)}" + (f" (+{diverged} diverged)" if diverged else "")
-      out.append(f"| {m} | {wtext} | {n} | {' | '.join(cells)} |")
+      out.append(f"| {m} | {wtext} | {n} | {' | '.join(cells)} | "
+                 f"{best_steps(done)} |")
     rows = []
     for m in methods:
       pairs = [paired(records, focus, m, k) if m != focus else None
@@ -316,6 +318,23 @@ def markdown(summary: dict) -> str:
       out.append(f"| {value} | {m} | {c['key']} | {grid} | "
                  f"{c['note'] or 'bracketed'} |")
   return "\n".join(out) + "\n"
+
+
+def best_steps(records: Sequence[dict]) -> str:
+  """The median best-validation step of finished runs, and how many peaked
+  at the first evaluation (too coarse or too strong a term) or at the last
+  (undertrained): ``"1875 (0 / 1)"``; ``?`` where a record lacks
+  ``eval_every`` (results written before it was kept)."""
+  if not records:
+    return ""
+  median = float(np.median([r["best_step"] for r in records]))
+  last = sum(r["best_step"] == r["step"] for r in records)
+  if any(r.get("eval_every") is None for r in records):
+    first = "?"
+  else:
+    first = sum(r["best_step"] == min(r["eval_every"], r["step"])
+                for r in records)
+  return f"{median:g} ({first} / {last})"
 
 
 def across_values(summary: dict, by_value: dict) -> list[str]:
@@ -797,8 +816,7 @@ class Curve:
                    for part in ("grid", "test")}}
                                for m, c in cs.items()}
                           for vl, cs in chosen.items()},
-               "runs": [{k: v for k, v in r.items() if k != "config"}
-                        for r in table]}
+               "runs": [_summary_record(r) for r in table]}
     teachers = os.path.join(self.out, TEACHERS)
     if os.path.exists(teachers):
       summary["teachers"] = runs.read_json(teachers)
@@ -809,6 +827,15 @@ class Curve:
       f.write(markdown(summary))
     plot(summary, os.path.join(self.out, "curve.png"))
     return summary
+
+
+def _summary_record(record: dict) -> dict:
+  """A record in results.json: its config left out but for ``eval_every``
+  (the first evaluation, for ``best_steps``)."""
+  out = {k: v for k, v in record.items() if k != "config"}
+  if "config" in record:
+    out["eval_every"] = record["config"]["eval_every"]
+  return out
 
 
 def parse_grids(specs: Sequence[str]) -> dict:

@@ -334,7 +334,8 @@ def test_results_md_shows_an_inherited_weight():
   key = "num_steps"
   runs_ = [{"label": curve.label(key, 2000), "method": m, "seed": 0,
             "status": "finished", "test_accuracy_best_val": 0.8,
-            "test_accuracy_last": 0.8} for m in ("kd", "ot_kd")]
+            "test_accuracy_last": 0.8, "best_step": 90, "step": 100}
+           for m in ("kd", "ot_kd")]
   chosen = {"key": "loss.terms.ot.weight", "weight": 0.05,
             "grid": {"0.05": 0.8}, "test": {"0.05": 0.8}, "bracketed": True,
             "note": "", "inherited": {"loss.terms.kd.weight": 0.3}}
@@ -343,3 +344,23 @@ def test_results_md_shows_an_inherited_weight():
              "chosen": {curve.label(key, 2000): {"ot_kd": chosen}},
              "runs": runs_}
   assert "| ot_kd | 0.05, kd.weight 0.3 | 1 |" in curve.markdown(summary)
+
+
+def test_results_md_counts_runs_that_peak_at_the_first_or_last_eval():
+  # The protocol's checks: a best step at the first evaluation means too
+  # coarse an evaluation (or too strong a term), at the last step an
+  # undertrained run.
+  key = "num_steps"
+  runs_ = [{"label": curve.label(key, 100), "method": "none", "seed": s,
+            "status": "finished", "test_accuracy_best_val": 0.8,
+            "test_accuracy_last": 0.8, "best_step": best, "step": 100,
+            "eval_every": 5} for s, best in enumerate((5, 40, 100, 100))]
+  summary = {"key": key, "values": [100], "methods": ["none"], "seeds": 4,
+             "tuning_seeds": [100, 101], "focus": "none", "chosen": {},
+             "runs": runs_}
+  assert "| 70 (1 / 2) |" in curve.markdown(summary)
+  # Written before results.json kept eval_every: the first count unknown.
+  for r in runs_:
+    del r["eval_every"]
+  assert "| 70 (? / 2) |" in curve.markdown(summary)
+  assert curve.best_steps([]) == ""
