@@ -241,6 +241,10 @@ def markdown(summary: dict) -> str:
          "(grids at the end; no table seed tunes). Test accuracy (%) at the "
          "best-validation step and at the last step, mean ± standard error "
          "over seeds; n = finished seeds.", ""]
+  if len(tseeds) < 2:
+    out += ["Weights chosen on one tuning seed: below the protocol of "
+            "docs/experiments.md (two or more), so each choice carries that "
+            "seed's validation noise.", ""]
   if "wall_s" in summary:
     w = summary["wall_s"]
     out += [f"Wall time of the recorded runs (summed over the sessions that "

@@ -16,9 +16,10 @@ the protocol of docs/experiments.md ("Regime studies"):
 * weights chosen on the mean validation accuracy of tuning seeds 100 and 101,
   10 table seeds, both reads (curve's defaults and ``--seeds 10``).
 
-Two controls of Omega_P sit beside ``ot`` wherever it runs (their options
-are common.OT_CONTROLS, as in every setting's config; here each has its own
-weight grid):
+Two controls of Omega_P (their options are common.OT_CONTROLS, as in every
+setting's config; here each has its own weight grid): ot_uniform beside
+``ot`` in every study (in distill, ot_uniform + KD beside Omega_P + KD),
+ot_standardize in cross_arch, whose question it answers:
 
   ot_uniform      Omega_P with relative_epsilon 1e4: the plan is u v^T
                   (within 1e-3), no neuron matching, only a pull of every
