@@ -475,20 +475,10 @@ class Curve:
                extensions: int = 2, focus: str = "ot"):
     self.module, self.key, self.values = module, key, values
     self.seeds, self.out, self.workdir = seeds, out, workdir
-    self.tuning_seeds = [int(t) for t in tuning_seeds]
     self.extensions, self.focus = extensions, focus
     if seeds < 1:
       raise ValueError(f"--seeds {seeds}: need at least 1.")
-    if not self.tuning_seeds or len(set(self.tuning_seeds)) != len(
-        self.tuning_seeds):
-      raise ValueError(f"--tuning_seeds {tuning_seeds}: give one or more "
-                       "distinct seeds, e.g. --tuning_seeds 100,101.")
-    clash = [t for t in self.tuning_seeds if 0 <= t < seeds]
-    if clash:
-      raise ValueError(
-          f"--tuning_seeds {clash[0]} is one of the table's seeds 0 .. "
-          f"{seeds - 1}: weights must be chosen on seeds no table uses. "
-          f"Pass --tuning_seeds {max(100, seeds)},{max(100, seeds) + 1}.")
+    self.tuning_seeds = runs.parse_tuning_seeds(tuning_seeds, seeds)
     methods = runs.known_methods(module, methods)
     if focus not in methods:
       raise ValueError(f"--focus {focus} is not one of the methods "
@@ -842,7 +832,7 @@ def main(argv):
         opts.methods, opts.seeds, opts.out,
         opts.workdir or default_root("curve", path),
         config_flags.get_override_values(flag),
-        [int(t) for t in opts.tuning_seeds], parse_grids(opts.grid),
+        opts.tuning_seeds, parse_grids(opts.grid),
         opts.extensions, opts.focus)
     summary = curve.run()
     print(f"\nCurve in {curve.out} ({len(summary['runs'])} table runs):\n")
