@@ -121,6 +121,9 @@ from experiments import job as job_lib
 from experiments import loop, runs
 from experiments.cli import (default_root, parse_flags, quiet_libraries,
                              user_errors)
+# The paired difference and the two reads are reproduce's too (report).
+from experiments.report import (READS, mean_se, paired, paired_cells,
+                                paired_header)
 from ot_transfer_jax import checkpoint, models
 
 
@@ -185,35 +188,8 @@ def label(key: str, value: Any) -> str:
   return f"{key.rsplit('.', 1)[-1]}={text}"
 
 
-def mean_se(values: Sequence[float]) -> tuple[float, float]:
-  """Mean and standard error (sample std / sqrt(n); 0 for one value)."""
-  v = np.asarray(values, np.float64)
-  se = v.std(ddof=1) / np.sqrt(v.size) if v.size > 1 else 0.0
-  return float(v.mean()), float(se)
-
-
 # In --out: {teacher workdir: its model and final metrics} (Curve.teachers).
 TEACHERS = "teachers.json"
-#: The two reads of a run: test accuracy at the best-validation step, and at
-#: the last step. Every table gives both.
-READS = {"test_accuracy_best_val": "best-val step",
-         "test_accuracy_last": "last step"}
-
-
-def paired(records: Sequence[dict], focus: str, other: str,
-           key: str = "test_accuracy_best_val"):
-  """``(mean, s.e., better, n)`` of focus - other over the seeds both
-  finished, in points; None without a common seed."""
-  acc = {}
-  for r in records:
-    if r["status"] == "finished":
-      acc.setdefault(r["method"], {})[r["seed"]] = r[key]
-  seeds = sorted(set(acc.get(focus, {})) & set(acc.get(other, {})))
-  if not seeds:
-    return None
-  diffs = [100 * (acc[focus][s] - acc[other][s]) for s in seeds]
-  mean, se = mean_se(diffs)
-  return mean, se, sum(d > 0 for d in diffs), len(seeds)
 
 
 def _by_value(records, values):
@@ -293,13 +269,12 @@ def markdown(summary: dict) -> str:
       pairs = [paired(records, focus, m, k) if m != focus else None
                for k in READS]
       if all(pairs):
-        rows.append(f"| {focus} − {m} | {pairs[0][3]} | {_cells(pairs)} |")
+        rows.append(f"| {focus} − {m} | {pairs[0][3]} | "
+                    f"{paired_cells(pairs)} |")
     if rows:
       out += ["", "Paired differences (same seeds, points): mean, s.e., "
               f"seeds on which {focus} was better.", "",
-              "| pair | n | best val: mean | s.e. | better | last: mean | "
-              "s.e. | better |", "|---|---:|---:|---:|---:|---:|---:|---:|",
-              *rows]
+              *paired_header("pair"), *rows]
     for measure, meaning in runs.PLAN_MEASURES.items():
       out += plan_table(records, methods, measure, meaning)
     out.append("")
@@ -397,13 +372,9 @@ def interactions(summary: dict, by_value: dict) -> list[str]:
       "the gap was larger there.", "pair", "larger", rows)
 
 
-def _cells(pairs) -> str:
-  """``paired``'s results at both reads as table cells: mean | s.e. | k/n."""
-  return " | ".join(f"{p[0]:+.2f} | {p[1]:.2f} | {p[2]}/{p[3]}" for p in pairs)
-
-
 def _along_row(name: str, value, first, pairs) -> str:
-  return f"| {name} | {value} − {first} | {pairs[0][3]} | {_cells(pairs)} |"
+  return (f"| {name} | {value} − {first} | {pairs[0][3]} | "
+          f"{paired_cells(pairs)} |")
 
 
 def _along_table(title: str, caption: str, first: str, larger: str,
@@ -508,20 +479,10 @@ class Curve:
                extensions: int = 2, focus: str = "ot"):
     self.module, self.key, self.values = module, key, values
     self.seeds, self.out, self.workdir = seeds, out, workdir
-    self.tuning_seeds = [int(t) for t in tuning_seeds]
     self.extensions, self.focus = extensions, focus
     if seeds < 1:
       raise ValueError(f"--seeds {seeds}: need at least 1.")
-    if not self.tuning_seeds or len(set(self.tuning_seeds)) != len(
-        self.tuning_seeds):
-      raise ValueError(f"--tuning_seeds {tuning_seeds}: give one or more "
-                       "distinct seeds, e.g. --tuning_seeds 100,101.")
-    clash = [t for t in self.tuning_seeds if 0 <= t < seeds]
-    if clash:
-      raise ValueError(
-          f"--tuning_seeds {clash[0]} is one of the table's seeds 0 .. "
-          f"{seeds - 1}: weights must be chosen on seeds no table uses. "
-          f"Pass --tuning_seeds {max(100, seeds)},{max(100, seeds) + 1}.")
+    self.tuning_seeds = runs.parse_tuning_seeds(tuning_seeds, seeds)
     methods = runs.known_methods(module, methods)
     if focus not in methods:
       raise ValueError(f"--focus {focus} is not one of the methods "
@@ -875,7 +836,7 @@ def main(argv):
         opts.methods, opts.seeds, opts.out,
         opts.workdir or default_root("curve", path),
         config_flags.get_override_values(flag),
-        [int(t) for t in opts.tuning_seeds], parse_grids(opts.grid),
+        opts.tuning_seeds, parse_grids(opts.grid),
         opts.extensions, opts.focus)
     summary = curve.run()
     print(f"\nCurve in {curve.out} ({len(summary['runs'])} table runs):\n")

@@ -33,7 +33,10 @@ from matplotlib.figure import Figure
 
 from experiments.metric_writers import read_metrics
 
-SUMMARY_KEYS = ("test_accuracy_best_val", "test_accuracy_last")
+#: The two reads of a run: test accuracy at the best-validation step, and at
+#: the last step. Every table gives both (reproduce's and curve's).
+READS = {"test_accuracy_best_val": "best-val step",
+         "test_accuracy_last": "last step"}
 MATCHED_FRACTION = "matched_fraction/"
 
 
@@ -88,7 +91,7 @@ def summarize(records: Sequence[Mapping[str, Any]],
   for method in _ordered(by_method, methods_order):
     runs = list(by_method[method].values())
     row = {"method": method, "seeds": len(runs)}
-    for key in SUMMARY_KEYS:
+    for key in READS:
       row[f"{key}_mean"], row[f"{key}_std"] = _mean_std(
           [float(r[key]) for r in runs])
     summary.append(row)
@@ -109,39 +112,82 @@ def markdown_table(summary: Sequence[Mapping[str, Any]]) -> str:
   ]
   for row in summary:
     cells = [row["method"], str(row["seeds"])]
-    cells += [cell(row, key) for key in SUMMARY_KEYS]
+    cells += [cell(row, key) for key in READS]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
 
-def paired_table(records: Sequence[Mapping[str, Any]], baseline: str,
-                 methods_order: Optional[Sequence[str]] = None,
-                 key: str = "test_accuracy_best_val") -> str:
-  """Each method minus ``baseline`` on the same seeds, as a Markdown table.
+def mean_se(values: Sequence[float]) -> Tuple[float, float]:
+  """Mean and standard error (sample std / sqrt(n); 0 for one value)."""
+  mean, std = _mean_std(values)
+  return mean, std / float(np.sqrt(len(values)))
+
+
+def paired(records: Sequence[Mapping[str, Any]], focus: str, other: str,
+           key: str = "test_accuracy_best_val"
+           ) -> Optional[Tuple[float, float, int, int]]:
+  """``focus`` minus ``other`` seed by seed: the one paired difference of
+  reproduce's and curve's tables.
 
   Seeds share their data draw, batches and initialisation, so per-seed
-  differences remove most of the between-seed spread: reported as mean ± std
-  of the differences, their standard error, and on how many seeds the method
-  was better. Empty when the baseline is absent.
+  differences remove most of the between-seed spread.
+
+  Args:
+    records: run records (``method``, ``seed``, ``status``, ``key``); only
+      finished runs count.
+    focus, other: the two methods.
+    key: the read (one of :data:`READS`).
+
+  Returns:
+    ``(mean, s.e., better, n)`` over the ``n`` seeds both finished, in
+    points (percent); ``better``: on how many of them ``focus`` was higher.
+    None without a common seed.
   """
-  by_method: Dict[str, Dict[int, float]] = {}
+  acc = {}
   for r in records:
-    by_method.setdefault(r["method"], {})[r["seed"]] = float(r[key])
-  if baseline not in by_method:
+    if r["status"] == "finished":
+      acc.setdefault(r["method"], {})[r["seed"]] = r[key]
+  seeds = sorted(set(acc.get(focus, {})) & set(acc.get(other, {})))
+  if not seeds:
+    return None
+  diffs = [100 * (acc[focus][s] - acc[other][s]) for s in seeds]
+  mean, se = mean_se(diffs)
+  return mean, se, sum(d > 0 for d in diffs), len(seeds)
+
+
+def paired_cells(pairs: Sequence[Tuple[float, float, int, int]]) -> str:
+  """:func:`paired`'s results at both reads as table cells:
+  ``mean | s.e. | k/n | mean | s.e. | k/n``."""
+  return " | ".join(f"{p[0]:+.2f} | {p[1]:.2f} | {p[2]}/{p[3]}" for p in pairs)
+
+
+def paired_header(first: str) -> List[str]:
+  """The header lines of a table of :func:`paired_cells` rows, ``first``
+  naming its first column (the pair)."""
+  return [f"| {first} | n | best val: mean | s.e. | better | last: mean | "
+          "s.e. | better |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+
+def paired_table(records: Sequence[Mapping[str, Any]], baseline: str,
+                 methods_order: Optional[Sequence[str]] = None) -> str:
+  """Each method minus ``baseline`` on the same seeds, at both reads
+  (:data:`READS`), as a Markdown table: per method the number of common
+  finished seeds, then at each read the mean and standard error of the
+  per-seed differences (:func:`paired`, points) and on how many seeds the
+  method was better. Empty when the baseline is absent."""
+  methods = _ordered([r["method"] for r in records], methods_order)
+  if baseline not in methods:
     return ""
-  lines = [f"| method − {baseline} (same seeds) | seeds | mean ± std "
-           "| std. error | better on |", "|---|---:|---:|---:|---:|"]
-  for method in _ordered(by_method, methods_order):
-    seeds = sorted(set(by_method[method]) & set(by_method[baseline]))
-    if method == baseline or not seeds:
-      continue
-    diffs = [100 * (by_method[method][s] - by_method[baseline][s])
-             for s in seeds]
-    mean, std = _mean_std(diffs)
-    better = sum(d > 0 for d in diffs)
-    lines.append(f"| {method} | {len(seeds)} | {mean:+.2f} ± {std:.2f} | "
-                 f"{std / np.sqrt(len(seeds)):.2f} | {better}/{len(seeds)} |")
-  return "\n".join(lines) + "\n"
+  rows = []
+  for method in methods:
+    pairs = [paired(records, method, baseline, read) for read in READS]
+    if method != baseline and all(pairs):
+      rows.append(f"| {method} | {pairs[0][3]} | {paired_cells(pairs)} |")
+  return "\n".join([
+      "Paired differences (same seeds, points): mean, standard error, seeds "
+      "on which the method was better; at the best-validation step and at "
+      "the last step.", "",
+      *paired_header(f"method − {baseline} (same seeds)"), *rows]) + "\n"
 
 
 # ---------------------------------------------------------------------------

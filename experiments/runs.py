@@ -16,7 +16,8 @@ they run one config:
   (:data:`PLAN_MEASURES`); a record kept in a file is reused when it is the
   run asked for.
 * **Choosing on validation** (:func:`tune`, :class:`Tuning`,
-  :func:`bracket`, :func:`mean_or_none`, :func:`require_validation`): the one
+  :func:`bracket`, :func:`mean_or_none`, :func:`require_validation`,
+  :func:`parse_tuning_seeds`): the one
   way to run a weight grid (curve's choice at each value, sweep's): a weight
   is chosen on the validation accuracy at the best step, averaged over the
   tuning seeds; test accuracy chooses nothing.
@@ -344,6 +345,41 @@ def require_validation(config) -> None:
   if config.data.val_per_class is None and config.data.val_fraction is None:
     raise ValueError("Weights are chosen on the validation split, but this "
                      "config has none: set data.val_per_class.")
+
+
+def parse_tuning_seeds(seeds: Sequence[Any],
+                       table_seeds: Optional[int] = None) -> list:
+  """``--tuning_seeds`` (curve's and sweep's flag) as ints: ``["100",
+  "101"]`` -> ``[100, 101]``.
+
+  Args:
+    seeds: the flag's strings (or ints).
+    table_seeds: the table's seeds are ``0 .. table_seeds-1``, none of which
+      may tune (curve); None where the tool cannot know them (sweep: the
+      table is another command's).
+
+  Raises:
+    ValueError: no seed, one that is not an integer, a repeated one, or a
+      table seed, naming the fix.
+  """
+  given = ",".join(str(s) for s in seeds)
+  try:
+    # Through str: a float such as 100.5 is refused, not truncated.
+    out = [int(str(s).strip()) for s in seeds]
+  except ValueError:
+    raise ValueError(f"--tuning_seeds {given}: seeds are integers, e.g. "
+                     "--tuning_seeds 100,101.") from None
+  if not out or len(set(out)) != len(out):
+    raise ValueError(f"--tuning_seeds {given}: give one or more distinct "
+                     "seeds, e.g. --tuning_seeds 100,101.")
+  clash = [t for t in out if 0 <= t < (table_seeds or 0)]
+  if clash:
+    first = max(100, table_seeds)
+    raise ValueError(
+        f"--tuning_seeds {clash[0]} is one of the table's seeds 0 .. "
+        f"{table_seeds - 1}: weights must be chosen on seeds no table uses. "
+        f"Pass --tuning_seeds {first},{first + 1}.")
+  return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -137,11 +137,11 @@ def test_sweep_chooses_on_validation_only(idx_dir, teachers, tmp_path):
       c.teacher.workdir = teachers(c)  # The cross_arch test's, when it ran.
       return c
 
-  records, chosen = sweep.run_sweep(Tiny, str(tmp_path), seed=100)
+  records, chosen = sweep.run_sweep(Tiny, str(tmp_path), [100])
   assert [r["value"] for r in records] == [0.01, 1.0]
   best = max(records, key=lambda r: r["val_accuracy_best"])
   assert chosen == {"ot": {"loss.terms.ot.weight": best["value"]}}
-  table = sweep.markdown(records, chosen, 100)
+  table = sweep.markdown(records, chosen)
   assert "test" not in table.lower() and " *" in table
   for r in records:
     final = json.load(open(os.path.join(r["workdir"], loop.FINAL_METRICS)))

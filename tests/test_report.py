@@ -185,15 +185,53 @@ def test_write_report_skips_figures_without_data(tmp_path, runs, caplog):
   assert "ot_plan.png" not in (out / "results.md").read_text()
 
 
-def test_paired_table_compares_seed_by_seed():
-  records = [
-      {"method": "scratch", "seed": 0, "test_accuracy_best_val": 0.50},
-      {"method": "scratch", "seed": 1, "test_accuracy_best_val": 0.90},
-      {"method": "ot", "seed": 0, "test_accuracy_best_val": 0.60},
-      {"method": "ot", "seed": 1, "test_accuracy_best_val": 0.88},
-  ]
-  table = report.paired_table(records, "scratch")
-  # Differences +10 and -2 points: mean +4, sample std 8.49, s.e. 6.00.
-  assert "| ot | 2 | +4.00 ± 8.49 | 6.00 | 1/2 |" in table
-  assert "| scratch |" not in table
-  assert report.paired_table(records, "absent") == ""
+def _paired_records():
+  """Best-val and last reads per seed; ot's seed 3 diverged, l2_sp shares
+  no seed with scratch."""
+  runs = {("scratch", 0): (0.50, 0.52), ("scratch", 1): (0.90, 0.91),
+          ("scratch", 2): (0.70, 0.70), ("scratch", 3): (0.80, 0.80),
+          ("ot", 0): (0.60, 0.50), ("ot", 1): (0.88, 0.89),
+          ("ot", 2): (0.74, 0.69), ("l2_sp", 7): (0.99, 0.99)}
+  records = [{"method": m, "seed": s, "status": "finished",
+              "test_accuracy_best_val": b, "test_accuracy_last": l}
+             for (m, s), (b, l) in runs.items()]
+  return records + [{"method": "ot", "seed": 3, "status": "diverged",
+                     "test_accuracy_best_val": None,
+                     "test_accuracy_last": None}]
+
+
+def test_paired_differences_at_each_read():
+  records = _paired_records()
+  # Best val: +10, -2, +4 points (seed 3 diverged): mean 4, sample std 6,
+  # s.e. 6 / sqrt(3); ot higher on 2 of 3.
+  mean, se, better, n = report.paired(records, "ot", "scratch")
+  assert (better, n) == (2, 3)
+  assert mean == pytest.approx(4.0) and se == pytest.approx(6 / 3 ** 0.5)
+  # Last step: -2, -2, -1: the other sign; s.e. sqrt(1/3) / sqrt(3) = 1/3.
+  mean, se, better, n = report.paired(records, "ot", "scratch",
+                                      "test_accuracy_last")
+  assert (better, n) == (0, 3)
+  assert mean == pytest.approx(-5 / 3) and se == pytest.approx(1 / 3)
+  assert report.paired(records, "l2_sp", "scratch") is None
+
+
+def test_paired_table_gives_both_reads_seed_by_seed():
+  table = report.paired_table(_paired_records(), "scratch",
+                              methods_order=["scratch", "l2_sp", "ot"])
+  lines = table.splitlines()
+  header = lines.index("| method − scratch (same seeds) | n | best val: "
+                       "mean | s.e. | better | last: mean | s.e. | better |")
+  # The reads disagree in sign: ot better at the best-val step, worse at the
+  # last one. l2_sp (no common seed) and the baseline have no row.
+  assert lines[header + 2:] == [
+      "| ot | 3 | +4.00 | 3.46 | 2/3 | -1.67 | 0.33 | 0/3 |"]
+  assert report.paired_table(_paired_records(), "absent") == ""
+
+
+def test_write_report_appends_the_paired_table(tmp_path):
+  records = [r for r in _paired_records() if r["status"] == "finished"]
+  table = report.write_report(str(tmp_path), records, {}, {},
+                              baseline="scratch")
+  assert table.endswith(report.paired_table(records, "scratch"))
+  assert "| ot | 3 | +4.00 | 3.46 | 2/3 | -1.67 | 0.33 | 0/3 |" in (
+      tmp_path / "results.md").read_text()

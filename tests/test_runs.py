@@ -56,6 +56,25 @@ def test_bracket_never_chooses_a_diverged_run():
   assert runs.bracket({0.1: None}, 1, 2)[0] is None
 
 
+@pytest.mark.parametrize("seeds,table_seeds,match", [
+    (["100", "1o1"], None, "--tuning_seeds 100,1o1: seeds are integers"),
+    (["100.5"], None, "seeds are integers"),
+    ([], None, "one or more distinct"),
+    (["100", "100"], None, "one or more distinct"),
+    (["3", "100"], 5, "tuning_seeds 3 is one of the table's seeds 0 .. 4.*"
+     "Pass --tuning_seeds 100,101"),
+])
+def test_tuning_seeds_refused_with_the_fix(seeds, table_seeds, match):
+  with pytest.raises(ValueError, match=match):
+    runs.parse_tuning_seeds(seeds, table_seeds)
+
+
+def test_tuning_seeds_are_ints_and_a_sweep_knows_no_table_seed():
+  assert runs.parse_tuning_seeds([" 100", "101"], table_seeds=10) == [100,
+                                                                      101]
+  assert runs.parse_tuning_seeds(["3"]) == [3]  # Sweep: cannot check.
+
+
 def test_a_grid_point_is_the_mean_over_tuning_seeds_none_if_one_diverged():
   assert runs.mean_or_none([0.5, 0.7]) == pytest.approx(0.6)
   assert runs.mean_or_none([0.5, None]) is None
@@ -173,13 +192,17 @@ def test_sweep_and_curve_run_their_grids_through_tune(tmp_path, monkeypatch):
 
   monkeypatch.setattr(runs, "tune", spy)
   grid = (0.01, 0.1, 1.0)
-  records, chosen = sweep.run_sweep(DIGITS, str(tmp_path / "sweep"), 100,
-                                    ["ot"], grids={"ot": (OT, grid)})
-  assert calls == [(OT, grid, (100,), 0)]
+  records, chosen = sweep.run_sweep(DIGITS, str(tmp_path / "sweep"),
+                                    [100, 101], ["ot"],
+                                    grids={"ot": (OT, grid)})
+  assert calls == [(OT, grid, (100, 101), 0)]
   assert chosen == {"ot": {OT: 0.1}}
-  assert [tuple(r) for r in records] == [sweep.FIELDS] * 3
-  assert records[1]["workdir"] == str(tmp_path / "sweep" / "ot" /
-                                      f"{OT}=0.1")
+  # One record per point and tuning seed, each seed in its own workdir.
+  assert [tuple(r) for r in records] == [sweep.FIELDS] * 6
+  assert [(r["value"], r["seed"]) for r in records[2:4]] == [(0.1, 100),
+                                                              (0.1, 101)]
+  assert records[3]["workdir"] == str(tmp_path / "sweep" / "ot" /
+                                      f"{OT}=0.1" / "seed101")
   study = curve.Curve(DIGITS, "data.samples_per_class", [5], ["l2_sp", "ot"],
                       1, str(tmp_path / "out"), str(tmp_path / "work"), {},
                       grids={"ot": grid})

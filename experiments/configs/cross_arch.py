@@ -28,7 +28,8 @@ regime studies (regimes.py) tune them separately.
 On Fashion-MNIST each weight is the best on the validation split of tuning
 seed 100 out of 0.1x, 1x and 10x a customary value, chosen by
   python -m experiments.sweep \
-      --config experiments/configs/cross_arch.py:data=fashion_mnist --seed 100
+      --config experiments/configs/cross_arch.py:data=fashion_mnist \
+      --tuning_seeds 100
 (docs/fashion_mnist/fashion_mnist_cross_arch/sweep.md).
 
 Launch one method (default: data=digits, method=ot):

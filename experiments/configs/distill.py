@@ -33,7 +33,8 @@ The teacher trained on this very split, so data.seed stays fixed
 order. On Fashion-MNIST each weight is the best on the validation split of
 tuning seed 100 out of 0.1x, 1x and 10x a customary value, chosen by
   python -m experiments.sweep \
-      --config experiments/configs/distill.py:data=fashion_mnist --seed 100
+      --config experiments/configs/distill.py:data=fashion_mnist \
+      --tuning_seeds 100
 (docs/fashion_mnist/fashion_mnist_distill/sweep.md).
 
 Launch one method (default: data=digits, method=ot):

@@ -47,7 +47,8 @@ finetune_l2, alpha for l2_sp, the term weight for delta / feature_matching /
 ot) is the best on the validation split of the tuning seed 100 (not a table
 seed) out of 0.1x, 1x and 10x a customary value, chosen by
   python -m experiments.sweep \
-      --config experiments/configs/transfer.py:data=fashion_mnist --seed 100
+      --config experiments/configs/transfer.py:data=fashion_mnist \
+      --tuning_seeds 100
 (docs/fashion_mnist/fashion_mnist_transfer/sweep.md).
 
 Launch one method (default: data=digits, method=ot):

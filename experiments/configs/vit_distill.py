@@ -34,11 +34,12 @@ regime studies (regimes.py) tune them separately.
 Each weight is the best on the validation split of tuning seed 100 out of
 0.1x, 1x and 10x a customary value, chosen by
   python -m experiments.sweep \
-      --config experiments/configs/vit_distill.py:teacher=vit --seed 100
+      --config experiments/configs/vit_distill.py:teacher=vit --tuning_seeds 100
 (docs/fashion_mnist/fashion_mnist_vit_distill/sweep.md); teacher=small_cnn
 uses distill.py's choices until its sweep,
   python -m experiments.sweep \
-      --config experiments/configs/vit_distill.py:teacher=small_cnn --seed 100
+      --config experiments/configs/vit_distill.py:teacher=small_cnn \
+      --tuning_seeds 100
 has run.
 
 All methods x seeds, table and figures:
