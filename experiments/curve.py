@@ -5,7 +5,7 @@
       --key init_permuted --values False,True --seeds 10 \
       --out docs/regimes/permutation [--workdir workdirs/regimes/permutation] \
       [--methods none,ot] [--grid ot=0.01,0.1,1] [--tuning_seeds 100,101] \
-      [--config.key=value ...]
+      [--every_weight] [--config.key=value ...]
 
 For each value ``v`` of ``--key`` (any key of the config: ``--config.key=v``
 for every run of that value):
@@ -28,6 +28,12 @@ for every run of that value):
    initialisation). A student from random weights whose seed equals its
    teacher's (same architecture) is refused before any run: it would start
    from the teacher's own initial weights.
+3. **Every weight** (``--every_weight`` only; off by default). After a
+   method's table, its table seeds run at every other weight of its final
+   grid (the tuning's, extensions and weights that diverged in tuning
+   included): where a term starts to hurt, on 10 seeds rather than the 2
+   tuning seeds. The chosen weight's runs are the table's. Cost: (grid size
+   - 1) x seeds runs per method with a grid and value.
 
 Every table gives both reads -- test accuracy at the best-validation step and
 at the last step -- each with the paired differences; a verdict that holds in
@@ -63,11 +69,16 @@ Outputs. In ``--out`` (small files, meant to be committed):
   call that produced it) and ``config`` (the run's config, JSON);
 * ``tuning/<key>=<value>/<method>/<weight key>=<weight>/seed<t>.json``: the
   same for each tuning run (``kind`` "tuning", ``seed`` the tuning seed);
+* ``runs/<key>=<value>/<method>/weight=<weight>/seed<k>.json`` (with
+  ``--every_weight``): the same for a table seed at a grid weight other than
+  the chosen one (``kind`` "every_weight", ``weight`` the grid weight);
 * ``results.json``: ``{"key", "values", "methods", "seeds", "tuning_seeds",
-  "focus", "wall_s": {"tuning", "runs"}, "chosen": {value: {method: {"key",
-  "weight", "grid": {weight: mean val acc}, "test": {weight: mean test acc},
-  "bracketed", "note"}}}, "runs": [every table record without its
-  config], "teachers": (where recorded) teachers.json}``;
+  "focus", "wall_s": {"tuning", "runs"[, "every_weight"]}, "chosen":
+  {value: {method: {"key", "weight", "grid": {weight: mean val acc},
+  "test": {weight: mean test acc}, "bracketed", "note"}}}, "runs": [every
+  table record without its config], "every_weight_runs": (with
+  ``--every_weight``) [the same for every other weight], "teachers": (where
+  recorded) teachers.json}``;
 * ``teachers.json``: ``{teacher workdir: [{"model", "kwargs", "step",
   "test_accuracy", "best_step", "test_accuracy_at_best_val"}, ...]}``: each
   distinct training of a teacher the runs read (the weights of its last
@@ -79,7 +90,11 @@ Outputs. In ``--out`` (small files, meant to be committed):
   layer; then, along the key, each method's change from the first value
   and the interaction [(focus - m) at a value] - [(focus - m) at the first
   value], both paired by seed at both reads; then every tuning grid with its
-  mean validation accuracies and the choice;
+  mean validation accuracies and the choice. With ``--every_weight``, per
+  value after the plan diagnostics, "Every weight of the grid (table
+  seeds)": per method with a grid and weight, both reads and the paired
+  difference against the first method (the config's baseline, no term,
+  unless ``--methods`` puts another first);
 * ``curve.png``: accuracy against the value (mean +- s.e. per method) and the
   paired difference focus - each method against the value (mean +- s.e.).
 
@@ -95,7 +110,11 @@ one this command builds now (another config file, override or value:
 :func:`experiments.same_run.record_differences`, which lets only
 result-neutral keys such as paths differ and counts a key that a record made
 before it existed lacks as its default) is refused with an ``Error:`` naming
-the differences: use another ``--out``.
+the differences: use another ``--out``. ``--every_weight`` reads and writes
+its records only when given: a rerun without it trains none of them and
+leaves those in ``--out`` as they are, but its results.json and results.md
+have no every-weight section (and the wall time none of theirs); rerun with
+the flag to show them.
 """
 
 from __future__ import annotations
@@ -157,6 +176,10 @@ def define_flags() -> None:
   flags.DEFINE_string(
       "focus", "ot", "The method whose paired differences against every "
       "other method are tabulated and drawn.")
+  flags.DEFINE_bool(
+      "every_weight", False, "Also run the table seeds at every other weight "
+      "of each method's final grid (records in runs/<value>/<method>/"
+      "weight=<w>/; a section of results.md).")
   flags.mark_flags_as_required(["config"])
 
 
@@ -223,9 +246,13 @@ def markdown(summary: dict) -> str:
             "seed's validation noise.", ""]
   if "wall_s" in summary:
     w = summary["wall_s"]
+    # Every weight only where it ran: earlier results.md stay as they were.
+    every = (f", every weight {w['every_weight'] / 60:.0f} min"
+             if "every_weight" in w else "")
     out += [f"Wall time of the recorded runs (summed over the sessions that "
             f"made them; the teacher not included): tuning "
-            f"{w['tuning'] / 60:.0f} min, table {w['runs'] / 60:.0f} min.", ""]
+            f"{w['tuning'] / 60:.0f} min, table {w['runs'] / 60:.0f} min"
+            f"{every}.", ""]
   for workdir, trainings in summary.get("teachers", {}).items():
     t = trainings[0]
     acc = lambda k: " / ".join("—" if t.get(k) is None else
@@ -259,10 +286,7 @@ def markdown(summary: dict) -> str:
       if not done:
         out.append(f"| {m} | {wtext} | 0 | | |")
         continue
-      cells = [_cell([100 * r[k] for r in done]) for k in READS]
-      diverged = len(rs) - len(done)
-      n = f"{len(done)}" + (f" (+{diverged} diverged)" if diverged else "")
-      out.append(f"| {m} | {wtext} | {n} | {' | '.join(cells)} | "
+      out.append(f"| {m} | {wtext} | {_n_and_reads(rs)} | "
                  f"{best_steps(done)} |")
     rows = []
     for m in methods:
@@ -277,6 +301,7 @@ def markdown(summary: dict) -> str:
               *paired_header("pair"), *rows]
     for measure, meaning in runs.PLAN_MEASURES.items():
       out += plan_table(records, methods, measure, meaning)
+    out += every_weight_table(summary, value)
     out.append("")
   out += across_values(summary, by_value) + interactions(summary, by_value)
   out += ["## Weights chosen on validation", "",
@@ -297,6 +322,53 @@ def markdown(summary: dict) -> str:
       out.append(f"| {value} | {m} | {c['key']} | {grid} | "
                  f"{c['note'] or 'bracketed'} |")
   return "\n".join(out) + "\n"
+
+
+def _n_and_reads(records: Sequence[dict]) -> str:
+  """Table cells of one method's runs: ``n (+k diverged) | best-val read |
+  last read``, each read mean ± s.e. in %."""
+  done = [r for r in records if r["status"] == "finished"]
+  diverged = len(records) - len(done)
+  n = f"{len(done)}" + (f" (+{diverged} diverged)" if diverged else "")
+  return " | ".join([n, *(_cell([100 * r[k] for r in done]) for k in READS)])
+
+
+def every_weight_table(summary: dict, value) -> list[str]:
+  """Lines of the section "Every weight of the grid (table seeds)" at
+  ``value`` ([] without ``summary["every_weight_runs"]``, curve's
+  ``--every_weight``): per method with a grid, one row per weight of its
+  grid (* = chosen: the table's runs), both reads and the paired difference
+  against the first method (the baseline) on the same seeds."""
+  if "every_weight_runs" not in summary:
+    return []
+  vl, baseline = label(summary["key"], value), summary["methods"][0]
+  table = [r for r in summary["runs"] if r["label"] == vl]
+  every = [r for r in summary["every_weight_runs"] if r["label"] == vl]
+  rows = []
+  for m, c in summary["chosen"].get(vl, {}).items():
+    for w in sorted(c["grid"], key=float):  # "0.01": the f"{w:g}" keys.
+      chosen = c["weight"] is not None and float(w) == c["weight"]
+      rs = [r for r in (table if chosen else every) if r["method"] == m
+            and (chosen or f"{r['weight']:g}" == w)]
+      # Renamed: at a weight, a method is paired with its baseline's table.
+      name = f"{m} at {w}"
+      recs = [{**r, "method": name} for r in rs] + [
+          r for r in table if r["method"] == baseline]
+      pairs = [paired(recs, name, baseline, read) for read in READS]
+      diffs = paired_cells(pairs) if all(pairs) else " | ".join([""] * 6)
+      rows.append(f"| {m} | {w}{' *' * chosen} | {_n_and_reads(rs)} | "
+                  f"{diffs} |")
+  if not rows:
+    return []
+  return ["", "### Every weight of the grid (table seeds)", "",
+          "Each method's table seeds at every weight of its grid "
+          "(extensions included; * = chosen on validation: the table's "
+          "runs). Test accuracy (%) at both reads, mean ± s.e.; the paired "
+          f"difference with {baseline} (same seeds, points): mean, s.e., "
+          f"seeds on which the weight beat {baseline}.", "",
+          "| method | weight | n | test acc @ best val | test acc @ last | "
+          "best val: mean | s.e. | better | last: mean | s.e. | better |",
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *rows]
 
 
 def best_steps(records: Sequence[dict]) -> str:
@@ -476,8 +548,10 @@ class Curve:
                seeds: int, out: str, workdir: str, overrides: dict,
                tuning_seeds: Sequence[int] = (100, 101),
                grids: Optional[dict] = None,
-               extensions: int = 2, focus: str = "ot"):
+               extensions: int = 2, focus: str = "ot",
+               every_weight: bool = False):
     self.module, self.key, self.values = module, key, values
+    self.every_weight = every_weight
     self.seeds, self.out, self.workdir = seeds, out, workdir
     self.extensions, self.focus = extensions, focus
     if seeds < 1:
@@ -508,7 +582,9 @@ class Curve:
     self.teacher_per_value = self._teacher_depends_on_value()
     self._check_initialisations()
     self.done_s, self.done_n = 0.0, 0
-    self.wall_s = {"tuning": 0.0, "runs": 0.0}  # Of the records, all sessions.
+    # Of the records, all sessions; every weight only where it runs.
+    self.wall_s = {"tuning": 0.0, "runs": 0.0,
+                   **({"every_weight": 0.0} if every_weight else {})}
 
   def _grids(self, given: dict) -> dict:
     sweep = dict(getattr(self.module, "SWEEP", {}) or {})
@@ -601,8 +677,10 @@ class Curve:
             models.create_model(t.job.model.name, 1, **t.job.model.kwargs))
         if t.source != "train" or cfg.init_from_teacher or not same:
           continue
+        # Every table seed where every-weight runs are left to train.
+        every = self._every_weight_left(vl, m) > 0
         seeds = [s for s in range(self.seeds)
-                 if not os.path.exists(self._run_path(vl, m, s))]
+                 if every or not os.path.exists(self._run_path(vl, m, s))]
         if t.job.seed in seeds + self.tuning_seeds:
           raise ValueError(
               f"{m} at {vl}: seed {t.job.seed} would initialise the student "
@@ -653,7 +731,34 @@ class Curve:
                    for w in grid for t in self.tuning_seeds)
         n += sum(not os.path.exists(self._run_path(vl, m, s))
                  for s in range(self.seeds))
+        n += self._every_weight_left(vl, m)
     return n
+
+  def _every_weight_left(self, vl, method) -> int:
+    """``--every_weight`` runs of ``method`` at ``vl`` without a record (0
+    without the flag). Before the method is tuned, its base grid less the
+    weight the table seed ran (or, without a table record, one weight: the
+    one to be chosen)."""
+    if not self.every_weight or method not in self.grids:
+      return 0
+    tuned = self._tuned.get((vl, method))
+    weights = list(tuned["grid"]) if tuned else self.grids[method][1]
+    n = 0
+    for seed in range(self.seeds):
+      chosen = tuned["weight"] if tuned else self._table_weight(vl, method,
+                                                                seed)
+      left = [w for w in weights if w != chosen and not os.path.exists(
+          self._weight_path(vl, method, w, seed))]
+      n += max(len(left) - (not tuned and chosen is None), 0)
+    return n
+
+  def _table_weight(self, vl, method, seed) -> Optional[float]:
+    """The grid weight of ``method``'s table record at ``seed`` (None
+    without one)."""
+    path = self._run_path(vl, method, seed)
+    if not os.path.exists(path):
+      return None
+    return runs.flatten(runs.read_json(path)["config"])[self.grids[method][0]]
 
   def _tuning_path(self, vl, method, weight, seed) -> str:
     wkey = self.grids[method][0].rsplit(".", 2)
@@ -663,6 +768,11 @@ class Curve:
 
   def _run_path(self, vl, method, seed) -> str:
     return os.path.join(self.out, "runs", vl, method, f"seed{seed}.json")
+
+  def _weight_path(self, vl, method, weight, seed) -> str:
+    """An ``--every_weight`` record: beside the table's, one folder down."""
+    return os.path.join(self.out, "runs", vl, method, f"weight={weight:g}",
+                        f"seed{seed}.json")
 
   # The steps --------------------------------------------------------------
 
@@ -688,12 +798,29 @@ class Curve:
 
   def _tuning_point(self, value, vl, method, weight, seed) -> runs.Planned:
     """The run of ``weight`` on tuning seed ``seed`` at ``value``."""
+    return self._planned(
+        "tuning", value, method, weight, seed,
+        ("tuning", method, f"{weight:g}", f"seed{seed}"),
+        self._tuning_path(vl, method, weight, seed))
+
+  def _planned(self, kind, value, method, weight, seed, where: tuple,
+               path: str, extra: Optional[dict] = None) -> runs.Planned:
+    """A run of ``method`` at ``value`` (and ``weight``, None: the
+    config's) on ``seed``, in ``WORKDIR/<value label>/<where...>``, its
+    record kept at ``path`` and starting with ``_base``'s fields and
+    ``extra``."""
+    vl = label(self.key, value)
     cfg = self.seeded(self.at(method, value, weight), seed, vl)
-    return runs.Planned(
-        cfg, os.path.join(self.workdir, vl, "tuning", method, f"{weight:g}",
-                          f"seed{seed}"),
-        self._tuning_path(vl, method, weight, seed),
-        self._base("tuning", value, method, seed, cfg))
+    return runs.Planned(cfg, os.path.join(self.workdir, vl, *where), path,
+                        {**self._base(kind, value, method, seed, cfg),
+                         **(extra or {})})
+
+  def _recorded(self, run: runs.Planned, bucket: str) -> runs.Record:
+    """``run``'s record (kept or trained), its wall time added to
+    ``bucket`` of ``wall_s``."""
+    record = runs.recorded(run, train=self._train)
+    self.wall_s[bucket] += record["wall_s"]
+    return record
 
   def _base(self, kind, value, method, seed, cfg) -> dict:
     return {"kind": kind, "key": self.key, "value": value,
@@ -740,7 +867,7 @@ class Curve:
   def run(self) -> dict:
     """Every value: weights, then method x seed; writes the outputs."""
     self.teachers()
-    chosen, table = {}, []
+    chosen, table, every = {}, [], []
     for value in self.values:
       vl = label(self.key, value)
       chosen[vl] = {}
@@ -759,19 +886,33 @@ class Curve:
           if weight is None:
             logging.error("%s at %s: every tuning run diverged; no table "
                           "runs.", m, vl)
-            continue
-        for seed in range(self.seeds):
-          cfg = self.seeded(self.at(m, value, weight), seed, vl)
-          record = runs.recorded(runs.Planned(
-              cfg, os.path.join(self.workdir, vl, m, f"seed{seed}"),
-              self._run_path(vl, m, seed),
-              self._base("run", value, m, seed, cfg)), train=self._train)
-          self.wall_s["runs"] += record["wall_s"]
-          table.append(record)
-      self.write(chosen, table)  # Tables grow value by value.
-    return self.write(chosen, table)
+        if m not in self.grids or weight is not None:
+          table += [self._recorded(self._planned(
+              "run", value, m, weight, seed, (m, f"seed{seed}"),
+              self._run_path(vl, m, seed)), "runs")
+                    for seed in range(self.seeds)]
+        if self.every_weight and m in self.grids:
+          every += self.every_weight_runs(value, m)
+      self.write(chosen, table, every)  # Tables grow value by value.
+    return self.write(chosen, table, every)
 
-  def write(self, chosen, table) -> dict:
+  def every_weight_runs(self, value, method) -> list:
+    """``--every_weight``: the records of the table seeds at every weight
+    of ``method``'s final grid at ``value`` but the chosen one (whose runs
+    are the table's), trained where missing."""
+    vl, choice = label(self.key, value), self.tune(value, method)
+    return [self._recorded(self._planned(
+        "every_weight", value, method, w, seed,
+        (method, f"weight={w:g}", f"seed{seed}"),
+        self._weight_path(vl, method, w, seed), {"weight": w}),
+        "every_weight")
+            for w in sorted(choice["grid"]) if w != choice["weight"]
+            for seed in range(self.seeds)]
+
+  def write(self, chosen, table, every=()) -> dict:
+    """Writes results.json, results.md and curve.png of the records so
+    far (``every``: the ``--every_weight`` records) and returns the
+    summary."""
     summary = {"key": self.key, "values": self.values,
                "methods": self.methods, "seeds": self.seeds,
                "tuning_seeds": self.tuning_seeds, "focus": self.focus,
@@ -782,6 +923,8 @@ class Curve:
                                for m, c in cs.items()}
                           for vl, cs in chosen.items()},
                "runs": [_summary_record(r) for r in table]}
+    if self.every_weight:  # Only then: the studies' results.json unchanged.
+      summary["every_weight_runs"] = [_summary_record(r) for r in every]
     teachers = os.path.join(self.out, TEACHERS)
     if os.path.exists(teachers):
       summary["teachers"] = runs.read_json(teachers)
@@ -837,7 +980,7 @@ def main(argv):
         opts.workdir or default_root("curve", path),
         config_flags.get_override_values(flag),
         opts.tuning_seeds, parse_grids(opts.grid),
-        opts.extensions, opts.focus)
+        opts.extensions, opts.focus, opts.every_weight)
     summary = curve.run()
     print(f"\nCurve in {curve.out} ({len(summary['runs'])} table runs):\n")
     print(markdown(summary))

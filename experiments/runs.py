@@ -186,7 +186,9 @@ class Record(TypedDict, total=False):
 
   Set by the tool (``run_record``'s ``base``), in this order:
 
-  * ``kind``: curve: ``"run"`` (a table run) or ``"tuning"`` (a grid point);
+  * ``kind``: curve: ``"run"`` (a table run), ``"tuning"`` (a grid point)
+    or ``"every_weight"`` (a table seed at another weight of the grid,
+    ``--every_weight``; ``weight``: that weight);
   * ``key``, ``value``: the setting a curve varies and its value (a sweep:
     the key it sweeps and the value of this grid point); ``label``: curve:
     the value's directory name (``samples_per_class=10``);
@@ -220,6 +222,7 @@ class Record(TypedDict, total=False):
   method: str
   seed: Optional[int]
   weights: dict
+  weight: float
   hyperparameters: dict
   workdir: str
   status: str

@@ -242,7 +242,13 @@ def _documented_commands():
 
 def test_docs_list_the_five_studies_as_their_configs_do():
   commands = _documented_commands()
-  assert len(commands) == 5
+  assert len(commands) == 6
+  # Permutation's twice: its table, then every weight, resuming from the
+  # same records and workdir.
+  every = [c for c in commands if "--every_weight" in c]
+  assert [[a for a in c if a != "--every_weight"] for c in every] == [
+      commands[0]]
+  assert len({c[c.index("--out") + 1] for c in commands}) == 5
   for argv in commands:
     config = argv[argv.index("--config") + 1]
     docstring = open(os.path.join(REPO, config.split(":")[0])).read().split(
@@ -250,7 +256,7 @@ def test_docs_list_the_five_studies_as_their_configs_do():
     assert " ".join(argv) in " ".join(docstring.replace("\\\n", " ").split())
 
 
-@pytest.mark.parametrize("index", range(5))
+@pytest.mark.parametrize("index", range(6))
 def test_documented_study_builds_every_config(tmp_path, index):
   argv = _documented_commands()[index]
   opt = lambda name: argv[argv.index(name) + 1]
@@ -261,7 +267,8 @@ def test_documented_study_builds_every_config(tmp_path, index):
                       curve.parse_values(opt("--values").split(",")), None,
                       int(opt("--seeds")), str(tmp_path / "out"),
                       str(tmp_path / "work"), overrides,
-                      focus=opt("--focus") if "--focus" in argv else "ot")
+                      focus=opt("--focus") if "--focus" in argv else "ot",
+                      every_weight="--every_weight" in argv)
   # The protocol: 10 seeds, weights on two tuning seeds' validation, one
   # weight decay and head decay, the teacher's normalisation, frequent
   # evaluation, a teacher seed no student shares.
@@ -362,3 +369,130 @@ def test_results_md_counts_runs_that_peak_at_the_first_or_last_eval():
     del r["eval_every"]
   assert "| 70 (? / 2) |" in curve.markdown(summary)
   assert curve.best_steps([]) == ""
+
+
+# --- --every_weight: the table seeds at every weight of the grid -------------
+
+
+def _every_weight_summary():
+  """A permutation-like summary: none (no grid) and ot, chosen 0.1 of 0.01,
+  0.1 and 1, two table seeds; at 1 one run diverged."""
+  key, value = "init_permuted", True
+  vl = curve.label(key, value)
+
+  def run(method, seed, best, last, **extra):
+    return {"label": vl, "method": method, "seed": seed, "kind": "run",
+            "status": "finished" if best else "diverged",
+            "test_accuracy_best_val": best, "test_accuracy_last": last,
+            "best_step": 90, "step": 100, "eval_every": 5, **extra}
+
+  table = [run("none", 0, 0.80, 0.79), run("none", 1, 0.82, 0.81),
+           run("ot", 0, 0.83, 0.82), run("ot", 1, 0.84, 0.80)]
+  every = [run("ot", s, best, last, kind="every_weight", weight=w)
+           for w, s, best, last in ((0.01, 0, 0.82, 0.80),
+                                    (0.01, 1, 0.81, 0.80),
+                                    (1.0, 0, 0.78, 0.77),
+                                    (1.0, 1, None, None))]
+  chosen = {"key": "loss.terms.ot.weight", "weight": 0.1,
+            "grid": {"0.01": 0.8, "0.1": 0.85, "1": 0.7},
+            "test": {"0.01": 0.8, "0.1": 0.85, "1": 0.7}, "bracketed": True,
+            "note": ""}
+  return {"key": key, "values": [value], "methods": ["none", "ot"],
+          "seeds": 2, "tuning_seeds": [100, 101], "focus": "ot",
+          "wall_s": {"tuning": 60.0, "runs": 60.0, "every_weight": 120.0},
+          "chosen": {vl: {"ot": chosen}}, "runs": table,
+          "every_weight_runs": every}
+
+
+def test_results_md_gives_every_weight_against_the_baseline():
+  md = curve.markdown(_every_weight_summary())
+  assert "### Every weight of the grid (table seeds)" in md
+  assert "table 1 min, every weight 2 min." in md
+  # ot - none per seed: at 0.01 +2, -1 (best val) and +1, -1 (last); the
+  # chosen 0.1 is the table's runs; at 1 only seed 0 finished.
+  rows = [line for line in md.splitlines() if line.startswith("| ot | ")
+          and line.count("|") == 12]
+  assert rows == [
+      "| ot | 0.01 | 2 | 81.50 ± 0.50 | 80.00 ± 0.00 | +0.50 | 1.50 | 1/2 | "
+      "+0.00 | 1.00 | 1/2 |",
+      "| ot | 0.1 * | 2 | 83.50 ± 0.50 | 81.00 ± 1.00 | +2.50 | 0.50 | 2/2 | "
+      "+1.00 | 2.00 | 1/2 |",
+      "| ot | 1 | 1 (+1 diverged) | 78.00 ± 0.00 | 77.00 ± 0.00 | -2.00 | "
+      "0.00 | 0/1 | -2.00 | 0.00 | 0/1 |"]
+
+
+def test_results_md_without_every_weight_runs_is_unchanged():
+  summary = _every_weight_summary()
+  section = "\n".join(curve.every_weight_table(summary, True))
+  with_flag = curve.markdown(summary)
+  del summary["every_weight_runs"], summary["wall_s"]["every_weight"]
+  without = curve.markdown(summary)
+  assert curve.every_weight_table(summary, True) == []
+  assert "very weight" not in without
+  # The flag adds its section and its wall time, nothing else.
+  assert with_flag.replace(", every weight 2 min", "").replace(
+      "\n" + section, "") == without
+
+
+def test_every_weight_runs_left_count_the_table_seeds_at_other_weights(
+    tmp_path):
+  study = _curve(tmp_path, values=(3,), seeds=2, every_weight=True,
+                 grids={"ot": (0.01, 0.1, 1.0)})
+  vl = curve.label(KEY, 3)
+  # Seed 0's table ran 0.1 and its 0.01 is recorded: 1.0 is left. Seed 1
+  # has no table record: 3 weights, one of which the tuning will choose.
+  runs.write_json(study._run_path(vl, "ot", 0),
+                  {"config": {"loss": {"terms": {"ot": {"weight": 0.1}}}}})
+  os.makedirs(os.path.dirname(study._weight_path(vl, "ot", 0.01, 0)))
+  runs.write_json(study._weight_path(vl, "ot", 0.01, 0), {})
+  assert study._every_weight_left(vl, "ot") == 1 + 2
+  assert study._every_weight_left(vl, "l2_sp") == 0  # No grid.
+  assert _curve(tmp_path, values=(3,), seeds=2, grids={
+      "ot": (0.01, 0.1, 1.0)})._every_weight_left(vl, "ot") == 0
+
+
+@pytest.mark.slow
+def test_every_weight_records_the_other_weights_and_a_rerun_trains_nothing(
+    tmp_path, teacher_dir, monkeypatch):
+  trained = []
+  train = loop.train_and_evaluate
+
+  def counted(config, workdir, *args, **kwargs):
+    trained.append(os.path.relpath(workdir, tmp_path / "work"))
+    return train(config, workdir, *args, **kwargs)
+
+  monkeypatch.setattr(loop, "train_and_evaluate", counted)
+  study = lambda every_weight: _curve(
+      tmp_path, module=DIGITS_SMOKE, values=(3,),
+      overrides={"teacher.workdir": str(teacher_dir)}, extensions=0,
+      grids={"ot": (0.1, 1.0)}, every_weight=every_weight)
+  summary = study(True).run()
+  chosen = summary["chosen"]["samples_per_class=3"]["ot"]["weight"]
+  (other,) = {0.1, 1.0} - {chosen}
+  # 2 weights x 2 tuning seeds, the table's 2 methods, ot at the other
+  # weight on the table seed: the chosen weight is not rerun.
+  assert len(trained) == 4 + 2 + 1
+  assert [t for t in trained if "weight=" in t] == [
+      f"samples_per_class=3/ot/weight={other:g}/seed0"]
+  runs_dir = tmp_path / "out" / "runs" / "samples_per_class=3" / "ot"
+  record = json.loads(
+      (runs_dir / f"weight={other:g}" / "seed0.json").read_text())
+  assert (record["kind"], record["weight"], record["seed"]) == (
+      "every_weight", other, 0)
+  assert record["config"]["loss"]["terms"]["ot"]["weight"] == other
+  assert not (runs_dir / f"weight={chosen:g}").exists()
+  assert [(r["method"], r["weight"]) for r in summary["every_weight_runs"]
+          ] == [("ot", other)]
+  assert summary["wall_s"]["every_weight"] == record["wall_s"]
+  md = (tmp_path / "out" / "results.md").read_text()
+  assert f"| ot | {chosen:g} * | 1 |" in md and f"| ot | {other:g} | 1 |" in md
+
+  # Without the flag: nothing trains, the records stay, no section.
+  trained.clear()
+  without = study(False).run()
+  assert "every_weight_runs" not in without and not trained
+  assert "Every weight" not in (tmp_path / "out" / "results.md").read_text()
+  assert (runs_dir / f"weight={other:g}" / "seed0.json").exists()
+  # With it again: every record reused.
+  assert study(True).run()["every_weight_runs"] == summary[
+      "every_weight_runs"] and not trained

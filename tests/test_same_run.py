@@ -195,9 +195,11 @@ def _study(out: str):
   values that have records (the first-protocol studies stopped part way:
   a value without records would need runs the teacher-seed check now refuses
   to start), and its overrides."""
-  # The docs and the config's docstring give the same command.
-  (argv,) = {tuple(a): a for a in _documented_curve_commands()
-             if a[a.index("--out") + 1] == out}.values()
+  # The docs and the config's docstring give the same command (and the
+  # same with --every_weight: more runs of the same study).
+  (argv,) = {tuple(a for a in argv if a != "--every_weight")
+             for argv in _documented_curve_commands()
+             if argv[argv.index("--out") + 1] == out}
   opt = lambda name, default=None: (argv[argv.index(name) + 1]
                                     if name in argv else default)
   key = opt("--key")
@@ -245,6 +247,9 @@ def test_every_committed_record_is_the_run_its_command_builds_now(
       wkey = study.grids[method][0]
       weight = record["weights"].get(wkey, runs.flatten(record["config"])[wkey])
       assert path == study._tuning_path(label, method, weight, seed)
+    elif record["kind"] == "every_weight":  # curve --every_weight.
+      weight = record["weight"]
+      assert path == study._weight_path(label, method, weight, seed)
     else:
       assert path == study._run_path(label, method, seed)
       weight = None

@@ -40,6 +40,12 @@ nothing):
         --config experiments/configs/regimes.py:study=permutation \
         --key init_permuted --values False,True --seeds 10 \
         --out docs/regimes/permutation --workdir workdirs/regimes/permutation
+                then the table seeds at every other weight of each grid
+                (resumes from the records above)
+    python -m experiments.curve \
+        --config experiments/configs/regimes.py:study=permutation \
+        --key init_permuted --values False,True --seeds 10 --every_weight \
+        --out docs/regimes/permutation --workdir workdirs/regimes/permutation
   cross_arch    resnet8 teacher (classes 0-4) -> small_cnn width 0.5 from
                 random weights (classes 5-9), K in {2, 10}
     python -m experiments.curve \
