@@ -595,16 +595,29 @@ class Curve:
     grids = {}
     for m in self.methods:
       if m in given:
-        wkey = sweep[m][0] if m in sweep else f"loss.terms.{m}.weight"
+        wkey = sweep[m][0] if m in sweep else self._term_weight(m)
         grids[m] = (wkey, tuple(sorted(given[m])))
       elif m in sweep:
         grids[m] = (sweep[m][0], tuple(sorted(sweep[m][1])))
       else:
         continue
       if not runs.has_key(self.base[m], grids[m][0]):
-        raise ValueError(f"The weight grid of {m} sets {grids[m][0]}, which "
-                         f"get_config({m!r}) does not have.")
+        raise ValueError(
+            f"The weight grid of {m} sets {grids[m][0]}, which "
+            f"get_config({m!r}) does not have (its terms: "
+            f"{list(self.base[m].loss.terms.keys())}): name the key in the "
+            f"config file's SWEEP or get_sweep, e.g. {{{m!r}: "
+            "('loss.terms.<term>.weight', (0.01, 0.1))}.")
     return grids
+
+  def _term_weight(self, method: str) -> str:
+    """The weight key a ``--grid`` of ``method`` sets when the config file
+    lists no grid for it: its own term's, or the one term its config has
+    (``ot_uniform`` is the ``ot`` term with other options)."""
+    terms = list(self.base[method].loss.terms.keys())
+    if method in terms or len(terms) != 1:
+      return f"loss.terms.{method}.weight"
+    return f"loss.terms.{terms[0]}.weight"
 
   def _inherited(self) -> dict:
     """``{method: {config key: other method}}`` (the config file's

@@ -114,11 +114,23 @@ def _curve(tmp_path, key=KEY, values=(3, 5), methods=("l2_sp", "ot"),
     (dict(methods=("scratch", "l2_sp")), "--focus ot is not one of"),
     (dict(grids={"ot": (0.1,), "scratch": (1.0,)}), "scratch is not one of"),
     (dict(methods=("scratch", "ot")), "teacher's own initial weights"),
+    (dict(methods=("finetune_l2", "ot"), grids={"finetune_l2": (0.1,)}),
+     r"(?s)finetune_l2 sets loss.terms.finetune_l2.weight.*its terms: \[\]"
+     ".*SWEEP or get_sweep"),
 ])
 def test_bad_input_fails_before_any_run(tmp_path, case, match):
   with pytest.raises(ValueError, match=match):
     _curve(tmp_path, **case)
   assert not (tmp_path / "work").exists()
+
+
+def test_a_grid_sets_the_one_term_of_a_method_without_a_listed_grid(tmp_path):
+  # ot_uniform is the ot term with other options: no grid of its own in
+  # transfer.py, so --grid ot_uniform=... sets loss.terms.ot.weight.
+  study = _curve(tmp_path, methods=("l2_sp", "ot", "ot_uniform"),
+                 grids={"ot_uniform": (0.1, 1.0)})
+  assert study.grids["ot_uniform"] == ("loss.terms.ot.weight", (0.1, 1.0))
+  assert study.at("ot_uniform", 3, 1.0).loss.terms.ot.weight == 1.0
 
 
 def test_cli_error_is_one_line(tmp_path):
@@ -155,11 +167,16 @@ def test_reproduce_refuses_curve_flags(tmp_path):
 def test_curve_writes_records_and_a_rerun_trains_nothing(tmp_path, teacher_dir,
                                                         monkeypatch):
   overrides = {"teacher.workdir": str(teacher_dir)}
+  # The protocol's pieces: two tuning seeds, both reads, the no-matching
+  # control beside Omega_P.
+  grids = {"ot": (0.1,), "ot_uniform": (0.1,)}
+  methods = ("l2_sp", "ot", "ot_uniform")
   summary = _curve(tmp_path, module=DIGITS_SMOKE, overrides=overrides,
-                   tuning_seeds=(100, 101), grids={"ot": (0.1,)}).run()
+                   methods=methods, tuning_seeds=(100, 101),
+                   grids=grids).run()
   out = tmp_path / "out"
   assert [(r["value"], r["method"], r["seed"]) for r in summary["runs"]] == [
-      (3, "l2_sp", 0), (3, "ot", 0), (5, "l2_sp", 0), (5, "ot", 0)]
+      (v, m, 0) for v in (3, 5) for m in methods]
   for r in summary["runs"]:
     assert r["status"] == "finished" and r["kind"] == "run"
     assert 0 <= r["test_accuracy_best_val"] <= 1 and r["wall_s"] >= 0
@@ -167,11 +184,15 @@ def test_curve_writes_records_and_a_rerun_trains_nothing(tmp_path, teacher_dir,
     for measure in runs.PLAN_MEASURES:
       assert set(r[measure]) == set(common.LAYERS)
     assert all(0 < v <= 1 + 1e-6 for v in r["row_max_mass"].values())
-    if r["method"] == "ot":
+    if r["method"] in ("ot", "ot_uniform"):
       assert r["weights"]["loss.terms.ot.weight"] == 0.1
     record = json.loads((out / "runs" / f"samples_per_class={r['value']}" /
                          r["method"] / "seed0.json").read_text())
     assert record["config"]["data"]["samples_per_class"] == r["value"]
+    # The control is Omega_P with an epsilon that makes its plan uniform.
+    eps = record["config"]["loss"]["terms"].get("ot", {}).get(
+        "options", {}).get("relative_epsilon")
+    assert (eps == 1e4) == (r["method"] == "ot_uniform")
   for label in ("samples_per_class=3", "samples_per_class=5"):
     choice = summary["chosen"][label]["ot"]
     assert choice["weight"] == 0.1 and not choice["bracketed"]
@@ -185,6 +206,7 @@ def test_curve_writes_records_and_a_rerun_trains_nothing(tmp_path, teacher_dir,
       json.dumps(summary["runs"]))
   md = (out / "results.md").read_text()
   assert md.count("| ot − l2_sp | 1 |") == 2  # Both reads on each row.
+  assert md.count("| ot − ot_uniform | 1 |") == 2
   assert "| pair | n | best val: mean | s.e. | better | last: mean |" in md
   assert "row-max mass" in md and "tuning seeds 100, 101" in md
   # Each method along the key, paired by seed, at both reads.
@@ -215,7 +237,7 @@ def test_curve_writes_records_and_a_rerun_trains_nothing(tmp_path, teacher_dir,
 
   monkeypatch.setattr(loop, "train_and_evaluate", no_training)
   again = _curve(tmp_path / "fresh", module=DIGITS_SMOKE, overrides=overrides,
-                 tuning_seeds=(100, 101), grids={"ot": (0.1,)})
+                 methods=methods, tuning_seeds=(100, 101), grids=grids)
   again.out = str(out)
   assert again.run()["runs"] == summary["runs"]
   assert json.loads((out / "teachers.json").read_text()) == teachers
@@ -223,8 +245,8 @@ def test_curve_writes_records_and_a_rerun_trains_nothing(tmp_path, teacher_dir,
   # Records made with other settings are refused, naming the difference.
   with pytest.raises(ValueError, match="num_steps: 20 -> 10"):
     _curve(tmp_path, module=DIGITS_SMOKE,
-           overrides={**overrides, "num_steps": 10},
-           tuning_seeds=(100, 101), grids={"ot": (0.1,)}).run()
+           overrides={**overrides, "num_steps": 10}, methods=methods,
+           tuning_seeds=(100, 101), grids=grids).run()
 
 
 # --- The documented studies --------------------------------------------------
