@@ -31,8 +31,8 @@ for every run of that value):
 3. **Every weight** (``--every_weight`` only; off by default). After a
    method's table, its table seeds run at every other weight of its final
    grid (the tuning's, extensions and weights that diverged in tuning
-   included): where a term starts to hurt, on 10 seeds rather than the 2
-   tuning seeds. The chosen weight's runs are the table's. Cost: (grid size
+   included; none where every tuning run diverged): where a term starts to
+   hurt, on 10 seeds rather than the 2 tuning seeds. The chosen weight's runs are the table's. Cost: (grid size
    - 1) x seeds runs per method with a grid and value.
 
 Every table gives both reads -- test accuracy at the best-validation step and
@@ -755,7 +755,10 @@ class Curve:
     if not self.every_weight or method not in self.grids:
       return 0
     tuned = self._tuned.get((vl, method))
-    weights = list(tuned["grid"]) if tuned else self.grids[method][1]
+    if tuned and tuned["weight"] is None:
+      return 0  # Every tuning run diverged: every_weight_runs skips it.
+    weights = list(tuned["grid"]) if tuned else self._tuned_weights(vl,
+                                                                    method)
     n = 0
     for seed in range(self.seeds):
       chosen = tuned["weight"] if tuned else self._table_weight(vl, method,
@@ -765,13 +768,29 @@ class Curve:
       n += max(len(left) - (not tuned and chosen is None), 0)
     return n
 
+  def _tuned_weights(self, vl, method) -> list:
+    """The weights of ``method``'s grid at ``vl`` before it is tuned: the
+    base grid and those its tuning records in ``--out`` ran (an extension
+    past an edge, which a resumed study must count too)."""
+    folder = os.path.join(self.out, "tuning", vl, method)
+    ran = ([float(d.rsplit("=", 1)[1]) for d in os.listdir(folder)
+            if "=" in d] if os.path.isdir(folder) else [])
+    return sorted(set(self.grids[method][1]) | set(ran))
+
   def _table_weight(self, vl, method, seed) -> Optional[float]:
     """The grid weight of ``method``'s table record at ``seed`` (None
     without one)."""
     path = self._run_path(vl, method, seed)
     if not os.path.exists(path):
       return None
-    return runs.flatten(runs.read_json(path)["config"])[self.grids[method][0]]
+    wkey = self.grids[method][0]
+    flat = runs.flatten(runs.read_json(path)["config"])
+    if wkey in flat:
+      return flat[wkey]
+    node = self.base[method]  # A record older than the key ran its default.
+    for part in wkey.split("."):
+      node = node[part]
+    return node
 
   def _tuning_path(self, vl, method, weight, seed) -> str:
     wkey = self.grids[method][0].rsplit(".", 2)
@@ -914,6 +933,8 @@ class Curve:
     of ``method``'s final grid at ``value`` but the chosen one (whose runs
     are the table's), trained where missing."""
     vl, choice = label(self.key, value), self.tune(value, method)
+    if choice["weight"] is None:
+      return []  # Every tuning run diverged: no table, nothing to compare.
     return [self._recorded(self._planned(
         "every_weight", value, method, w, seed,
         (method, f"weight={w:g}", f"seed{seed}"),
@@ -971,6 +992,12 @@ def parse_grids(specs: Sequence[str]) -> dict:
                        "e.g. --grid ot=0.01,0.1,1.") from None
     if not method.strip() or not values:
       raise ValueError(f"--grid {spec}: write METHOD=V1,V2,...")
+    # Records are kept by f"{w:g}" (6 significant digits): two weights must
+    # not share one, nor a weight read back differ from the one that ran.
+    odd = [w for w in grids[method.strip()] if float(f"{w:g}") != w]
+    if odd:
+      raise ValueError(f"--grid {spec}: {odd[0]!r} has more than 6 "
+                       f"significant digits; write {odd[0]:g}.")
   return grids
 
 

@@ -372,6 +372,9 @@ def parse_tuning_seeds(seeds: Sequence[Any],
   except ValueError:
     raise ValueError(f"--tuning_seeds {given}: seeds are integers, e.g. "
                      "--tuning_seeds 100,101.") from None
+  if any(t < 0 for t in out):
+    raise ValueError(f"--tuning_seeds {given}: seeds are non-negative "
+                     "integers, e.g. --tuning_seeds 100,101.")
   if not out or len(set(out)) != len(out):
     raise ValueError(f"--tuning_seeds {given}: give one or more distinct "
                      "seeds, e.g. --tuning_seeds 100,101.")

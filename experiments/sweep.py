@@ -157,8 +157,8 @@ def markdown(records, chosen) -> str:
       mean = ("—" if means[value] is None and None not in accs.values()
               else pct(means[value]) + mark)
       cells = [pct(accs[s]) if s in accs else "—" for s in seeds]
-      best = ", ".join(steps[method, key, value, s] for s in seeds
-                       if s in accs)
+      best = ", ".join(steps[method, key, value, s] if s in accs else "—"
+                       for s in seeds)
       lines.append(f"| {method} | {key} | {value:g} | "
                    + "".join(f"{c} | " for c in cells) + f"{mean} | {best} |")
   return "\n".join(lines) + "\n"

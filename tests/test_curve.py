@@ -471,6 +471,41 @@ def test_every_weight_runs_left_count_the_table_seeds_at_other_weights(
   assert study._every_weight_left(vl, "l2_sp") == 0  # No grid.
   assert _curve(tmp_path, values=(3,), seeds=2, grids={
       "ot": (0.01, 0.1, 1.0)})._every_weight_left(vl, "ot") == 0
+  # A tuning extension past the grid's edge (kept in --out) counts too: a
+  # study resumed before tuning reads it must still see those runs left.
+  extension = study._tuning_path(vl, "ot", 10.0, 100)
+  os.makedirs(os.path.dirname(extension))
+  runs.write_json(extension, {})
+  assert study._every_weight_left(vl, "ot") == 2 + 3
+
+
+def test_a_table_record_without_the_grid_key_ran_the_configs_weight(tmp_path):
+  study = _curve(tmp_path, values=(3,), every_weight=True,
+                 grids={"ot": (0.01, 0.1)})
+  vl = curve.label(KEY, 3)
+  runs.write_json(study._run_path(vl, "ot", 0), {"config": {"seed": 0}})
+  assert study._table_weight(vl, "ot", 0) == (
+      study.base["ot"].loss.terms.ot.weight)
+
+
+def test_every_weight_skips_a_method_whose_tuning_all_diverged(tmp_path,
+                                                               monkeypatch):
+  study = _curve(tmp_path, values=(3,), seeds=2, every_weight=True,
+                 grids={"ot": (0.01, 0.1)})
+  monkeypatch.setattr(study, "tune", lambda value, method: {
+      "weight": None, "grid": {0.01: None, 0.1: None}})
+  assert study.every_weight_runs(3, "ot") == []
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("ot=0.1234567", "more than 6 significant digits; write 0.123457"),
+    ("ot=0.1,x", "with numbers"),
+    ("=0.1", "write METHOD=V1,V2"),
+])
+def test_parse_grids_refuses_what_a_record_path_cannot_keep(spec, match):
+  with pytest.raises(ValueError, match=match):
+    curve.parse_grids([spec])
+  assert curve.parse_grids(["ot=0.001,10"]) == {"ot": (0.001, 10.0)}
 
 
 @pytest.mark.slow

@@ -61,6 +61,7 @@ def test_bracket_never_chooses_a_diverged_run():
     (["100.5"], None, "seeds are integers"),
     ([], None, "one or more distinct"),
     (["100", "100"], None, "one or more distinct"),
+    (["-1"], None, "non-negative"),
     (["3", "100"], 5, "tuning_seeds 3 is one of the table's seeds 0 .. 4.*"
      "Pass --tuning_seeds 100,101"),
 ])
