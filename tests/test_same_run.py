@@ -250,6 +250,11 @@ def test_every_committed_record_is_the_run_its_command_builds_now(
     elif record["kind"] == "every_weight":  # curve --every_weight.
       weight = record["weight"]
       assert path == study._weight_path(label, method, weight, seed)
+      # A run results.json lists: another weight of the final grid, a
+      # table seed (not a leftover of an earlier grid or --seeds).
+      choice = study.tune(value, method)
+      assert weight in choice["grid"] and weight != choice["weight"], path
+      assert 0 <= seed < study.seeds, path
     else:
       assert path == study._run_path(label, method, seed)
       weight = None
