@@ -28,12 +28,15 @@ for every run of that value):
    initialisation). A student from random weights whose seed equals its
    teacher's (same architecture) is refused before any run: it would start
    from the teacher's own initial weights.
-3. **Every weight** (``--every_weight`` only; off by default). After a
-   method's table, its table seeds run at every other weight of its final
+3. **Every weight** (``--every_weight`` only; off by default). The table
+   seeds again, as one block apart from the table: the baseline (the first
+   method, without a grid) and each method at every weight of its final
    grid (the tuning's, extensions and weights that diverged in tuning
    included; none where every tuning run diverged): where a term starts to
-   hurt, on 10 seeds rather than the 2 tuning seeds. The chosen weight's runs are the table's. Cost: (grid size
-   - 1) x seeds runs per method with a grid and value.
+   hurt, on 10 seeds rather than the 2 tuning seeds. A block of its own, so
+   that its differences never pair runs of two trainings of the teacher (a
+   study resumed on another machine retrains it). Cost: (grid size x
+   methods with a grid + 1) x seeds runs per value.
 
 Every table gives both reads -- test accuracy at the best-validation step and
 at the last step -- each with the paired differences; a verdict that holds in
@@ -69,15 +72,15 @@ Outputs. In ``--out`` (small files, meant to be committed):
   call that produced it) and ``config`` (the run's config, JSON);
 * ``tuning/<key>=<value>/<method>/<weight key>=<weight>/seed<t>.json``: the
   same for each tuning run (``kind`` "tuning", ``seed`` the tuning seed);
-* ``runs/<key>=<value>/<method>/weight=<weight>/seed<k>.json`` (with
-  ``--every_weight``): the same for a table seed at a grid weight other than
-  the chosen one (``kind`` "every_weight", ``weight`` the grid weight);
+* ``every_weight/<key>=<value>/<method>/[weight=<weight>/]seed<k>.json``
+  (with ``--every_weight``): the same for the block's runs (``kind``
+  "every_weight", ``weight`` the grid weight, None for the baseline);
 * ``results.json``: ``{"key", "values", "methods", "seeds", "tuning_seeds",
   "focus", "wall_s": {"tuning", "runs"[, "every_weight"]}, "chosen":
   {value: {method: {"key", "weight", "grid": {weight: mean val acc},
   "test": {weight: mean test acc}, "bracketed", "note"}}}, "runs": [every
   table record without its config], "every_weight_runs": (with
-  ``--every_weight``) [the same for every other weight], "teachers": (where
+  ``--every_weight``) [the block's records], "teachers": (where
   recorded) teachers.json}``;
 * ``teachers.json``: ``{teacher workdir: [{"model", "kwargs", "step",
   "test_accuracy", "best_step", "test_accuracy_at_best_val"}, ...]}``: each
@@ -92,9 +95,9 @@ Outputs. In ``--out`` (small files, meant to be committed):
   value], both paired by seed at both reads; then every tuning grid with its
   mean validation accuracies and the choice. With ``--every_weight``, per
   value after the plan diagnostics, "Every weight of the grid (table
-  seeds)": per method with a grid and weight, both reads and the paired
-  difference against the first method (the config's baseline, no term,
-  unless ``--methods`` puts another first);
+  seeds)": the block's baseline (the first method: the config's, no term,
+  unless ``--methods`` puts another first), then per method with a grid
+  and weight both reads and the paired difference against that baseline;
 * ``curve.png``: accuracy against the value (mean +- s.e. per method) and the
   paired difference focus - each method against the value (mean +- s.e.).
 
@@ -177,9 +180,9 @@ def define_flags() -> None:
       "focus", "ot", "The method whose paired differences against every "
       "other method are tabulated and drawn.")
   flags.DEFINE_bool(
-      "every_weight", False, "Also run the table seeds at every other weight "
-      "of each method's final grid (records in runs/<value>/<method>/"
-      "weight=<w>/; a section of results.md).")
+      "every_weight", False, "Also run the table seeds as one block at every "
+      "weight of each method's final grid, and the baseline (records in "
+      "every_weight/; a section of results.md).")
   flags.mark_flags_as_required(["config"])
 
 
@@ -336,36 +339,38 @@ def _n_and_reads(records: Sequence[dict]) -> str:
 def every_weight_table(summary: dict, value) -> list[str]:
   """Lines of the section "Every weight of the grid (table seeds)" at
   ``value`` ([] without ``summary["every_weight_runs"]``, curve's
-  ``--every_weight``): per method with a grid, one row per weight of its
-  grid (* = chosen: the table's runs), both reads and the paired difference
-  against the first method (the baseline) on the same seeds."""
+  ``--every_weight``): the baseline, then per method with a grid one row
+  per weight of its grid (* = chosen), both reads and the paired
+  difference against the baseline, all from the block's own runs."""
   if "every_weight_runs" not in summary:
     return []
   vl, baseline = label(summary["key"], value), summary["methods"][0]
-  table = [r for r in summary["runs"] if r["label"] == vl]
   every = [r for r in summary["every_weight_runs"] if r["label"] == vl]
-  rows = []
+  base = [r for r in every if r["method"] == baseline]
+  rows = [f"| {baseline} | — | {_n_and_reads(base)} |{' |' * 6}"] if base else []
   for m, c in summary["chosen"].get(vl, {}).items():
     for w in sorted(c["grid"], key=float):  # "0.01": the f"{w:g}" keys.
       chosen = c["weight"] is not None and float(w) == c["weight"]
-      rs = [r for r in (table if chosen else every) if r["method"] == m
-            and (chosen or f"{r['weight']:g}" == w)]
-      # Renamed: at a weight, a method is paired with its baseline's table.
+      rs = [r for r in every if r["method"] == m
+            and f"{r['weight']:g}" == w]
+      if not rs:
+        continue
+      # Renamed: at a weight, a method is paired with the baseline.
       name = f"{m} at {w}"
-      recs = [{**r, "method": name} for r in rs] + [
-          r for r in table if r["method"] == baseline]
-      pairs = [paired(recs, name, baseline, read) for read in READS]
+      pairs = [paired([{**r, "method": name} for r in rs] + base, name,
+                      baseline, read) for read in READS]
       diffs = paired_cells(pairs) if all(pairs) else " | ".join([""] * 6)
       rows.append(f"| {m} | {w}{' *' * chosen} | {_n_and_reads(rs)} | "
                   f"{diffs} |")
   if not rows:
     return []
   return ["", "### Every weight of the grid (table seeds)", "",
-          "Each method's table seeds at every weight of its grid "
-          "(extensions included; * = chosen on validation: the table's "
-          "runs). Test accuracy (%) at both reads, mean ± s.e.; the paired "
-          f"difference with {baseline} (same seeds, points): mean, s.e., "
-          f"seeds on which the weight beat {baseline}.", "",
+          "The table seeds again, as one block of runs apart from the "
+          f"table's: {baseline}, and each method at every weight of its grid "
+          "(extensions included; * = chosen on validation). Test accuracy "
+          "(%) at both reads, mean ± s.e.; the paired difference with "
+          f"{baseline} (same seeds, points): mean, s.e., seeds on which the "
+          f"weight beat {baseline}.", "",
           "| method | weight | n | test acc @ best val | test acc @ last | "
           "best val: mean | s.e. | better | last: mean | s.e. | better |",
           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *rows]
@@ -749,24 +754,26 @@ class Curve:
 
   def _every_weight_left(self, vl, method) -> int:
     """``--every_weight`` runs of ``method`` at ``vl`` without a record (0
-    without the flag). Before the method is tuned, its base grid less the
-    weight the table seed ran (or, without a table record, one weight: the
-    one to be chosen)."""
-    if not self.every_weight or method not in self.grids:
-      return 0
-    tuned = self._tuned.get((vl, method))
-    if tuned and tuned["weight"] is None:
-      return 0  # Every tuning run diverged: every_weight_runs skips it.
-    weights = list(tuned["grid"]) if tuned else self._tuned_weights(vl,
-                                                                    method)
-    n = 0
-    for seed in range(self.seeds):
-      chosen = tuned["weight"] if tuned else self._table_weight(vl, method,
-                                                                seed)
-      left = [w for w in weights if w != chosen and not os.path.exists(
-          self._weight_path(vl, method, w, seed))]
-      n += max(len(left) - (not tuned and chosen is None), 0)
-    return n
+    without the flag): the table seeds at every weight of its grid (before
+    it is tuned, the base grid and the weights its tuning records ran), or
+    of the baseline."""
+    weights = self._every_weights(vl, method)
+    return sum(not os.path.exists(self._weight_path(vl, method, w, seed))
+               for w in weights for seed in range(self.seeds))
+
+  def _every_weights(self, vl, method, tuned=None) -> list:
+    """The weights ``--every_weight`` runs ``method`` at: its final grid
+    (``tuned``, :meth:`tune`'s choice, default the one made so far; none
+    where every tuning run diverged), ``[None]`` for the baseline (the first
+    method, without a grid: its config as it is), else none."""
+    if not self.every_weight:
+      return []
+    if method not in self.grids:
+      return [None] if method == self.methods[0] else []
+    tuned = tuned or self._tuned.get((vl, method))
+    if tuned:
+      return [] if tuned["weight"] is None else sorted(tuned["grid"])
+    return self._tuned_weights(vl, method)
 
   def _tuned_weights(self, vl, method) -> list:
     """The weights of ``method``'s grid at ``vl`` before it is tuned: the
@@ -776,21 +783,6 @@ class Curve:
     ran = ([float(d.rsplit("=", 1)[1]) for d in os.listdir(folder)
             if "=" in d] if os.path.isdir(folder) else [])
     return sorted(set(self.grids[method][1]) | set(ran))
-
-  def _table_weight(self, vl, method, seed) -> Optional[float]:
-    """The grid weight of ``method``'s table record at ``seed`` (None
-    without one)."""
-    path = self._run_path(vl, method, seed)
-    if not os.path.exists(path):
-      return None
-    wkey = self.grids[method][0]
-    flat = runs.flatten(runs.read_json(path)["config"])
-    if wkey in flat:
-      return flat[wkey]
-    node = self.base[method]  # A record older than the key ran its default.
-    for part in wkey.split("."):
-      node = node[part]
-    return node
 
   def _tuning_path(self, vl, method, weight, seed) -> str:
     wkey = self.grids[method][0].rsplit(".", 2)
@@ -802,9 +794,9 @@ class Curve:
     return os.path.join(self.out, "runs", vl, method, f"seed{seed}.json")
 
   def _weight_path(self, vl, method, weight, seed) -> str:
-    """An ``--every_weight`` record: beside the table's, one folder down."""
-    return os.path.join(self.out, "runs", vl, method, f"weight={weight:g}",
-                        f"seed{seed}.json")
+    """An ``--every_weight`` record (``weight`` None: the baseline's)."""
+    return os.path.join(self.out, "every_weight", vl,
+                        *_every_where(method, weight), f"seed{seed}.json")
 
   # The steps --------------------------------------------------------------
 
@@ -923,24 +915,24 @@ class Curve:
               "run", value, m, weight, seed, (m, f"seed{seed}"),
               self._run_path(vl, m, seed)), "runs")
                     for seed in range(self.seeds)]
-        if self.every_weight and m in self.grids:
-          every += self.every_weight_runs(value, m)
+        every += self.every_weight_runs(value, m)
       self.write(chosen, table, every)  # Tables grow value by value.
     return self.write(chosen, table, every)
 
   def every_weight_runs(self, value, method) -> list:
     """``--every_weight``: the records of the table seeds at every weight
-    of ``method``'s final grid at ``value`` but the chosen one (whose runs
-    are the table's), trained where missing."""
-    vl, choice = label(self.key, value), self.tune(value, method)
-    if choice["weight"] is None:
-      return []  # Every tuning run diverged: no table, nothing to compare.
+    of ``method``'s final grid at ``value`` (the chosen one too), or of the
+    baseline, trained where missing. One block of runs apart from the
+    table's, so that its comparisons never mix runs made in other sessions
+    (whose retrained teacher may differ) with its own."""
+    vl = label(self.key, value)
+    tuned = self.tune(value, method) if method in self.grids else None
     return [self._recorded(self._planned(
         "every_weight", value, method, w, seed,
-        (method, f"weight={w:g}", f"seed{seed}"),
+        ("every_weight", *_every_where(method, w), f"seed{seed}"),
         self._weight_path(vl, method, w, seed), {"weight": w}),
         "every_weight")
-            for w in sorted(choice["grid"]) if w != choice["weight"]
+            for w in self._every_weights(vl, method, tuned)
             for seed in range(self.seeds)]
 
   def write(self, chosen, table, every=()) -> dict:
@@ -969,6 +961,13 @@ class Curve:
       f.write(markdown(summary))
     plot(summary, os.path.join(self.out, "curve.png"))
     return summary
+
+
+def _every_where(method: str, weight: Optional[float]) -> tuple:
+  """The folders of an ``--every_weight`` run below ``<out>/every_weight/
+  <value>/`` and ``<workdir>/<value>/every_weight/``: a block apart from the
+  table's runs (``weight`` None: the baseline's)."""
+  return (method, *(() if weight is None else (f"weight={weight:g}",)))
 
 
 def _summary_record(record: dict) -> dict:

@@ -398,7 +398,8 @@ def test_results_md_counts_runs_that_peak_at_the_first_or_last_eval():
 
 def _every_weight_summary():
   """A permutation-like summary: none (no grid) and ot, chosen 0.1 of 0.01,
-  0.1 and 1, two table seeds; at 1 one run diverged."""
+  0.1 and 1, two table seeds; the block's none is not the table's (another
+  training of the teacher, say); at 1 one run diverged."""
   key, value = "init_permuted", True
   vl = curve.label(key, value)
 
@@ -410,11 +411,15 @@ def _every_weight_summary():
 
   table = [run("none", 0, 0.80, 0.79), run("none", 1, 0.82, 0.81),
            run("ot", 0, 0.83, 0.82), run("ot", 1, 0.84, 0.80)]
-  every = [run("ot", s, best, last, kind="every_weight", weight=w)
-           for w, s, best, last in ((0.01, 0, 0.82, 0.80),
-                                    (0.01, 1, 0.81, 0.80),
-                                    (1.0, 0, 0.78, 0.77),
-                                    (1.0, 1, None, None))]
+  every = [run(m, s, best, last, kind="every_weight", weight=w)
+           for m, w, s, best, last in (("none", None, 0, 0.79, 0.78),
+                                       ("none", None, 1, 0.83, 0.82),
+                                       ("ot", 0.01, 0, 0.82, 0.80),
+                                       ("ot", 0.01, 1, 0.81, 0.80),
+                                       ("ot", 0.1, 0, 0.84, 0.82),
+                                       ("ot", 0.1, 1, 0.83, 0.81),
+                                       ("ot", 1.0, 0, 0.78, 0.77),
+                                       ("ot", 1.0, 1, None, None))]
   chosen = {"key": "loss.terms.ot.weight", "weight": 0.1,
             "grid": {"0.01": 0.8, "0.1": 0.85, "1": 0.7},
             "test": {"0.01": 0.8, "0.1": 0.85, "1": 0.7}, "bracketed": True,
@@ -430,17 +435,20 @@ def test_results_md_gives_every_weight_against_the_baseline():
   md = curve.markdown(_every_weight_summary())
   assert "### Every weight of the grid (table seeds)" in md
   assert "table 1 min, every weight 2 min." in md
-  # ot - none per seed: at 0.01 +2, -1 (best val) and +1, -1 (last); the
-  # chosen 0.1 is the table's runs; at 1 only seed 0 finished.
-  rows = [line for line in md.splitlines() if line.startswith("| ot | ")
-          and line.count("|") == 12]
+  # ot - the block's none per seed (never the table's): at 0.01 +3, -2
+  # (best val) and +2, -2 (last); at the chosen 0.1 +5, 0 and +4, -1; at 1
+  # only seed 0 finished.
+  section = md.split("### Every weight")[1]
+  rows = [line for line in section.splitlines()
+          if line.startswith(("| none |", "| ot |"))]
   assert rows == [
-      "| ot | 0.01 | 2 | 81.50 ± 0.50 | 80.00 ± 0.00 | +0.50 | 1.50 | 1/2 | "
-      "+0.00 | 1.00 | 1/2 |",
-      "| ot | 0.1 * | 2 | 83.50 ± 0.50 | 81.00 ± 1.00 | +2.50 | 0.50 | 2/2 | "
-      "+1.00 | 2.00 | 1/2 |",
-      "| ot | 1 | 1 (+1 diverged) | 78.00 ± 0.00 | 77.00 ± 0.00 | -2.00 | "
-      "0.00 | 0/1 | -2.00 | 0.00 | 0/1 |"]
+      "| none | — | 2 | 81.00 ± 2.00 | 80.00 ± 2.00 | | | | | | |",
+      "| ot | 0.01 | 2 | 81.50 ± 0.50 | 80.00 ± 0.00 | +0.50 | 2.50 | 1/2 | "
+      "+0.00 | 2.00 | 1/2 |",
+      "| ot | 0.1 * | 2 | 83.50 ± 0.50 | 81.50 ± 0.50 | +2.50 | 2.50 | 1/2 | "
+      "+1.50 | 2.50 | 1/2 |",
+      "| ot | 1 | 1 (+1 diverged) | 78.00 ± 0.00 | 77.00 ± 0.00 | -1.00 | "
+      "0.00 | 0/1 | -1.00 | 0.00 | 0/1 |"]
 
 
 def test_results_md_without_every_weight_runs_is_unchanged():
@@ -456,36 +464,31 @@ def test_results_md_without_every_weight_runs_is_unchanged():
       "\n" + section, "") == without
 
 
-def test_every_weight_runs_left_count_the_table_seeds_at_other_weights(
-    tmp_path):
+def test_every_weight_runs_left_count_the_block(tmp_path):
   study = _curve(tmp_path, values=(3,), seeds=2, every_weight=True,
-                 grids={"ot": (0.01, 0.1, 1.0)})
+                 methods=("finetune_l2", "ot"), grids={"ot": (0.01, 0.1, 1.0)})
   vl = curve.label(KEY, 3)
-  # Seed 0's table ran 0.1 and its 0.01 is recorded: 1.0 is left. Seed 1
-  # has no table record: 3 weights, one of which the tuning will choose.
-  runs.write_json(study._run_path(vl, "ot", 0),
-                  {"config": {"loss": {"terms": {"ot": {"weight": 0.1}}}}})
-  os.makedirs(os.path.dirname(study._weight_path(vl, "ot", 0.01, 0)))
-  runs.write_json(study._weight_path(vl, "ot", 0.01, 0), {})
-  assert study._every_weight_left(vl, "ot") == 1 + 2
-  assert study._every_weight_left(vl, "l2_sp") == 0  # No grid.
-  assert _curve(tmp_path, values=(3,), seeds=2, grids={
-      "ot": (0.01, 0.1, 1.0)})._every_weight_left(vl, "ot") == 0
+  # Before tuning: every weight of the grid on both seeds (the table's runs
+  # are not the block's), and the baseline (the first method, no grid).
+  assert study._every_weight_left(vl, "ot") == 3 * 2
+  assert study._every_weight_left(vl, "finetune_l2") == 2
+  for method, weight in (("ot", 0.01), ("finetune_l2", None)):
+    path = study._weight_path(vl, method, weight, 0)
+    os.makedirs(os.path.dirname(path))
+    runs.write_json(path, {})
+  assert study._weight_path(vl, "finetune_l2", None, 0).endswith(
+      os.path.join("every_weight", vl, "finetune_l2", "seed0.json"))
+  assert study._every_weight_left(vl, "ot") == 5
+  assert study._every_weight_left(vl, "finetune_l2") == 1
+  assert _curve(tmp_path, values=(3,), seeds=2, methods=("finetune_l2", "ot"),
+                grids={"ot": (0.01, 0.1, 1.0)})._every_weight_left(
+                    vl, "ot") == 0  # Without the flag.
   # A tuning extension past the grid's edge (kept in --out) counts too: a
   # study resumed before tuning reads it must still see those runs left.
   extension = study._tuning_path(vl, "ot", 10.0, 100)
   os.makedirs(os.path.dirname(extension))
   runs.write_json(extension, {})
-  assert study._every_weight_left(vl, "ot") == 2 + 3
-
-
-def test_a_table_record_without_the_grid_key_ran_the_configs_weight(tmp_path):
-  study = _curve(tmp_path, values=(3,), every_weight=True,
-                 grids={"ot": (0.01, 0.1)})
-  vl = curve.label(KEY, 3)
-  runs.write_json(study._run_path(vl, "ot", 0), {"config": {"seed": 0}})
-  assert study._table_weight(vl, "ot", 0) == (
-      study.base["ot"].loss.terms.ot.weight)
+  assert study._every_weight_left(vl, "ot") == 5 + 2
 
 
 def test_every_weight_skips_a_method_whose_tuning_all_diverged(tmp_path,
@@ -525,31 +528,38 @@ def test_every_weight_records_the_other_weights_and_a_rerun_trains_nothing(
       grids={"ot": (0.1, 1.0)}, every_weight=every_weight)
   summary = study(True).run()
   chosen = summary["chosen"]["samples_per_class=3"]["ot"]["weight"]
-  (other,) = {0.1, 1.0} - {chosen}
-  # 2 weights x 2 tuning seeds, the table's 2 methods, ot at the other
-  # weight on the table seed: the chosen weight is not rerun.
-  assert len(trained) == 4 + 2 + 1
-  assert [t for t in trained if "weight=" in t] == [
-      f"samples_per_class=3/ot/weight={other:g}/seed0"]
-  runs_dir = tmp_path / "out" / "runs" / "samples_per_class=3" / "ot"
-  record = json.loads(
-      (runs_dir / f"weight={other:g}" / "seed0.json").read_text())
-  assert (record["kind"], record["weight"], record["seed"]) == (
-      "every_weight", other, 0)
-  assert record["config"]["loss"]["terms"]["ot"]["weight"] == other
-  assert not (runs_dir / f"weight={chosen:g}").exists()
+  # 2 weights x 2 tuning seeds, the table's 2 methods, then the block: the
+  # baseline (l2_sp, no grid here) and ot at both weights, the chosen one
+  # too (the block reuses none of the table's runs).
+  assert len(trained) == 4 + 2 + 3
+  vl = "samples_per_class=3"
+  assert sorted(t for t in trained if "every_weight" in t) == [
+      f"{vl}/every_weight/l2_sp/seed0", f"{vl}/every_weight/ot/weight=0.1/seed0",
+      f"{vl}/every_weight/ot/weight=1/seed0"]
+  block = tmp_path / "out" / "every_weight" / vl
+  for w in (0.1, 1.0):
+    record = json.loads((block / "ot" / f"weight={w:g}" / "seed0.json"
+                         ).read_text())
+    assert (record["kind"], record["weight"], record["seed"]) == (
+        "every_weight", w, 0)
+    assert record["config"]["loss"]["terms"]["ot"]["weight"] == w
+  baseline = json.loads((block / "l2_sp" / "seed0.json").read_text())
+  assert (baseline["method"], baseline["weight"]) == ("l2_sp", None)
   assert [(r["method"], r["weight"]) for r in summary["every_weight_runs"]
-          ] == [("ot", other)]
-  assert summary["wall_s"]["every_weight"] == record["wall_s"]
+          ] == [("l2_sp", None), ("ot", 0.1), ("ot", 1.0)]
+  assert summary["wall_s"]["every_weight"] == pytest.approx(sum(
+      r["wall_s"] for r in summary["every_weight_runs"]), abs=0.1)
   md = (tmp_path / "out" / "results.md").read_text()
+  other = 1.0 if chosen == 0.1 else 0.1
   assert f"| ot | {chosen:g} * | 1 |" in md and f"| ot | {other:g} | 1 |" in md
+  assert "| l2_sp | — | 1 |" in md.split("### Every weight")[1]
 
   # Without the flag: nothing trains, the records stay, no section.
   trained.clear()
   without = study(False).run()
   assert "every_weight_runs" not in without and not trained
   assert "Every weight" not in (tmp_path / "out" / "results.md").read_text()
-  assert (runs_dir / f"weight={other:g}" / "seed0.json").exists()
+  assert (block / "ot" / f"weight={other:g}" / "seed0.json").exists()
   # With it again: every record reused.
   assert study(True).run()["every_weight_runs"] == summary[
       "every_weight_runs"] and not trained

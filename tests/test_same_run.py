@@ -250,10 +250,12 @@ def test_every_committed_record_is_the_run_its_command_builds_now(
     elif record["kind"] == "every_weight":  # curve --every_weight.
       weight = record["weight"]
       assert path == study._weight_path(label, method, weight, seed)
-      # A run results.json lists: another weight of the final grid, a
-      # table seed (not a leftover of an earlier grid or --seeds).
-      choice = study.tune(value, method)
-      assert weight in choice["grid"] and weight != choice["weight"], path
+      # A run results.json lists: the baseline or a weight of the final
+      # grid, a table seed (not a leftover of an earlier grid or --seeds).
+      if weight is None:
+        assert method == study.methods[0] not in study.grids, path
+      else:
+        assert weight in study.tune(value, method)["grid"], path
       assert 0 <= seed < study.seeds, path
     else:
       assert path == study._run_path(label, method, seed)

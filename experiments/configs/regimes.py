@@ -40,8 +40,8 @@ nothing):
         --config experiments/configs/regimes.py:study=permutation \
         --key init_permuted --values False,True --seeds 10 \
         --out docs/regimes/permutation --workdir workdirs/regimes/permutation
-                then the table seeds at every other weight of each grid
-                (resumes from the records above)
+                then the table seeds as one block at every weight of
+                each grid, and no term (resumes from the records above)
     python -m experiments.curve \
         --config experiments/configs/regimes.py:study=permutation \
         --key init_permuted --values False,True --seeds 10 --every_weight \
