@@ -1,12 +1,16 @@
 """experiments/configs/regimes.py: the studies' protocol and the no-matching control."""
 
+import glob
+import json
+import os
+
 import jax
 import numpy as np
 import pytest
 
-from experiments import terms
+from experiments import curve, loop, terms
 from experiments.configs import common, regimes
-from ot_transfer_jax import ot, regularizers
+from ot_transfer_jax import inference, ot, regularizers
 
 
 def _options(study, method):
@@ -79,3 +83,49 @@ def test_applies_reads_the_trained_teachers_width():
     c.model.kwargs.width = 0.25
   assert not regimes.applies("feature_matching", c)
   assert regimes.applies("ot", c)
+
+
+# --- The committed teachers ---------------------------------------------------
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEACHERS = sorted(glob.glob(os.path.join(REPO, "docs", "regimes", "teachers",
+                                         "*")))
+
+
+@pytest.mark.parametrize("study", regimes.STUDIES)
+def test_every_studys_teacher_is_committed_with_the_records(study):
+  # Not under workdirs/ (ignored): a session on another machine would
+  # retrain it, and float rounding may give other weights.
+  first = next(iter(regimes.get_methods(f"study={study}")))
+  c = regimes.get_config(f"study={study},method={first}")
+  assert c.teacher.workdir.startswith("docs/regimes/teachers/")
+
+
+def test_some_teacher_is_committed():
+  assert {"small_cnn", "small_cnn_width2_6000"} <= set(
+      map(os.path.basename, TEACHERS))
+
+
+@pytest.mark.parametrize("tdir", TEACHERS, ids=os.path.basename)
+def test_a_committed_teacher_restores_and_is_the_training_its_studies_list(
+    tdir):
+  with open(os.path.join(tdir, loop.FINAL_METRICS)) as f:
+    final = json.load(f)
+  # Its last checkpoint is the step the runs read, and its checksums hold.
+  restored = inference.restore(tdir)
+  assert restored.step == final["step"]
+  # Every study that lists this teacher lists this training last.
+  rel = os.path.relpath(tdir, REPO)
+  listed = []
+  for path in glob.glob(os.path.join(REPO, "docs", "regimes", "*",
+                                     curve.TEACHERS)):
+    with open(path) as f:
+      trainings = json.load(f).get(rel)
+    if trainings:
+      listed.append(path)
+      assert {k: trainings[-1][k] for k in ("step", "test_accuracy",
+                                            "best_step",
+                                            "test_accuracy_at_best_val")} == {
+          k: final[k] for k in ("step", "test_accuracy", "best_step",
+                                "test_accuracy_at_best_val")}, path
+  assert listed, f"no study lists {rel}"

@@ -76,11 +76,16 @@ nothing):
         --key num_steps --values 2000 --seeds 10 --focus ot_kd \
         --out docs/regimes/distill --workdir workdirs/regimes/distill
 
-The small_cnn teacher (600 steps on classes 0-4) is shared by permutation,
-width and scarcity in workdirs/regimes/teacher_small_cnn; the resnet8 one is in
-workdirs/regimes/teacher_resnet8, distill's (width 2, all classes) in
-workdirs/regimes/teacher_small_cnn_width2_6000. Two commands must not train the
-same teacher at once.
+Teachers are committed with the records, in docs/regimes/teachers/<name>
+(the last checkpoint and its metrics, under 1 MB each): a study resumed in
+any session, on any machine, reads the very weights its records read,
+where a retrained teacher could differ by float rounding (docs/regimes). The
+small_cnn teacher (600 steps on classes 0-4; shared by permutation, width and
+scarcity) is in teachers/small_cnn, distill's (width 2, all classes) in
+teachers/small_cnn_width2_6000; the resnet8 one (cross_arch) would train into
+teachers/resnet8. A teacher trained there keeps two checkpoints: commit the
+last (the one the runs read). Two commands must not train the same teacher
+at once.
 """
 
 from experiments.configs import common, distill, transfer
@@ -89,7 +94,7 @@ LAYERS = common.LAYERS
 DATA = "fashion_mnist"
 TEACHER_SEED = 1000
 TEACHER_STEPS = 6000  # The distill study's teacher (_distillation).
-TEACHER_WORKDIR = "workdirs/regimes/teacher_{}"
+TEACHER_WORKDIR = "docs/regimes/teachers/{}"  # Committed: see above.
 STUDIES = ("permutation", "cross_arch", "width", "scarcity", "distill")
 
 # Grids (0.01 .. 10 for the feature terms: where a pull starts to hurt is
