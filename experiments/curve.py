@@ -35,8 +35,8 @@ for every run of that value):
    included; none where every tuning run diverged): where a term starts to
    hurt, on 10 seeds rather than the 2 tuning seeds. A block of its own, so
    that its differences never pair runs of two trainings of the teacher (a
-   study resumed on another machine retrains it). Cost: (grid size x
-   methods with a grid + 1) x seeds runs per value.
+   study resumed on another machine retrains it). Cost: (the sum of the
+   grids' sizes + 1) x seeds runs per value.
 
 Every table gives both reads -- test accuracy at the best-validation step and
 at the last step -- each with the paired differences; a verdict that holds in

@@ -187,8 +187,9 @@ class Record(TypedDict, total=False):
   Set by the tool (``run_record``'s ``base``), in this order:
 
   * ``kind``: curve: ``"run"`` (a table run), ``"tuning"`` (a grid point)
-    or ``"every_weight"`` (a table seed at another weight of the grid,
-    ``--every_weight``; ``weight``: that weight);
+    or ``"every_weight"`` (a run of ``--every_weight``'s block: a table seed
+    at a weight of the grid, ``weight``, or of the baseline, ``weight``
+    None);
   * ``key``, ``value``: the setting a curve varies and its value (a sweep:
     the key it sweeps and the value of this grid point); ``label``: curve:
     the value's directory name (``samples_per_class=10``);
@@ -222,7 +223,7 @@ class Record(TypedDict, total=False):
   method: str
   seed: Optional[int]
   weights: dict
-  weight: float
+  weight: Optional[float]
   hyperparameters: dict
   workdir: str
   status: str
@@ -378,7 +379,7 @@ def parse_tuning_seeds(seeds: Sequence[Any],
   if not out or len(set(out)) != len(out):
     raise ValueError(f"--tuning_seeds {given}: give one or more distinct "
                      "seeds, e.g. --tuning_seeds 100,101.")
-  clash = [t for t in out if 0 <= t < (table_seeds or 0)]
+  clash = [t for t in out if t < (table_seeds or 0)]
   if clash:
     first = max(100, table_seeds)
     raise ValueError(
