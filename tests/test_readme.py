@@ -171,3 +171,29 @@ def test_nnx_shard_map_recipe_runs_on_one_device():
              ) <= 1e-5 * abs(float(namespace["loss_ref"]))
   losses = namespace["losses"]
   assert len(losses) == 20 and losses[-1] < 0.9 * losses[0]
+
+
+def test_when_does_omega_p_help_table_quotes_its_results():
+  """Every cell of the README's regime table is a pair row of the results.md
+  its row links (a row without a link reads the row above's): both reads'
+  mean, s.e. and seeds won, as curve wrote them."""
+  section = README.read_text().split("## When does Ω_P help?")[1].split("\n## ")[0]
+  cell = re.compile(r"([+−-]\d+\.\d\d) \((\d+\.\d\d)\) (\d+/\d+) \\\| "
+                    r"([+−-]\d+\.\d\d) \((\d+\.\d\d)\) (\d+/\d+)")
+  rows, page = 0, None
+  for line in section.splitlines():
+    if not line.startswith("| ") or line.startswith("| regime"):
+      continue
+    link = re.search(r"\]\((docs/regimes/\w+/results\.md)\)", line)
+    page = (REPO / link.group(1)).read_text() if link else page
+    cells = cell.findall(line)
+    assert page and len(cells) == 2, line
+    for c in cells:
+      quoted = "| " + " | ".join(x.replace("−", "-") for x in c) + " |"
+      # results.md writes "+0.00" where the README may write "−0.00".
+      assert any(quoted.replace("-0.00 ", "+0.00 ") in
+                 l.replace("-0.00 ", "+0.00 ")
+                 for l in page.splitlines() if l.startswith("| ot")), (
+                     line, quoted)
+    rows += 1
+  assert rows >= 8
