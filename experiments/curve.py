@@ -75,18 +75,20 @@ Outputs. In ``--out`` (small files, meant to be committed):
 * ``every_weight/<key>=<value>/<method>/[weight=<weight>/]seed<k>.json``
   (with ``--every_weight``): the same for the block's runs (``kind``
   "every_weight", ``weight`` the grid weight, None for the baseline);
-* ``results.json``: ``{"key", "values", "methods", "seeds", "tuning_seeds",
-  "focus", "wall_s": {"tuning", "runs"[, "every_weight"]}, "chosen":
-  {value: {method: {"key", "weight", "grid": {weight: mean val acc},
+* ``results.json``: ``{"command", "key", "values", "methods", "seeds",
+  "tuning_seeds", "focus", "wall_s": {"tuning", "runs"[, "every_weight"]},
+  "chosen": {value: {method: {"key", "weight", "grid": {weight: mean val acc},
   "test": {weight: mean test acc}, "bracketed", "note"}}}, "runs": [every
   table record without its config], "every_weight_runs": (with
   ``--every_weight``) [the block's records], "teachers": (where
-  recorded) teachers.json}``;
+  recorded) teachers.json}``; ``command`` is :func:`command`'s canonical
+  form of the flags that made it (absent from records written before it);
 * ``teachers.json``: ``{teacher workdir: [{"model", "kwargs", "step",
   "test_accuracy", "best_step", "test_accuracy_at_best_val"}, ...]}``: each
   distinct training of a teacher the runs read (the weights of its last
   step; a session on another machine may retrain it a little differently);
-* ``results.md``: the teacher's test accuracy; per value, mean +- standard
+* ``results.md``: the command that reruns the study (where results.json
+  has one); the teacher's test accuracy; per value, mean +- standard
   error per method at both reads and the paired differences ``--focus``
   (Omega_P: ``ot``) minus every other method on the same seeds (mean, s.e.,
   on how many seeds it was better) at both reads; the plan diagnostics per
@@ -131,13 +133,14 @@ import ast
 import difflib
 import json
 import os
+import shlex
 import time
 from typing import Any, Optional, Sequence
 
 import numpy as np
 from absl import app, flags, logging
 from matplotlib.figure import Figure
-from ml_collections import config_flags
+from ml_collections import config_dict, config_flags
 
 from experiments import job as job_lib
 from experiments import loop, runs
@@ -149,41 +152,50 @@ from experiments.report import (READS, mean_se, paired, paired_cells,
 from ot_transfer_jax import checkpoint, models
 
 
-def define_flags() -> None:
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
+                 argv: Optional[Sequence[str]] = None) -> None:
   """This tool's flags, defined when it runs (``python -m``): reproduce,
-  sweep and curve each define their own, so that they import together."""
+  sweep and curve each define their own, so that they import together.
+  ``flag_values`` and ``argv`` (the command line whose ``--config.key``
+  overrides to define; default sys.argv) read another command line, e.g. a
+  results.json's ``command``."""
+  # Every DEFINE below goes to flag_values, the global FLAGS by default.
+  fv = dict(flag_values=flag_values)
   config_flags.DEFINE_config_file(
       "config", None, "Path to an experiment config with methods.",
-      lock_config=True)
+      lock_config=True, sys_argv=None if argv is None else list(argv), **fv)
   flags.DEFINE_string(
       "key", None, "The config key the curve varies (e.g. "
-      "data.samples_per_class).")
-  flags.DEFINE_list("values", None, "The values of --key (Python literals).")
-  flags.DEFINE_integer("seeds", 3, "Table seeds per point: 0 .. seeds-1.")
+      "data.samples_per_class).", **fv)
+  flags.DEFINE_list("values", None, "The values of --key (Python literals).",
+                    **fv)
+  flags.DEFINE_integer("seeds", 3, "Table seeds per point: 0 .. seeds-1.",
+                       **fv)
   flags.DEFINE_list("methods", None,
-                    "Subset of the config's methods (default: all).")
+                    "Subset of the config's methods (default: all).", **fv)
   flags.DEFINE_string(
-      "out", None, "Directory of the records, tables and figure (committed).")
+      "out", None, "Directory of the records, tables and figure "
+      "(committed).", **fv)
   flags.DEFINE_string(
       "workdir", None, "Directory of the runs' workdirs and teachers "
-      "(default: workdirs/curve/<config name>).")
+      "(default: workdirs/curve/<config name>).", **fv)
   flags.DEFINE_list(
       "tuning_seeds", ["100", "101"], "Seeds of the weight choice (their "
-      "mean validation accuracy decides); no table seed may equal one.")
+      "mean validation accuracy decides); no table seed may equal one.", **fv)
   flags.DEFINE_multi_string(
       "grid", [], "METHOD=V1,V2,...: this method's weight grid (instead of "
-      "the config's SWEEP).")
+      "the config's SWEEP).", **fv)
   flags.DEFINE_integer(
       "extensions", 2, "Times a grid may extend 10x past the edge its best "
-      "value is at.")
+      "value is at.", **fv)
   flags.DEFINE_string(
       "focus", "ot", "The method whose paired differences against every "
-      "other method are tabulated and drawn.")
+      "other method are tabulated and drawn.", **fv)
   flags.DEFINE_bool(
       "every_weight", False, "Also run the table seeds as one block at every "
       "weight of each method's final grid, and the baseline (records in "
-      "every_weight/; a section of results.md).")
-  flags.mark_flags_as_required(["config"])
+      "every_weight/; a section of results.md).", **fv)
+  flags.mark_flags_as_required(["config"], flag_values=flag_values)
 
 
 # ---------------------------------------------------------------------------
@@ -236,8 +248,12 @@ def markdown(summary: dict) -> str:
   """``results.md`` from a ``results.json`` dict."""
   key, focus, methods = summary["key"], summary["focus"], summary["methods"]
   tseeds = tuning_seeds(summary)
-  out = [f"# Test accuracy against `{key}`", "",
-         f"{summary['seeds']} seeds per point (0 .. {summary['seeds'] - 1}); "
+  out = [f"# Test accuracy against `{key}`", ""]
+  if "command" in summary:  # Older results.json have none.
+    out += ["Command (rerun it to regenerate this page; it trains only what "
+            "is missing):", "", "```bash", command_lines(summary["command"]),
+            "```", ""]
+  out += [f"{summary['seeds']} seeds per point (0 .. {summary['seeds'] - 1}); "
          "each weight chosen on the mean validation accuracy of tuning "
          f"seed{'s' * (len(tseeds) > 1)} {', '.join(map(str, tseeds))} "
          "(grids at the end; no table seed tunes). Test accuracy (%) at the "
@@ -325,6 +341,17 @@ def markdown(summary: dict) -> str:
       out.append(f"| {value} | {m} | {c['key']} | {grid} | "
                  f"{c['note'] or 'bracketed'} |")
   return "\n".join(out) + "\n"
+
+
+def command_lines(command: str) -> str:
+  """``command`` one flag a line, joined by the shell's line continuations
+  (the same words, quoted as :func:`command` quotes them)."""
+  lines = []
+  for word in shlex.split(command):
+    if word.startswith("--") or not lines:
+      lines.append([])
+    lines[-1].append(shlex.quote(word))
+  return " \\\n    ".join(" ".join(line) for line in lines)
 
 
 def _n_and_reads(records: Sequence[dict]) -> str:
@@ -554,8 +581,9 @@ class Curve:
                tuning_seeds: Sequence[int] = (100, 101),
                grids: Optional[dict] = None,
                extensions: int = 2, focus: str = "ot",
-               every_weight: bool = False):
+               every_weight: bool = False, command: Optional[str] = None):
     self.module, self.key, self.values = module, key, values
+    self.command = command  # In results.json and results.md, where given.
     self.every_weight = every_weight
     self.seeds, self.out, self.workdir = seeds, out, workdir
     self.extensions, self.focus = extensions, focus
@@ -939,7 +967,8 @@ class Curve:
     """Writes results.json, results.md and curve.png of the records so
     far (``every``: the ``--every_weight`` records) and returns the
     summary."""
-    summary = {"key": self.key, "values": self.values,
+    summary = {**({"command": self.command} if self.command else {}),
+               "key": self.key, "values": self.values,
                "methods": self.methods, "seeds": self.seeds,
                "tuning_seeds": self.tuning_seeds, "focus": self.focus,
                "wall_s": {k: round(v, 1) for k, v in self.wall_s.items()},
@@ -1000,26 +1029,76 @@ def parse_grids(specs: Sequence[str]) -> dict:
   return grids
 
 
+def _override_text(value) -> str:
+  """A ``--config.key=`` value that config_flags parses back to ``value``:
+  a string as it is (a str key's parser keeps quotes), anything else as its
+  Python literal."""
+  if isinstance(value, config_dict.ConfigDict):
+    value = value.to_dict()
+  return value if isinstance(value, str) else repr(value)
+
+
+def command(opts: flags.FlagValues) -> str:
+  """The canonical command line of curve's parsed flags ``opts``: ``python
+  -m experiments.curve --config C --key K --values V --seeds N``, then the
+  flags that change what is trained or written, only where not at their
+  defaults, in a fixed order (``--methods``, ``--focus``, ``--grid`` per
+  method, ``--tuning_seeds``, ``--extensions``, ``--every_weight``, the
+  ``--config.key=value`` overrides sorted by key: a parent before its
+  children), then ``--out`` and ``--workdir`` (its default spelt out), each
+  word quoted for the shell where it needs it. Not sys.argv: the same study
+  typed two ways gives one command, and a rerun of it gives it again."""
+  path = opts["config"].config_filename
+  words = ["--config", path, "--key", opts.key,
+           "--values", ",".join(v.strip() for v in opts.values),
+           "--seeds", str(opts.seeds)]
+  if opts.methods is not None:
+    words += ["--methods", ",".join(opts.methods)]
+  if opts.focus != opts["focus"].default:
+    words += ["--focus", opts.focus]
+  for method, grid in parse_grids(opts.grid).items():
+    words += ["--grid", f"{method}={','.join(f'{w:g}' for w in grid)}"]
+  tuning = runs.parse_tuning_seeds(opts.tuning_seeds)
+  if tuning != runs.parse_tuning_seeds(opts["tuning_seeds"].default):
+    words += ["--tuning_seeds", ",".join(map(str, tuning))]
+  if opts.extensions != opts["extensions"].default:
+    words += ["--extensions", str(opts.extensions)]
+  if opts.every_weight:
+    words.append("--every_weight")
+  overrides = config_flags.get_override_values(opts["config"])
+  words += [f"--config.{k}={_override_text(v)}"
+            for k, v in sorted(overrides.items())]
+  words += ["--out", opts.out,
+            "--workdir", opts.workdir or default_root("curve", path)]
+  return " ".join(["python -m experiments.curve",
+                   *map(shlex.quote, words)])
+
+
+def from_flags(opts: flags.FlagValues) -> Curve:
+  """The Curve of curve's parsed flags ``opts`` (main's; a test's reading
+  of a recorded command), recording their :func:`command`."""
+  flag = opts["config"]
+  path = flag.config_filename
+  if not opts.key:
+    raise ValueError("--key is required: the config key the curve varies, "
+                     "e.g. --key data.samples_per_class.")
+  if not opts.out:
+    raise ValueError("--out is required: the directory of the records "
+                     "(e.g. docs/regimes/<study>).")
+  return Curve(
+      runs.load_config_module(path), opts.key, parse_values(opts.values),
+      opts.methods, opts.seeds, opts.out,
+      opts.workdir or default_root("curve", path),
+      config_flags.get_override_values(flag),
+      opts.tuning_seeds, parse_grids(opts.grid),
+      opts.extensions, opts.focus, opts.every_weight, command=command(opts))
+
+
 def main(argv):
   del argv
   quiet_libraries()
-  opts = flags.FLAGS
   with user_errors():
-    flag = opts["config"]
-    path = flag.config_filename
-    if not opts.key:
-      raise ValueError("--key is required: the config key the curve varies, "
-                       "e.g. --key data.samples_per_class.")
-    if not opts.out:
-      raise ValueError("--out is required: the directory of the records "
-                       "(e.g. docs/regimes/<study>).")
-    curve = Curve(
-        runs.load_config_module(path), opts.key, parse_values(opts.values),
-        opts.methods, opts.seeds, opts.out,
-        opts.workdir or default_root("curve", path),
-        config_flags.get_override_values(flag),
-        opts.tuning_seeds, parse_grids(opts.grid),
-        opts.extensions, opts.focus, opts.every_weight)
+    curve = from_flags(flags.FLAGS)
     summary = curve.run()
     print(f"\nCurve in {curve.out} ({len(summary['runs'])} table runs):\n")
     print(markdown(summary))

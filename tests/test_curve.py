@@ -1,9 +1,10 @@
 """experiments.curve: values, tables, records, resumption and errors (the
 weight choice itself: tests/test_runs.py).
 
-The end-to-end test runs the tool on the tiny digits job (2 values, 1 seed, a
-one-point weight grid, 20 steps) and checks the outputs' structure and that a
-rerun trains nothing, not its numbers.
+The end-to-end test runs the tool from its flags on the tiny digits job (2
+values, 1 seed, a one-point weight grid, 20 steps) and checks the outputs'
+structure and that a rerun of the command it recorded trains nothing, not its
+numbers.
 """
 
 import glob
@@ -11,10 +12,12 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 
 import pytest
+from absl import flags
 
 from digits_job import ARG, REPO
 from experiments import curve, loop, runs
@@ -163,6 +166,22 @@ def test_reproduce_refuses_curve_flags(tmp_path):
 # --- End to end ----------------------------------------------------------------
 
 
+def _parsed(argv):
+  """curve's flags parsed from ``argv`` (the program's name first) into
+  flags of their own, as ``python -m experiments.curve`` parses them."""
+  opts = flags.FlagValues()
+  curve.define_flags(opts, argv)
+  opts(argv)
+  return opts
+
+
+def _reread(command):
+  """The flags of a recorded ``python -m experiments.curve ...`` command."""
+  words = shlex.split(command)
+  assert words[:3] == ["python", "-m", "experiments.curve"]
+  return _parsed(["curve", *words[3:]])
+
+
 @pytest.mark.slow
 def test_curve_writes_records_and_a_rerun_trains_nothing(tmp_path, teacher_dir,
                                                         monkeypatch):
@@ -171,10 +190,27 @@ def test_curve_writes_records_and_a_rerun_trains_nothing(tmp_path, teacher_dir,
   # control beside Omega_P.
   grids = {"ot": (0.1,), "ot_uniform": (0.1,)}
   methods = ("l2_sp", "ot", "ot_uniform")
-  summary = _curve(tmp_path, module=DIGITS_SMOKE, overrides=overrides,
-                   methods=methods, tuning_seeds=(100, 101),
-                   grids=grids).run()
-  out = tmp_path / "out"
+  out, work = tmp_path / "out", tmp_path / "work"
+  config = os.path.join(REPO, f"experiments/configs/transfer.py:{ARG}")
+  # From the flags, as main: the default tuning seeds 100, 101.
+  study = curve.from_flags(_parsed([
+      "curve", "--config", config, "--key", KEY, "--values", "3,5",
+      "--seeds", "1", "--methods", ",".join(methods), "--grid", "ot=0.1",
+      "--grid", "ot_uniform=0.1", f"--config.teacher.workdir={teacher_dir}",
+      "--out", str(out), "--workdir", str(work)]))
+  summary = study.run()
+  # The command that made it, canonical: flags at their defaults left out.
+  command = ("python -m experiments.curve " + " ".join(map(shlex.quote, [
+      "--config", config, "--key", KEY, "--values", "3,5", "--seeds", "1",
+      "--methods", "l2_sp,ot,ot_uniform", "--grid", "ot=0.1", "--grid",
+      "ot_uniform=0.1", f"--config.teacher.workdir={teacher_dir}", "--out",
+      str(out), "--workdir", str(work)])))
+  assert json.loads((out / "results.json").read_text())["command"] == command
+  assert (f"it trains only what is missing):\n\n```bash\n"
+          f"{curve.command_lines(command)}\n```\n"
+          in (out / "results.md").read_text())
+  # Read back, the command is the same flags.
+  assert curve.command(_reread(command)) == command
   assert [(r["value"], r["method"], r["seed"]) for r in summary["runs"]] == [
       (v, m, 0) for v in (3, 5) for m in methods]
   for r in summary["runs"]:
@@ -231,15 +267,14 @@ def test_curve_writes_records_and_a_rerun_trains_nothing(tmp_path, teacher_dir,
           in curve.markdown(other))
   assert "trained 2 times" in curve.markdown(other)
 
-  # The committed records alone resume: no workdir, no training.
+  # The recorded command on the committed records alone (no workdir)
+  # trains nothing.
   def no_training(*args, **kwargs):
     raise AssertionError(f"retrained {args[1]}")
 
   monkeypatch.setattr(loop, "train_and_evaluate", no_training)
-  again = _curve(tmp_path / "fresh", module=DIGITS_SMOKE, overrides=overrides,
-                 methods=methods, tuning_seeds=(100, 101), grids=grids)
-  again.out = str(out)
-  assert again.run()["runs"] == summary["runs"]
+  shutil.rmtree(work)
+  assert curve.from_flags(_reread(command)).run()["runs"] == summary["runs"]
   assert json.loads((out / "teachers.json").read_text()) == teachers
 
   # Records made with other settings are refused, naming the difference.
@@ -247,6 +282,58 @@ def test_curve_writes_records_and_a_rerun_trains_nothing(tmp_path, teacher_dir,
     _curve(tmp_path, module=DIGITS_SMOKE,
            overrides={**overrides, "num_steps": 10}, methods=methods,
            tuning_seeds=(100, 101), grids=grids).run()
+
+
+# --- The command a study records ---------------------------------------------
+
+
+def test_the_command_is_one_canonical_form_of_the_flags():
+  # The same study typed two ways: flag order, --flag=value, spaces after
+  # commas, defaults given, overrides in another order.
+  config = os.path.join(REPO, f"experiments/configs/transfer.py:{ARG}")
+  typed = [
+      ["curve", "--config", config, "--key", KEY, "--values", "3,5",
+       "--grid", "ot=0.1,1.0", "--config.num_steps=20",
+       "--config.teacher.workdir=/tmp/a teacher", "--out", "out dir"],
+      ["curve", f"--config={config}", "--config.teacher.workdir=/tmp/a "
+       "teacher", "--config.num_steps=20", "--out=out dir", "--focus=ot",
+       "--seeds=3", "--extensions", "2", "--tuning_seeds", "100, 101",
+       "--values", "3, 5", "--key", KEY, "--grid=ot=0.1,1"]]
+  commands = {curve.command(_parsed(argv)) for argv in typed}
+  assert commands == {
+      f"python -m experiments.curve --config {config} --key {KEY} --values "
+      "3,5 --seeds 3 --grid ot=0.1,1 --config.num_steps=20 "
+      "'--config.teacher.workdir=/tmp/a teacher' --out 'out dir' --workdir "
+      "workdirs/curve/digits_smoke_transfer"}
+  (command,) = commands
+  assert curve.command(_reread(command)) == command
+  # Each flag that changes what runs, where not at its default.
+  other = curve.command(_parsed(typed[0] + [
+      "--methods", "l2_sp,ot", "--focus", "l2_sp", "--tuning_seeds",
+      "102,103", "--extensions", "0", "--every_weight", "--workdir", "w"]))
+  assert ("--seeds 3 --methods l2_sp,ot --focus l2_sp --grid ot=0.1,1 "
+          "--tuning_seeds 102,103 --extensions 0 --every_weight "
+          "--config.num_steps=20") in other and other.endswith("--workdir w")
+  assert curve.command(_reread(other)) == other
+
+
+def test_results_md_shows_the_command_only_where_results_json_has_one():
+  # Older results.json have none: their results.md stay as they were.
+  summary = _every_weight_summary()
+  without = curve.markdown(summary)
+  assert "Command" not in without and "```" not in without
+  summary["command"] = ("python -m experiments.curve --config c.py:x=1 "
+                        "--key k --values 1 --seeds 2 --out 'o d' "
+                        "--workdir w")
+  block = ("Command (rerun it to regenerate this page; it trains only what "
+           "is missing):\n\n```bash\npython -m experiments.curve \\\n"
+           "    --config c.py:x=1 \\\n    --key k \\\n    --values 1 \\\n"
+           "    --seeds 2 \\\n    --out 'o d' \\\n    --workdir w\n```\n\n")
+  with_command = curve.markdown(summary)
+  assert with_command.replace(block, "") == without
+  # Right under the title.
+  assert with_command.startswith("# Test accuracy against `init_permuted`"
+                                 "\n\n" + block)
 
 
 # --- The documented studies --------------------------------------------------
@@ -277,6 +364,15 @@ def test_docs_list_the_five_studies_as_their_configs_do():
     docstring = open(os.path.join(REPO, config.split(":")[0])).read().split(
         '"""')[1]
     assert " ".join(argv) in " ".join(docstring.replace("\\\n", " ").split())
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_documented_commands_are_the_ones_their_pages_will_show(index,
+                                                                monkeypatch):
+  # A study's results.md shows its canonical command: the documented one.
+  argv = _documented_commands()[index]
+  monkeypatch.chdir(REPO)  # The documented paths are the repository's.
+  assert curve.command(_parsed(["curve", *argv[3:]])) == " ".join(argv)
 
 
 @pytest.mark.parametrize("index", range(6))
