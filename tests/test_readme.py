@@ -174,26 +174,36 @@ def test_nnx_shard_map_recipe_runs_on_one_device():
 
 
 def test_when_does_omega_p_help_table_quotes_its_results():
-  """Every cell of the README's regime table is a pair row of the results.md
-  its row links (a row without a link reads the row above's): both reads'
-  mean, s.e. and seeds won, as curve wrote them."""
-  section = README.read_text().split("## When does Ω_P help?")[1].split("\n## ")[0]
+  """Every cell of the README's regime table is the pair row it names in the
+  results.md its row links: a linked row reads the page's first value
+  section, each "the same, ..." row below it the next one; column 1 is
+  Omega_P against the start without a term, column 2 against ot_uniform;
+  both reads' mean, s.e. and seeds won, as curve wrote them."""
+  section = README.read_text().split("## When does Ω_P help?")[1]
+  section = section.split("\n## ")[0]
   cell = re.compile(r"([+−-]\d+\.\d\d) \((\d+\.\d\d)\) (\d+/\d+) \\\| "
                     r"([+−-]\d+\.\d\d) \((\d+\.\d\d)\) (\d+/\d+)")
-  rows, page = 0, None
+  # The no-term start of each study, then the control.
+  pairs = (r"\| (ot|ot_kd) − (none|scratch|finetune|student|kd) \|",
+           r"\| (ot|ot_kd) − ot_uniform(_kd)? \|")
+  rows, values = 0, []
   for line in section.splitlines():
     if not line.startswith("| ") or line.startswith("| regime"):
       continue
     link = re.search(r"\]\((docs/regimes/\w+/results\.md)\)", line)
-    page = (REPO / link.group(1)).read_text() if link else page
+    if link:  # The page's value sections, in order ("## key = value").
+      page = (REPO / link.group(1)).read_text()
+      values = [v for v in re.split(r"\n## ", page)[1:]
+                if re.match(r"[\w.]+ = ", v)]
     cells = cell.findall(line)
-    assert page and len(cells) == 2, line
-    for c in cells:
-      quoted = "| " + " | ".join(x.replace("−", "-") for x in c) + " |"
-      # results.md writes "+0.00" where the README may write "−0.00".
-      assert any(quoted.replace("-0.00 ", "+0.00 ") in
-                 l.replace("-0.00 ", "+0.00 ")
-                 for l in page.splitlines() if l.startswith("| ot")), (
-                     line, quoted)
+    assert values and len(cells) == 2, line
+    lines = values.pop(0).splitlines()
+    for c, pair in zip(cells, pairs):
+      # results.md writes "-" and "+0.00" where the README writes "−", "−0.00".
+      quoted = " | ".join(x.replace("−", "-") for x in c).replace(
+          "-0.00 ", "+0.00 ")
+      found = [l for l in lines if re.match(pair, l)
+               and l.replace("-0.00 ", "+0.00 ").endswith(f"| {quoted} |")]
+      assert len(found) == 1, (line, pair, quoted)
     rows += 1
   assert rows >= 8
