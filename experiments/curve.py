@@ -130,6 +130,7 @@ if __name__ == "__main__":  # A command (not an import): from its first line,
   interrupts.install()  # Ctrl-C / SIGTERM end in one line (imports included).
 
 import ast
+import copy
 import difflib
 import json
 import os
@@ -141,6 +142,7 @@ import numpy as np
 from absl import app, flags, logging
 from matplotlib.figure import Figure
 from ml_collections import config_dict, config_flags
+from ml_collections.config_flags import config_path
 
 from experiments import job as job_lib
 from experiments import loop, runs
@@ -1020,6 +1022,10 @@ def parse_grids(specs: Sequence[str]) -> dict:
                        "e.g. --grid ot=0.01,0.1,1.") from None
     if not method.strip() or not values:
       raise ValueError(f"--grid {spec}: write METHOD=V1,V2,...")
+    # A repeat would count twice in the grid's size, which sets how far it
+    # may extend (runs.bracket): refused, as --values refuses one.
+    if len(set(grids[method.strip()])) != len(grids[method.strip()]):
+      raise ValueError(f"--grid {spec} repeats a weight.")
     # Records are kept by f"{w:g}" (6 significant digits): two weights must
     # not share one, nor a weight read back differ from the one that ran.
     odd = [w for w in grids[method.strip()] if float(f"{w:g}") != w]
@@ -1038,17 +1044,50 @@ def _override_text(value) -> str:
   return value if isinstance(value, str) else repr(value)
 
 
+def config_overrides(flag) -> dict:
+  """``{key: value}``: what the ``--config.key=value`` overrides of the
+  parsed config flag ``flag`` (curve's ``--config``) set, sorted by key.
+
+  ml_collections applies them in the order typed, so of two keys that share
+  a FieldReference (first_regimes.py's ``model.freeze_batchnorm`` is
+  ``init_from_teacher``) the later one sets both: the values as typed,
+  applied sorted, can build another config. Here each overridden key is at
+  its final value in the parsed config, those under an overridden parent
+  left out (the parent's final value holds theirs): set in any order, they
+  build that config, and two typings of one config give one dict. Copies:
+  no config shares them.
+  """
+  typed = config_flags.get_override_values(flag)
+  under = lambda k, p: k.startswith(p + ".") or k.startswith(p + "[")
+  keys = sorted(k for k in typed if not any(under(k, p) for p in typed))
+  return {k: copy.deepcopy(config_path.get_value(k, flag.value))
+          for k in keys}
+
+
+def _config_path(opts: flags.FlagValues) -> str:
+  """``--config`` with its file's path normalised (``./a//b.py:x`` ->
+  ``a/b.py:x``; a relative path stays relative), its argument as given."""
+  path, colon, arg = opts["config"].config_filename.partition(":")
+  return os.path.normpath(path) + colon + arg
+
+
 def command(opts: flags.FlagValues) -> str:
-  """The canonical command line of curve's parsed flags ``opts``: ``python
-  -m experiments.curve --config C --key K --values V --seeds N``, then the
-  flags that change what is trained or written, only where not at their
-  defaults, in a fixed order (``--methods``, ``--focus``, ``--grid`` per
-  method, ``--tuning_seeds``, ``--extensions``, ``--every_weight``, the
-  ``--config.key=value`` overrides sorted by key: a parent before its
-  children), then ``--out`` and ``--workdir`` (its default spelt out), each
-  word quoted for the shell where it needs it. Not sys.argv: the same study
-  typed two ways gives one command, and a rerun of it gives it again."""
-  path = opts["config"].config_filename
+  """The canonical command line of curve's parsed flags ``opts``.
+
+  ``python -m experiments.curve --config C --key K --values V --seeds N``
+  (always), then, in this order: ``--methods`` where given (its order is the
+  tables'), ``--focus`` where not ``ot``, ``--grid`` per method given (by
+  method, weights ascending), ``--tuning_seeds`` where not 100,101 (in the
+  order given: it orders results.md's list and, from 3 seeds, the float
+  sums of the choice), ``--extensions`` where not 2, ``--every_weight``
+  where given, the ``--config.key=value`` :func:`config_overrides` (by key, each
+  at its final value), then ``--out`` and ``--workdir`` (always; its
+  default spelt out). The paths of ``--config``, ``--out`` and
+  ``--workdir`` normalised; each word quoted for the shell where it needs
+  it. Not sys.argv: the same study typed two ways gives one command, and a
+  rerun of it gives it again and the same configs.
+  """
+  path = _config_path(opts)
   words = ["--config", path, "--key", opts.key,
            "--values", ",".join(v.strip() for v in opts.values),
            "--seeds", str(opts.seeds)]
@@ -1056,8 +1095,9 @@ def command(opts: flags.FlagValues) -> str:
     words += ["--methods", ",".join(opts.methods)]
   if opts.focus != opts["focus"].default:
     words += ["--focus", opts.focus]
-  for method, grid in parse_grids(opts.grid).items():
-    words += ["--grid", f"{method}={','.join(f'{w:g}' for w in grid)}"]
+  # Curve._grids runs each grid ascending, whatever the order given.
+  for method, grid in sorted(parse_grids(opts.grid).items()):
+    words += ["--grid", f"{method}={','.join(f'{w:g}' for w in sorted(grid))}"]
   tuning = runs.parse_tuning_seeds(opts.tuning_seeds)
   if tuning != runs.parse_tuning_seeds(opts["tuning_seeds"].default):
     words += ["--tuning_seeds", ",".join(map(str, tuning))]
@@ -1065,11 +1105,10 @@ def command(opts: flags.FlagValues) -> str:
     words += ["--extensions", str(opts.extensions)]
   if opts.every_weight:
     words.append("--every_weight")
-  overrides = config_flags.get_override_values(opts["config"])
   words += [f"--config.{k}={_override_text(v)}"
-            for k, v in sorted(overrides.items())]
-  words += ["--out", opts.out,
-            "--workdir", opts.workdir or default_root("curve", path)]
+            for k, v in config_overrides(opts["config"]).items()]
+  words += ["--out", os.path.normpath(opts.out), "--workdir",
+            os.path.normpath(opts.workdir or default_root("curve", path))]
   return " ".join(["python -m experiments.curve",
                    *map(shlex.quote, words)])
 
@@ -1077,8 +1116,7 @@ def command(opts: flags.FlagValues) -> str:
 def from_flags(opts: flags.FlagValues) -> Curve:
   """The Curve of curve's parsed flags ``opts`` (main's; a test's reading
   of a recorded command), recording their :func:`command`."""
-  flag = opts["config"]
-  path = flag.config_filename
+  path = _config_path(opts)
   if not opts.key:
     raise ValueError("--key is required: the config key the curve varies, "
                      "e.g. --key data.samples_per_class.")
@@ -1089,7 +1127,7 @@ def from_flags(opts: flags.FlagValues) -> Curve:
       runs.load_config_module(path), opts.key, parse_values(opts.values),
       opts.methods, opts.seeds, opts.out,
       opts.workdir or default_root("curve", path),
-      config_flags.get_override_values(flag),
+      config_overrides(opts["config"]),  # What the command rebuilds.
       opts.tuning_seeds, parse_grids(opts.grid),
       opts.extensions, opts.focus, opts.every_weight, command=command(opts))
 

@@ -18,6 +18,7 @@ import sys
 
 import pytest
 from absl import flags
+from ml_collections.config_flags import config_path
 
 from digits_job import ARG, REPO
 from experiments import curve, loop, runs
@@ -317,6 +318,82 @@ def test_the_command_is_one_canonical_form_of_the_flags():
   assert curve.command(_reread(other)) == other
 
 
+def _config_json(opts):
+  """The config ``--config`` and its overrides built, as JSON."""
+  return opts["config"].value.to_json(sort_keys=True)
+
+
+SEED = "--config.teacher.job.seed=1000"  # Not a student's (Curve refuses).
+
+
+@pytest.mark.parametrize("config,typed,canonical", [
+    # Two keys sharing a FieldReference: the later one typed sets both, so
+    # the values as typed, sorted, would set both to True.
+    ("first_regimes.py:study=initialisation",
+     ["--config.model.freeze_batchnorm=True",
+      "--config.init_from_teacher=False", SEED],
+     ["--config.init_from_teacher=False",
+      "--config.model.freeze_batchnorm=False", SEED]),
+    ("first_regimes.py:study=initialisation",
+     [SEED, "--config.init_from_teacher=False",
+      "--config.model.freeze_batchnorm=True"],
+     ["--config.init_from_teacher=True",
+      "--config.model.freeze_batchnorm=True", SEED]),
+    # A child after its parent: the parent's final value holds it. (A parent
+    # after its child ml_collections refuses.)
+    ("regimes.py:study=width",
+     ["--config.num_steps=7", "--config.model.kwargs={'width': 1.0}",
+      "--config.model.kwargs.width=0.5"],
+     ["--config.model.kwargs={'width': 0.5}", "--config.num_steps=7"]),
+], ids=["reference_later", "reference_earlier", "parent_then_child"])
+def test_the_command_rebuilds_the_config_its_flags_built(config, typed,
+                                                         canonical,
+                                                         monkeypatch):
+  monkeypatch.chdir(REPO)
+  opts = _parsed(["curve", "--config", f"experiments/configs/{config}",
+                  "--key", KEY, "--values", "2", *typed, "--out", "o"])
+  command = curve.command(opts)
+  words = shlex.split(command)
+  assert [w for w in words if w.startswith("--config.")] == canonical
+  reread = _reread(command)
+  assert _config_json(reread) == _config_json(opts)
+  assert curve.command(reread) == command
+  # The study trains that config: each method's, its key at the value.
+  plain = lambda v: v.to_dict() if hasattr(v, "to_dict") else v
+  for cfg in curve.from_flags(opts).configs["samples_per_class=2"].values():
+    for k in curve.config_overrides(opts["config"]):
+      assert (plain(config_path.get_value(k, cfg))
+              == plain(config_path.get_value(k, opts.config))), k
+
+
+def test_the_command_orders_what_the_study_does_not(monkeypatch):
+  # Grids by method, weights ascending; paths normalised. The tuning seeds
+  # stay in the order given: it orders results.md's list and, from three
+  # seeds, the float sums of the weight choice.
+  monkeypatch.chdir(REPO)
+  config = "experiments/configs/regimes.py:study=width"
+  rest = ["--key", "model.kwargs.width", "--values", "1.0,0.25",
+             "--seeds", "10"]
+  typed = [
+      ["curve", "--config", config, *rest, "--grid", "ot=0.1,1",
+       "--grid", "fitnets=0.01", "--out", "docs/regimes/x", "--workdir",
+       "workdirs/x"],
+      ["curve", "--config", "./experiments//configs/regimes.py:study=width",
+       *rest, "--grid", "fitnets=0.01", "--grid", "ot=1,0.1", "--out",
+       "./docs/regimes/x/", "--workdir", "workdirs/./x/"]]
+  commands = {curve.command(_parsed(argv)) for argv in typed}
+  assert commands == {
+      f"python -m experiments.curve --config {config} --key "
+      "model.kwargs.width --values 1.0,0.25 --seeds 10 --grid fitnets=0.01 "
+      "--grid ot=0.1,1 --out docs/regimes/x --workdir workdirs/x"}
+  seeds = [curve.command(_parsed(typed[0] + ["--tuning_seeds", t]))
+           for t in ("100,101", "101,100")]
+  assert "--tuning_seeds" not in seeds[0]
+  assert "--tuning_seeds 101,100" in seeds[1]
+  # The default workdir of a config typed two ways.
+  assert len({curve.command(_parsed(argv[:-2])) for argv in typed}) == 1
+
+
 def test_results_md_shows_the_command_only_where_results_json_has_one():
   # Older results.json have none: their results.md stay as they were.
   summary = _every_weight_summary()
@@ -350,9 +427,18 @@ def _documented_commands():
           if "[--" not in b and "experiments.curve" in b]
 
 
+DOCUMENTED = _documented_commands()
+
+
+def _id(argv):
+  """A documented command's test id: its --out, and every_weight if given."""
+  return argv[argv.index("--out") + 1] + (
+      "+every_weight" if "--every_weight" in argv else "")
+
+
 def test_docs_list_the_five_studies_as_their_configs_do():
   commands = _documented_commands()
-  assert len(commands) == 6
+  assert len(commands) == 6, [_id(c) for c in commands]
   # Permutation's twice: its table, then every weight, resuming from the
   # same records and workdir.
   every = [c for c in commands if "--every_weight" in c]
@@ -366,18 +452,38 @@ def test_docs_list_the_five_studies_as_their_configs_do():
     assert " ".join(argv) in " ".join(docstring.replace("\\\n", " ").split())
 
 
-@pytest.mark.parametrize("index", range(6))
-def test_documented_commands_are_the_ones_their_pages_will_show(index,
+@pytest.mark.parametrize("argv", DOCUMENTED, ids=_id)
+def test_documented_commands_are_the_ones_their_pages_will_show(argv,
                                                                 monkeypatch):
   # A study's results.md shows its canonical command: the documented one.
-  argv = _documented_commands()[index]
   monkeypatch.chdir(REPO)  # The documented paths are the repository's.
   assert curve.command(_parsed(["curve", *argv[3:]])) == " ".join(argv)
 
 
-@pytest.mark.parametrize("index", range(6))
-def test_documented_study_builds_every_config(tmp_path, index):
-  argv = _documented_commands()[index]
+RECORDED = sorted(glob.glob(os.path.join(REPO, "docs", "regimes", "*",
+                                         "results.json")))
+
+
+@pytest.mark.parametrize("path", RECORDED,
+                         ids=lambda p: os.path.basename(os.path.dirname(p)))
+def test_a_recorded_command_is_canonical_and_documented(path, monkeypatch):
+  # Older results.json have none; one that has it holds its canonical
+  # form, which docs/experiments.md gives.
+  command = json.loads(open(path).read()).get("command")
+  if command is None:
+    pytest.skip("written before results.json recorded its command")
+  monkeypatch.chdir(REPO)
+  assert curve.command(_reread(command)) == command
+  assert command in [" ".join(argv) for argv in DOCUMENTED]
+
+
+def test_some_committed_study_records_its_command():
+  # Else the test above would skip them all.
+  assert any("command" in json.loads(open(p).read()) for p in RECORDED)
+
+
+@pytest.mark.parametrize("argv", DOCUMENTED, ids=_id)
+def test_documented_study_builds_every_config(tmp_path, argv):
   opt = lambda name: argv[argv.index(name) + 1]
   overrides = dict(a[len("--config."):].split("=", 1) for a in argv
                    if a.startswith("--config."))
@@ -601,6 +707,8 @@ def test_every_weight_skips_a_method_whose_tuning_all_diverged(tmp_path,
     ("ot=0.1234567", "more than 6 significant digits; write 0.123457"),
     ("ot=0.1,x", "with numbers"),
     ("=0.1", "write METHOD=V1,V2"),
+    # Counted twice, it would let the grid extend once more (runs.bracket).
+    ("ot=0.1,1,0.10", "repeats a weight"),
 ])
 def test_parse_grids_refuses_what_a_record_path_cannot_keep(spec, match):
   with pytest.raises(ValueError, match=match):

@@ -91,18 +91,26 @@ def test_omega_p_plan_recovers_the_permutation_of_the_studys_teacher():
   _, feats_p, _ = apply_with_features(teacher.model, permuted, x, LAYERS,
                                       train=False)
   for layer in LAYERS:
+    perm = np.asarray(perms[layer])
+    # Not the identity, which a plan stuck at the identity would also find.
+    assert (perm != np.arange(perm.size)).any(), layer
     result = ot.solve_neuron_ot(feats_p[layer], feats[layer],
                                 problem=reg.problem, sinkhorn=reg.sinkhorn)
     plan = np.asarray(result.plan)
-    on_perm = plan[np.arange(plan.shape[0]), perms[layer]].sum()
+    on_perm = plan[np.arange(plan.shape[0]), perm].sum()
     d = analysis.plan_diagnostics(plan)
-    print(layer, on_perm, d, float(result.matched_fraction))
-    # Trained channels are distinct: measured 0.9955 (stage1) to 1.0000, where
-    # a wrong permutation puts ~0 there and a blurred plan spreads it.
-    assert on_perm > 0.98
-    assert d["row_max_mass"] > 0.98 and d["plan_entropy"] < 0.05
-    # Measured 0.00 to 0.06 (a drawn permutation's fixed points).
-    assert float(result.matched_fraction) < 0.25
+    # (a) Trained channels are distinct: measured 0.99551 (stage1), 0.99999
+    # (stage2), 0.99904 (stage3), the same for each of PRNGKey(0..11)'s
+    # permutations (the plan permutes with them), where a wrong permutation
+    # puts ~0 there and a blurred plan spreads it.
+    assert on_perm > 0.98, layer
+    assert d["row_max_mass"] > 0.98 and d["plan_entropy"] < 0.05, layer
+    # (b) The trace sees only the permutation's fixed points: it is their
+    # fraction, up to the mass off the permutation (1 - on_perm < 0.02 by
+    # (a), with exact marginals). Measured on PRNGKey(0..11): at most 0.0036
+    # from it, for fractions 0 to 0.19.
+    fixed = (perm == np.arange(perm.size)).mean()
+    assert abs(float(result.matched_fraction) - fixed) < 0.02, layer
 
 
 def test_plan_diagnostics_bounds():

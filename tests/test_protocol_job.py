@@ -37,7 +37,9 @@ def teacher(tmp_path_factory):
 
 
 def _features(j, teacher):
-  """Stage features of the initial student and of the teacher on a batch."""
+  """``{layer: (student, teacher)}``: the initial student's and the teacher's
+  stage features on a validation batch of 64, each ``(points, C)`` (points:
+  images x positions)."""
   batch = next(j.eval_batches(j.ds.val, batch_size=64))
   student = jax.device_get(j.initial_state.variables)
   _, fs, _ = apply_with_features(j.model, student, batch["image"], LAYERS,
@@ -48,10 +50,24 @@ def _features(j, teacher):
   return {l: (flat(fs[l]), flat(ft[l])) for l in LAYERS}
 
 
-def _matching(s, t, atol=1e-5):
-  """For each student channel, the teacher channels it equals."""
-  gap = np.abs(s[:, :, None] - t[:, None, :]).max(0)
-  return [np.flatnonzero(row < atol) for row in gap]
+def _matching(s, t):
+  """The teacher channel each student channel equals: ``s``, ``t`` are
+  ``(points, C)``; returns the ``(C,)`` match, asserting that each is clear.
+
+  Equal up to 1e-3 of the features' scale max|t|: a permuted start sums in
+  another order, ~1e-6 of it on CPU (measured at most 6e-7), more on a GPU
+  (TF32). Clear: every other channel is at least 10x that tolerance away
+  (measured 0.11 of the scale at the least, stage1), so a loose tolerance
+  cannot pass a wrong match.
+  """
+  tol = 1e-3 * np.abs(t).max()
+  # gap[i, k] = max over points |s_i - t_k|, a row at a time: (C, C), never
+  # the (points, C, C) array (50 MB a stage here).
+  gap = np.stack([np.abs(s[:, [i]] - t).max(0) for i in range(s.shape[1])])
+  best, second = np.sort(gap, 1)[:, :2].T
+  assert (best <= tol).all(), (best.max(), tol)
+  assert (second >= 10 * tol).all(), (second.min(), tol)
+  return gap.argmin(1)
 
 
 def test_teacher_normalization_and_permuted_start(teacher, tmp_path):
@@ -66,9 +82,7 @@ def test_teacher_normalization_and_permuted_start(teacher, tmp_path):
   # (b) Every stage: the teacher's channels, each once, in another order.
   for layer, (s, t) in _features(j, teacher).items():
     assert s.std(0).min() > 0, layer  # No dead channel: the match is unique.
-    matches = _matching(s, t)
-    assert all(m.size == 1 for m in matches), layer
-    perm = np.concatenate(matches)
+    perm = _matching(s, t)
     assert sorted(perm) == list(range(t.shape[1])), layer
     assert (perm != np.arange(perm.size)).mean() > 0.5, layer
 
