@@ -71,6 +71,7 @@ def test_omega_p_plan_recovers_the_permutation(network):
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow  # Restores the teacher, compiles three solves: ~15 s.
 def test_omega_p_plan_recovers_the_permutation_of_the_studys_teacher():
   # The permutation study's case: its committed teacher, its solve (default
   # relative_epsilon), a full batch of 50 images normalised as it does.

@@ -16,6 +16,9 @@ from experiments.configs import regimes
 from ot_transfer_jax import inference
 from ot_transfer_jax.features import apply_with_features
 
+# Restores the teacher and sets up two jobs: ~11 s. Full suite only.
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = regimes.LAYERS
 
