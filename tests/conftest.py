@@ -86,3 +86,15 @@ def teacher_dir(tmp_path_factory):
   path = tmp_path_factory.mktemp("teacher")
   loop.ensure_teacher(tiny_config(path), str(path))
   return path
+
+
+@pytest.fixture(scope="session")
+def digits_run(teacher_dir, tmp_path_factory):
+  """A finished run of ``tiny_config(teacher_dir)`` (20 steps, checkpoints at
+  steps 10 and 20), trained once per session. Tests read it, or copy it
+  before changing anything in it."""
+  from experiments import loop
+  from digits_job import tiny_config
+  path = tmp_path_factory.mktemp("digits_run")
+  loop.train_and_evaluate(tiny_config(teacher_dir), str(path))
+  return path

@@ -22,12 +22,11 @@ import doc_support
 from digits_job import REPO, main_command, tiny_config
 
 
-@pytest.fixture(scope="module")
-def run_dir(teacher_dir, tmp_path_factory):
-  """A finished tiny digits transfer run (checkpoints at steps 10 and 20)."""
-  path = tmp_path_factory.mktemp("run")
-  loop.train_and_evaluate(tiny_config(teacher_dir), str(path))
-  return path
+@pytest.fixture
+def run_dir(digits_run):
+  """A finished tiny digits transfer run (checkpoints at steps 10 and 20),
+  the session's (conftest.py): read here, copied before any change."""
+  return digits_run
 
 
 def _mlp_state():

@@ -24,11 +24,14 @@ def _handlers_installed(pid: int) -> bool:
   return bool(int(caught, 16) & _SIGTERM_BIT)
 
 
-def _interrupt(tmp_path, name, sig, *, after_install=None, on_line=None):
-  """Starts the tiny digits job (its teacher trains first), sends ``sig``
-  ``after_install`` seconds after the signal handlers exist, or as soon as
-  stderr shows ``on_line``; returns (exit status, stderr)."""
-  workdir, teacher = tmp_path / name / "run", tmp_path / name / "teacher"
+def _interrupt(tmp_path, name, sig, *, after_install=None, on_line=None,
+               teacher=None):
+  """Starts the tiny digits job (its teacher trains first, unless
+  ``teacher`` is a trained one), sends ``sig`` ``after_install`` seconds
+  after the signal handlers exist, or as soon as stderr shows ``on_line``;
+  returns (exit status, stderr)."""
+  workdir = tmp_path / name / "run"
+  teacher = teacher or tmp_path / name / "teacher"
   proc = subprocess.Popen(main_command(workdir, teacher), cwd=REPO, env=ENV,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
@@ -57,11 +60,12 @@ def _interrupt(tmp_path, name, sig, *, after_install=None, on_line=None):
 
 @pytest.mark.slow
 def test_a_signal_at_any_moment_ends_with_one_line_and_its_exit_status(
-    tmp_path):
+    tmp_path, teacher_dir):
   """Before any other import, during the imports, jax's start-up and the
   config, the teacher's set-up, its loop (SIGTERM), between the teacher and
   the student, and at the student's last step (a signal there used to be
-  forgotten: the run ended with status 0)."""
+  forgotten: the run ended with status 0; the session's trained teacher
+  there, the cases before train one)."""
   cases = [  # name, signal, when
       ("first_line", signal.SIGINT, dict(after_install=0.0)),
       ("imports", signal.SIGINT, dict(after_install=0.3)),
@@ -70,7 +74,8 @@ def test_a_signal_at_any_moment_ends_with_one_line_and_its_exit_status(
       ("teacher_loop", signal.SIGTERM, dict(on_line="step 25/40")),
       ("student_set_up", signal.SIGINT,
        dict(on_line="Final metrics of the teacher")),
-      ("last_step", signal.SIGINT, dict(on_line="step 20/20 (100.0%)")),
+      ("last_step", signal.SIGINT, dict(on_line="step 20/20 (100.0%)",
+                                        teacher=teacher_dir)),
   ]
   for name, sig, when in cases:
     code, err, out = _interrupt(tmp_path, name, sig, **when)
@@ -87,7 +92,7 @@ def test_a_signal_at_any_moment_ends_with_one_line_and_its_exit_status(
     assert "test accuracy" not in out  # It never finished.
   # Stopped at the last step: the rerun finishes without training.
   proc = subprocess.run(main_command(tmp_path / "last_step" / "run",
-                                     tmp_path / "last_step" / "teacher"),
+                                     teacher_dir),
                         cwd=REPO, env=ENV, capture_output=True, text=True,
                         timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]

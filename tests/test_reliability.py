@@ -19,8 +19,8 @@ from ot_transfer_jax import checkpoint, inference
 
 from digits_job import REPO, main_command, tiny_config
 
-LONG = ["--config.num_steps=60", "--config.checkpoint_every=20",
-        "--config.log_every=2"]
+LONG_CONFIG = {"num_steps": 60, "checkpoint_every": 20, "log_every": 2}
+LONG = [f"--config.{k}={v}" for k, v in LONG_CONFIG.items()]
 ENV = dict(os.environ, PYTHONUNBUFFERED="1")
 
 
@@ -66,8 +66,11 @@ def test_interrupted_runs_end_like_an_uninterrupted_one(teacher_dir,
   run = lambda wd: subprocess.run(main_command(wd, teacher_dir, *LONG),
                                   cwd=REPO, env=ENV, check=True,
                                   capture_output=True, timeout=300)
+  # The uninterrupted run, here: the job the command runs (a process of its
+  # own would import, load and trace it all again: ~10 s).
   straight = tmp_path / "straight"
-  run(straight)
+  loop.train_and_evaluate(tiny_config(teacher_dir, **LONG_CONFIG),
+                          str(straight))
 
   def interrupt(workdir, condition, what, sig=signal.SIGKILL):
     proc = subprocess.Popen(main_command(workdir, teacher_dir, *LONG),
@@ -117,6 +120,9 @@ def test_interrupted_runs_end_like_an_uninterrupted_one(teacher_dir,
 
   for workdir in (early, after, mid_write, *resumable.values()):
     run(workdir)
+    # The same run: the config the command's flags built is the one above.
+    assert (inference.restore(str(workdir)).config ==
+            inference.restore(str(straight)).config), workdir.name
     assert _final(workdir) == _final(straight), workdir.name
     _assert_same_params(_params(workdir), _params(straight), rtol=1e-6)
     # Steps logged past the last checkpoint were dropped on resume.
@@ -195,11 +201,11 @@ def _free_port():
 def test_two_processes_match_one_process(teacher_dir, tmp_path):
   """Two CPU processes (gloo) form one 2-device mesh, each reading its half
   of every global batch; checkpoints and outputs are written once."""
-  extra = ["--config.num_steps=5", "--config.eval_every=5",
-           "--config.checkpoint_every=5", "--config.batch_size=24"]
-  single = tmp_path / "single"
-  subprocess.run(main_command(single, teacher_dir, *extra), cwd=REPO,
-                 env=ENV, check=True, capture_output=True, timeout=300)
+  sizes = {"num_steps": 5, "eval_every": 5, "checkpoint_every": 5,
+           "batch_size": 24}
+  extra = [f"--config.{k}={v}" for k, v in sizes.items()]
+  single = tmp_path / "single"  # One process: this one.
+  loop.train_and_evaluate(tiny_config(teacher_dir, **sizes), str(single))
   multi = tmp_path / "multi"
   port = _free_port()
   procs = [
@@ -221,6 +227,8 @@ def test_two_processes_match_one_process(teacher_dir, tmp_path):
     else:
       assert multi_final[key] == value, key
   _assert_same_params(_params(multi), _params(single), rtol=1e-4)
+  assert (inference.restore(str(multi)).config ==
+          inference.restore(str(single)).config)
   with open(multi / "metrics.jsonl") as f:  # Process 0 alone logs.
     steps = [json.loads(line)["step"] for line in f
              if json.loads(line)["split"] == "train"]

@@ -103,7 +103,7 @@ def test_bad_vit_shapes_name_the_fix(kwargs, fragment):
 
 
 @pytest.mark.slow
-def test_vit_trains_resumes_and_predicts_from_the_cli(tmp_path):
+def test_vit_trains_resumes_and_predicts_from_the_cli(tmp_path, teacher_dir):
   # digits_transfer's Omega_P method with a ViT student: its last block (4 x 4
   # tokens) against the CNN teacher's 4 x 4 stage2.
   workdir = tmp_path / "run"
@@ -113,7 +113,7 @@ def test_vit_trains_resumes_and_predicts_from_the_cli(tmp_path):
          "--config.loss.terms.ot.layer_weights=(1.0,)",
          "--config.analysis.layers=()"]
   for steps in (10, 20):  # The second run resumes the first's checkpoint.
-    cmd = main_command(workdir, tmp_path / "teacher", *vit,
+    cmd = main_command(workdir, teacher_dir, *vit,
                        f"--config.num_steps={steps}")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
