@@ -4,8 +4,8 @@
       --config experiments/configs/regimes.py:study=permutation \
       --key init_permuted --values False,True --seeds 10 \
       --out docs/regimes/permutation [--workdir workdirs/regimes/permutation] \
-      [--methods none,ot] [--grid ot=0.01,0.1,1] [--tuning_seeds 100,101] \
-      [--every_weight] [--config.key=value ...]
+      [--methods none,ot] [--focus ot] [--grid ot=0.01,0.1,1] \
+      [--tuning_seeds 100,101] [--every_weight] [--config.key=value ...]
 
 For each value ``v`` of ``--key`` (any key of the config: ``--config.key=v``
 for every run of that value):
@@ -76,13 +76,14 @@ Outputs. In ``--out`` (small files, meant to be committed):
   (with ``--every_weight``): the same for the block's runs (``kind``
   "every_weight", ``weight`` the grid weight, None for the baseline);
 * ``results.json``: ``{"command", "key", "values", "methods", "seeds",
-  "tuning_seeds", "focus", "wall_s": {"tuning", "runs"[, "every_weight"]},
-  "chosen": {value: {method: {"key", "weight", "grid": {weight: mean val acc},
-  "test": {weight: mean test acc}, "bracketed", "note"}}}, "runs": [every
-  table record without its config], "every_weight_runs": (with
-  ``--every_weight``) [the block's records], "teachers": (where
-  recorded) teachers.json}``; ``command`` is :func:`command`'s canonical
-  form of the flags that made it (absent from records written before it);
+  "tuning_seeds", "focus" (a method; a list of several), "wall_s":
+  {"tuning", "runs"[, "every_weight"]}, "chosen": {value: {method: {"key",
+  "weight", "grid": {weight: mean val acc}, "test": {weight: mean test
+  acc}, "bracketed", "note"}}}, "runs": [every table record without its
+  config], "every_weight_runs": (with ``--every_weight``) [the block's
+  records], "teachers": (where recorded) teachers.json}``; ``command`` is
+  :func:`command`'s canonical form of the flags that made it (absent from
+  records written before it);
 * ``teachers.json``: ``{teacher workdir: [{"model", "kwargs", "step",
   "test_accuracy", "best_step", "test_accuracy_at_best_val"}, ...]}``: each
   distinct training of a teacher the runs read (the weights of its last
@@ -95,13 +96,17 @@ Outputs. In ``--out`` (small files, meant to be committed):
   layer; then, along the key, each method's change from the first value
   and the interaction [(focus - m) at a value] - [(focus - m) at the first
   value], both paired by seed at both reads; then every tuning grid with its
-  mean validation accuracies and the choice. With ``--every_weight``, per
-  value after the plan diagnostics, "Every weight of the grid (table
-  seeds)": the block's baseline (the first method: the config's, no term,
-  unless ``--methods`` puts another first), then per method with a grid
-  and weight both reads and the paired difference against that baseline;
+  mean validation accuracies and the choice. Several ``--focus`` methods
+  (``ot_kd,ot``): a table of pairs and an interaction section per focus
+  method, in that order, each pair once (:func:`focus_pairs`). With
+  ``--every_weight``, per value after the plan diagnostics, "Every weight
+  of the grid (table seeds)": the block's baseline (the first method: the
+  config's, no term, unless ``--methods`` puts another first), then per
+  method with a grid and weight both reads and the paired difference
+  against that baseline;
 * ``curve.png``: accuracy against the value (mean +- s.e. per method) and the
-  paired difference focus - each method against the value (mean +- s.e.).
+  paired difference focus - each method against the value (mean +- s.e.;
+  the first focus method's).
 
 In ``--workdir`` (large, disposable): each run's ``experiments.main``
 workdir (checkpoints, metrics) and the teacher.
@@ -190,9 +195,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
   flags.DEFINE_integer(
       "extensions", 2, "Times a grid may extend 10x past the edge its best "
       "value is at.", **fv)
-  flags.DEFINE_string(
-      "focus", "ot", "The method whose paired differences against every "
-      "other method are tabulated and drawn.", **fv)
+  flags.DEFINE_list(
+      "focus", ["ot"], "The methods, in this order, whose paired "
+      "differences against every other method are tabulated (a pair once: "
+      "A - B, not also B - A); the first one's are drawn.", **fv)
   flags.DEFINE_bool(
       "every_weight", False, "Also run the table seeds as one block at every "
       "weight of each method's final grid, and the baseline (records in "
@@ -242,13 +248,54 @@ def tuning_seeds(summary: dict) -> list:
   return list(summary.get("tuning_seeds") or [summary["tuning_seed"]])
 
 
+def focus_methods(focus) -> list:
+  """``--focus`` or results.json's ``focus`` as a list of methods: a string
+  is one method or several comma-separated (results.json holds a string
+  for one, as every one written before several could be, else a list)."""
+  if isinstance(focus, str):
+    return [f.strip() for f in focus.split(",")]
+  return list(focus)
+
+
+def parse_focus(focus, methods: Sequence[str]) -> list:
+  """The ``--focus`` methods (:func:`focus_methods`), each one of
+  ``methods`` and none twice; raises ValueError naming the fix."""
+  focus = focus_methods(focus)
+  if not all(focus):  # [] from --focus '', ['ot', ''] from --focus ot,
+    raise ValueError(f"--focus {','.join(focus)!r} names no method or an "
+                     "empty one: e.g. --focus ot or --focus ot_kd,ot.")
+  unknown = [f for f in focus if f not in methods]
+  if unknown:
+    one = len(unknown) == 1
+    raise ValueError(
+        f"--focus {', '.join(unknown)} {'is' if one else 'are'} not one of "
+        f"the methods {list(methods)}: add {'it' if one else 'them'} to "
+        "--methods or pass --focus.")
+  if len(set(focus)) != len(focus):
+    raise ValueError(f"--focus {','.join(focus)} repeats a method.")
+  return focus
+
+
+def focus_pairs(summary: dict) -> list:
+  """``[(focus method, [methods it is paired with])]`` in ``--focus``'s
+  order: every other method but one an earlier focus method was already
+  paired with (A - B once: B - A is its negative)."""
+  given, out = set(), []
+  for f in focus_methods(summary["focus"]):
+    others = [m for m in summary["methods"]
+              if m != f and frozenset((f, m)) not in given]
+    given |= {frozenset((f, m)) for m in others}
+    out.append((f, others))
+  return out
+
+
 def _cell(values: Sequence[float]) -> str:
   return "%.2f ± %.2f" % mean_se(values) if values else ""
 
 
 def markdown(summary: dict) -> str:
   """``results.md`` from a ``results.json`` dict."""
-  key, focus, methods = summary["key"], summary["focus"], summary["methods"]
+  key, methods = summary["key"], summary["methods"]
   tseeds = tuning_seeds(summary)
   out = [f"# Test accuracy against `{key}`", ""]
   if "command" in summary:  # Older results.json have none.
@@ -309,17 +356,17 @@ def markdown(summary: dict) -> str:
         continue
       out.append(f"| {m} | {wtext} | {_n_and_reads(rs)} | "
                  f"{best_steps(done)} |")
-    rows = []
-    for m in methods:
-      pairs = [paired(records, focus, m, k) if m != focus else None
-               for k in READS]
-      if all(pairs):
-        rows.append(f"| {focus} − {m} | {pairs[0][3]} | "
-                    f"{paired_cells(pairs)} |")
-    if rows:
-      out += ["", "Paired differences (same seeds, points): mean, s.e., "
-              f"seeds on which {focus} was better.", "",
-              *paired_header("pair"), *rows]
+    for focus, others in focus_pairs(summary):  # A table per focus method.
+      rows = []
+      for m in others:
+        pairs = [paired(records, focus, m, k) for k in READS]
+        if all(pairs):
+          rows.append(f"| {focus} − {m} | {pairs[0][3]} | "
+                      f"{paired_cells(pairs)} |")
+      if rows:
+        out += ["", "Paired differences (same seeds, points): mean, s.e., "
+                f"seeds on which {focus} was better.", "",
+                *paired_header("pair"), *rows]
     for measure, meaning in runs.PLAN_MEASURES.items():
       out += plan_table(records, methods, measure, meaning)
     out += every_weight_table(summary, value)
@@ -446,10 +493,18 @@ def across_values(summary: dict, by_value: dict) -> list[str]:
 
 
 def interactions(summary: dict, by_value: dict) -> list[str]:
-  """Lines of a Markdown table: per method m, how focus - m moves along the
-  key, [(focus - m) at a value] - [(focus - m) at the first value], per seed
+  """Lines of a Markdown table per focus method: per method m it is paired
+  with (:func:`focus_pairs`), how focus - m moves along the key,
+  [(focus - m) at a value] - [(focus - m) at the first value], per seed
   (e.g. whether Omega_P's gain over scratch grows for a narrower student)."""
-  key, values, focus = summary["key"], summary["values"], summary["focus"]
+  return [line for focus, others in focus_pairs(summary)
+          for line in _interaction(summary, by_value, focus, others)]
+
+
+def _interaction(summary: dict, by_value: dict, focus: str,
+                 others: Sequence[str]) -> list[str]:
+  """:func:`interactions`' table of one focus method against ``others``."""
+  key, values = summary["key"], summary["values"]
 
   def gaps(value, m, read) -> list[dict]:
     """focus - m per seed at ``value``, as records of method label(value)."""
@@ -463,9 +518,7 @@ def interactions(summary: dict, by_value: dict) -> list[str]:
 
   rows = []
   for value in values[1:]:
-    for m in summary["methods"]:
-      if m == focus:
-        continue
+    for m in others:
       pairs = [paired(gaps(value, m, read) + gaps(values[0], m, read),
                       label(key, value), label(key, values[0]), read)
                for read in READS]
@@ -521,8 +574,10 @@ def plan_table(records, methods, measure: str, meaning: str) -> list[str]:
 
 def plot(summary: dict, path: str) -> None:
   """``curve.png``: accuracy (left) and focus - each method (right) against
-  the value, mean ± s.e. over seeds."""
-  key, focus, methods = summary["key"], summary["focus"], summary["methods"]
+  the value, mean ± s.e. over seeds (the first focus method's: one
+  panel stays readable)."""
+  key, methods = summary["key"], summary["methods"]
+  focus = focus_methods(summary["focus"])[0]
   values = summary["values"]
   numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool)
                 for v in values)
@@ -582,20 +637,18 @@ class Curve:
                seeds: int, out: str, workdir: str, overrides: dict,
                tuning_seeds: Sequence[int] = (100, 101),
                grids: Optional[dict] = None,
-               extensions: int = 2, focus: str = "ot",
+               extensions: int = 2, focus: str | Sequence[str] = "ot",
                every_weight: bool = False, command: Optional[str] = None):
     self.module, self.key, self.values = module, key, values
     self.command = command  # In results.json and results.md, where given.
     self.every_weight = every_weight
     self.seeds, self.out, self.workdir = seeds, out, workdir
-    self.extensions, self.focus = extensions, focus
+    self.extensions = extensions
     if seeds < 1:
       raise ValueError(f"--seeds {seeds}: need at least 1.")
     self.tuning_seeds = runs.parse_tuning_seeds(tuning_seeds, seeds)
     methods = runs.known_methods(module, methods)
-    if focus not in methods:
-      raise ValueError(f"--focus {focus} is not one of the methods "
-                       f"{methods}: add it to --methods or pass --focus.")
+    self.focus = parse_focus(focus, methods)
     self.methods, self.overrides = methods, dict(overrides)
     self.base = runs.method_configs(module, methods, overrides)
     for m, cfg in self.base.items():
@@ -972,7 +1025,10 @@ class Curve:
     summary = {**({"command": self.command} if self.command else {}),
                "key": self.key, "values": self.values,
                "methods": self.methods, "seeds": self.seeds,
-               "tuning_seeds": self.tuning_seeds, "focus": self.focus,
+               "tuning_seeds": self.tuning_seeds,
+               # One method as a string: results.json as before several.
+               "focus": (self.focus[0] if len(self.focus) == 1
+                         else self.focus),
                "wall_s": {k: round(v, 1) for k, v in self.wall_s.items()},
                "chosen": {vl: {m: {**c, **{
                    part: {f"{w:g}": a for w, a in c[part].items()}
@@ -1076,10 +1132,11 @@ def command(opts: flags.FlagValues) -> str:
 
   ``python -m experiments.curve --config C --key K --values V --seeds N``
   (always), then, in this order: ``--methods`` where given (its order is the
-  tables'), ``--focus`` where not ``ot``, ``--grid`` per method given (by
-  method, weights ascending), ``--tuning_seeds`` where not 100,101 (in the
-  order given: it orders results.md's list and, from 3 seeds, the float
-  sums of the choice), ``--extensions`` where not 2, ``--every_weight``
+  tables'), ``--focus`` where not ``ot`` (in the order given: it orders
+  the tables), ``--grid`` per method given (by method, weights
+  ascending), ``--tuning_seeds`` where not 100,101 (in the order given: it
+  orders results.md's list and, from 3 seeds, the float sums of the
+  choice), ``--extensions`` where not 2, ``--every_weight``
   where given, the ``--config.key=value`` :func:`config_overrides` (by key, each
   at its final value), then ``--out`` and ``--workdir`` (always; its
   default spelt out). The paths of ``--config``, ``--out`` and
@@ -1094,7 +1151,7 @@ def command(opts: flags.FlagValues) -> str:
   if opts.methods is not None:
     words += ["--methods", ",".join(opts.methods)]
   if opts.focus != opts["focus"].default:
-    words += ["--focus", opts.focus]
+    words += ["--focus", ",".join(opts.focus)]
   # Curve._grids runs each grid ascending, whatever the order given.
   for method, grid in sorted(parse_grids(opts.grid).items()):
     words += ["--grid", f"{method}={','.join(f'{w:g}' for w in sorted(grid))}"]

@@ -116,6 +116,10 @@ def _curve(tmp_path, key=KEY, values=(3, 5), methods=("l2_sp", "ot"),
     (dict(seeds=5, tuning_seeds=(100, 3)), "tuning_seeds 3 is one of the"),
     (dict(tuning_seeds=(100, 100)), "distinct seeds"),
     (dict(methods=("scratch", "l2_sp")), "--focus ot is not one of"),
+    (dict(focus="ot,otp"), r"--focus otp is not one of the methods "
+     r"\['l2_sp', 'ot'\]"),
+    (dict(focus=["l2_sp", "ot", "l2_sp"]), "--focus l2_sp,ot,l2_sp repeats"),
+    (dict(focus=""), "names no method"),
     (dict(grids={"ot": (0.1,), "scratch": (1.0,)}), "scratch is not one of"),
     (dict(methods=("scratch", "ot")), "teacher's own initial weights"),
     (dict(methods=("finetune_l2", "ot"), grids={"finetune_l2": (0.1,)}),
@@ -137,16 +141,22 @@ def test_a_grid_sets_the_one_term_of_a_method_without_a_listed_grid(tmp_path):
   assert study.at("ot_uniform", 3, 1.0).loss.terms.ot.weight == 1.0
 
 
-def test_cli_error_is_one_line(tmp_path):
+@pytest.mark.parametrize("flag,message", [
+    (["--key", "data.nope"], "--key data.nope"),
+    (["--key", KEY, "--focus", "ot,otp"], "--focus otp is not one of the "
+     "methods ["),
+], ids=["key", "focus"])
+def test_cli_error_is_one_line(tmp_path, flag, message):
   result = subprocess.run(
       [sys.executable, "-m", "experiments.curve", "--config",
-       "experiments/configs/transfer.py:data=digits", "--key", "data.nope",
+       "experiments/configs/transfer.py:data=digits", *flag,
        "--values", "3,5", "--out", str(tmp_path / "out")],
       cwd=REPO, capture_output=True, text=True, check=False)
   errors = [l for l in result.stderr.splitlines() if l.startswith("Error:")]
   assert result.returncode == 1
-  assert len(errors) == 1 and "--key data.nope" in errors[0], result.stderr
+  assert len(errors) == 1 and message in errors[0], result.stderr
   assert "Traceback" not in result.stderr
+  assert not (tmp_path / "out").exists()
 
 
 def test_reproduce_refuses_curve_flags(tmp_path):
@@ -316,6 +326,23 @@ def test_the_command_is_one_canonical_form_of_the_flags():
           "--tuning_seeds 102,103 --extensions 0 --every_weight "
           "--config.num_steps=20") in other and other.endswith("--workdir w")
   assert curve.command(_reread(other)) == other
+
+
+def test_the_command_keeps_several_focus_methods_in_their_order():
+  # The order is the page's: ot_kd's pairs first, then ot's.
+  config = os.path.join(REPO, f"experiments/configs/transfer.py:{ARG}")
+  argv = ["curve", "--config", config, "--key", KEY, "--values", "3",
+          "--out", "o"]
+  for typed, written in (("ot_kd, ot", "ot_kd,ot"), ("ot,ot_kd", "ot,ot_kd"),
+                         ("ot", None)):
+    command = curve.command(_parsed(argv + ["--focus", typed]))
+    if written is None:  # The default: not written.
+      assert "--focus" not in command
+    else:
+      assert f" --focus {written} " in command
+    reread = _reread(command)
+    assert reread.focus == (written or "ot").split(",")
+    assert curve.command(reread) == command
 
 
 def _config_json(opts):
@@ -529,11 +556,11 @@ def test_a_preempted_curve_prints_its_own_resume_command(monkeypatch):
 DISTILL = "experiments/configs/regimes.py:study=distill"
 
 
-def _distill_curve(tmp_path, methods=None):
+def _distill_curve(tmp_path, methods=None, focus="ot_kd"):
   module = runs.load_config_module(os.path.join(REPO, DISTILL))
   return curve.Curve(module, "num_steps", [2000], methods, 10,
                      str(tmp_path / "out"), str(tmp_path / "work"), {},
-                     focus="ot_kd")
+                     focus=focus)
 
 
 def test_a_combination_takes_the_weight_chosen_for_its_part(tmp_path,
@@ -574,6 +601,69 @@ def test_results_md_shows_an_inherited_weight():
              "chosen": {curve.label(key, 2000): {"ot_kd": chosen}},
              "runs": runs_}
   assert "| ot_kd | 0.05, kd.weight 0.3 | 1 |" in curve.markdown(summary)
+
+
+def _two_focus_summary(focus):
+  """A distill-like summary along the key (two values, two seeds): four
+  methods, each seed's accuracy a fixed offset per method and value."""
+  key, values = "num_steps", [1000, 2000]
+  methods = ["student", "kd", "ot", "ot_kd"]
+  offset = {"student": 0.0, "kd": 0.01, "ot": 0.02, "ot_kd": 0.04}
+  runs_ = [{"label": curve.label(key, v), "method": m, "seed": s,
+            "status": "finished",
+            "test_accuracy_best_val": 0.8 + offset[m] * (1 + (v == 2000))
+            + s / 100,
+            "test_accuracy_last": 0.79 + offset[m] * (1 + 2 * (v == 2000))
+            + s / 100,
+            "best_step": 90, "step": 100, "eval_every": 5}
+           for v in values for m in methods for s in (0, 1)]
+  return {"key": key, "values": values, "methods": methods, "seeds": 2,
+          "tuning_seeds": [100, 101], "focus": focus, "chosen": {},
+          "runs": runs_}
+
+
+def test_results_md_pairs_each_focus_method_once_per_pair():
+  md = curve.markdown(_two_focus_summary(["ot_kd", "ot"]))
+  value = md.split("## num_steps = 1000")[1].split("## num_steps = 2000")[0]
+  first = lambda line: line.split("|")[1].strip()
+  pairs = [first(l) for l in value.splitlines()
+           if l.startswith("| ") and " − " in first(l)]
+  # ot_kd against every method, then ot against those not yet paired with
+  # it: ot_kd − ot once, never ot − ot_kd.
+  assert pairs == ["ot_kd − student", "ot_kd − kd", "ot_kd − ot",
+                   "ot − student", "ot − kd"]
+  captions = [l for l in value.splitlines()
+              if l.startswith("Paired differences")]
+  assert [c.split("seeds on which ")[1] for c in captions] == [
+      "ot_kd was better.", "ot was better."]
+  # ot_kd − ot: 2 points at 1000 (best val), both seeds.
+  assert "| ot_kd − ot | 2 | +2.00 | 0.00 | 2/2 | +2.00 | 0.00 | 2/2 |" in value
+  # An interaction section per focus method, each pair once: the gap grows
+  # by its size at 1000 (the offsets double at 2000 at best val, triple at
+  # last).
+  sections = md.split("## Interaction: ")[1:]
+  assert [s.split("\n")[0] for s in sections] == [
+      "ot_kd's gap along `num_steps`", "ot's gap along `num_steps`"]
+  rows = [[first(l) for l in s.splitlines() if l.startswith("| ot")]
+          for s in sections]
+  assert rows == [["ot_kd − student", "ot_kd − kd", "ot_kd − ot"],
+                  ["ot − student", "ot − kd"]]
+  assert ("| ot_kd − ot | 2000 − 1000 | 2 | +2.00 | 0.00 | 2/2 | +4.00 | "
+          "0.00 | 2/2 |") in sections[0]
+
+
+def test_results_json_focus_is_a_string_for_one_method(tmp_path):
+  # Committed results.json hold a string: one method reads and writes as
+  # before; a list is read as the same page.
+  one = _two_focus_summary("ot")
+  assert curve.markdown(one) == curve.markdown({**one, "focus": ["ot"]})
+  assert "## Interaction: ot's" in curve.markdown(one)
+  assert "Interaction: ot_kd" not in curve.markdown(one)
+  for focus, written in (("ot_kd", "ot_kd"), ("ot_kd,ot", ["ot_kd", "ot"])):
+    study = _distill_curve(tmp_path, focus=focus)
+    assert study.write({}, [])["focus"] == written
+    assert runs.read_json(str(tmp_path / "out" / "results.json"))[
+        "focus"] == written
 
 
 def test_results_md_counts_runs_that_peak_at_the_first_or_last_eval():
