@@ -261,7 +261,7 @@ def parse_focus(focus, methods: Sequence[str]) -> list:
   """The ``--focus`` methods (:func:`focus_methods`), each one of
   ``methods`` and none twice; raises ValueError naming the fix."""
   focus = focus_methods(focus)
-  if not all(focus):  # [] from --focus '', ['ot', ''] from --focus ot,
+  if not focus or not all(focus):  # [] from --focus '', ["ot", ""] from ot,
     raise ValueError(f"--focus {','.join(focus)!r} names no method or an "
                      "empty one: e.g. --focus ot or --focus ot_kd,ot.")
   unknown = [f for f in focus if f not in methods]

@@ -120,6 +120,7 @@ def _curve(tmp_path, key=KEY, values=(3, 5), methods=("l2_sp", "ot"),
      r"\['l2_sp', 'ot'\]"),
     (dict(focus=["l2_sp", "ot", "l2_sp"]), "--focus l2_sp,ot,l2_sp repeats"),
     (dict(focus=""), "names no method"),
+    (dict(focus=[]), "names no method"),  # absl: --focus ''
     (dict(grids={"ot": (0.1,), "scratch": (1.0,)}), "scratch is not one of"),
     (dict(methods=("scratch", "ot")), "teacher's own initial weights"),
     (dict(methods=("finetune_l2", "ot"), grids={"finetune_l2": (0.1,)}),
