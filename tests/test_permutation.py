@@ -13,6 +13,8 @@ from experiments.data import DigitsSource, pipeline
 from ot_transfer_jax import inference, models, ot, regularizers, train
 from ot_transfer_jax.features import apply_with_features
 
+from digits_job import REPO
+
 LAYERS = ("stage1", "stage2", "stage3")
 
 
@@ -66,9 +68,6 @@ def test_omega_p_plan_recovers_the_permutation(network):
     # Uniform would give 1 / n and 1; the entropic plan blurs a little.
     assert d["row_max_mass"] > 0.75 and d["plan_entropy"] < 0.2
     assert float(result.matched_fraction) < 0.5  # The trace cannot see it.
-
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow  # Restores the teacher, compiles three solves: ~15 s.

@@ -16,10 +16,11 @@ from experiments.configs import regimes
 from ot_transfer_jax import inference
 from ot_transfer_jax.features import apply_with_features
 
+from digits_job import REPO
+
 # Restores the teacher and sets up two jobs: ~11 s. Full suite only.
 pytestmark = pytest.mark.slow
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = regimes.LAYERS
 
 
