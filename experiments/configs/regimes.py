@@ -73,7 +73,7 @@ nothing):
                 study chose for KD alone: get_inherited)
     python -m experiments.curve \
         --config experiments/configs/regimes.py:study=distill \
-        --key num_steps --values 2000 --seeds 10 --focus ot_kd,ot \
+        --key num_steps --values 2000 --seeds 10 --focus ot_kd,ot,kd \
         --out docs/regimes/distill --workdir workdirs/regimes/distill
 
 Teachers are committed with the records, in docs/regimes/teachers/<name>
