@@ -103,7 +103,9 @@ Outputs. In ``--out`` (small files, meant to be committed):
   of the grid (table seeds)": the block's baseline (the first method: the
   config's, no term, unless ``--methods`` puts another first), then per
   method with a grid and weight both reads and the paired difference
-  against that baseline;
+  against that baseline; and, along the key after each method's change, the
+  same change per method at each weight both values' grids share, from the
+  block's runs (:func:`every_weight_along`);
 * ``curve.png``: accuracy against the value (mean +- s.e. per method) and the
   paired difference focus - each method against the value (mean +- s.e.;
   the first focus method's).
@@ -371,7 +373,8 @@ def markdown(summary: dict) -> str:
       out += plan_table(records, methods, measure, meaning)
     out += every_weight_table(summary, value)
     out.append("")
-  out += across_values(summary, by_value) + interactions(summary, by_value)
+  out += (across_values(summary, by_value) + every_weight_along(summary)
+          + interactions(summary, by_value))
   out += ["## Weights chosen on validation", "",
           "Validation accuracy (%) at the best step, mean over tuning seeds "
           f"{', '.join(map(str, tseeds))} (test accuracy at that step in "
@@ -490,6 +493,44 @@ def across_values(summary: dict, by_value: dict) -> list[str]:
       f"Each value's test accuracy minus that at {key} = {values[0]}, "
       "paired by seed (points): mean, s.e., seeds on which it was higher. "
       "The weights are each value's own choice.", "method", "higher", rows)
+
+
+def every_weight_along(summary: dict) -> list[str]:
+  """Lines of a Markdown table (``--every_weight`` only): per method and
+  weight on the grids of both values, each value's test accuracy minus the
+  first value's at the same weight, paired by seed, from the block's own runs
+  (the baseline too) -- what moving along the key costs a term at a fixed
+  weight (e.g. the weight from which permuting the start hurts Omega_I, not
+  Omega_P), free of each value's own choice of weight."""
+  if "every_weight_runs" not in summary:
+    return []
+  key, values = summary["key"], summary["values"]
+  every, first = summary["every_weight_runs"], label(key, values[0])
+
+  def weights(m, vl) -> set:
+    return {r["weight"] for r in every if r["method"] == m
+            and r["label"] == vl}
+
+  rows = []
+  for value in values[1:]:
+    vl = label(key, value)
+    for m in summary["methods"]:
+      # None (the baseline, no grid) first, then the grid in order.
+      for w in sorted(weights(m, vl) & weights(m, first),
+                      key=lambda w: (w is not None, w or 0.0)):
+        recs = [{**r, "method": r["label"]} for r in every
+                if r["method"] == m and r["weight"] == w
+                and r["label"] in (vl, first)]
+        pairs = [paired(recs, vl, first, read) for read in READS]
+        if all(pairs):
+          name = m if w is None else f"{m} at {w:g}"
+          rows.append(_along_row(name, value, values[0], pairs))
+  return _along_table(
+      f"## Along `{key}`, per method at each weight (every weight)",
+      f"Each value's test accuracy minus that at {key} = {values[0]}, at "
+      "the same weight, paired by seed, from the every-weight block's runs "
+      "(points): mean, s.e., seeds on which it was higher.",
+      "method at weight", "higher", rows)
 
 
 def interactions(summary: dict, by_value: dict) -> list[str]:

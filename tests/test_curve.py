@@ -745,6 +745,37 @@ def test_results_md_gives_every_weight_against_the_baseline():
       "0.00 | 0/1 | -1.00 | 0.00 | 0/1 |"]
 
 
+def test_results_md_gives_every_weight_along_the_key():
+  # A second value whose block shifts each run by a known amount per weight:
+  # none +1 point, ot at 0.01 -2, at 0.1 +0 (seed 1 only: seed 0 absent),
+  # and ot at 1 is on its grid alone (no row).
+  summary = _every_weight_summary()
+  other = curve.label("init_permuted", False)
+  shift = {None: 0.01, 0.01: -0.02, 0.1: 0.0}
+  moved = [{**r, "label": other,
+            "test_accuracy_best_val": r["test_accuracy_best_val"]
+            - shift[r["weight"]],
+            "test_accuracy_last": r["test_accuracy_last"] - shift[r["weight"]]}
+           for r in summary["every_weight_runs"] if r["weight"] in shift
+           and not (r["weight"] == 0.1 and r["seed"] == 0)]
+  summary["values"] = [False, True]
+  summary["every_weight_runs"] += moved
+  section = "\n".join(curve.every_weight_along(summary))
+  assert section.startswith(
+      "## Along `init_permuted`, per method at each weight (every weight)")
+  rows = [line for line in section.splitlines() if line.startswith("| n")
+          or line.startswith("| ot")]
+  assert rows == [
+      "| none | True − False | 2 | +1.00 | 0.00 | 2/2 | +1.00 | 0.00 | 2/2 |",
+      "| ot at 0.01 | True − False | 2 | -2.00 | 0.00 | 0/2 | -2.00 | 0.00 | "
+      "0/2 |",
+      "| ot at 0.1 | True − False | 1 | +0.00 | 0.00 | 0/1 | +0.00 | 0.00 | "
+      "0/1 |"]
+  assert section in curve.markdown(summary)
+  del summary["every_weight_runs"]
+  assert curve.every_weight_along(summary) == []
+
+
 def test_results_md_without_every_weight_runs_is_unchanged():
   summary = _every_weight_summary()
   section = "\n".join(curve.every_weight_table(summary, True))
