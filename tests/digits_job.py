@@ -19,9 +19,13 @@ def tiny_config(teacher_dir, method="ot", **overrides):
   return c
 
 
+def config_flags(values: dict) -> list:
+  """``--config.key=value`` flags of ``values`` (a command's overrides)."""
+  return [f"--config.{k}={v}" for k, v in values.items()]
+
+
 def cli_overrides(teacher_dir, **overrides):
-  flags = {"teacher.workdir": str(teacher_dir), **overrides}
-  return [f"--config.{k}={v}" for k, v in flags.items()]
+  return config_flags({"teacher.workdir": str(teacher_dir), **overrides})
 
 
 def main_command(workdir, teacher_dir, *extra, method="ot"):

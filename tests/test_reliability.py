@@ -17,17 +17,10 @@ import pytest
 from experiments import loop
 from ot_transfer_jax import checkpoint, inference
 
-from digits_job import REPO, main_command, tiny_config
+from digits_job import REPO, config_flags, main_command, tiny_config
 
 LONG_CONFIG = {"num_steps": 60, "checkpoint_every": 20, "log_every": 2}
-
-
-def _flags(values: dict) -> list:
-  """``--config.key=value`` flags of ``values``, for main_command."""
-  return [f"--config.{k}={v}" for k, v in values.items()]
-
-
-LONG = _flags(LONG_CONFIG)
+LONG = config_flags(LONG_CONFIG)
 ENV = dict(os.environ, PYTHONUNBUFFERED="1")
 
 
@@ -210,7 +203,7 @@ def test_two_processes_match_one_process(teacher_dir, tmp_path):
   of every global batch; checkpoints and outputs are written once."""
   sizes = {"num_steps": 5, "eval_every": 5, "checkpoint_every": 5,
            "batch_size": 24}
-  extra = _flags(sizes)
+  extra = config_flags(sizes)
   single = tmp_path / "single"  # One process: this one.
   loop.train_and_evaluate(tiny_config(teacher_dir, **sizes), str(single))
   multi = tmp_path / "multi"
