@@ -143,7 +143,7 @@ def test_the_default_job_says_what_it_trains_and_where_its_outputs_are(
   workdir = os.path.join("workdirs", "main", "digits_smoke_transfer", "ot")
   # A header per phase, the validation accuracy at each evaluation (teacher:
   # 40 steps, eval_every 100 -> step 40; student: steps 10 and 20).
-  assert re.search(r"Training the teacher \(model digits_cnn, seed 0; 40 "
+  assert re.search(r"Training the teacher \(model digits_cnn, seed 1000; 40 "
                    rf"steps\) in {re.escape(str(tmp_path / 'teacher'))}", err)
   assert re.search(r"Training the student \(method ot, model digits_cnn, "
                    rf"seed 0; 20 steps\) in {re.escape(workdir)}\n", err)

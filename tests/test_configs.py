@@ -14,6 +14,7 @@ import pytest
 from experiments import cli, runs
 from experiments.configs import (common, cross_arch, distill, first_regimes,
                                  transfer)
+from ot_transfer_jax import models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = {"transfer": transfer, "distill": distill, "cross_arch": cross_arch}
@@ -134,7 +135,21 @@ RECORDS = {
 }
 
 
-@pytest.mark.parametrize("folder", RECORDS)
+# Committed records made before transfer.py moved to the protocol: their
+# finetune_l2 (a tuned weight decay) and head decay 0.01 from the teacher are
+# no longer what the config builds. The commands in docs/results.md remake
+# them; remove a folder here with its rerun (strict: it then passes, which
+# fails here). distill's and cross_arch's records name the same weights as
+# their configs, but also predate the protocol's teacher seed and
+# normalisation, which records without a config cannot show.
+FIRST_PROTOCOL = ("docs/digits_transfer",
+                  "docs/fashion_mnist/fashion_mnist_transfer")
+
+
+@pytest.mark.parametrize("folder", [
+    pytest.param(f, marks=pytest.mark.xfail(
+        strict=True, reason="made before the protocol: rerun its command"))
+    if f in FIRST_PROTOCOL else f for f in RECORDS])
 def test_the_committed_records_are_their_configs_runs(folder):
   """Each reproduce record's weights are its method's in the config, and
   each sweep record tried a value of the config's grid, the chosen one the
@@ -298,3 +313,74 @@ def test_digits_configs_run_on_one_device_and_fashion_mnist_on_all():
       c = module.get_config(f"data={data}")
       expected = common.MAX_DEVICES[data]
       assert c.max_devices == c.teacher.job.max_devices == expected, setting
+
+
+# --- The protocol of docs/experiments.md, in the settings' configs -----------
+
+# Every settings config reproduce and sweep run (vit_distill builds on
+# distill.py), and the seeds the protocol's commands give their runs.
+PROTOCOL_SPECS = [f"{s}.py:data={d}" for s in SETTINGS for d in DATASETS] + [
+    "vit_distill.py:teacher=vit", "vit_distill.py:teacher=small_cnn"]
+TABLE_SEEDS, TUNING_SEEDS = tuple(range(10)), (100, 101)
+
+
+def _same_network(c) -> bool:
+  """Whether the student is its trained teacher's network (any head)."""
+  return models.create_model(c.model.name, 1, **c.model.kwargs) == (
+      models.create_model(c.teacher.job.model.name, 1,
+                          **c.teacher.job.model.kwargs))
+
+
+@pytest.mark.parametrize("spec", PROTOCOL_SPECS)
+def test_no_student_starts_from_its_teachers_initial_weights(spec):
+  module = runs.load_config_module(
+      os.path.join(REPO, "experiments", "configs", spec))
+  random_starts = 0
+  for method in module.methods:
+    config = module.get_config(method)
+    assert config.teacher.job.seed == common.TEACHER_SEED, method
+    for seed in TABLE_SEEDS + TUNING_SEEDS:
+      c = runs.seeded(config, seed, "/root")
+      if _same_network(c) and not c.init_from_teacher:
+        assert c.seed != c.teacher.job.seed, (method, seed)
+        random_starts += 1
+  # transfer's scratch is such a student: the check above is not vacuous.
+  assert random_starts or not spec.startswith("transfer.py")
+
+
+@pytest.mark.parametrize("spec", PROTOCOL_SPECS)
+def test_every_method_of_a_table_has_one_decay_and_the_teachers_inputs(spec):
+  # Methods differ by their term and initialisation only: one weight decay
+  # and one head decay (no method tunes a decay: the former finetune_l2 is
+  # plain fine-tuning, as in regimes.py), and every student, those from the
+  # teacher's weights included, reads inputs normalised with the teacher's
+  # statistics.
+  module = runs.load_config_module(
+      os.path.join(REPO, "experiments", "configs", spec))
+  decays, inits = set(), set()
+  for method in module.methods:
+    c = module.get_config(method)
+    decays.add((c.loss.weight_decay, c.loss.head_decay))
+    inits.add(c.init_from_teacher)
+    assert c.teacher_normalization and not c.imagenet_normalization, method
+  assert decays == {(common.DECAY, common.DECAY)}, decays
+  assert not [key for key, _ in (module.SWEEP or {}).values()
+              if key.endswith("decay")]
+  if spec.startswith("transfer.py"):
+    assert inits == {False, True}  # Both starts share the decays.
+
+
+def test_first_regimes_keep_the_first_protocols_settings():
+  # Its committed records (tests/test_same_run.py) were made with these.
+  for study in first_regimes.STUDIES:
+    for method in first_regimes.get_methods(f"study={study}"):
+      c = first_regimes.get_config(f"study={study},method={method}")
+      assert c.teacher.job.seed == 0 and not c.teacher_normalization
+  decays = {m: (c.loss.weight_decay, c.loss.head_decay) for m, c in (
+      (m, first_regimes.get_config(f"study=data_scarcity,method={m}"))
+      for m in first_regimes.get_methods("study=data_scarcity"))}
+  assert decays == {"scratch": (5e-4, 5e-4), "finetune_l2": (5e-4, 5e-4),
+                    **{m: (0.0, 0.01) for m in (
+                        "l2_sp", "delta", "feature_matching", "ot")}}
+  assert first_regimes.get_sweep("study=data_scarcity")["finetune_l2"] == (
+      common.GRIDS["finetune_l2"])

@@ -99,8 +99,8 @@ def test_some_committed_study_is_checked():
 # --- Errors, before any run ----------------------------------------------------
 
 
-# Students from the teacher's weights: a random-init student of the teacher's
-# seed is refused (see test_a_student_of_the_teachers_seed_is_refused).
+# transfer.py's digits methods (a scratch student at a table seed of its
+# teacher's is refused: see below).
 def _curve(tmp_path, key=KEY, values=(3, 5), methods=("l2_sp", "ot"),
            module=DIGITS, **kwargs):
   return curve.Curve(module, key, list(values), list(methods),
@@ -122,9 +122,13 @@ def _curve(tmp_path, key=KEY, values=(3, 5), methods=("l2_sp", "ot"),
     (dict(focus=""), "names no method"),
     (dict(focus=[]), "names no method"),  # absl: --focus ''
     (dict(grids={"ot": (0.1,), "scratch": (1.0,)}), "scratch is not one of"),
-    (dict(methods=("scratch", "ot")), "teacher's own initial weights"),
-    (dict(methods=("finetune_l2", "ot"), grids={"finetune_l2": (0.1,)}),
-     r"(?s)finetune_l2 sets loss.terms.finetune_l2.weight.*its terms: \[\]"
+    # A teacher seed that is a table seed.
+    (dict(methods=("scratch", "ot"), overrides={"teacher.job.seed": 0}),
+     r"scratch at samples_per_class=3: seed 0 would initialise the student "
+     r"with the teacher's own initial weights .*"
+     r"--config.teacher.job.seed=1000"),
+    (dict(methods=("finetune", "ot"), grids={"finetune": (0.1,)}),
+     r"(?s)finetune sets loss.terms.finetune.weight.*its terms: \[\]"
      ".*SWEEP or get_sweep"),
 ])
 def test_bad_input_fails_before_any_run(tmp_path, case, match):
@@ -791,21 +795,21 @@ def test_results_md_without_every_weight_runs_is_unchanged():
 
 def test_every_weight_runs_left_count_the_block(tmp_path):
   study = _curve(tmp_path, values=(3,), seeds=2, every_weight=True,
-                 methods=("finetune_l2", "ot"), grids={"ot": (0.01, 0.1, 1.0)})
+                 methods=("finetune", "ot"), grids={"ot": (0.01, 0.1, 1.0)})
   vl = curve.label(KEY, 3)
   # Before tuning: every weight of the grid on both seeds (the table's runs
   # are not the block's), and the baseline (the first method, no grid).
   assert study._every_weight_left(vl, "ot") == 3 * 2
-  assert study._every_weight_left(vl, "finetune_l2") == 2
-  for method, weight in (("ot", 0.01), ("finetune_l2", None)):
+  assert study._every_weight_left(vl, "finetune") == 2
+  for method, weight in (("ot", 0.01), ("finetune", None)):
     path = study._weight_path(vl, method, weight, 0)
     os.makedirs(os.path.dirname(path))
     runs.write_json(path, {})
-  assert study._weight_path(vl, "finetune_l2", None, 0).endswith(
-      os.path.join("every_weight", vl, "finetune_l2", "seed0.json"))
+  assert study._weight_path(vl, "finetune", None, 0).endswith(
+      os.path.join("every_weight", vl, "finetune", "seed0.json"))
   assert study._every_weight_left(vl, "ot") == 5
-  assert study._every_weight_left(vl, "finetune_l2") == 1
-  assert _curve(tmp_path, values=(3,), seeds=2, methods=("finetune_l2", "ot"),
+  assert study._every_weight_left(vl, "finetune") == 1
+  assert _curve(tmp_path, values=(3,), seeds=2, methods=("finetune", "ot"),
                 grids={"ot": (0.01, 0.1, 1.0)})._every_weight_left(
                     vl, "ot") == 0  # Without the flag.
   # A tuning extension past the grid's edge (kept in --out) counts too: a

@@ -44,15 +44,19 @@ def test_job_writes_outputs_and_restores(teacher_dir, tmp_path):
 
   restored = inference.restore(str(tmp_path))
   assert restored.step == 20 and restored.config.method == "ot"
-  ds_check = data.get_datasets(restored.config.data)
-  np.testing.assert_allclose(restored.mean, ds_check.mean)
-  np.testing.assert_allclose(restored.std, ds_check.std)
+  # The inputs were normalised with the teacher's statistics (the config's
+  # teacher_normalization), which the student's checkpoint keeps.
+  assert restored.config.teacher_normalization
+  teacher = inference.restore(str(teacher_dir))
+  np.testing.assert_allclose(restored.mean, teacher.mean)
+  np.testing.assert_allclose(restored.std, teacher.std)
   ds = data.get_datasets(restored.config.data)
+  assert not np.allclose(restored.mean, ds.mean)  # Not the student's own.
   mesh = parallel.make_mesh()
   test = parallel.evaluate(
       parallel.make_eval_step(restored.model, mesh), restored.variables,
       data.eval_batches(ds.test, batch_size=128, image_size=None,
-                        mean=ds.mean, std=ds.std), mesh)
+                        mean=restored.mean, std=restored.std), mesh)
   assert test["accuracy"] == pytest.approx(final["test_accuracy"])
 
   # Rerunning a finished job resumes at its end and reports the same numbers.
@@ -93,10 +97,11 @@ def test_command_line_override_wins_over_the_method(teacher_dir, tmp_path):
   assert proc.returncode == 0, proc.stderr[-2000:]
   saved = inference.restore(str(tmp_path)).config
   assert saved.loss.terms.ot.weight == 0.5  # The method sets 0.1.
-  assert saved.loss.head_decay == 0.02  # The method sets 0.01.
+  assert saved.loss.head_decay == 0.02  # The config sets common.DECAY.
   last = read_metrics(str(tmp_path), split="train")[-1]
   assert last["loss"] == pytest.approx(
-      last["ce"] + 0.5 * last["reg/ot"] + last["head_decay"], rel=1e-5)
+      last["ce"] + 0.5 * last["reg/ot"] + last["weight_decay"]
+      + last["head_decay"], rel=1e-5)
 
 
 @pytest.mark.slow
@@ -119,8 +124,9 @@ def test_a_regularizer_defined_outside_the_package_trains(teacher_dir,
   gap = last["gap/mean_gap/stage3->stage3"]
   assert last["reg/mean_gap"] == pytest.approx(3.0 * gap**2, rel=1e-4)
   assert last["reg/mean_gap"] > 0
-  assert last["loss"] == pytest.approx(
-      last["ce"] + 2.0 * last["reg/mean_gap"], rel=1e-5)
+  assert last["loss"] == pytest.approx(  # And transfer.py's decays.
+      last["ce"] + 2.0 * last["reg/mean_gap"] + last["weight_decay"]
+      + last["head_decay"], rel=1e-5)
 
 
 def test_unknown_method_lists_the_defined_ones(tmp_path):
@@ -128,7 +134,7 @@ def test_unknown_method_lists_the_defined_ones(tmp_path):
     tiny_config(tmp_path, method="magic")
 
 
-@pytest.mark.parametrize("method", ["ot", "l2_sp", "finetune_l2"])
+@pytest.mark.parametrize("method", ["ot", "l2_sp", "finetune"])
 def test_teacher_dependent_methods_without_teacher_are_refused(tmp_path,
                                                                method):
   c = tiny_config(tmp_path / "none", method=method)
@@ -179,6 +185,7 @@ def test_a_key_one_side_lacks_counts_as_its_default(tmp_path):
   # A run saved before an option existed resumes as long as the option keeps
   # the old behaviour (its default); another value is another run.
   now = checkpoint.config_to_json(tiny_config(tmp_path))
+  now["teacher_normalization"] = False  # The default (the config's is True).
   saved = json.loads(json.dumps(now))
   del saved["test_every_eval"], saved["teacher_normalization"]
   del saved["loss"]["terms"]["ot"]["options"]["solver"]

@@ -61,7 +61,7 @@ def test_every_study_has_the_control_and_one_decay(study):
     c = regimes.get_config(f"study={study},method={m}")
     decays.add((c.loss.weight_decay, c.loss.head_decay))
     assert c.teacher_normalization and not c.test_every_eval
-    assert c.teacher.job.seed == regimes.TEACHER_SEED
+    assert c.teacher.job.seed == common.TEACHER_SEED
     # Every term the study builds is one the library accepts.
     terms.terms_from_config(c.loss.terms)
   assert len(decays) == 1

@@ -324,7 +324,7 @@ def test_a_config_file_without_a_suite_is_refused(tmp_path, source, error):
 
 def test_unknown_methods_are_named():
   assert runs.known_methods(DIGITS, None) == list(DIGITS.methods) == [
-      "scratch", "finetune_l2", "l2_sp", "feature_matching", "ot",
+      "scratch", "finetune", "l2_sp", "feature_matching", "ot",
       "ot_uniform", "ot_standardize"]
   with pytest.raises(ValueError, match=r"Unknown methods \['otp'\]"):
     runs.known_methods(DIGITS, ["ot", "otp"])

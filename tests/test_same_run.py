@@ -77,7 +77,7 @@ def test_a_teacher_jobs_keys_matter_only_where_they_change_its_weights():
   now["teacher"]["job"]["num_steps"] += 10  # Trains the cached teacher on.
   now["teacher"]["job"]["seed"] = 5
   expected = [f"teacher.job.num_steps: {steps} -> {steps + 10}",
-              "teacher.job.seed: 0 -> 5"]
+              f"teacher.job.seed: {common.TEACHER_SEED} -> 5"]
   assert same_run.record_differences(saved, now) == expected
   assert same_run.resume_differences(saved, now) == expected
 

@@ -137,6 +137,8 @@ def variant_configs(setting: str, tiny: bool = False,
         c.teacher.source = "random"
         c.teacher.num_classes = len(c.teacher.job.data.classes or range(10))
         c.teacher.image_shape = (8, 8, 1)
+        # No statistics of its own: the student's (timing is the same).
+        c.teacher_normalization = False
     configs[label] = c
   return configs
 

@@ -5,8 +5,11 @@ Three curves of ``experiments.curve`` on Fashion-MNIST, each with
 student architecture, data (classes 5-9, K = 10 images per class, full
 batch, 150 steps) and schedule. They were made under the first protocol
 (weights on one tuning seed, 5 seeds, evaluation every 25 steps, the
-student's own normalisation); regimes.py holds the current one. Their
-records stay what they were, and a rerun of these commands trains nothing:
+student's own normalisation, teacher seed 0, and in data_scarcity the decays
+of each method); regimes.py holds the current one, which transfer.py has
+since moved to. This file pins what the first protocol built (:func:`first`,
+:data:`FIRST_WEIGHTS`), so that its records stay what they were and a rerun
+of these commands trains nothing:
 
   study=initialisation  the student from random weights vs from the
       teacher's (``init_from_teacher``, the swept key; the teacher's
@@ -29,10 +32,13 @@ records stay what they were, and a rerun of these commands trains nothing:
         --workdir workdirs/regimes/initialisation \
         --config.teacher.workdir=workdirs/regimes/teacher
 
-  study=data_scarcity  K = 2 .. 50 training images per class, transfer.py's
-      methods (initialised from the teacher but ``scratch``; not Omega_P's
-      controls, which came later: ``transfer.methods``) and weight grids,
-      with every step a full batch at any K: ``batch_size`` = 5 classes x
+  study=data_scarcity  K = 2 .. 50 training images per class, the methods
+      and weight grids transfer.py had then (initialised from the teacher
+      but ``scratch``; not Omega_P's controls, which came later), each with
+      its own decays: ``scratch`` and ``finetune_l2`` weight decay (the
+      latter's tuned weight) and head decay 5e-4, the others no weight
+      decay and head decay 0.01 (:data:`FIRST_TRANSFER`); every step a full
+      batch at any K: ``batch_size`` = 5 classes x
       ``data.samples_per_class`` (a reference, so
       ``--config.data.samples_per_class`` moves it too). The validation split
       stays 50 images per class.
@@ -71,6 +77,41 @@ DATA = "fashion_mnist"
 LAYERS = common.LAYERS
 STUDIES = ("initialisation", "data_scarcity", "student_size")
 
+# transfer.py's Fashion-MNIST weights of the first protocol (its sweep on
+# tuning seed 100), which data_scarcity starts its grids from.
+FIRST_WEIGHTS = {"finetune_l2": 5e-4, "l2_sp": 0.01, "delta": 0.01,
+                 "feature_matching": 0.01, "ot": 0.01}
+
+
+def _from_teacher(c):
+  """transfer.py's start from the teacher then: head decay 0.01."""
+  c.init_from_teacher = True
+  c.model.freeze_batchnorm = True
+  c.loss.head_decay = 0.01
+
+
+def _decays(weight_decay: float, head_decay: float):
+  def method(c):
+    c.loss.weight_decay = weight_decay
+    c.loss.head_decay = head_decay
+
+  return method
+
+
+# transfer.py's methods of the first protocol, each with its own decays (the
+# current protocol gives every method one weight and one head decay).
+FIRST_TRANSFER = {
+    "scratch": _decays(5e-4, 5e-4),
+    # The weight decay is the tuned weight (common.GRIDS["finetune_l2"]).
+    "finetune_l2": common.combine(
+        _from_teacher, _decays(FIRST_WEIGHTS["finetune_l2"], 5e-4)),
+    "l2_sp": common.combine(_from_teacher, common.with_term(
+        "l2_sp", FIRST_WEIGHTS["l2_sp"])),
+    **{name: common.combine(_from_teacher, common.with_term(
+        name, FIRST_WEIGHTS[name], student_layers=LAYERS))
+       for name in ("delta", "feature_matching", "ot")},
+}
+
 # Each study's methods and weight grids (common.GRIDS).
 METHODS = {
     "initialisation": {
@@ -79,7 +120,7 @@ METHODS = {
                                              student_layers=LAYERS),
         "ot": common.with_term("ot", 0.01, student_layers=LAYERS),
     },
-    "data_scarcity": transfer.methods(DATA),
+    "data_scarcity": FIRST_TRANSFER,
     "student_size": {
         "scratch": common.unchanged,
         "attention": common.with_term("attention", 100.0,
@@ -93,15 +134,26 @@ METHODS = {
 }
 SWEEP = {
     "initialisation": common.grids("feature_matching", "ot"),
-    "data_scarcity": transfer.SWEEP[DATA],
+    "data_scarcity": common.grids(*FIRST_WEIGHTS),
     "student_size": common.grids("attention", "fitnets", "feature_matching",
                                  "ot"),
 }
 
 
+def first(c) -> None:
+  """``c`` (transfer.py's Fashion-MNIST experiment) as the first protocol
+  built it: its teacher trained with seed 0, the inputs normalised with the
+  student's training set's statistics, and no decay (its methods or its
+  study set them)."""
+  c.teacher.job.seed = 0
+  c.teacher_normalization = False
+  c.loss.weight_decay = c.loss.head_decay = 0.0
+
+
 def experiment(study: str):
   """What every method of ``study`` shares."""
   c = transfer.experiment(DATA)
+  first(c)
   if study == "data_scarcity":
     # Full batch: every step sees each of the 5 classes' K images once.
     c.batch_size = c.data.get_ref("samples_per_class") * 5

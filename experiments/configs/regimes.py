@@ -5,16 +5,21 @@ One config for the studies; the study is an argument
 ``experiments.curve`` over one key, on Fashion-MNIST (offline IDX files), with
 the protocol of docs/experiments.md ("Regime studies"):
 
-* every method of a study has the same weight decay and head decay (5e-4):
-  methods differ by their term and their initialisation only;
+* every method of a study has the same weight decay and head decay
+  (common.DECAY, 5e-4): methods differ by their term and their
+  initialisation only;
 * the inputs of teacher and student are normalised with the teacher's
   statistics (``teacher_normalization``, stored with the teacher);
-* the teachers train with seed 1000, so that no table or tuning seed
-  initialises a random-init student with its teacher's initial weights;
+* the teachers train with seed common.TEACHER_SEED (1000), so that no table
+  or tuning seed initialises a random-init student with its teacher's
+  initial weights;
 * evaluation every 5 steps (the test split only where a read needs it), so
   that the best-validation step is rarely the first evaluation;
 * weights chosen on the mean validation accuracy of tuning seeds 100 and 101,
   10 table seeds, both reads (curve's defaults and ``--seeds 10``).
+
+The first three are the settings' configs' too (transfer.py, distill.py,
+cross_arch.py, which the studies build on); the rest are this file's.
 
 Two controls of Omega_P (their options are common.OT_CONTROLS, as in every
 setting's config; here each has its own weight grid): ot_uniform beside
@@ -92,7 +97,6 @@ from experiments.configs import common, distill, transfer
 
 LAYERS = common.LAYERS
 DATA = "fashion_mnist"
-TEACHER_SEED = 1000
 TEACHER_STEPS = 6000  # The distill study's teacher (_distillation).
 TEACHER_WORKDIR = "docs/regimes/teachers/{}"  # Committed: see above.
 STUDIES = ("permutation", "cross_arch", "width", "scarcity", "distill")
@@ -114,16 +118,14 @@ TERM_OF = {"ot_uniform": "ot", "ot_standardize": "ot", "ot_kd": "ot",
 
 
 def _teacher(model: str):
-  t = transfer.teacher_job(DATA)
+  t = transfer.teacher_job(DATA)  # Seed common.TEACHER_SEED.
   t.model.name = model
-  t.seed = TEACHER_SEED
   return t
 
 
 def _distillation():
   """distill.py's Fashion-MNIST pair, trained past its best step."""
-  c = distill.experiment(DATA)
-  c.teacher.job.seed = TEACHER_SEED
+  c = distill.experiment(DATA)  # Teacher seed and normalisation: common's.
   # distill.py's 800-step teacher (1.9 epochs) reached 87.4 % test accuracy,
   # no better than its 15x smaller student at 2,000 steps (87.1 %): there was
   # nothing to distil. 6,000 steps (13 epochs, cosine schedule).
@@ -132,7 +134,6 @@ def _distillation():
   c.teacher.job.checkpoint_every = 1000
   c.teacher.workdir = TEACHER_WORKDIR.format(
       f"small_cnn_width2_{TEACHER_STEPS}")
-  c.teacher_normalization = True
   c.num_steps = 2000
   c.eval_every = 50
   c.log_every = 100
@@ -146,10 +147,8 @@ def experiment(study: str):
   """What every method of ``study`` shares."""
   if study == "distill":
     return _distillation()
+  # Decays, teacher seed and normalisation: the settings' (common's).
   c = transfer.experiment(DATA)
-  c.loss.weight_decay = 5e-4
-  c.loss.head_decay = 5e-4
-  c.teacher_normalization = True
   c.eval_every = 5
   c.test_every_eval = False
   c.batch_size = c.data.get_ref("samples_per_class") * 5  # Full batch.
