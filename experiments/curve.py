@@ -158,7 +158,7 @@ from experiments.cli import (default_root, parse_flags, quiet_libraries,
 # The paired difference and the two reads are reproduce's too (report).
 from experiments.report import (READS, mean_se, paired, paired_cells,
                                 paired_header)
-from ot_transfer_jax import checkpoint, models
+from ot_transfer_jax import checkpoint
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
@@ -808,27 +808,16 @@ class Curve:
 
   def _check_initialisations(self) -> None:
     """A student from random weights must not start from its teacher's
-    initial weights (same architecture, same seed): it would share the
-    teacher's random features. Checked for every run still to train."""
+    initial weights (:func:`experiments.runs.check_initialisation`).
+    Checked for every table run still to train, and the tuning seeds."""
     for vl, cfgs in self.configs.items():
       for m, cfg in cfgs.items():
-        t = cfg.teacher
-        # The same network: modules compare their fields, defaults filled
-        # in (no width and width=1.0 are one small_cnn).
-        same = models.create_model(cfg.model.name, 1, **cfg.model.kwargs) == (
-            models.create_model(t.job.model.name, 1, **t.job.model.kwargs))
-        if t.source != "train" or cfg.init_from_teacher or not same:
-          continue
         # Every table seed where every-weight runs are left to train.
         every = self._every_weight_left(vl, m) > 0
         seeds = [s for s in range(self.seeds)
                  if every or not os.path.exists(self._run_path(vl, m, s))]
-        if t.job.seed in seeds + self.tuning_seeds:
-          raise ValueError(
-              f"{m} at {vl}: seed {t.job.seed} would initialise the student "
-              "with the teacher's own initial weights (same architecture, "
-              "teacher.job.seed). Give the teacher another seed "
-              "(--config.teacher.job.seed=1000 and a new teacher.workdir).")
+        runs.check_initialisation(cfg, seeds + self.tuning_seeds,
+                                  f"{m} at {vl}")
 
   def applies(self, method, cfg) -> bool:
     check = getattr(self.module, "applies", None)

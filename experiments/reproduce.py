@@ -13,7 +13,11 @@ seed): for a given seed every method sees the same data, batches and student
 initialisation. Configs whose teacher trains on the student's training split
 keep ``data.seed`` fixed, so that validation never holds teacher training
 images. A teacher trained by the config is trained once, in
-``WORKDIR/teacher``. Writes ``WORKDIR/results.json`` (one
+``WORKDIR/teacher``. A run left to train whose student would start from its
+teacher's initial weights (from random weights, the teacher's architecture
+and seed: :func:`experiments.runs.check_initialisation`) stops the command
+before any run; a finished run is reused, never refused. Writes
+``WORKDIR/results.json`` (one
 :class:`experiments.runs.Record` per run, without its config: ``method``,
 ``seed``, ``hyperparameters`` (each loss term's weight, weight and head
 decay, by config key), ``workdir``, ``status`` ("finished" or "diverged"),
@@ -65,6 +69,30 @@ def define_flags() -> None:
   flags.mark_flags_as_required(["config"])
 
 
+def run_workdir(root: str, method: str, seed: int) -> str:
+  """Where ``method``'s run of ``seed`` trains: ``ROOT/<method>/seed<k>``."""
+  return os.path.join(root, method, f"seed{seed}")
+
+
+def check_initialisations(configs: dict, root: str, seeds: int) -> None:
+  """Refuses, before any run, a student that would start from its teacher's
+  initial weights (:func:`experiments.runs.check_initialisation`) on a seed
+  left to train; a seed whose workdir holds a finished run (its
+  ``final_metrics.json``) is reused, not trained, so never refused.
+
+  Args:
+    configs: ``{method: config}``; seeds: the table's seeds are
+      ``0 .. seeds-1``.
+
+  Raises:
+    ValueError: naming the method, the seed and the fix.
+  """
+  for method, config in configs.items():
+    left = [s for s in range(seeds) if not os.path.exists(os.path.join(
+        run_workdir(root, method, s), loop.FINAL_METRICS))]
+    runs.check_initialisation(config, left, method)
+
+
 def run_all(configs: dict, root: str, seeds: int, baseline=None) -> tuple:
   """Runs (or reuses) every method x seed; returns the records and the table.
 
@@ -75,12 +103,18 @@ def run_all(configs: dict, root: str, seeds: int, baseline=None) -> tuple:
     ``(records, table)``: one :class:`experiments.runs.Record` per run, without
     its config (as in ``results.json``), and the Markdown table ("" on
     processes other than 0, which write nothing).
+
+  Raises:
+    ValueError: before any run, a run left to train that would start from
+      its teacher's initial weights (:func:`check_initialisations`).
   """
+  check_initialisations(configs, root, seeds)
+  os.makedirs(root, exist_ok=True)
   records, workdirs, analyses = [], {}, {}
   for method, config in configs.items():
     for seed in range(seeds):
       cfg = runs.seeded(config, seed, root)
-      workdir = os.path.join(root, method, f"seed{seed}")
+      workdir = run_workdir(root, method, seed)
       logging.info("=== %s, seed %d -> %s", method, seed, workdir)
       record = runs.run_record(
           cfg, workdir, method=method, seed=seed,
@@ -126,7 +160,6 @@ def _run(opts):
   configs = runs.method_configs(module, methods,
                                 config_flags.get_override_values(config_flag))
   root = opts.workdir or default_root("reproduce", path)
-  os.makedirs(root, exist_ok=True)
   _, table = run_all(configs, root, opts.seeds, baseline=module.baseline)
   print(f"\nResults in {root} ({opts.seeds} seeds):\n")
   print(table)

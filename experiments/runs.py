@@ -5,9 +5,10 @@ they run one config:
 
 * **Config files** (:func:`load_config_module`,
   :func:`method_configs`, :func:`seeded`, :func:`has_key`, :func:`flatten`,
-  :func:`hyperparameters`): a config file ``file.py[:ARG]`` as its methods'
-  configs, the command line's ``--config.key=value`` overrides applied last,
-  and a method's config for one seed.
+  :func:`hyperparameters`, :func:`check_initialisation`): a config file
+  ``file.py[:ARG]`` as its methods' configs, the command line's
+  ``--config.key=value`` overrides applied last, a method's config for one
+  seed, and the seeds it must not run with.
 * **The record of a run** (:class:`Record`, :func:`run_record`,
   :class:`Planned`, :func:`recorded`, :func:`write_json`):
   ``experiments.loop.train_and_evaluate`` in a workdir (finished runs are
@@ -43,7 +44,7 @@ from absl import logging
 
 from experiments import loop, same_run
 from experiments.configs import common
-from ot_transfer_jax import checkpoint
+from ot_transfer_jax import checkpoint, models
 
 # ---------------------------------------------------------------------------
 # Config files
@@ -154,6 +155,42 @@ def seeded(config, seed: int, root: str):
     if cfg.teacher.source == "train" and not cfg.teacher.workdir:
       cfg.teacher.workdir = os.path.join(root, "teacher")
   return cfg
+
+
+def check_initialisation(config, seeds: Sequence[int], what: str) -> None:
+  """Refuses a student that would start from its teacher's initial weights.
+
+  A student from random weights (not ``init_from_teacher``) of its trained
+  teacher's architecture, run with ``config.seed`` equal to
+  ``teacher.job.seed``, is initialised with the very weights the teacher
+  started from: it would share the teacher's random features, and its
+  "scratch" would not be one. reproduce and curve call this before any run,
+  with the seeds of the runs they have left to train (a run already recorded
+  is not refused: a rerun of a committed table trains nothing).
+
+  Args:
+    config: a method's config (before :func:`seeded`).
+    seeds: the student seeds (``config.seed``) still to train.
+    what: names the runs in the error (``"scratch"``, ``"ot at K=10"``).
+
+  Raises:
+    ValueError: one of ``seeds`` is the teacher's, naming the fix.
+  """
+  t = config.teacher
+  if t.source != "train" or config.init_from_teacher:
+    return
+  if t.job.seed not in seeds:
+    return
+  # The same network: modules compare their fields, defaults filled in (no
+  # width and width=1.0 are one small_cnn); the head's size does not matter.
+  if models.create_model(config.model.name, 1, **config.model.kwargs) != (
+      models.create_model(t.job.model.name, 1, **t.job.model.kwargs)):
+    return
+  raise ValueError(
+      f"{what}: seed {t.job.seed} would initialise the student with the "
+      "teacher's own initial weights (same architecture, teacher.job.seed). "
+      f"Give the teacher another seed (--config.teacher.job.seed="
+      f"{common.TEACHER_SEED} and a new teacher.workdir).")
 
 
 def hyperparameters(config) -> dict:

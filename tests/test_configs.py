@@ -344,6 +344,8 @@ def test_no_student_starts_from_its_teachers_initial_weights(spec):
       if _same_network(c) and not c.init_from_teacher:
         assert c.seed != c.teacher.job.seed, (method, seed)
         random_starts += 1
+    # What reproduce and curve check before any run.
+    runs.check_initialisation(config, TABLE_SEEDS + TUNING_SEEDS, method)
   # transfer's scratch is such a student: the check above is not vacuous.
   assert random_starts or not spec.startswith("transfer.py")
 

@@ -100,7 +100,7 @@ def test_some_committed_study_is_checked():
 
 
 # transfer.py's digits methods (a scratch student at a table seed of its
-# teacher's is refused: see below).
+# teacher's, runs.check_initialisation, is refused: see below).
 def _curve(tmp_path, key=KEY, values=(3, 5), methods=("l2_sp", "ot"),
            module=DIGITS, **kwargs):
   return curve.Curve(module, key, list(values), list(methods),
@@ -122,7 +122,7 @@ def _curve(tmp_path, key=KEY, values=(3, 5), methods=("l2_sp", "ot"),
     (dict(focus=""), "names no method"),
     (dict(focus=[]), "names no method"),  # absl: --focus ''
     (dict(grids={"ot": (0.1,), "scratch": (1.0,)}), "scratch is not one of"),
-    # A teacher seed that is a table seed.
+    # runs.check_initialisation: a teacher seed that is a table seed.
     (dict(methods=("scratch", "ot"), overrides={"teacher.job.seed": 0}),
      r"scratch at samples_per_class=3: seed 0 would initialise the student "
      r"with the teacher's own initial weights .*"

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ from experiments.metric_writers import read_metrics
 from ot_transfer_jax import checkpoint, inference, parallel
 
 import doc_support
-from digits_job import REPO, TEACHER_TINY, TINY, main_command, tiny_config
+from digits_job import (ARG, REPO, TEACHER_TINY, TINY, main_command,
+                        tiny_config)
 
 
 @pytest.mark.slow
@@ -223,6 +225,58 @@ def test_reproduce_writes_results_table_and_figures(teacher_dir, tmp_path):
                "matched_fraction_depth.png", "matched_fraction_training.png"):
     assert os.path.getsize(tmp_path / name) > 0, name
   assert "| ot | 2 |" in table.split("same seeds")[-1]  # Paired table.
+
+
+def _clash(teacher_dir, method="scratch"):
+  """``{method: config}``: the smoke digits job with its teacher trained with
+  seed 0, a table seed."""
+  c = tiny_config(teacher_dir, method)
+  c.teacher.job.seed = 0
+  return {method: c}
+
+
+def test_reproduce_refuses_a_student_of_the_teachers_seed_before_any_run(
+    tmp_path):
+  root = tmp_path / "reproduce"
+  with pytest.raises(ValueError, match=(
+      r"scratch: seed 0 would initialise the student with the teacher's own "
+      r"initial weights.*--config.teacher.job.seed=1000")):
+    reproduce.run_all(_clash(tmp_path / "teacher"), str(root), seeds=2)
+  assert not root.exists() and not (tmp_path / "teacher").exists()
+  # From the teacher's weights, the same seeds run (not refused).
+  reproduce.check_initialisations(_clash(tmp_path / "teacher", "l2_sp"),
+                                  str(root), 2)
+
+
+def test_reproduce_does_not_refuse_a_finished_run_it_reuses(tmp_path):
+  # A rerun of a table already made trains nothing: its runs are reused.
+  configs, root = _clash(tmp_path / "teacher"), str(tmp_path / "reproduce")
+  finished = os.path.join(reproduce.run_workdir(root, "scratch", 0),
+                          loop.FINAL_METRICS)
+  os.makedirs(os.path.dirname(finished))
+  runs.write_json(finished, {})
+  reproduce.check_initialisations(configs, root, 3)  # Seeds 1, 2 left.
+  os.remove(finished)
+  with pytest.raises(ValueError, match="seed 0 would initialise"):
+    reproduce.check_initialisations(configs, root, 3)
+
+
+def test_reproduce_cli_refuses_the_clash_in_one_error_line(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.reproduce", "--config",
+       f"experiments/configs/transfer.py:{ARG}", "--methods", "scratch,ot",
+       "--seeds", "1", "--workdir", str(tmp_path / "work"),
+       "--config.teacher.job.seed=0"],
+      cwd=REPO, capture_output=True, text=True, check=False)
+  errors = [l for l in result.stderr.splitlines() if l.startswith("Error:")]
+  assert result.returncode == 1 and "Traceback" not in result.stderr
+  assert len(errors) == 1, result.stderr
+  assert errors[0] == (
+      "Error: scratch: seed 0 would initialise the student with the teacher's "
+      "own initial weights (same architecture, teacher.job.seed). Give the "
+      "teacher another seed (--config.teacher.job.seed=1000 and a new "
+      "teacher.workdir).")
+  assert not (tmp_path / "work").exists()  # Nothing trained, nothing written.
 
 
 @pytest.mark.parametrize("name", ["transfer", "distill", "cross_arch"])

@@ -311,6 +311,52 @@ def test_seeded_sets_the_seeds_and_the_teachers_place(tmp_path):
   assert cfg.teacher.workdir == os.path.join(str(tmp_path), "teacher")
 
 
+def _teacher_seeded(method, seed, **edits):
+  """DIGITS' ``method`` with its teacher trained with ``seed`` and ``edits``
+  (dotted keys) applied."""
+  cfg = DIGITS.get_config(method)
+  with cfg.unlocked():
+    cfg.update_from_flattened_dict({"teacher.job.seed": seed, **edits})
+  return cfg
+
+
+def test_a_scratch_student_of_the_teachers_seed_is_refused_naming_the_fix():
+  cfg = _teacher_seeded("scratch", 3)
+  with pytest.raises(ValueError, match=(
+      r"^scratch: seed 3 would initialise the student with the teacher's own "
+      r"initial weights .*--config.teacher.job.seed=1000 and a new "
+      r"teacher.workdir")):
+    runs.check_initialisation(cfg, [0, 1, 2, 3], "scratch")
+  # No newline: the tools print it as one Error: line.
+  with pytest.raises(ValueError) as e:
+    runs.check_initialisation(cfg, [3], "scratch")
+  assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("method,seeds,edits", [
+    ("scratch", [0, 1, 2], {}),  # The seed is not one left to train.
+    ("scratch", [3], {"model.kwargs": {"width": 0.5}}),  # Another network.
+    ("l2_sp", [3], {}),  # Starts from the trained teacher's weights.
+    ("scratch", [3], {"teacher.source": "checkpoint"}),  # Not trained here.
+])
+def test_only_a_random_start_of_the_teachers_network_and_seed_is_refused(
+    method, seeds, edits):
+  runs.check_initialisation(_teacher_seeded(method, 3, **edits), seeds,
+                            method)
+
+
+def test_a_default_width_is_the_same_network_as_width_one():
+  # small_cnn without kwargs and with width 1.0 are one network: refused.
+  cfg = runs.load_config_module(os.path.join(
+      REPO, "experiments/configs/transfer.py:data=fashion_mnist")).get_config(
+          "scratch")
+  with cfg.unlocked():
+    cfg.model.kwargs = {"width": 1.0}
+    cfg.teacher.job.seed = 0
+  with pytest.raises(ValueError, match="teacher's own initial weights"):
+    runs.check_initialisation(cfg, [0], "scratch")
+
+
 @pytest.mark.parametrize("source, error", [
     ("def get_config(arg=None):\n  return None\n", "has no get_methods"),
     ("def get_methods(arg=None):\n  return {}\n", "returns no method"),

@@ -216,7 +216,7 @@ LAYERS = ("stage1", "stage2", "stage3")
 # settings and the regime studies. Teachers train with TEACHER_SEED, which no
 # table seed (0 .. 9) or tuning seed (100, 101) is: a random-init student of
 # the teacher's architecture never starts from the teacher's own initial
-# weights (experiments.curve refuses one that would).
+# weights (experiments.runs.check_initialisation refuses one that would).
 TEACHER_SEED = 1000
 # One weight decay and one head decay for every method of a table: methods
 # differ by their term and their initialisation only.
