@@ -464,7 +464,7 @@ def tune(point: Callable[[float, int], Planned], key: str,
     grid: the weights, run in this order.
     seeds: the tuning seeds; a weight's accuracy is their mean.
     extensions: how often the grid may grow 10x past an edge best
-      (:func:`bracket`; 0: never, as in experiments.sweep).
+      (:func:`bracket`; 0: never; curve's and sweep's ``--extensions``).
     train: trains a run without a kept record (default :func:`train_record`).
   """
   points, tests, records = {}, {}, {}
@@ -502,8 +502,10 @@ def bracket(points: Mapping[float, Optional[float]], base: int,
       (diverged)}``.
     base: how many of the weights are the original grid (the rest are
       extensions).
-    extensions: how many extensions are allowed in all (0: none, as in
-      experiments.sweep).
+    extensions: how many extensions are allowed in all (0: none, as the
+      committed sweeps; experiments.sweep re-derives a choice and its note
+      over sweep.json's records with 0, the points past ``base`` counted as
+      extensions already made).
 
   Returns:
     ``(chosen, next_weight, note)``: ``chosen`` is the weight of best

@@ -2,7 +2,7 @@
 
   python -m experiments.sweep \
       --config experiments/configs/transfer.py:data=fashion_mnist \
-      [--tuning_seeds 100,101] [--methods ot,l2_sp] \
+      [--tuning_seeds 100,101] [--extensions 2] [--methods ot,l2_sp] \
       [--workdir workdirs/sweep/fashion_mnist_transfer]
 
 The config file lists its grids in a module-level ``SWEEP = {method:
@@ -15,35 +15,47 @@ trains in ``WORKDIR/<method>/<config_key>=<value>/seed<t>`` with
 ``config.vary_data_seed`` is False): take tuning seeds that the table's seeds
 (0 .. n-1) do not use, so the weights are chosen on data draws and
 initialisations of their own (the sweep cannot know the table's seeds, so it
-does not check). ``--tuning_seeds`` defaults to 100, the seed of the
-committed sweeps; the protocol of the regime studies (docs/experiments.md)
-takes 100,101. A teacher trained by the config is trained once, in
-``WORKDIR/teacher``; ``--config.key=value`` overrides apply to every run, as
-in ``experiments.reproduce``.
+does not check). ``--tuning_seeds`` defaults to 100,101, the protocol of the
+regime studies (docs/experiments.md); the committed sweeps were made with
+``--tuning_seeds 100 --extensions 0``. A teacher trained by the config is
+trained once, in ``WORKDIR/teacher``; ``--config.key=value`` overrides apply
+to every run, as in ``experiments.reproduce``. A point left to train (its
+workdir has no final metrics) whose student, from random weights and of its
+teacher's network, would have the teacher's seed -- so start from the
+teacher's own initial weights -- is refused before any run with an
+``Error:`` naming the fix (:func:`experiments.runs.check_initialisation`, as
+in reproduce and curve); a finished run is reused, never refused.
 
 ``--methods ot --key loss.terms.ot.options.relative_epsilon --values
 0.003,0.01,0.1`` sweeps another key instead (an ablation), the same way.
 
 A sweep is a curve with one value: each method's grid runs through
 :func:`experiments.runs.tune`, the weight choice experiments.curve makes at
-each of its values, here without extending the grid. The value with the best
-*mean validation accuracy over the tuning seeds* is chosen, per method and
-key, by that rule (:func:`experiments.runs.bracket` without extensions: of
-equal accuracies, one strictly inside the grid, else the smallest; a point
-with a diverged seed is never chosen, nor one that lacks a run on a seed the
-other points of its grid have, since its mean would be over other seeds);
-test accuracies are neither printed nor used. Writes ``WORKDIR/sweep.json``
-(``records``: one per run, i.e. per method, key, value and tuning seed, with
-``method``, ``key``, ``value``, ``seed``, ``val_accuracy_best``,
-``best_step``, ``workdir`` -- the fields of an
-:class:`experiments.runs.Record` a sweep keeps -- kept across invocations;
-``chosen``: ``{method: {key: value}}``, chosen anew over the records of every
-invocation, so a sweep.json of one seed, as the committed ones, reads as
-before) and ``WORKDIR/sweep.md`` (each grid point's validation accuracy per
-seed and their mean), and prints the table and the chosen values: copy them
-into the config, with a comment naming this command. A grid point's run is
-kept by its workdir alone (a finished one is reused), not by a record file as
-a curve's; workdirs made before the tuning seeds had their directory
+each of its values, with the same ``--extensions`` (default 2, as curve's):
+when the best point is at an edge of the grid, the grid extends 10x that way,
+at most that many times (0: never); a choice still at an edge is said to be
+not bracketed. The value with the best *mean validation accuracy over the
+tuning seeds* is chosen, per method and key, by that rule
+(:func:`experiments.runs.bracket`: of equal accuracies, one strictly inside
+the grid, else the smallest; a point with a diverged seed is never chosen,
+nor one that lacks a run on a seed the other points of its grid have, since
+its mean would be over other seeds); test accuracies are neither printed nor
+used. Writes ``WORKDIR/sweep.json`` (``records``: one per run, i.e. per
+method, key, value and tuning seed, with ``method``, ``key``, ``value``,
+``seed``, ``val_accuracy_best``, ``best_step``, ``workdir`` -- the fields of
+an :class:`experiments.runs.Record` a sweep keeps -- kept across
+invocations; ``grids``: ``{method: {key: [value, ...]}}``, the grid each
+was given (a point of its records outside it is an extension, or an earlier
+invocation's value); ``chosen``: ``{method: {key: value}}`` and ``notes``:
+``{method: {key: note}}``, "" when the grid brackets the choice, else why it
+does not (runs.bracket's note), both decided anew over the records of every
+invocation, so a sweep.json of one seed without grids, as the committed
+ones, reads as before) and ``WORKDIR/sweep.md`` (each grid point's
+validation accuracy per seed and their mean, then each choice and its
+note), and prints the table and the chosen values: copy them into the
+config, with a comment naming this command. A grid point's run is kept by
+its workdir alone (a finished one is reused), not by a record file as a
+curve's; workdirs made before the tuning seeds had their directory
 (``<config_key>=<value>`` without ``seed<t>``) are not reused.
 """
 
@@ -58,7 +70,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import runs
+from experiments import loop, runs
 from experiments.cli import (default_root, parse_flags, quiet_libraries,
                              user_errors)
 
@@ -73,9 +85,14 @@ def define_flags() -> None:
       "config", None, "Path to an experiment config with SWEEP or "
       "get_sweep.", lock_config=True)
   flags.DEFINE_list(
-      "tuning_seeds", ["100"], "Seeds of the weight choice (their mean "
-      "validation accuracy decides; the protocol takes 100,101); keep them "
-      "out of the table's seeds 0 .. n-1.")
+      "tuning_seeds", ["100", "101"], "Seeds of the weight choice (their "
+      "mean validation accuracy decides; the protocol's 100,101 by "
+      "default; the committed sweeps took 100); keep them out of the "
+      "table's seeds 0 .. n-1.")
+  flags.DEFINE_integer(
+      "extensions", 2, "Times a grid may extend 10x past the edge its best "
+      "value is at (0: never, as the committed sweeps; a choice still at an "
+      "edge is noted as not bracketed).")
   flags.DEFINE_string(
       "workdir", None, "Root directory (default: workdirs/sweep/<config "
       "name>).")
@@ -86,6 +103,18 @@ def define_flags() -> None:
       "(e.g. loss.terms.ot.options.relative_epsilon).")
   flags.DEFINE_list("values", None, "The values of --key (numbers).")
   flags.mark_flags_as_required(["config"])
+
+
+def parse_extensions(extensions: int) -> int:
+  """``--extensions``: how often a grid may extend (:func:`runs.tune`).
+
+  Raises:
+    ValueError: a negative number, naming the fix.
+  """
+  if extensions < 0:
+    raise ValueError(f"--extensions {extensions}: give 0 or more (0: the "
+                     "grid as given, never extended; the protocol's 2).")
+  return extensions
 
 
 def grid_points(records) -> dict:
@@ -114,16 +143,43 @@ def grid_means(grid) -> dict:
           for value, accs in grid.items()}
 
 
-def choose(records) -> dict:
-  """``{method: {key: value}}``: per swept key, the value of best mean
-  validation accuracy over the tuning seeds (:func:`grid_means`,
-  :func:`experiments.runs.bracket` without extensions)."""
-  chosen = {}
+def choices(records, grids=None) -> dict:
+  """``{(method, key): (value or None, note)}``: per swept key, the choice
+  :func:`experiments.runs.tune` makes (:func:`experiments.runs.bracket` on
+  :func:`grid_means`) over every point of the records, extensions included,
+  and its note ("" when bracketed, else why not). ``grids``
+  (``{method: {key: [value, ...]}}``, sweep.json's) names each grid as
+  given: its records' other points count as extensions in the note; a key
+  without one (the committed sweeps) counts none. The value is the same
+  whatever the grid given: bracket's choice is the best mean over every
+  point, of equals one strictly inside, else the smallest."""
+  out = {}
   for (method, key), grid in grid_points(records).items():
-    value = runs.bracket(grid_means(grid), base=len(grid), extensions=0)[0]
+    given = (grids or {}).get(method, {}).get(key)
+    base = len(grid) if given is None else sum(v in given for v in grid)
+    value, _, note = runs.bracket(grid_means(grid), base=base, extensions=0)
+    out[method, key] = value, note
+  return out
+
+
+def choose(records) -> dict:
+  """``{method: {key: value}}``: :func:`choices`' values (a key whose every
+  point diverged has none; the grids given change no value)."""
+  chosen = {}
+  for (method, key), (value, _) in choices(records).items():
     if value is not None:
       chosen.setdefault(method, {})[key] = value
   return chosen
+
+
+def notes(records, grids=None) -> dict:
+  """``{method: {key: note}}``: :func:`choices`' notes, "" when the grid
+  brackets the choice, else why it does not (every key, a diverged one
+  too)."""
+  out = {}
+  for (method, key), (_, note) in choices(records, grids).items():
+    out.setdefault(method, {})[key] = note
+  return out
 
 
 def merge(old, new) -> list:
@@ -133,9 +189,20 @@ def merge(old, new) -> list:
   return [r for r in old if point(r) not in fresh] + list(new)
 
 
-def markdown(records, chosen) -> str:
+def merge_grids(old, new) -> dict:
+  """sweep.json's ``grids`` (``{method: {key: [value, ...]}}``): ``old``'s,
+  with ``new``'s grid of each method and key instead."""
+  out = {m: dict(kv) for m, kv in (old or {}).items()}
+  for m, kv in new.items():
+    out.setdefault(m, {}).update(kv)
+  return out
+
+
+def markdown(records, chosen, noted=None) -> str:
   """The sweep as a Markdown table of validation accuracies, per tuning seed
-  and their mean (no test numbers): one row per grid point."""
+  and their mean (no test numbers): one row per grid point, in the order of
+  the values; then, with ``noted`` (:func:`notes`), each choice and
+  whether its grid brackets it."""
   by_grid = grid_points(records)
   seeds = sorted({r["seed"] for r in records})
   steps = {(r["method"], r["key"], r["value"], r["seed"]):
@@ -152,7 +219,7 @@ def markdown(records, chosen) -> str:
            "|---|---|---:|" + "---:|" * (len(seeds) + 2)]
   for (method, key), grid in by_grid.items():
     means = grid_means(grid)
-    for value, accs in grid.items():
+    for value, accs in sorted(grid.items()):
       mark = " *" if chosen.get(method, {}).get(key) == value else ""
       mean = ("—" if means[value] is None and None not in accs.values()
               else pct(means[value]) + mark)
@@ -161,14 +228,31 @@ def markdown(records, chosen) -> str:
                        for s in seeds)
       lines.append(f"| {method} | {key} | {value:g} | "
                    + "".join(f"{c} | " for c in cells) + f"{mean} | {best} |")
+  if noted:
+    lines += ["", "Each choice: bracketed where the chosen value has a grid "
+              "point on each side; a grid whose best is at an edge "
+              "extends 10x that way (--extensions times), and a choice still "
+              "at an edge is not bracketed.", "",
+              "| method | key | chosen | note |", "|---|---|---:|---|"]
+    for (method, key) in by_grid:
+      value = chosen.get(method, {}).get(key)
+      note = noted.get(method, {}).get(key)
+      if note is None:
+        continue
+      lines.append(f"| {method} | {key} | "
+                   f"{'—' if value is None else f'{value:g}'} | "
+                   f"{note or 'bracketed'} |")
   return "\n".join(lines) + "\n"
 
 
-def run_sweep(module, root: str, tuning_seeds, methods=None, overrides=None,
-              grids=None):
-  """Runs (or reuses) every grid point of ``grids`` (default:
-  ``module.SWEEP``) on each of ``tuning_seeds`` (ints); returns ``(records,
-  chosen)``: one record per point and seed, and :func:`choose`'s choice."""
+def sweep_grids(module, methods=None, grids=None) -> dict:
+  """``{method: (key, (value, ...))}``: the grids to run, of ``methods``
+  (default: every one of them), from ``grids`` (default:
+  ``module.SWEEP``).
+
+  Raises:
+    ValueError: no grid, or a method without one, naming the fix.
+  """
   grids = grids or getattr(module, "SWEEP", None)
   if not grids:
     raise ValueError("This config has no sweep grids: add SWEEP = {method: "
@@ -179,32 +263,86 @@ def run_sweep(module, root: str, tuning_seeds, methods=None, overrides=None,
   if unknown:
     raise ValueError(f"No sweep grid for {unknown}; this config sweeps "
                      f"{sorted(grids)}.")
+  return {m: grids[m] for m in methods}
+
+
+def run_sweep(module, root: str, tuning_seeds, methods=None, overrides=None,
+              grids=None, extensions: int = 2):
+  """Runs (or reuses) every grid point of ``grids`` (default:
+  ``module.SWEEP``) on each of ``tuning_seeds`` (ints), each grid extended
+  at most ``extensions`` times (:func:`experiments.runs.tune`); returns
+  ``(records, chosen)``: one record per point and seed, and :func:`choose`'s
+  choice, the one runs.tune made.
+
+  Raises:
+    ValueError: before any run, a negative ``extensions``, a grid key the
+      method's config lacks, or a point left to train that would start from
+      its teacher's initial weights
+      (:func:`experiments.runs.check_initialisation`).
+  """
+  parse_extensions(extensions)
+  grids = sweep_grids(module, methods, grids)
+  plan = {m: functools.partial(_planned, module, m, key, root=root,
+                               overrides=overrides)
+          for m, (key, _) in grids.items()}
+  for m, (_, values) in grids.items():  # Every check before any run.
+    for value in values:
+      for seed in tuning_seeds:
+        plan[m](value, seed)
   records = []
-  for method in methods:
-    key, values = grids[method]
-    point = functools.partial(_point, module, method, key, root=root,
-                              overrides=overrides)
-    tuning = runs.tune(point, key, values, tuning_seeds)  # No extensions.
+  for m, (key, values) in grids.items():
+    tuning = runs.tune(functools.partial(_point, plan[m]), key, values,
+                       tuning_seeds, extensions)
     records += [{field: r[field] for field in FIELDS}
                 for rs in tuning.records.values() for r in rs]
   return records, choose(records)
 
 
-def _point(module, method: str, key: str, value: float, seed: int, *,
-           root: str, overrides) -> runs.Planned:
+def _planned(module, method: str, key: str, value: float, seed: int, *,
+             root: str, overrides) -> runs.Planned:
   """The run of ``method`` with ``key = value`` on ``seed``, in
-  ``ROOT/<method>/<key>=<value>/seed<seed>``."""
+  ``ROOT/<method>/<key>=<value>/seed<seed>``; refused if left to train (no
+  final metrics in its workdir) with its teacher's initial weights."""
   (cfg,) = runs.method_configs(
       module, [method], {**(overrides or {}), key: value}).values()
   if not runs.has_key(cfg, key):
     raise ValueError(f"SWEEP[{method!r}] sets {key!r}, which "
                      f"get_config({method!r}) does not have.")
   workdir = os.path.join(root, method, f"{key}={value:g}", f"seed{seed}")
-  logging.info("=== sweep %s %s=%g, seed %d -> %s", method, key, value,
-               seed, workdir)
+  if not os.path.exists(os.path.join(workdir, loop.FINAL_METRICS)):
+    runs.check_initialisation(cfg, [seed], method)
   return runs.Planned(runs.seeded(cfg, seed, root), workdir, None,
                       dict(method=method, key=key, value=value, seed=seed,
                            workdir=workdir))
+
+
+def _point(plan, value: float, seed: int) -> runs.Planned:
+  """``plan(value, seed)`` (:func:`_planned`), logged: the point runs next
+  (an extension's too, checked as it comes)."""
+  run = plan(value, seed)
+  logging.info("=== sweep %s %s=%g, seed %d -> %s", run.base["method"],
+               run.base["key"], value, seed, run.workdir)
+  return run
+
+
+def save(root: str, records, grids) -> tuple:
+  """Writes ``ROOT/sweep.json`` and ``ROOT/sweep.md``: ``records`` and
+  ``grids`` (``{method: {key: [value, ...]}}``, as given) merged with those
+  of an earlier sweep.json there (:func:`merge`, :func:`merge_grids`), the
+  choices and notes decided anew over them; returns ``(sweep.md's text,
+  chosen, notes)``."""
+  path = os.path.join(root, "sweep.json")
+  if os.path.exists(path):  # Earlier sweeps of other methods or keys stay.
+    saved = runs.read_json(path)
+    records = merge(saved["records"], records)
+    grids = merge_grids(saved.get("grids"), grids)
+  chosen, noted = choose(records), notes(records, grids)
+  runs.write_json(path, {"records": records, "grids": grids,
+                         "chosen": chosen, "notes": noted})
+  table = markdown(records, chosen, noted)
+  with open(os.path.join(root, "sweep.md"), "w") as f:
+    f.write(table)
+  return table, chosen, noted
 
 
 def main(argv):
@@ -213,31 +351,33 @@ def main(argv):
   opts = flags.FLAGS
   with user_errors():
     tuning_seeds = runs.parse_tuning_seeds(opts.tuning_seeds)
+    extensions = parse_extensions(opts.extensions)
     path = opts["config"].config_filename
     module = runs.load_config_module(path)
     root = opts.workdir or default_root("sweep", path)
-    os.makedirs(root, exist_ok=True)
     grids = None
     if opts.key or opts.values:
       if not (opts.key and opts.values and opts.methods):
         raise ValueError("--key needs --values and --methods.")
       values = tuple(float(v) for v in opts.values)
+      if len(set(values)) != len(values):
+        raise ValueError(f"--values {','.join(opts.values)} repeats a "
+                         "value.")
       grids = {m: (opts.key, values) for m in opts.methods}
-    records, _ = run_sweep(module, root, tuning_seeds, opts.methods,
+    grids = sweep_grids(module, opts.methods, grids)
+    records, _ = run_sweep(module, root, tuning_seeds, list(grids),
                            config_flags.get_override_values(opts["config"]),
-                           grids)
-    path = os.path.join(root, "sweep.json")
-    if os.path.exists(path):  # Earlier sweeps of other methods or keys stay.
-      records = merge(runs.read_json(path)["records"], records)
-    chosen = choose(records)
-    runs.write_json(path, {"records": records, "chosen": chosen})
-    table = markdown(records, chosen)
-    with open(os.path.join(root, "sweep.md"), "w") as f:
-      f.write(table)
+                           grids, extensions)
+    table, chosen, noted = save(
+        root, records, {m: {key: list(values)}
+                        for m, (key, values) in grids.items()})
     print(f"\nSweep in {root}:\n\n{table}\nChosen on validation:")
-    for method, kv in chosen.items():
-      for key, value in kv.items():
-        print(f"  {method}: {key}={value:g}")
+    for method, kv in noted.items():
+      for key, note in kv.items():
+        value = chosen.get(method, {}).get(key)
+        print(f"  {method}: {key}="
+              + ("none" if value is None else f"{value:g}")
+              + f" ({note or 'bracketed'})")
 
 
 def parse_sweep_flags(argv):
@@ -247,8 +387,8 @@ def parse_sweep_flags(argv):
     with user_errors():
       raise ValueError(
           "--seed is now --tuning_seeds, a list whose mean validation "
-          "accuracy chooses: --tuning_seeds 100 is the committed sweeps' "
-          "choice, --tuning_seeds 100,101 the protocol's.")
+          "accuracy chooses: --tuning_seeds 100,101 (the default) is the "
+          "protocol's choice, --tuning_seeds 100 the committed sweeps'.")
   return parse_flags(argv)
 
 

@@ -1,8 +1,10 @@
 """The digits transfer job at smoke sizes (transfer.py:data=digits,smoke=True), shared by the end-to-end tests."""
 
+import json
 import os
 import sys
 
+from experiments import loop
 from experiments.configs import common, transfer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,3 +36,28 @@ def main_command(workdir, teacher_dir, *extra, method="ot"):
           os.path.join(REPO, f"experiments/configs/transfer.py:{ARG},"
                        f"method={method}"),
           f"--workdir={workdir}", *cli_overrides(teacher_dir), *extra]
+
+
+def stub_grid_training(monkeypatch, accuracy, key="loss.terms.ot.weight"):
+  """loop.train_and_evaluate replaced (no training: the weight-grid tests of
+  runs.tune, sweep and curve): a run's validation accuracy is
+  ``accuracy(its config's key)`` + seed / 1000; returns the list of
+  (weight, seed) trained."""
+  trained = []
+
+  def train(config, workdir, *, strict):
+    del strict
+    w = config
+    for part in key.split("."):
+      w = w[part]
+    trained.append((w, config.seed))
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, loop.ANALYSIS), "w") as f:
+      json.dump({"layers": [], "matched_fraction": [], "row_max_mass": [],
+                 "plan_entropy": []}, f)
+    return {"test_accuracy_at_best_val": 0.5, "test_accuracy": 0.5,
+            "best_val_accuracy": accuracy(w) + config.seed / 1000,
+            "best_step": 10, "step": 20}
+
+  monkeypatch.setattr(loop, "train_and_evaluate", train)
+  return trained

@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from digits_job import REPO, tiny_config
+from digits_job import REPO, stub_grid_training, tiny_config
 from experiments import curve, loop, runs, sweep
 
 DIGITS = runs.load_config_module(
@@ -39,7 +39,8 @@ def test_bracket_stops_after_the_allowed_extensions_and_says_so():
   chosen, nxt, note = runs.bracket(points, base=3, extensions=2)
   assert (chosen, nxt) == (1e-4, None)
   assert "not bracketed" in note and "smallest" in note
-  # A sweep allows none: an edge best is chosen, and said to be one.
+  # None allowed (sweep --extensions 0, as the committed sweeps): an edge
+  # best is chosen, and said to be one.
   assert runs.bracket({0.01: 0.7, 0.1: 0.6}, base=2, extensions=0) == (
       0.01, None, "best at the smallest weight after 0 extension(s): not "
       "bracketed")
@@ -97,38 +98,28 @@ def _committed_sweeps() -> dict:
 
 
 def test_committed_sweeps_choose_what_they_recorded():
-  """sweep.choose is curve's rule (runs.bracket, no extensions) since the
-  tools share it: every committed sweep still chooses what it wrote."""
+  """sweep.choose is curve's rule (runs.bracket) since the tools share it:
+  every committed sweep still chooses what it wrote. They were made without
+  extensions (before sweep had --extensions) and keep no grids: each note
+  re-derived counts none, which is what they ran (until they are rerun,
+  with the default --extensions 2)."""
   sweeps = _committed_sweeps()
   assert len(sweeps) >= 8, sorted(sweeps)
   for path, saved in sweeps.items():
     assert sweep.choose(saved["records"]) == saved["chosen"], path
+    if "grids" in saved:  # A rerun's sweep.json: its notes are its own.
+      assert sweep.notes(saved["records"], saved["grids"]) == (
+          saved["notes"]), path
+      continue
+    for kv in sweep.notes(saved["records"]).values():
+      for note in kv.values():
+        assert "extension(s)" not in note or "after 0 " in note, (path,
+                                                                 note)
 
 
 # --- One way to run a weight grid ---------------------------------------------
 
 OT = "loss.terms.ot.weight"
-
-
-def _stub_grid_training(monkeypatch, accuracy):
-  """loop.train_and_evaluate replaced: a run's validation accuracy is
-  ``accuracy(ot weight)``; returns the list of (weight, seed) trained."""
-  trained = []
-
-  def train(config, workdir, *, strict):
-    del strict
-    w = config.loss.terms.ot.weight
-    trained.append((w, config.seed))
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, loop.ANALYSIS), "w") as f:
-      json.dump({"layers": [], "matched_fraction": [], "row_max_mass": [],
-                 "plan_entropy": []}, f)
-    return {"test_accuracy_at_best_val": 0.5, "test_accuracy": 0.5,
-            "best_val_accuracy": accuracy(w) + config.seed / 1000,
-            "best_step": 10, "step": 20}
-
-  monkeypatch.setattr(loop, "train_and_evaluate", train)
-  return trained
 
 
 def _point(tmp_path, keep=True):
@@ -143,7 +134,7 @@ def _point(tmp_path, keep=True):
 
 def test_tune_means_the_tuning_seeds_extends_and_reuses_kept_records(
     tmp_path, monkeypatch):
-  trained = _stub_grid_training(monkeypatch, lambda w: 1 - abs(w - 1e-3))
+  trained = stub_grid_training(monkeypatch, lambda w: 1 - abs(w - 1e-3))
   tuning = runs.tune(_point(tmp_path), OT, (0.01, 0.1), [100, 101],
                      extensions=2)
   # The best is at the smallest weight: the grid grows 10x that way, twice.
@@ -171,7 +162,7 @@ def test_tune_means_the_tuning_seeds_extends_and_reuses_kept_records(
 
 
 def test_tune_without_extensions_is_a_sweeps_choice(tmp_path, monkeypatch):
-  _stub_grid_training(monkeypatch, lambda w: 1 - w)
+  stub_grid_training(monkeypatch, lambda w: 1 - w)
   tuning = runs.tune(_point(tmp_path, keep=False), OT, (0.01, 0.1, 1.0),
                      [100])
   assert tuning.weight == 0.01 and list(tuning.grid) == [0.01, 0.1, 1.0]
@@ -184,7 +175,7 @@ def test_tune_without_extensions_is_a_sweeps_choice(tmp_path, monkeypatch):
 
 
 def test_sweep_and_curve_run_their_grids_through_tune(tmp_path, monkeypatch):
-  _stub_grid_training(monkeypatch, lambda w: 1 - abs(w - 0.1))
+  stub_grid_training(monkeypatch, lambda w: 1 - abs(w - 0.1))
   calls = []
   original = runs.tune
 
@@ -197,7 +188,8 @@ def test_sweep_and_curve_run_their_grids_through_tune(tmp_path, monkeypatch):
   records, chosen = sweep.run_sweep(DIGITS, str(tmp_path / "sweep"),
                                     [100, 101], ["ot"],
                                     grids={"ot": (OT, grid)})
-  assert calls == [(OT, grid, (100, 101), 0)]
+  # curve's default extensions (2); 0.1 is bracketed: none runs.
+  assert calls == [(OT, grid, (100, 101), 2)]
   assert chosen == {"ot": {OT: 0.1}}
   # One record per point and tuning seed, each seed in its own workdir.
   assert [tuple(r) for r in records] == [sweep.FIELDS] * 6

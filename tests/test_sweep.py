@@ -1,14 +1,19 @@
-"""experiments.sweep: the choice on the mean over tuning seeds, sweep.md and
-the flag's errors (running a grid through runs.tune: tests/test_runs.py; a
-real sweep on IDX files: tests/test_fashion_mnist_configs.py)."""
+"""experiments.sweep: the choice on the mean over tuning seeds, the grid's
+extensions and their note, sweep.json and sweep.md, the check of a student's
+initialisation and the flags' errors (running a grid through runs.tune:
+tests/test_runs.py; a real sweep on IDX files:
+tests/test_fashion_mnist_configs.py). Fast: training is a stub
+(digits_job.stub_grid_training)."""
 
+import json
+import os
 import subprocess
 import sys
 
 import pytest
 
-from digits_job import REPO
-from experiments import sweep
+from digits_job import REPO, stub_grid_training
+from experiments import loop, runs, sweep
 
 KEY = "loss.terms.ot.weight"
 
@@ -68,16 +73,24 @@ def test_a_one_seed_sweep_json_reads_as_before():
   assert "tuning seed 100," in sweep.markdown(records, {})
 
 
-@pytest.mark.parametrize("flag,expected", [
-    ("--tuning_seeds=10x", "--tuning_seeds 10x: seeds are integers"),
-    ("--tuning_seeds=100,100", "give one or more distinct seeds"),
-    ("--seed=100", "--seed is now --tuning_seeds"),
+@pytest.mark.parametrize("flags,expected", [
+    (["--tuning_seeds=10x"], "--tuning_seeds 10x: seeds are integers"),
+    (["--tuning_seeds=100,100"], "give one or more distinct seeds"),
+    (["--seed=100"], "--seed is now --tuning_seeds"),
+    (["--extensions", "-1"], "--extensions -1: give 0 or more"),
+    # runs.check_initialisation: scratch (random init, the teacher's
+    # network) on tuning seed 101, the teacher's seed; refused before any
+    # run (the teacher is not trained either).
+    (["--methods", "scratch", "--key", "loss.weight_decay", "--values",
+      "5e-4", "--config.teacher.job.seed=101"],
+     "scratch: seed 101 would initialise the student with the teacher's own "
+     "initial weights"),
 ])
-def test_bad_tuning_seeds_are_one_error_line_before_any_run(tmp_path, flag,
-                                                            expected):
+def test_bad_flags_are_one_error_line_before_any_run(tmp_path, flags,
+                                                     expected):
   result = subprocess.run(
       [sys.executable, "-m", "experiments.sweep", "--config",
-       "experiments/configs/transfer.py:data=digits", flag, "--workdir",
+       "experiments/configs/transfer.py:data=digits", *flags, "--workdir",
        str(tmp_path / "work")],
       cwd=REPO, capture_output=True, text=True, check=False, timeout=120)
   errors = [l for l in result.stderr.splitlines() if l.startswith("Error:")]
@@ -85,3 +98,120 @@ def test_bad_tuning_seeds_are_one_error_line_before_any_run(tmp_path, flag,
   assert len(errors) == 1 and expected in errors[0], result.stderr
   assert "Traceback" not in result.stderr
   assert not (tmp_path / "work").exists()
+
+
+# --- Running the grids (training stubbed) ------------------------------------
+
+DIGITS = runs.load_config_module(
+    os.path.join(REPO, "experiments/configs/transfer.py:data=digits"))
+WD = "loss.weight_decay"
+
+
+def _spy_tune(monkeypatch):
+  """runs.tune, its calls' (key, grid, seeds, extensions) and Tunings kept."""
+  calls, original = [], runs.tune
+
+  def spy(point, key, grid, seeds, extensions=0, train=None):
+    tuning = original(point, key, grid, seeds, extensions, train)
+    calls.append(((key, tuple(grid), tuple(seeds), extensions), tuning))
+    return tuning
+
+  monkeypatch.setattr(runs, "tune", spy)
+  return calls
+
+
+def test_an_edge_choice_extends_the_grid_and_is_runs_tunes_choice(
+    tmp_path, monkeypatch):
+  # Best at 0.001: the grid (0.01, 0.1) extends to 0.001, then 0.0001,
+  # which brackets it.
+  trained = stub_grid_training(monkeypatch, lambda w: 1 - abs(w - 1e-3))
+  calls = _spy_tune(monkeypatch)
+  grids = {"ot": (KEY, (0.01, 0.1))}
+  records, chosen = sweep.run_sweep(DIGITS, str(tmp_path), [100, 101],
+                                    grids=grids)  # Default: 2, as curve.
+  ((args, tuning),) = calls
+  assert args == (KEY, (0.01, 0.1), (100, 101), 2)
+  assert [r["value"] for r in records[::2]] == [0.01, 0.1, 0.001, 0.0001]
+  assert len(trained) == len(records) == 8
+  # The choice over the records, extension points included, is tune's.
+  assert chosen == {"ot": {KEY: tuning.weight}} == {"ot": {KEY: 0.001}}
+  given = {"ot": {KEY: [0.01, 0.1]}}
+  assert sweep.notes(records, given) == {"ot": {KEY: tuning.note}} == {
+      "ot": {KEY: ""}}
+  table, *_ = sweep.save(str(tmp_path), records, given)
+  assert f"| ot | {KEY} | 0.001 | bracketed |" in table.splitlines()
+  values = [l.split(" | ")[2] for l in table.splitlines()
+            if l.startswith(f"| ot | {KEY} | ") and "seed" not in l][:4]
+  assert values == ["0.0001", "0.001", "0.01", "0.1"]  # By value.
+  # Without extensions (the committed sweeps): the edge is kept, noted.
+  records0, chosen0 = sweep.run_sweep(DIGITS, str(tmp_path / "none"),
+                                      [100], grids=grids, extensions=0)
+  assert chosen0 == {"ot": {KEY: 0.01}} and len(records0) == 2
+  assert "after 0 extension(s): not bracketed" in calls[-1][1].note
+
+
+def test_a_choice_still_at_an_edge_is_noted_not_bracketed(tmp_path,
+                                                          monkeypatch):
+  # Best at 0.001: one extension reaches it, none is left to bracket it.
+  stub_grid_training(monkeypatch, lambda w: 1 - abs(w - 1e-3))
+  calls = _spy_tune(monkeypatch)
+  root = str(tmp_path)
+  records, chosen = sweep.run_sweep(DIGITS, root, [100, 101],
+                                    grids={"ot": (KEY, (0.01, 0.1))},
+                                    extensions=1)
+  ((_, tuning),) = calls
+  assert chosen == {"ot": {KEY: 0.001}} == {"ot": {KEY: tuning.weight}}
+  note = "best at the smallest weight after 1 extension(s): not bracketed"
+  assert tuning.note == note
+  table, chosen, noted = sweep.save(root, records, {"ot": {KEY: [0.01, 0.1]}})
+  assert noted == {"ot": {KEY: note}}
+  assert f"| ot | {KEY} | 0.001 | {note} |" in table.splitlines()
+  saved = json.load(open(os.path.join(root, "sweep.json")))
+  assert saved["notes"] == noted and saved["chosen"] == chosen
+  assert saved["grids"] == {"ot": {KEY: [0.01, 0.1]}}
+  assert open(os.path.join(root, "sweep.md")).read() == table
+  # Another method's sweep later: ot's records, grid and note stay.
+  more, _ = sweep.run_sweep(DIGITS, root, [100, 101],
+                            grids={"ot_uniform": (KEY, (1e-4, 1e-3, 0.01))})
+  _, chosen, noted = sweep.save(root, more,
+                                {"ot_uniform": {KEY: [1e-4, 1e-3, 0.01]}})
+  saved = json.load(open(os.path.join(root, "sweep.json")))
+  assert noted == saved["notes"] == {"ot": {KEY: note},
+                                     "ot_uniform": {KEY: ""}}
+  assert chosen["ot_uniform"] == {KEY: 0.001}
+  assert len(saved["records"]) == len(records) + len(more)
+
+
+def test_a_student_of_the_teachers_seed_is_refused_before_any_run(
+    tmp_path, monkeypatch):
+  trained = stub_grid_training(monkeypatch, lambda w: 0.5, key=WD)
+  root = tmp_path / "sweep"
+  grids = {"l2_sp": ("loss.terms.l2_sp.weight", (0.01, 0.1)),
+           "scratch": (WD, (5e-4,))}
+  clash = {"teacher.job.seed": 101}  # A tuning seed.
+  with pytest.raises(ValueError, match=(
+      r"^scratch: seed 101 would initialise the student with the teacher's "
+      r"own initial weights")):
+    sweep.run_sweep(DIGITS, str(root), [100, 101], overrides=clash,
+                    grids=grids)
+  # l2_sp, first, starts from the teacher: nothing ran, nothing written.
+  assert trained == [] and not root.exists()
+  # A finished run is reused, not refused: seed 100 (not the teacher's)
+  # trains; 101 is finished.
+  finished = root / "scratch" / f"{WD}=0.0005" / "seed101" / loop.FINAL_METRICS
+  finished.parent.mkdir(parents=True)
+  finished.write_text("{}")
+  sweep.run_sweep(DIGITS, str(root), [100, 101], overrides=clash,
+                  grids={"scratch": grids["scratch"]}, extensions=0)
+  assert (5e-4, 100) in trained
+
+
+def test_sweep_json_keys_without_a_grid_count_no_extension():
+  # The committed sweeps: no "grids"; a sweep of an earlier grid counts its
+  # points beyond the one given as extensions.
+  records = _records({(0.001, 100): 0.9, (0.01, 100): 0.8, (0.1, 100): 0.7})
+  assert sweep.notes(records) == {"ot": {KEY: (
+      "best at the smallest weight after 0 extension(s): not bracketed")}}
+  assert sweep.notes(records, {"ot": {KEY: [0.01, 0.1]}}) == {"ot": {KEY: (
+      "best at the smallest weight after 1 extension(s): not bracketed")}}
+  assert sweep.choose(records) == {"ot": {KEY: 0.001}}
