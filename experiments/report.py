@@ -169,12 +169,15 @@ def paired_header(first: str) -> List[str]:
 
 
 def paired_table(records: Sequence[Mapping[str, Any]], baseline: str,
-                 methods_order: Optional[Sequence[str]] = None) -> str:
+                 methods_order: Optional[Sequence[str]] = None,
+                 contrasts: Sequence[Tuple[str, str]] = ()) -> str:
   """Each method minus ``baseline`` on the same seeds, at both reads
   (:data:`READS`), as a Markdown table: per method the number of common
   finished seeds, then at each read the mean and standard error of the
   per-seed differences (:func:`paired`, points) and on how many seeds the
-  method was better. Empty when the baseline is absent."""
+  method was better. Then, as a second table, each ``(focus, other)`` of
+  ``contrasts`` whose two methods both have common finished seeds (e.g.
+  Omega_P against its controls). Empty when the baseline is absent."""
   methods = _ordered([r["method"] for r in records], methods_order)
   if baseline not in methods:
     return ""
@@ -187,7 +190,20 @@ def paired_table(records: Sequence[Mapping[str, Any]], baseline: str,
       "Paired differences (same seeds, points): mean, standard error, seeds "
       "on which the method was better; at the best-validation step and at "
       "the last step.", "",
-      *paired_header(f"method − {baseline} (same seeds)"), *rows]) + "\n"
+      *paired_header(f"method − {baseline} (same seeds)"), *rows,
+      *_contrast_rows(records, contrasts)]) + "\n"
+
+
+def _contrast_rows(records, contrasts) -> List[str]:
+  """The lines of :func:`paired_table`'s second table (none without a
+  pair that both methods ran)."""
+  rows = []
+  for focus, other in contrasts:
+    pairs = [paired(records, focus, other, read) for read in READS]
+    if all(pairs):
+      rows.append(f"| {focus} − {other} | {pairs[0][3]} | "
+                  f"{paired_cells(pairs)} |")
+  return ["", *paired_header("pair (same seeds)"), *rows] if rows else []
 
 
 # ---------------------------------------------------------------------------
@@ -452,7 +468,8 @@ def write_report(out_dir: str, records: Sequence[Mapping[str, Any]],
                  runs: Mapping[str, Sequence[str]],
                  analyses: Mapping[str, Sequence[Mapping[str, Any]]],
                  methods_order: Optional[Sequence[str]] = None,
-                 baseline: Optional[str] = None) -> str:
+                 baseline: Optional[str] = None,
+                 contrasts: Sequence[Tuple[str, str]] = ()) -> str:
   """Writes ``results.md`` and the figures into ``out_dir``.
 
   Figures: ``learning_curves.png``, ``matched_fraction_depth.png``,
@@ -468,6 +485,7 @@ def write_report(out_dir: str, records: Sequence[Mapping[str, Any]],
       :func:`summarize`).
     baseline: a method to compare every other one with, seed by seed
       (:func:`paired_table`); None: no paired table.
+    contrasts: further ``(focus, other)`` pairs for the paired table.
 
   Returns:
     The Markdown table(s).
@@ -475,7 +493,7 @@ def write_report(out_dir: str, records: Sequence[Mapping[str, Any]],
   os.makedirs(out_dir, exist_ok=True)
   table = markdown_table(summarize(records, methods_order))
   if baseline:
-    paired = paired_table(records, baseline, methods_order)
+    paired = paired_table(records, baseline, methods_order, contrasts)
     table += "\n" + paired if paired else ""
   methods = _ordered(
       [r["method"] for r in records] + list(runs) + list(analyses),

@@ -52,6 +52,7 @@ from ml_collections import config_flags
 from experiments import loop, report, runs
 from experiments.cli import (default_root, maybe_initialize_distributed,
                              parse_flags, quiet_libraries, user_errors)
+from experiments.configs import common
 
 
 def define_flags() -> None:
@@ -97,7 +98,9 @@ def run_all(configs: dict, root: str, seeds: int, baseline=None) -> tuple:
   """Runs (or reuses) every method x seed; returns the records and the table.
 
   Args:
-    configs: ``{method: config}`` in the order of the results.
+    configs: ``{method: config}`` in the order of the results; the table
+      pairs every method with ``baseline``, then each pair of
+      ``common.CONTRASTS`` whose two methods are in ``configs``.
 
   Returns:
     ``(records, table)``: one :class:`experiments.runs.Record` per run, without
@@ -132,7 +135,9 @@ def run_all(configs: dict, root: str, seeds: int, baseline=None) -> tuple:
   finished = [r for r in records if r["status"] == "finished"]
   table = report.write_report(root, finished, workdirs, analyses,
                               methods_order=list(configs),
-                              baseline=baseline or None)
+                              baseline=baseline or None,
+                              contrasts=[p for p in common.CONTRASTS
+                                         if set(p) <= set(configs)])
   diverged = [f"{r['method']} seed {r['seed']}" for r in records
               if r["status"] != "finished"]
   if diverged:

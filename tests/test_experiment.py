@@ -207,14 +207,15 @@ def test_restore_without_checkpoints_says_what_to_do(tmp_path):
 
 @pytest.mark.slow
 def test_reproduce_writes_results_table_and_figures(teacher_dir, tmp_path):
-  configs = {m: tiny_config(teacher_dir, m) for m in ("scratch", "ot")}
+  methods = ("scratch", "ot", "ot_uniform")
+  configs = {m: tiny_config(teacher_dir, m) for m in methods}
   records, table = reproduce.run_all(configs, str(tmp_path), seeds=2,
                                      baseline="scratch")
   with open(tmp_path / "results.json") as f:
     saved = json.load(f)
-  assert saved == records and len(records) == 4
+  assert saved == records and len(records) == 6
   assert [(r["method"], r["seed"]) for r in records] == [
-      ("scratch", 0), ("scratch", 1), ("ot", 0), ("ot", 1)]
+      (m, s) for m in methods for s in (0, 1)]
   for r in records:
     for key in ("test_accuracy_best_val", "test_accuracy_last"):
       assert 0 <= r[key] <= 1
@@ -224,7 +225,13 @@ def test_reproduce_writes_results_table_and_figures(teacher_dir, tmp_path):
   for name in ("results.md", "learning_curves.png", "ot_plan.png",
                "matched_fraction_depth.png", "matched_fraction_training.png"):
     assert os.path.getsize(tmp_path / name) > 0, name
-  assert "| ot | 2 |" in table.split("same seeds")[-1]  # Paired table.
+  paired = table.split("method − scratch (same seeds)")[-1]
+  assert "| ot | 2 |" in paired and "| ot_uniform | 2 |" in paired
+  # Omega_P against its control (common.CONTRASTS; ot_standardize and
+  # ot_kd did not run, so they have no row).
+  contrasts = table.split("| pair (same seeds) |")[-1]
+  assert "| ot − ot_uniform | 2 |" in contrasts
+  assert "ot_standardize" not in contrasts and "kd" not in contrasts
 
 
 def _clash(teacher_dir, method="scratch"):

@@ -235,3 +235,18 @@ def test_write_report_appends_the_paired_table(tmp_path):
   assert table.endswith(report.paired_table(records, "scratch"))
   assert "| ot | 3 | +4.00 | 3.46 | 2/3 | -1.67 | 0.33 | 0/3 |" in (
       tmp_path / "results.md").read_text()
+
+
+def test_paired_table_adds_the_contrasts_both_methods_ran():
+  table = report.paired_table(
+      _paired_records(), "scratch", methods_order=["scratch", "l2_sp", "ot"],
+      contrasts=[("scratch", "ot"), ("ot", "l2_sp")])
+  lines = table.splitlines()
+  header = lines.index("| pair (same seeds) | n | best val: mean | s.e. | "
+                       "better | last: mean | s.e. | better |")
+  # scratch - ot: the baseline row's signs reversed, its wins the other's
+  # losses; ot - l2_sp has no common seed, so no row.
+  assert lines[header + 2:] == [
+      "| scratch − ot | 3 | -4.00 | 3.46 | 1/3 | +1.67 | 0.33 | 3/3 |"]
+  assert "pair (same seeds)" not in report.paired_table(
+      _paired_records(), "scratch", contrasts=[("ot", "l2_sp")])

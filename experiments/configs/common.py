@@ -181,6 +181,13 @@ OT_CONTROLS = {"ot_uniform": {"relative_epsilon": 1e4},
                "ot_standardize": {"normalize": "standardize"}}
 
 
+# The pairs every settings table (experiments.reproduce) reports after
+# method - baseline, where the config has both: Omega_P against each
+# control (what transport matching adds, beyond a pull on the layer's
+# moments) and Omega_P + KD against KD (what Omega_P adds to KD).
+CONTRASTS = (("ot", "ot_uniform"), ("ot", "ot_standardize"), ("ot_kd", "kd"))
+
+
 def with_options(method: Method, name: str, **options) -> Method:
   """``method``, then term ``name``'s options updated by ``options`` (its
   regulariser, weight and layers kept; an unknown option is refused)."""
