@@ -99,8 +99,8 @@ def run_all(configs: dict, root: str, seeds: int, baseline=None) -> tuple:
 
   Args:
     configs: ``{method: config}`` in the order of the results; the table
-      pairs every method with ``baseline``, then each pair of
-      ``common.CONTRASTS`` whose two methods are in ``configs``.
+      pairs every method with ``baseline``, then Omega_P with the others
+      (``common.contrasts``).
 
   Returns:
     ``(records, table)``: one :class:`experiments.runs.Record` per run, without
@@ -136,8 +136,7 @@ def run_all(configs: dict, root: str, seeds: int, baseline=None) -> tuple:
   table = report.write_report(root, finished, workdirs, analyses,
                               methods_order=list(configs),
                               baseline=baseline or None,
-                              contrasts=[p for p in common.CONTRASTS
-                                         if set(p) <= set(configs)])
+                              contrasts=common.contrasts(configs, baseline))
   diverged = [f"{r['method']} seed {r['seed']}" for r in records
               if r["status"] != "finished"]
   if diverged:

@@ -227,7 +227,7 @@ def test_reproduce_writes_results_table_and_figures(teacher_dir, tmp_path):
     assert os.path.getsize(tmp_path / name) > 0, name
   paired = table.split("method − scratch (same seeds)")[-1]
   assert "| ot | 2 |" in paired and "| ot_uniform | 2 |" in paired
-  # Omega_P against its control (common.CONTRASTS; ot_standardize and
+  # Omega_P against its control (common.contrasts; ot_standardize and
   # ot_kd did not run, so they have no row).
   contrasts = table.split("| pair (same seeds) |")[-1]
   assert "| ot − ot_uniform | 2 |" in contrasts

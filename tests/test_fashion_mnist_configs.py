@@ -70,7 +70,7 @@ def _on_idx_files(name, method, data_dir):
 def test_docstring_sweep_and_methods(name):
   module = _module(name)
   doc = module.__doc__
-  assert f"experiments/configs/{name}.py:{ARG} --seeds 5" in doc
+  assert f"experiments/configs/{name}.py:{ARG} --seeds 10" in doc
   assert "python -m experiments.sweep" in doc
   methods = module.methods
   for method in methods:

@@ -181,11 +181,17 @@ OT_CONTROLS = {"ot_uniform": {"relative_epsilon": 1e4},
                "ot_standardize": {"normalize": "standardize"}}
 
 
-# The pairs every settings table (experiments.reproduce) reports after
-# method - baseline, where the config has both: Omega_P against each
-# control (what transport matching adds, beyond a pull on the layer's
-# moments) and Omega_P + KD against KD (what Omega_P adds to KD).
-CONTRASTS = (("ot", "ot_uniform"), ("ot", "ot_standardize"), ("ot_kd", "kd"))
+def contrasts(methods, baseline: str) -> list:
+  """The pairs ``(focus, other)`` a settings table (experiments.reproduce)
+  reports after method - baseline: Omega_P (``ot``) against every other
+  method of ``methods`` but the baseline and ``ot_kd`` (against its
+  controls: what transport matching adds beyond a pull on the layer's
+  moments; against the other terms: what Omega_P adds over them), then
+  Omega_P + KD against KD, where the config has both."""
+  methods = list(methods)
+  pairs = [("ot", m) for m in methods
+           if "ot" in methods and m not in ("ot", "ot_kd", baseline)]
+  return pairs + [("ot_kd", "kd")] * ({"ot_kd", "kd"} <= set(methods))
 
 
 def with_options(method: Method, name: str, **options) -> Method:

@@ -50,7 +50,7 @@ All methods x seeds, table and figures (in workdirs/reproduce/<data>_distill):
   python -m experiments.reproduce \
       --config experiments/configs/distill.py:data=digits --seeds 3
   python -m experiments.reproduce \
-      --config experiments/configs/distill.py:data=fashion_mnist --seeds 5
+      --config experiments/configs/distill.py:data=fashion_mnist --seeds 10
 KD needs the teacher's label space: with --config.data.classes=..., set
 --config.teacher.job.data.classes to the same classes.
 """

@@ -55,10 +55,9 @@ validation accuracy of the tuning seeds 100 and 101 (not table seeds) out of
 (docs/fashion_mnist/fashion_mnist_transfer/sweep.md). The weight decay is
 the protocol's, the same for every method, not a tuned weight: the former
 finetune_l2 method, which tuned it, is plain fine-tuning now, as in the
-regime studies (regimes.py's scarcity study). The committed tables and
-sweeps under docs/ were made before this protocol (teacher seed 0, the
-student's own normalisation, head decay 0.01 from the teacher, finetune_l2,
-one tuning seed): docs/results.md says which.
+regime studies (regimes.py's scarcity study). The first protocol's tables
+(teacher seed 0, the student's own normalisation, head decay 0.01 from the
+teacher, finetune_l2, one tuning seed) are in docs/.../first_protocol/.
 
 Launch one method (default: data=digits, method=ot):
   python -m experiments.main \
@@ -68,7 +67,7 @@ All methods x seeds, table and figures (in workdirs/reproduce/<data>_transfer):
   python -m experiments.reproduce \
       --config experiments/configs/transfer.py:data=digits --seeds 3
   python -m experiments.reproduce \
-      --config experiments/configs/transfer.py:data=fashion_mnist --seeds 5
+      --config experiments/configs/transfer.py:data=fashion_mnist --seeds 10
 A smoke run (a few steps, tiny sizes: common.SMOKE):
   python -m experiments.main \
       --config experiments/configs/transfer.py:data=digits,smoke=True
