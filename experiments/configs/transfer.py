@@ -82,13 +82,14 @@ LAYERS = common.LAYERS
 MODEL = {"digits": "digits_cnn", "fashion_mnist": "small_cnn"}
 K = {"digits": 5, "fashion_mnist": 10}  # Training images per class.
 
-# The sweep (fashion_mnist): method -> (config key, grid), common.GRIDS.
-SWEEP = {"fashion_mnist": common.grids(
-    "l2_sp", "delta", "feature_matching", "ot")}
+# The sweeps: method -> (config key, grid), common.GRIDS.
+SWEEP = {"digits": common.grids("l2_sp", "feature_matching", "ot"),
+         "fashion_mnist": common.grids(
+             "l2_sp", "delta", "feature_matching", "ot")}
 # Each term's weight; the methods of a dataset are scratch, finetune and
-# these, in this order. fashion_mnist: chosen by the sweep above (mean
-# validation accuracy of tuning seeds 100, 101); digits: the exploratory
-# sweep's (first protocol; no digits sweep yet).
+# these, in this order, each chosen by the sweep above (mean validation
+# accuracy of tuning seeds 100, 101); digits: the exploratory sweep's until
+# its protocol sweep has run.
 WEIGHTS = {
     "digits": {"l2_sp": 0.1, "feature_matching": 0.1, "ot": 0.1},
     # The protocol's sweep (tuning seeds 100,101, --extensions 2): every
