@@ -157,7 +157,7 @@ from experiments.cli import (default_root, parse_flags, quiet_libraries,
                              user_errors)
 # The paired difference and the two reads are reproduce's too (report).
 from experiments.report import (READS, mean_se, paired, paired_cells,
-                                paired_header)
+                                paired_header, paired_rows)
 from ot_transfer_jax import checkpoint
 
 
@@ -359,12 +359,8 @@ def markdown(summary: dict) -> str:
       out.append(f"| {m} | {wtext} | {_n_and_reads(rs)} | "
                  f"{best_steps(done)} |")
     for focus, others in focus_pairs(summary):  # A table per focus method.
-      rows = []
-      for m in others:
-        pairs = [paired(records, focus, m, k) for k in READS]
-        if all(pairs):
-          rows.append(f"| {focus} − {m} | {pairs[0][3]} | "
-                      f"{paired_cells(pairs)} |")
+      rows = paired_rows(records, [(focus, m, f"{focus} − {m}")
+                                   for m in others])
       if rows:
         out += ["", "Paired differences (same seeds, points): mean, s.e., "
                 f"seeds on which {focus} was better.", "",

@@ -168,6 +168,20 @@ def paired_header(first: str) -> List[str]:
           "s.e. | better |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
 
 
+def paired_rows(records: Sequence[Mapping[str, Any]],
+                pairs: Sequence[Tuple[str, str, str]]) -> List[str]:
+  """One Markdown row ``| name | n | mean | s.e. | better | ... |`` per
+  ``(focus, other, name)`` of ``pairs``: ``focus`` minus ``other`` seed by
+  seed at both reads (:data:`READS`, :func:`paired`, :func:`paired_cells`),
+  ``n`` their common finished seeds. A pair without one has no row."""
+  rows = []
+  for focus, other, name in pairs:
+    cells = [paired(records, focus, other, read) for read in READS]
+    if all(cells):
+      rows.append(f"| {name} | {cells[0][3]} | {paired_cells(cells)} |")
+  return rows
+
+
 def paired_table(records: Sequence[Mapping[str, Any]], baseline: str,
                  methods_order: Optional[Sequence[str]] = None,
                  contrasts: Sequence[Tuple[str, str]] = ()) -> str:
@@ -175,35 +189,23 @@ def paired_table(records: Sequence[Mapping[str, Any]], baseline: str,
   (:data:`READS`), as a Markdown table: per method the number of common
   finished seeds, then at each read the mean and standard error of the
   per-seed differences (:func:`paired`, points) and on how many seeds the
-  method was better. Then, as a second table, each ``(focus, other)`` of
-  ``contrasts`` whose two methods both have common finished seeds (e.g.
-  Omega_P against its controls). Empty when the baseline is absent."""
+  method was better (:func:`paired_rows`). Then a second table, ``focus -
+  other`` for each ``(focus, other)`` of ``contrasts`` that has common
+  finished seeds (e.g. Omega_P against its controls); none if no pair
+  has. Empty when the baseline is absent."""
   methods = _ordered([r["method"] for r in records], methods_order)
   if baseline not in methods:
     return ""
-  rows = []
-  for method in methods:
-    pairs = [paired(records, method, baseline, read) for read in READS]
-    if method != baseline and all(pairs):
-      rows.append(f"| {method} | {pairs[0][3]} | {paired_cells(pairs)} |")
+  rows = paired_rows(records, [(m, baseline, m) for m in methods
+                               if m != baseline])
+  second = paired_rows(records, [(f, o, f"{f} − {o}") for f, o in contrasts])
   return "\n".join([
       "Paired differences (same seeds, points): mean, standard error, seeds "
       "on which the method was better; at the best-validation step and at "
       "the last step.", "",
       *paired_header(f"method − {baseline} (same seeds)"), *rows,
-      *_contrast_rows(records, contrasts)]) + "\n"
-
-
-def _contrast_rows(records, contrasts) -> List[str]:
-  """The lines of :func:`paired_table`'s second table (none without a
-  pair that both methods ran)."""
-  rows = []
-  for focus, other in contrasts:
-    pairs = [paired(records, focus, other, read) for read in READS]
-    if all(pairs):
-      rows.append(f"| {focus} − {other} | {pairs[0][3]} | "
-                  f"{paired_cells(pairs)} |")
-  return ["", *paired_header("pair (same seeds)"), *rows] if rows else []
+      *(["", *paired_header("pair (same seeds)"), *second] if second
+        else [])]) + "\n"
 
 
 # ---------------------------------------------------------------------------
@@ -485,7 +487,8 @@ def write_report(out_dir: str, records: Sequence[Mapping[str, Any]],
       :func:`summarize`).
     baseline: a method to compare every other one with, seed by seed
       (:func:`paired_table`); None: no paired table.
-    contrasts: further ``(focus, other)`` pairs for the paired table.
+    contrasts: ``(focus, other)`` pairs, each ``focus - other`` in the
+      paired table's second table (:func:`paired_table`).
 
   Returns:
     The Markdown table(s).

@@ -164,9 +164,10 @@ def check_initialisation(config, seeds: Sequence[int], what: str) -> None:
   teacher's architecture, run with ``config.seed`` equal to
   ``teacher.job.seed``, is initialised with the very weights the teacher
   started from: it would share the teacher's random features, and its
-  "scratch" would not be one. reproduce and curve call this before any run,
-  with the seeds of the runs they have left to train (a run already recorded
-  is not refused: a rerun of a committed table trains nothing).
+  "scratch" would not be one. reproduce, sweep and curve call this before
+  any run, with the seeds of the runs they have left to train (a run
+  already recorded is not refused: a rerun of a committed table trains
+  nothing).
 
   Args:
     config: a method's config (before :func:`seeded`).

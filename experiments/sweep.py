@@ -16,8 +16,8 @@ trains in ``WORKDIR/<method>/<config_key>=<value>/seed<t>`` with
 (0 .. n-1) do not use, so the weights are chosen on data draws and
 initialisations of their own (the sweep cannot know the table's seeds, so it
 does not check). ``--tuning_seeds`` defaults to 100,101, the protocol of the
-regime studies (docs/experiments.md); the committed sweeps were made with
-``--tuning_seeds 100 --extensions 0``. A teacher trained by the config is
+regime studies (docs/experiments.md); the first protocol's sweeps (and
+vit_distill's) were made with ``--tuning_seeds 100 --extensions 0``. A teacher trained by the config is
 trained once, in ``WORKDIR/teacher``; ``--config.key=value`` overrides apply
 to every run, as in ``experiments.reproduce``. A point left to train (its
 workdir has no final metrics) whose student, from random weights and of its
@@ -49,8 +49,8 @@ was given (a point of its records outside it is an extension, or an earlier
 invocation's value); ``chosen``: ``{method: {key: value}}`` and ``notes``:
 ``{method: {key: note}}``, "" when the grid brackets the choice, else why it
 does not (runs.bracket's note), both decided anew over the records of every
-invocation, so a sweep.json of one seed without grids, as the committed
-ones, reads as before) and ``WORKDIR/sweep.md`` (each grid point's
+invocation, so a sweep.json of one seed without grids, as the first
+protocol's, reads as before) and ``WORKDIR/sweep.md`` (each grid point's
 validation accuracy per seed and their mean, then each choice and its
 note), and prints the table and the chosen values: copy them into the
 config, with a comment naming this command. A grid point's run is kept by
@@ -87,12 +87,12 @@ def define_flags() -> None:
   flags.DEFINE_list(
       "tuning_seeds", ["100", "101"], "Seeds of the weight choice (their "
       "mean validation accuracy decides; the protocol's 100,101 by "
-      "default; the committed sweeps took 100); keep them out of the "
-      "table's seeds 0 .. n-1.")
+      "default; the first protocol's sweeps took 100); keep them out of "
+      "the table's seeds 0 .. n-1.")
   flags.DEFINE_integer(
       "extensions", 2, "Times a grid may extend 10x past the edge its best "
-      "value is at (0: never, as the committed sweeps; a choice still at an "
-      "edge is noted as not bracketed).")
+      "value is at (0: never, as the first protocol's sweeps; a choice "
+      "still at an edge is noted as not bracketed).")
   flags.DEFINE_string(
       "workdir", None, "Root directory (default: workdirs/sweep/<config "
       "name>).")
@@ -150,7 +150,7 @@ def choices(records, grids=None) -> dict:
   and its note ("" when bracketed, else why not). ``grids``
   (``{method: {key: [value, ...]}}``, sweep.json's) names each grid as
   given: its records' other points count as extensions in the note; a key
-  without one (the committed sweeps) counts none. The value is the same
+  without one (the first protocol's sweeps) counts none. The value is the same
   whatever the grid given: bracket's choice is the best mean over every
   point, of equals one strictly inside, else the smallest."""
   out = {}
@@ -388,7 +388,7 @@ def parse_sweep_flags(argv):
       raise ValueError(
           "--seed is now --tuning_seeds, a list whose mean validation "
           "accuracy chooses: --tuning_seeds 100,101 (the default) is the "
-          "protocol's choice, --tuning_seeds 100 the committed sweeps'.")
+          "protocol's choice, --tuning_seeds 100 the first protocol's.")
   return parse_flags(argv)
 
 

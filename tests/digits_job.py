@@ -3,6 +3,7 @@
 import json
 import os
 import sys
+import types
 
 from experiments import loop
 from experiments.configs import common, transfer
@@ -19,6 +20,13 @@ def tiny_config(teacher_dir, method="ot", **overrides):
   c.update(overrides)
   c.teacher.workdir = str(teacher_dir)
   return c
+
+
+def without_sweep(module):
+  """``module`` (``runs.load_config_module``) without weight grids of its
+  own: the tools' tests name every grid they train, whatever grids the
+  config file gives its sweep."""
+  return types.SimpleNamespace(**{**vars(module), "SWEEP": {}})
 
 
 def config_flags(values: dict) -> list:

@@ -20,15 +20,15 @@ import pytest
 from absl import flags
 from ml_collections.config_flags import config_path
 
-from digits_job import ARG, REPO
+from digits_job import ARG, REPO, without_sweep
 from experiments import curve, loop, runs
 from experiments.configs import common
 
-DIGITS = runs.load_config_module(
-    os.path.join(REPO, "experiments/configs/transfer.py:data=digits"))
+DIGITS = without_sweep(runs.load_config_module(
+    os.path.join(REPO, "experiments/configs/transfer.py:data=digits")))
 # The same config at smoke sizes (20 steps, a 40-step teacher).
-DIGITS_SMOKE = runs.load_config_module(
-    os.path.join(REPO, f"experiments/configs/transfer.py:{ARG}"))
+DIGITS_SMOKE = without_sweep(runs.load_config_module(
+    os.path.join(REPO, f"experiments/configs/transfer.py:{ARG}")))
 
 KEY = "data.samples_per_class"
 

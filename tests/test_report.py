@@ -235,6 +235,12 @@ def test_write_report_appends_the_paired_table(tmp_path):
   assert table.endswith(report.paired_table(records, "scratch"))
   assert "| ot | 3 | +4.00 | 3.46 | 2/3 | -1.67 | 0.33 | 0/3 |" in (
       tmp_path / "results.md").read_text()
+  # Its contrasts reach the paired table's second table.
+  table = report.write_report(str(tmp_path), records, {}, {},
+                              baseline="scratch",
+                              contrasts=[("scratch", "ot")])
+  assert "| scratch − ot | 3 | -4.00 | 3.46 | 1/3 |" in (
+      tmp_path / "results.md").read_text()
 
 
 def test_paired_table_adds_the_contrasts_both_methods_ran():

@@ -12,11 +12,12 @@ import shutil
 
 import pytest
 
-from digits_job import REPO, stub_grid_training, tiny_config
+from digits_job import (REPO, stub_grid_training, tiny_config,
+                        without_sweep)
 from experiments import curve, loop, runs, sweep
 
-DIGITS = runs.load_config_module(
-    os.path.join(REPO, "experiments/configs/transfer.py:data=digits"))
+DIGITS = without_sweep(runs.load_config_module(
+    os.path.join(REPO, "experiments/configs/transfer.py:data=digits")))
 
 
 # --- The weight grid ---------------------------------------------------------
@@ -39,7 +40,7 @@ def test_bracket_stops_after_the_allowed_extensions_and_says_so():
   chosen, nxt, note = runs.bracket(points, base=3, extensions=2)
   assert (chosen, nxt) == (1e-4, None)
   assert "not bracketed" in note and "smallest" in note
-  # None allowed (sweep --extensions 0, as the committed sweeps): an edge
+  # None allowed (sweep --extensions 0, as the first protocol's sweeps): an edge
   # best is chosen, and said to be one.
   assert runs.bracket({0.01: 0.7, 0.1: 0.6}, base=2, extensions=0) == (
       0.01, None, "best at the smallest weight after 0 extension(s): not "
@@ -99,10 +100,11 @@ def _committed_sweeps() -> dict:
 
 def test_committed_sweeps_choose_what_they_recorded():
   """sweep.choose is curve's rule (runs.bracket) since the tools share it:
-  every committed sweep still chooses what it wrote. They were made without
-  extensions (before sweep had --extensions) and keep no grids: each note
-  re-derived counts none, which is what they ran (until they are rerun,
-  with the default --extensions 2)."""
+  every committed sweep still chooses what it wrote. The first protocol's
+  (first_protocol/, vit_distill's) were made without extensions (before
+  sweep had --extensions) and keep no grids: each note re-derived counts
+  none, which is what they ran; the protocol's keep their grids and
+  notes."""
   sweeps = _committed_sweeps()
   assert len(sweeps) >= 8, sorted(sweeps)
   for path, saved in sweeps.items():

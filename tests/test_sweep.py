@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from digits_job import REPO, stub_grid_training
+from digits_job import REPO, stub_grid_training, without_sweep
 from experiments import loop, runs, sweep
 
 KEY = "loss.terms.ot.weight"
@@ -66,7 +66,7 @@ def test_sweep_md_shows_each_seed_and_the_mean_that_chooses():
 
 
 def test_a_one_seed_sweep_json_reads_as_before():
-  # The committed sweeps: seed 100 only (every one of them chooses what it
+  # The first protocol's sweeps: seed 100 only (each chooses what it
   # recorded: tests/test_runs.py).
   records = _records({(0.01, 100): 0.8, (0.1, 100): 0.9, (1.0, 100): 0.9})
   assert sweep.choose(records) == {"ot": {KEY: 0.1}}
@@ -102,8 +102,8 @@ def test_bad_flags_are_one_error_line_before_any_run(tmp_path, flags,
 
 # --- Running the grids (training stubbed) ------------------------------------
 
-DIGITS = runs.load_config_module(
-    os.path.join(REPO, "experiments/configs/transfer.py:data=digits"))
+DIGITS = without_sweep(runs.load_config_module(
+    os.path.join(REPO, "experiments/configs/transfer.py:data=digits")))
 WD = "loss.weight_decay"
 
 
@@ -143,7 +143,7 @@ def test_an_edge_choice_extends_the_grid_and_is_runs_tunes_choice(
   values = [l.split(" | ")[2] for l in table.splitlines()
             if l.startswith(f"| ot | {KEY} | ") and "seed" not in l][:4]
   assert values == ["0.0001", "0.001", "0.01", "0.1"]  # By value.
-  # Without extensions (the committed sweeps): the edge is kept, noted.
+  # Without extensions (the first protocol's sweeps): the edge is kept.
   records0, chosen0 = sweep.run_sweep(DIGITS, str(tmp_path / "none"),
                                       [100], grids=grids, extensions=0)
   assert chosen0 == {"ot": {KEY: 0.01}} and len(records0) == 2
@@ -207,8 +207,8 @@ def test_a_student_of_the_teachers_seed_is_refused_before_any_run(
 
 
 def test_sweep_json_keys_without_a_grid_count_no_extension():
-  # The committed sweeps: no "grids"; a sweep of an earlier grid counts its
-  # points beyond the one given as extensions.
+  # The first protocol's sweeps: no "grids"; a sweep of an earlier grid
+  # counts its points beyond the one given as extensions.
   records = _records({(0.001, 100): 0.9, (0.01, 100): 0.8, (0.1, 100): 0.7})
   assert sweep.notes(records) == {"ot": {KEY: (
       "best at the smallest weight after 0 extension(s): not bracketed")}}

@@ -182,12 +182,15 @@ OT_CONTROLS = {"ot_uniform": {"relative_epsilon": 1e4},
 
 
 def contrasts(methods, baseline: str) -> list:
-  """The pairs ``(focus, other)`` a settings table (experiments.reproduce)
-  reports after method - baseline: Omega_P (``ot``) against every other
-  method of ``methods`` but the baseline and ``ot_kd`` (against its
-  controls: what transport matching adds beyond a pull on the layer's
-  moments; against the other terms: what Omega_P adds over them), then
-  Omega_P + KD against KD, where the config has both."""
+  """The pairs ``(focus, other)``, each read as ``focus - other`` seed by
+  seed, that a settings table (experiments.reproduce) reports after method
+  - baseline, in the order of ``methods`` (any iterable of method names):
+  Omega_P (``ot``) against every other method but the baseline and
+  ``ot_kd`` (against ``ot_uniform``: what transport matching adds beyond a
+  pull on the layer's moments; against ``ot_standardize``: what
+  standardising the neurons changes; against the other terms: what Omega_P
+  adds over them), then Omega_P + KD against KD, where both are in
+  ``methods``."""
   methods = list(methods)
   pairs = [("ot", m) for m in methods
            if "ot" in methods and m not in ("ot", "ot_kd", baseline)]

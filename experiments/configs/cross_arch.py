@@ -28,7 +28,8 @@ The two controls of Omega_P (common.OT_CONTROLS) run at ot's weight; the
 regime studies (regimes.py) tune them separately.
 
 On Fashion-MNIST each weight is the best mean validation accuracy of tuning
-seeds 100 and 101 out of 0.1x, 1x and 10x a customary value, chosen by
+seeds 100 and 101 out of 0.1x, 1x and 10x a customary value (a grid whose
+best is at an edge extended 10x that way, at most twice), chosen by
   python -m experiments.sweep \
       --config experiments/configs/cross_arch.py:data=fashion_mnist \
       --tuning_seeds 100,101

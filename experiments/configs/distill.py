@@ -35,8 +35,8 @@ regime studies (regimes.py) tune them separately.
 The teacher trained on this very split, so data.seed stays fixed
 (vary_data_seed=False): seeds change the student's initialisation and batch
 order. On Fashion-MNIST each weight is the best mean validation accuracy of
-tuning seeds 100 and 101 out of 0.1x, 1x and 10x a customary value, chosen
-by
+tuning seeds 100 and 101 out of 0.1x, 1x and 10x a customary value (a grid
+whose best is at an edge extended 10x that way, at most twice), chosen by
   python -m experiments.sweep \
       --config experiments/configs/distill.py:data=fashion_mnist \
       --tuning_seeds 100,101

@@ -48,7 +48,8 @@ seeds (the digits job with 5 per class was); K was fixed before any
 Fashion-MNIST result was seen. There each method's weight (alpha for l2_sp,
 the term weight for delta / feature_matching / ot) is the best mean
 validation accuracy of the tuning seeds 100 and 101 (not table seeds) out of
-0.1x, 1x and 10x a customary value, chosen by
+0.1x, 1x and 10x a customary value (a grid whose best is at an edge extended
+10x that way, at most twice), chosen by
   python -m experiments.sweep \
       --config experiments/configs/transfer.py:data=fashion_mnist \
       --tuning_seeds 100,101
