@@ -160,7 +160,7 @@ def test_the_committed_records_are_their_configs_runs(folder):
     for record in sweep["records"]:
       key, grid = module.SWEEP[record["method"]]
       if record["key"] == key:
-        assert _on_the_grid_or_past_an_edge(record["value"], grid), record
+        assert on_the_grid_or_past_an_edge(record["value"], grid), record
         checked += 1
     for method, grids in sweep.get("grids", {}).items():  # Newer sweeps.
       key, grid = module.SWEEP[method]
@@ -173,7 +173,7 @@ def test_the_committed_records_are_their_configs_runs(folder):
   assert checked
 
 
-def _on_the_grid_or_past_an_edge(value: float, grid) -> bool:
+def on_the_grid_or_past_an_edge(value: float, grid) -> bool:
   """A sweep tries its grid, then 10x, 100x, ... past the edge its best is
   at (experiments.sweep --extensions)."""
   if value in grid:
@@ -187,9 +187,9 @@ def _on_the_grid_or_past_an_edge(value: float, grid) -> bool:
 
 def test_a_sweep_record_may_lie_decades_past_its_grids_edges():
   grid = (0.01, 0.1, 1.0)
-  assert all(_on_the_grid_or_past_an_edge(v, grid)
+  assert all(on_the_grid_or_past_an_edge(v, grid)
              for v in (0.1, 0.01 * 0.1, 1e-4, 10.0, 100.0))
-  assert not any(_on_the_grid_or_past_an_edge(v, grid)
+  assert not any(on_the_grid_or_past_an_edge(v, grid)
                  for v in (0.05, 0.3, 3.0, 5e-4))
 
 

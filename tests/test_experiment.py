@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from experiments import data, job, loop, reproduce, runs, same_run, terms
-from experiments.configs import common
+from experiments.configs import common, transfer
 from experiments.metric_writers import read_metrics
 from ot_transfer_jax import checkpoint, inference, parallel
 
@@ -98,7 +98,8 @@ def test_command_line_override_wins_over_the_method(teacher_dir, tmp_path):
       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   saved = inference.restore(str(tmp_path)).config
-  assert saved.loss.terms.ot.weight == 0.5  # The method sets 0.1.
+  assert saved.loss.terms.ot.weight == 0.5  # Not the method's weight.
+  assert transfer.WEIGHTS["digits"]["ot"] != 0.5
   assert saved.loss.head_decay == 0.02  # The config sets common.DECAY.
   last = read_metrics(str(tmp_path), split="train")[-1]
   assert last["loss"] == pytest.approx(

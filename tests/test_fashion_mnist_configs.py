@@ -21,6 +21,7 @@ from experiments import loop, runs, sweep
 from experiments.metric_writers import read_metrics
 
 from idx_support import write_dataset
+from test_configs import on_the_grid_or_past_an_edge
 
 CONFIGS = ("transfer", "distill", "cross_arch")
 ARG = "data=fashion_mnist"
@@ -76,13 +77,14 @@ def test_docstring_sweep_and_methods(name):
   for method in methods:
     c = module.get_config(method)
     assert c.method == method and c.data.name == "fashion_mnist"
-    # Every swept value is what the config uses (the sweep's choice is in it).
+    # Every swept value is what the config uses (the sweep's choice is on
+    # its grid, or past an edge: sweep --extensions).
     if method in module.SWEEP:
       key, grid = module.SWEEP[method]
       node = c
       for part in key.split("."):
         node = node[part]
-      assert node in grid, (method, key, node)
+      assert on_the_grid_or_past_an_edge(node, grid), (method, key, node)
   assert set(module.SWEEP) <= set(methods)
 
 
