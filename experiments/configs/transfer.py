@@ -91,8 +91,8 @@ SWEEP = {"digits": common.grids("l2_sp", "feature_matching", "ot"),
 # Each term's weight; the methods of a dataset are scratch, finetune and
 # these, in this order, each chosen by the sweep above (mean validation
 # accuracy of tuning seeds 100, 101, --extensions 2): every choice
-# bracketed (digits: l2_sp after two extensions, ot after one; fashion_mnist:
-# delta and feature_matching after one).
+# bracketed (digits: l2_sp after two extensions, feature_matching and ot
+# after one; fashion_mnist: delta and feature_matching after one).
 WEIGHTS = {
     "digits": {"l2_sp": 0.001, "feature_matching": 0.01, "ot": 1.0},
     "fashion_mnist": {"l2_sp": 0.1, "delta": 0.01, "feature_matching": 0.01,
