@@ -141,8 +141,9 @@ def test_a_term_or_model_kwarg_on_one_side_only_is_another_run():
     scratch[key] = copy.deepcopy(ot[key])
   del scratch["loss"]["terms"]["ot"]
   (difference,) = same_run.record_differences(scratch, ot)
-  assert difference.startswith("loss.terms.ot: (absent) -> {'regularizer': "
-                               "'ot', 'weight': 0.1")
+  assert difference.startswith(
+      "loss.terms.ot: (absent) -> {'regularizer': 'ot', 'weight': "
+      f"{transfer.WEIGHTS['digits']['ot']!r}")
   wider = _config()
   wider["model"]["kwargs"] = {"width": 0.5}  # The model's default unknown.
   assert same_run.resume_differences(_config(), wider) == [
