@@ -47,6 +47,12 @@ FINAL_METRICS = "final_metrics.json"
 ANALYSIS = "analysis.json"
 
 
+def is_finished(workdir: str) -> bool:
+  """Whether ``workdir`` holds a finished run (its FINAL_METRICS): one that
+  a tool reuses instead of training."""
+  return os.path.exists(os.path.join(workdir, FINAL_METRICS))
+
+
 class Preempted(Exception):
   """SIGTERM or SIGINT: a checkpoint was saved; rerunning the command resumes.
 

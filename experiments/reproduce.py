@@ -89,8 +89,8 @@ def check_initialisations(configs: dict, root: str, seeds: int) -> None:
     ValueError: naming the method, the seed and the fix.
   """
   for method, config in configs.items():
-    left = [s for s in range(seeds) if not os.path.exists(os.path.join(
-        run_workdir(root, method, s), loop.FINAL_METRICS))]
+    left = [s for s in range(seeds)
+            if not loop.is_finished(run_workdir(root, method, s))]
     runs.check_initialisation(config, left, method)
 
 

@@ -309,7 +309,7 @@ def _planned(module, method: str, key: str, value: float, seed: int, *,
     raise ValueError(f"SWEEP[{method!r}] sets {key!r}, which "
                      f"get_config({method!r}) does not have.")
   workdir = os.path.join(root, method, f"{key}={value:g}", f"seed{seed}")
-  if not os.path.exists(os.path.join(workdir, loop.FINAL_METRICS)):
+  if not loop.is_finished(workdir):
     runs.check_initialisation(cfg, [seed], method)
   return runs.Planned(runs.seeded(cfg, seed, root), workdir, None,
                       dict(method=method, key=key, value=value, seed=seed,
