@@ -471,7 +471,8 @@ def write_report(out_dir: str, records: Sequence[Mapping[str, Any]],
                  analyses: Mapping[str, Sequence[Mapping[str, Any]]],
                  methods_order: Optional[Sequence[str]] = None,
                  baseline: Optional[str] = None,
-                 contrasts: Sequence[Tuple[str, str]] = ()) -> str:
+                 contrasts: Sequence[Tuple[str, str]] = (),
+                 redraw: bool = True) -> str:
   """Writes ``results.md`` and the figures into ``out_dir``.
 
   Figures: ``learning_curves.png``, ``matched_fraction_depth.png``,
@@ -489,6 +490,9 @@ def write_report(out_dir: str, records: Sequence[Mapping[str, Any]],
       (:func:`paired_table`); None: no paired table.
     contrasts: ``(focus, other)`` pairs, each ``focus - other`` in the
       paired table's second table (:func:`paired_table`).
+    redraw: False: ``runs`` and ``analyses`` are not every record's (records
+      kept without their runs' workdirs), so no figure is drawn; those
+      already in ``out_dir`` are kept and linked.
 
   Returns:
     The Markdown table(s).
@@ -522,6 +526,10 @@ def write_report(out_dir: str, records: Sequence[Mapping[str, Any]],
   }
   written = []
   for name, draw in figures.items():
+    if not redraw:  # Drawn by the runs that made the records, if at all.
+      if os.path.exists(os.path.join(out_dir, name)):
+        written.append(name)
+      continue
     try:
       draw(os.path.join(out_dir, name))
       written.append(name)

@@ -2,7 +2,8 @@
 
   python -m experiments.reproduce \
       --config experiments/configs/transfer.py:data=digits --seeds 3 \
-      [--workdir workdirs/reproduce/digits_transfer] [--methods ot,l2_sp] \
+      [--workdir workdirs/reproduce/digits_transfer] [--out DIR] \
+      [--methods ot,l2_sp] \
       [--config.num_steps=100 ...]
 
 Runs ``experiments.main``'s job for each (method, seed) in
@@ -16,15 +17,30 @@ images. A teacher trained by the config is trained once, in
 ``WORKDIR/teacher``. A run left to train whose student would start from its
 teacher's initial weights (from random weights, the teacher's architecture
 and seed: :func:`experiments.runs.check_initialisation`) stops the command
-before any run; a finished run is reused, never refused. Writes
-``WORKDIR/results.json`` (one
+before any run; a finished run is reused, never refused.
+
+Outputs go to ``--out`` (default: WORKDIR), small files meant to be
+committed: each run's record with its config, ``OUT/runs/<method>/seed<k>.json``
+(:func:`record_path`), then ``OUT/results.json`` (one
 :class:`experiments.runs.Record` per run, without its config: ``method``,
 ``seed``, ``hyperparameters`` (each loss term's weight, weight and head
 decay, by config key), ``workdir``, ``status`` ("finished" or "diverged"),
 ``test_accuracy_best_val``, ``test_accuracy_last``, ``val_accuracy_best``,
 ``best_step``, ``step``, the plan diagnostics ``matched_fraction``,
 ``row_max_mass``, ``plan_entropy`` per layer and ``wall_s``),
-``WORKDIR/results.md`` and the figures, and prints the table.
+``OUT/results.md`` and the figures, and prints the table.
+
+Resuming. A run whose record is in ``--out`` is not trained again, nor its
+workdir read: a rerun of a committed table on a fresh checkout (``--out`` the
+folder it was committed to, no workdir) trains nothing and writes the same
+results.json and results.md. A record made with other settings than this
+command builds (another config file, method or override:
+:func:`experiments.same_run.record_differences`, which lets only
+result-neutral keys such as paths differ) is refused with an ``Error:``
+naming the differences: use another ``--out``. The figures need every
+run's workdir (its metrics and analysis): where some record's run is not in
+WORKDIR, the figures already in ``--out`` are kept as they are (the runs that
+made the records drew them) and results.md links them.
 
 Each method's config is ``get_config(method)`` of the config file, with the
 other settings of ``file.py:ARG`` kept (``transfer.py:data=fashion_mnist``
@@ -44,6 +60,7 @@ if __name__ == "__main__":  # A command (not an import): from its first line,
   interrupts.install()  # Ctrl-C / SIGTERM end in one line (imports included).
 
 import os
+from typing import Optional
 
 import jax
 from absl import app, flags, logging
@@ -63,8 +80,12 @@ def define_flags() -> None:
       lock_config=True)
   flags.DEFINE_integer("seeds", 3, "Seeds per method: 0 .. seeds-1.")
   flags.DEFINE_string(
-      "workdir", None, "Root directory (default: workdirs/reproduce/<config "
-      "name>).")
+      "workdir", None, "Root directory of the runs (default: "
+      "workdirs/reproduce/<config name>).")
+  flags.DEFINE_string(
+      "out", None, "Where the records, results.json, results.md and the "
+      "figures go (small, meant to be committed; default: the workdir). A "
+      "run with a record there is not trained again.")
   flags.DEFINE_list("methods", None,
                     "Subset of the config's methods (default: all).")
   flags.mark_flags_as_required(["config"])
@@ -75,11 +96,19 @@ def run_workdir(root: str, method: str, seed: int) -> str:
   return os.path.join(root, method, f"seed{seed}")
 
 
-def check_initialisations(configs: dict, root: str, seeds: int) -> None:
+def record_path(out: str, method: str, seed: int) -> str:
+  """Where the record of ``method``'s run of ``seed`` is kept, with its
+  config: ``OUT/runs/<method>/seed<k>.json``."""
+  return os.path.join(out, "runs", method, f"seed{seed}.json")
+
+
+def check_initialisations(configs: dict, root: str, seeds: int,
+                          out: Optional[str] = None) -> None:
   """Refuses, before any run, a student that would start from its teacher's
   initial weights (:func:`experiments.runs.check_initialisation`) on a seed
-  left to train; a seed whose workdir holds a finished run (its
-  ``final_metrics.json``) is reused, not trained, so never refused.
+  left to train; a seed with a record in ``out`` (default ``root``) or a
+  finished run in its workdir (its ``final_metrics.json``) is reused, not
+  trained, so never refused.
 
   Args:
     configs: ``{method: config}``; seeds: the table's seeds are
@@ -88,19 +117,26 @@ def check_initialisations(configs: dict, root: str, seeds: int) -> None:
   Raises:
     ValueError: naming the method, the seed and the fix.
   """
+  out = out or root
   for method, config in configs.items():
     left = [s for s in range(seeds)
-            if not loop.is_finished(run_workdir(root, method, s))]
+            if not (loop.is_finished(run_workdir(root, method, s))
+                    or os.path.exists(record_path(out, method, s)))]
     runs.check_initialisation(config, left, method)
 
 
-def run_all(configs: dict, root: str, seeds: int, baseline=None) -> tuple:
+def run_all(configs: dict, root: str, seeds: int, baseline=None,
+            out: Optional[str] = None) -> tuple:
   """Runs (or reuses) every method x seed; returns the records and the table.
 
   Args:
     configs: ``{method: config}`` in the order of the results; the table
       pairs every method with ``baseline``, then Omega_P with the others
       (``common.contrasts``).
+    root: the runs' root (``ROOT/<method>/seed<k>``, the teacher's).
+    seeds: the table's seeds are ``0 .. seeds-1``.
+    out: where the records and the report go (default ``root``); a run
+      with a record there is reused (:func:`experiments.runs.recorded`).
 
   Returns:
     ``(records, table)``: one :class:`experiments.runs.Record` per run, without
@@ -109,43 +145,59 @@ def run_all(configs: dict, root: str, seeds: int, baseline=None) -> tuple:
 
   Raises:
     ValueError: before any run, a run left to train that would start from
-      its teacher's initial weights (:func:`check_initialisations`).
+      its teacher's initial weights (:func:`check_initialisations`), or a
+      record in ``out`` made with other settings (:func:`runs.load_record`).
   """
-  check_initialisations(configs, root, seeds)
-  os.makedirs(root, exist_ok=True)
-  records, workdirs, analyses = [], {}, {}
+  out = out or root
+  check_initialisations(configs, root, seeds, out)
+  records, workdirs, analyses, absent = [], {}, {}, 0
   for method, config in configs.items():
     for seed in range(seeds):
       cfg = runs.seeded(config, seed, root)
       workdir = run_workdir(root, method, seed)
-      logging.info("=== %s, seed %d -> %s", method, seed, workdir)
-      record = runs.run_record(
-          cfg, workdir, method=method, seed=seed,
-          hyperparameters=runs.hyperparameters(cfg), workdir=workdir)
-      del record["config"]  # The table's records; the workdir has it.
+      run = runs.Planned(
+          cfg, workdir, record_path(out, method, seed),
+          dict(method=method, seed=seed,
+               hyperparameters=runs.hyperparameters(cfg), workdir=workdir))
+      record = dict(runs.recorded(run, train=_train))
+      del record["config"]  # The table's records; the record file has it.
       records.append(record)
-      if record["status"] == "finished":
+      if record["status"] != "finished":
+        continue
+      if not loop.is_finished(workdir):  # A record whose run is not here.
+        absent += 1
+      elif jax.process_index() == 0:  # Process 0 alone writes the outputs.
         workdirs.setdefault(method, []).append(workdir)
-        if jax.process_index() == 0:  # Process 0 alone writes the outputs.
-          analyses.setdefault(method, []).append(
-              runs.read_json(os.path.join(workdir, loop.ANALYSIS)))
+        analyses.setdefault(method, []).append(
+            runs.read_json(os.path.join(workdir, loop.ANALYSIS)))
   if jax.process_index() != 0:
     return records, ""
-  runs.write_json(os.path.join(root, "results.json"), records)
+  if absent:
+    logging.info("reproduce: %d records' runs are not in %s: the figures in "
+                 "%s are kept as they are.", absent, root, out)
+  runs.write_json(os.path.join(out, "results.json"), records)
   finished = [r for r in records if r["status"] == "finished"]
-  table = report.write_report(root, finished, workdirs, analyses,
+  table = report.write_report(out, finished, workdirs, analyses,
                               methods_order=list(configs),
                               baseline=baseline or None,
-                              contrasts=common.contrasts(configs, baseline))
+                              contrasts=common.contrasts(configs, baseline),
+                              redraw=not absent)
   diverged = [f"{r['method']} seed {r['seed']}" for r in records
               if r["status"] != "finished"]
   if diverged:
     note = ("\nDiverged (non-finite loss; left out of the means): "
             f"{', '.join(diverged)}.\n")
-    with open(os.path.join(root, "results.md"), "a") as f:
+    with open(os.path.join(out, "results.md"), "a") as f:
       f.write(note)
     table += note
   return records, table
+
+
+def _train(run: runs.Planned) -> runs.Record:
+  """Trains (or reuses the finished workdir of) a run without a record."""
+  logging.info("=== %s, seed %d -> %s", run.base["method"], run.base["seed"],
+               run.workdir)
+  return runs.train_record(run)
 
 
 def main(argv):
@@ -164,8 +216,10 @@ def _run(opts):
   configs = runs.method_configs(module, methods,
                                 config_flags.get_override_values(config_flag))
   root = opts.workdir or default_root("reproduce", path)
-  _, table = run_all(configs, root, opts.seeds, baseline=module.baseline)
-  print(f"\nResults in {root} ({opts.seeds} seeds):\n")
+  out = opts.out or root
+  _, table = run_all(configs, root, opts.seeds, baseline=module.baseline,
+                     out=out)
+  print(f"\nResults in {out} ({opts.seeds} seeds):\n")
   print(table)
 
 

@@ -330,9 +330,10 @@ def recorded(run: Planned,
 
 
 def train_record(run: Planned) -> Record:
-  """:func:`run_record` of ``run``, written to ``run.path`` (if any)."""
+  """:func:`run_record` of ``run``, written to ``run.path`` (if any; by
+  process 0, which alone has the plan diagnostics)."""
   record = run_record(run.config, run.workdir, **run.base)
-  if run.path:
+  if run.path and jax.process_index() == 0:
     write_json(run.path, record, indent=1)
   return record
 

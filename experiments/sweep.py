@@ -3,7 +3,8 @@
   python -m experiments.sweep \
       --config experiments/configs/transfer.py:data=fashion_mnist \
       [--tuning_seeds 100,101] [--extensions 2] [--methods ot,l2_sp] \
-      [--workdir workdirs/sweep/fashion_mnist_transfer]
+      [--workdir workdirs/sweep/fashion_mnist_transfer] \
+      [--out docs/fashion_mnist/fashion_mnist_transfer]
 
 The config file lists its grids in a module-level ``SWEEP = {method:
 (config_key, (value, ...))}``, e.g. ``{"ot": ("loss.terms.ot.weight", (0.01,
@@ -40,7 +41,7 @@ tuning seeds* is chosen, per method and key, by that rule
 the grid, else the smallest; a point with a diverged seed is never chosen,
 nor one that lacks a run on a seed the other points of its grid have, since
 its mean would be over other seeds); test accuracies are neither printed nor
-used. Writes ``WORKDIR/sweep.json`` (``records``: one per run, i.e. per
+used. Writes ``OUT/sweep.json`` (``records``: one per run, i.e. per
 method, key, value and tuning seed, with ``method``, ``key``, ``value``,
 ``seed``, ``val_accuracy_best``, ``best_step``, ``workdir`` -- the fields of
 an :class:`experiments.runs.Record` a sweep keeps -- kept across
@@ -50,13 +51,21 @@ invocation's value); ``chosen``: ``{method: {key: value}}`` and ``notes``:
 ``{method: {key: note}}``, "" when the grid brackets the choice, else why it
 does not (runs.bracket's note), both decided anew over the records of every
 invocation, so a sweep.json of one seed without grids, as the first
-protocol's, reads as before) and ``WORKDIR/sweep.md`` (each grid point's
+protocol's, reads as before) and ``OUT/sweep.md`` (each grid point's
 validation accuracy per seed and their mean, then each choice and its
 note), and prints the table and the chosen values: copy them into the
 config, with a comment naming this command. A grid point's run is kept by
-its workdir alone (a finished one is reused), not by a record file as a
-curve's; workdirs made before the tuning seeds had their directory
-(``<config_key>=<value>`` without ``seed<t>``) are not reused.
+its record in ``--out`` (default: WORKDIR), small files meant to be
+committed: ``OUT/tuning/<method>/<config_key>=<value>/seed<t>.json``
+(:func:`record_path`), with its config, as a curve's. A point with a record
+there is not trained again, nor its workdir read: a rerun of a committed
+sweep on a fresh checkout (``--out`` the folder it was committed to) trains
+nothing; a record made with other settings than this command builds is
+refused with an ``Error:`` naming the differences
+(:func:`experiments.runs.load_record`). A point without a record reuses its
+finished workdir (workdirs made before the tuning seeds had their directory,
+``<config_key>=<value>`` without ``seed<t>``, are not reused). sweep.json
+and sweep.md go to ``--out``.
 """
 
 from experiments import interrupts
@@ -66,6 +75,7 @@ if __name__ == "__main__":  # A command (not an import): from its first line,
 
 import functools
 import os
+from typing import Optional
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -94,8 +104,12 @@ def define_flags() -> None:
       "value is at (0: never, as the first protocol's sweeps; a choice "
       "still at an edge is noted as not bracketed).")
   flags.DEFINE_string(
-      "workdir", None, "Root directory (default: workdirs/sweep/<config "
-      "name>).")
+      "workdir", None, "Root directory of the runs (default: "
+      "workdirs/sweep/<config name>).")
+  flags.DEFINE_string(
+      "out", None, "Where the records, sweep.json and sweep.md go (small, "
+      "meant to be committed; default: the workdir). A point with a record "
+      "there is not trained again.")
   flags.DEFINE_list("methods", None,
                     "Methods to sweep (default: every method of SWEEP).")
   flags.DEFINE_string(
@@ -266,11 +280,20 @@ def sweep_grids(module, methods=None, grids=None) -> dict:
   return {m: grids[m] for m in methods}
 
 
+def record_path(out: str, method: str, key: str, value: float,
+                seed: int) -> str:
+  """Where a grid point's record is kept, with its config:
+  ``OUT/tuning/<method>/<key>=<value>/seed<t>.json``."""
+  return os.path.join(out, "tuning", method, f"{key}={value:g}",
+                      f"seed{seed}.json")
+
+
 def run_sweep(module, root: str, tuning_seeds, methods=None, overrides=None,
-              grids=None, extensions: int = 2):
+              grids=None, extensions: int = 2, out: Optional[str] = None):
   """Runs (or reuses) every grid point of ``grids`` (default:
   ``module.SWEEP``) on each of ``tuning_seeds`` (ints), each grid extended
-  at most ``extensions`` times (:func:`experiments.runs.tune`); returns
+  at most ``extensions`` times (:func:`experiments.runs.tune`), the records
+  kept in ``out`` (default ``root``; one there is reused); returns
   ``(records, chosen)``: one record per point and seed, and :func:`choose`'s
   choice, the one runs.tune made.
 
@@ -283,7 +306,7 @@ def run_sweep(module, root: str, tuning_seeds, methods=None, overrides=None,
   parse_extensions(extensions)
   grids = sweep_grids(module, methods, grids)
   plan = {m: functools.partial(_planned, module, m, key, root=root,
-                               overrides=overrides)
+                               out=out or root, overrides=overrides)
           for m, (key, _) in grids.items()}
   for m, (_, values) in grids.items():  # Every check before any run.
     for value in values:
@@ -299,19 +322,21 @@ def run_sweep(module, root: str, tuning_seeds, methods=None, overrides=None,
 
 
 def _planned(module, method: str, key: str, value: float, seed: int, *,
-             root: str, overrides) -> runs.Planned:
+             root: str, out: str, overrides) -> runs.Planned:
   """The run of ``method`` with ``key = value`` on ``seed``, in
-  ``ROOT/<method>/<key>=<value>/seed<seed>``; refused if left to train (no
-  final metrics in its workdir) with its teacher's initial weights."""
+  ``ROOT/<method>/<key>=<value>/seed<seed>``, its record in ``out``
+  (:func:`record_path`); refused if left to train (no record, no final
+  metrics in its workdir) with its teacher's initial weights."""
   (cfg,) = runs.method_configs(
       module, [method], {**(overrides or {}), key: value}).values()
   if not runs.has_key(cfg, key):
     raise ValueError(f"SWEEP[{method!r}] sets {key!r}, which "
                      f"get_config({method!r}) does not have.")
   workdir = os.path.join(root, method, f"{key}={value:g}", f"seed{seed}")
-  if not loop.is_finished(workdir):
+  path = record_path(out, method, key, value, seed)
+  if not (loop.is_finished(workdir) or os.path.exists(path)):
     runs.check_initialisation(cfg, [seed], method)
-  return runs.Planned(runs.seeded(cfg, seed, root), workdir, None,
+  return runs.Planned(runs.seeded(cfg, seed, root), workdir, path,
                       dict(method=method, key=key, value=value, seed=seed,
                            workdir=workdir))
 
@@ -355,6 +380,7 @@ def main(argv):
     path = opts["config"].config_filename
     module = runs.load_config_module(path)
     root = opts.workdir or default_root("sweep", path)
+    out = opts.out or root
     grids = None
     if opts.key or opts.values:
       if not (opts.key and opts.values and opts.methods):
@@ -367,11 +393,11 @@ def main(argv):
     grids = sweep_grids(module, opts.methods, grids)
     records, _ = run_sweep(module, root, tuning_seeds, list(grids),
                            config_flags.get_override_values(opts["config"]),
-                           grids, extensions)
+                           grids, extensions, out)
     table, chosen, noted = save(
-        root, records, {m: {key: list(values)}
+        out, records, {m: {key: list(values)}
                         for m, (key, values) in grids.items()})
-    print(f"\nSweep in {root}:\n\n{table}\nChosen on validation:")
+    print(f"\nSweep in {out}:\n\n{table}\nChosen on validation:")
     for method, kv in noted.items():
       for key, note in kv.items():
         value = chosen.get(method, {}).get(key)

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -207,7 +208,8 @@ def test_restore_without_checkpoints_says_what_to_do(tmp_path):
 
 
 @pytest.mark.slow
-def test_reproduce_writes_results_table_and_figures(teacher_dir, tmp_path):
+def test_reproduce_writes_results_table_and_figures(teacher_dir, tmp_path,
+                                                   monkeypatch):
   methods = ("scratch", "ot", "ot_uniform")
   configs = {m: tiny_config(teacher_dir, m) for m in methods}
   records, table = reproduce.run_all(configs, str(tmp_path), seeds=2,
@@ -231,6 +233,38 @@ def test_reproduce_writes_results_table_and_figures(teacher_dir, tmp_path):
   # Omega_P against its control (common.contrasts), the second table.
   contrasts = table.split("| pair (same seeds) |")[-1]
   assert "| ot − ot_uniform | 2 |" in contrasts
+  # A fresh checkout of what is committed (the records, with their configs,
+  # the tables and figures; no workdir): a rerun trains nothing, reads no
+  # run, and writes the same tables; the figures stay as they were.
+  committed = tmp_path / "committed"
+  shutil.copytree(tmp_path, committed, ignore=lambda d, names: [
+      n for n in names if d == str(tmp_path) and n not in (
+          "runs", "results.json", "results.md", "learning_curves.png")])
+  figure = (committed / "learning_curves.png").read_bytes()
+
+  def trains(*args, **kwargs):
+    raise AssertionError("a committed record's run was trained again")
+
+  monkeypatch.setattr(loop, "train_and_evaluate", trains)
+  fresh = tmp_path / "fresh"
+  again, table_again = reproduce.run_all(configs, str(fresh), seeds=2,
+                                         baseline="scratch",
+                                         out=str(committed))
+  assert again == saved and table_again == table and not fresh.exists()
+  assert json.load(open(committed / "results.json")) == saved
+  md = open(committed / "results.md").read()
+  assert md == open(tmp_path / "results.md").read().replace(
+      "\n![ot_plan](ot_plan.png)\n", "").replace(
+          "\n![matched_fraction_depth](matched_fraction_depth.png)\n", ""
+      ).replace("\n![matched_fraction_training](matched_fraction_training"
+                ".png)\n", "")  # Only the figures still there are linked.
+  assert (committed / "learning_curves.png").read_bytes() == figure
+  # A record of other settings is refused, naming the difference.
+  configs["ot"].loss.terms.ot.weight *= 10
+  with pytest.raises(ValueError, match=(
+      r"seed0.json was made with other settings than this command builds: "
+      r"loss.terms.ot.weight")):
+    reproduce.run_all(configs, str(fresh), seeds=2, out=str(committed))
 
 
 def _clash(teacher_dir, method="scratch"):
@@ -265,6 +299,10 @@ def test_reproduce_does_not_refuse_a_finished_run_it_reuses(tmp_path):
   os.remove(finished)
   with pytest.raises(ValueError, match="seed 0 would initialise"):
     reproduce.check_initialisations(configs, root, 3)
+  # Nor one whose record is kept in --out (a committed table).
+  out = str(tmp_path / "docs")
+  runs.write_json(reproduce.record_path(out, "scratch", 0), {})
+  reproduce.check_initialisations(configs, root, 3, out)
 
 
 def test_reproduce_cli_refuses_the_clash_in_one_error_line(tmp_path):

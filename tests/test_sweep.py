@@ -206,6 +206,33 @@ def test_a_student_of_the_teachers_seed_is_refused_before_any_run(
   assert (5e-4, 100) in trained
 
 
+def test_a_rerun_reuses_the_records_in_out_and_refuses_other_settings(
+    tmp_path, monkeypatch):
+  # --out keeps each point's record with its config (a committed sweep): on
+  # a fresh checkout, without the workdir, a rerun trains nothing.
+  trained = stub_grid_training(monkeypatch, lambda w: 1 - abs(w - 0.1))
+  grids = {"ot": (KEY, (0.01, 0.1, 1.0))}
+  out = tmp_path / "docs"
+  records, chosen = sweep.run_sweep(DIGITS, str(tmp_path / "work"),
+                                    [100, 101], grids=grids, out=str(out))
+  assert len(trained) == len(records) == 6 and chosen == {"ot": {KEY: 0.1}}
+  assert sorted(os.listdir(out / "tuning" / "ot")) == [
+      f"{KEY}=0.01", f"{KEY}=0.1", f"{KEY}=1"]
+  saved = runs.read_json(sweep.record_path(str(out), "ot", KEY, 0.1, 101))
+  assert saved["config"]["loss"]["terms"]["ot"]["weight"] == 0.1
+  fresh = tmp_path / "fresh"
+  again, chosen_again = sweep.run_sweep(DIGITS, str(fresh), [100, 101],
+                                        grids=grids, out=str(out))
+  assert len(trained) == 6 and not fresh.exists()
+  assert (again, chosen_again) == (records, chosen)
+  with pytest.raises(ValueError, match=(
+      r"seed100.json was made with other settings than this command builds: "
+      r"num_steps")):
+    sweep.run_sweep(DIGITS, str(fresh), [100, 101], grids=grids,
+                    out=str(out), overrides={"num_steps": 7})
+  assert len(trained) == 6
+
+
 def test_sweep_json_keys_without_a_grid_count_no_extension():
   # The first protocol's sweeps: no "grids"; a sweep of an earlier grid
   # counts its points beyond the one given as extensions.

@@ -32,18 +32,21 @@ seeds 100 and 101 out of 0.1x, 1x and 10x a customary value (a grid whose
 best is at an edge extended 10x that way, at most twice), chosen by
   python -m experiments.sweep \
       --config experiments/configs/cross_arch.py:data=fashion_mnist \
-      --tuning_seeds 100,101
+      --tuning_seeds 100,101 --out docs/fashion_mnist/fashion_mnist_cross_arch
 (docs/fashion_mnist/fashion_mnist_cross_arch/sweep.md).
 
 Launch one method (default: data=digits, method=ot):
   python -m experiments.main \
       --config experiments/configs/cross_arch.py:data=digits,method=ot \
       --workdir workdirs/digits_cross_arch/ot
-All methods x seeds, table and figures (in workdirs/reproduce/<data>_cross_arch):
+All methods x seeds, table and figures (runs in workdirs/reproduce/<data>_cross_arch;
+the committed table's records, table and figures in its --out, where a rerun
+reuses them and trains nothing):
   python -m experiments.reproduce \
       --config experiments/configs/cross_arch.py:data=digits --seeds 3
   python -m experiments.reproduce \
-      --config experiments/configs/cross_arch.py:data=fashion_mnist --seeds 10
+      --config experiments/configs/cross_arch.py:data=fashion_mnist --seeds 10 \
+      --out docs/fashion_mnist/fashion_mnist_cross_arch
 """
 
 from experiments.configs import common, transfer

@@ -52,9 +52,10 @@ validation accuracy of the tuning seeds 100 and 101 (not table seeds) out of
 10x that way, at most twice), chosen by
   python -m experiments.sweep \
       --config experiments/configs/transfer.py:data=fashion_mnist \
-      --tuning_seeds 100,101
+      --tuning_seeds 100,101 --out docs/fashion_mnist/fashion_mnist_transfer
 (docs/fashion_mnist/fashion_mnist_transfer/sweep.md; data=digits:
-docs/digits_transfer/sweep.md). The weight decay is
+--config experiments/configs/transfer.py:data=digits --out
+docs/digits_transfer, docs/digits_transfer/sweep.md). The weight decay is
 the protocol's, the same for every method, not a tuned weight: the former
 finetune_l2 method, which tuned it, is plain fine-tuning now, as in the
 regime studies (regimes.py's scarcity study). The first protocol's tables
@@ -65,11 +66,15 @@ Launch one method (default: data=digits, method=ot):
   python -m experiments.main \
       --config experiments/configs/transfer.py:data=digits,method=ot \
       --workdir workdirs/digits_transfer/ot
-All methods x seeds, table and figures (in workdirs/reproduce/<data>_transfer):
+All methods x seeds, table and figures (runs in workdirs/reproduce/<data>_transfer;
+the committed table's records, table and figures in its --out, where a rerun
+reuses them and trains nothing):
   python -m experiments.reproduce \
-      --config experiments/configs/transfer.py:data=digits --seeds 3
+      --config experiments/configs/transfer.py:data=digits --seeds 10 \
+      --out docs/digits_transfer
   python -m experiments.reproduce \
-      --config experiments/configs/transfer.py:data=fashion_mnist --seeds 10
+      --config experiments/configs/transfer.py:data=fashion_mnist --seeds 10 \
+      --out docs/fashion_mnist/fashion_mnist_transfer
 A smoke run (a few steps, tiny sizes: common.SMOKE):
   python -m experiments.main \
       --config experiments/configs/transfer.py:data=digits,smoke=True
