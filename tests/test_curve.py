@@ -204,8 +204,9 @@ def test_curve_writes_records_and_a_rerun_trains_nothing(tmp_path, teacher_dir,
   overrides = {"teacher.workdir": str(teacher_dir)}
   # The protocol's pieces: two tuning seeds, both reads, the no-matching
   # control beside Omega_P.
+  # finetune has no grid in the config file's SWEEP (l2_sp's would train it).
   grids = {"ot": (0.1,), "ot_uniform": (0.1,)}
-  methods = ("l2_sp", "ot", "ot_uniform")
+  methods = ("finetune", "ot", "ot_uniform")
   out, work = tmp_path / "out", tmp_path / "work"
   config = os.path.join(REPO, f"experiments/configs/transfer.py:{ARG}")
   # From the flags, as main: the default tuning seeds 100, 101.
@@ -218,7 +219,7 @@ def test_curve_writes_records_and_a_rerun_trains_nothing(tmp_path, teacher_dir,
   # The command that made it, canonical: flags at their defaults left out.
   command = ("python -m experiments.curve " + " ".join(map(shlex.quote, [
       "--config", config, "--key", KEY, "--values", "3,5", "--seeds", "1",
-      "--methods", "l2_sp,ot,ot_uniform", "--grid", "ot=0.1", "--grid",
+      "--methods", "finetune,ot,ot_uniform", "--grid", "ot=0.1", "--grid",
       "ot_uniform=0.1", f"--config.teacher.workdir={teacher_dir}", "--out",
       str(out), "--workdir", str(work)])))
   assert json.loads((out / "results.json").read_text())["command"] == command
@@ -257,7 +258,7 @@ def test_curve_writes_records_and_a_rerun_trains_nothing(tmp_path, teacher_dir,
   assert json.loads((out / "results.json").read_text())["runs"] == json.loads(
       json.dumps(summary["runs"]))
   md = (out / "results.md").read_text()
-  assert md.count("| ot − l2_sp | 1 |") == 2  # Both reads on each row.
+  assert md.count("| ot − finetune | 1 |") == 2  # Both reads on each row.
   assert md.count("| ot − ot_uniform | 1 |") == 2
   assert "| pair | n | best val: mean | s.e. | better | last: mean |" in md
   assert "row-max mass" in md and "tuning seeds 100, 101" in md

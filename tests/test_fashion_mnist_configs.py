@@ -94,7 +94,8 @@ def test_docstring_sweep_and_methods(name):
     ("transfer", "delta",
      {"data.classes": (0, 2, 4), "teacher.job.data.classes": (1, 3, 5, 7, 9),
       "data.samples_per_class": 4}),
-    ("distill", "ot_kd", {}),
+    # distill's KD and Omega_P + KD: the digits configs' test and the ViT
+    # rows below (the same terms, the same reader).
     ("cross_arch", "ot", {}),
     # ViT student: token layers against a ViT's and a CNN's 7 x 7 stage3.
     pytest.param("vit_distill", "ot_kd", {}, marks=pytest.mark.slow),
