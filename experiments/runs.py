@@ -5,7 +5,8 @@ they run one config:
 
 * **Config files** (:func:`load_config_module`,
   :func:`method_configs`, :func:`seeded`, :func:`has_key`, :func:`flatten`,
-  :func:`hyperparameters`, :func:`check_initialisation`): a config file
+  :func:`hyperparameters`, :func:`check_initialisation`,
+  :func:`same_network`): a config file
   ``file.py[:ARG]`` as its methods' configs, the command line's
   ``--config.key=value`` overrides applied last, a method's config for one
   seed, and the seeds it must not run with.
@@ -180,18 +181,23 @@ def check_initialisation(config, seeds: Sequence[int], what: str) -> None:
   t = config.teacher
   if t.source != "train" or config.init_from_teacher:
     return
-  if t.job.seed not in seeds:
-    return
-  # The same network: modules compare their fields, defaults filled in (no
-  # width and width=1.0 are one small_cnn); the head's size does not matter.
-  if models.create_model(config.model.name, 1, **config.model.kwargs) != (
-      models.create_model(t.job.model.name, 1, **t.job.model.kwargs)):
+  if t.job.seed not in seeds or not same_network(config):
     return
   raise ValueError(
       f"{what}: seed {t.job.seed} would initialise the student with the "
       "teacher's own initial weights (same architecture, teacher.job.seed). "
       f"Give the teacher another seed (--config.teacher.job.seed="
       f"{common.TEACHER_SEED} and a new teacher.workdir).")
+
+
+def same_network(config) -> bool:
+  """Whether the student's network is its trained teacher's
+  (``teacher.job.model``): modules compare their fields, defaults filled in
+  (no width and width=1.0 are one small_cnn); the head's size does not
+  matter."""
+  t = config.teacher.job.model
+  return models.create_model(config.model.name, 1, **config.model.kwargs) == (
+      models.create_model(t.name, 1, **t.kwargs))
 
 
 def hyperparameters(config) -> dict:
