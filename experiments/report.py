@@ -472,7 +472,7 @@ def write_report(out_dir: str, records: Sequence[Mapping[str, Any]],
                  methods_order: Optional[Sequence[str]] = None,
                  baseline: Optional[str] = None,
                  contrasts: Sequence[Tuple[str, str]] = (),
-                 redraw: bool = True) -> str:
+                 figures: str = "draw") -> str:
   """Writes ``results.md`` and the figures into ``out_dir``.
 
   Figures: ``learning_curves.png``, ``matched_fraction_depth.png``,
@@ -490,13 +490,16 @@ def write_report(out_dir: str, records: Sequence[Mapping[str, Any]],
       (:func:`paired_table`); None: no paired table.
     contrasts: ``(focus, other)`` pairs, each ``focus - other`` in the
       paired table's second table (:func:`paired_table`).
-    redraw: False: ``runs`` and ``analyses`` are not every record's (records
-      kept without their runs' workdirs), so no figure is drawn; those
-      already in ``out_dir`` are kept and linked.
+    figures: ``"draw"``: from ``runs`` and ``analyses``; where they are not
+      every record's (records kept without their runs' workdirs), no figure
+      is drawn: ``"keep"`` links those already in ``out_dir`` (drawn by the
+      runs that made the records), ``"skip"`` links none.
 
   Returns:
     The Markdown table(s).
   """
+  if figures not in ("draw", "keep", "skip"):
+    raise ValueError(f"figures={figures!r}: draw, keep or skip.")
   os.makedirs(out_dir, exist_ok=True)
   table = markdown_table(summarize(records, methods_order))
   if baseline:
@@ -516,7 +519,7 @@ def write_report(out_dir: str, records: Sequence[Mapping[str, Any]],
     method, layer, plan = picked
     plot_plan(plan, path, title=f"OT plan, {method}, {layer}")
 
-  figures = {
+  drawers = {
       "learning_curves.png": lambda p: plot_learning_curves(runs, p),
       "matched_fraction_depth.png":
           lambda p: plot_matched_fraction_depth(analyses, p),
@@ -525,9 +528,9 @@ def write_report(out_dir: str, records: Sequence[Mapping[str, Any]],
       "ot_plan.png": ot_plan,
   }
   written = []
-  for name, draw in figures.items():
-    if not redraw:  # Drawn by the runs that made the records, if at all.
-      if os.path.exists(os.path.join(out_dir, name)):
+  for name, draw in drawers.items():
+    if figures != "draw":
+      if figures == "keep" and os.path.exists(os.path.join(out_dir, name)):
         written.append(name)
       continue
     try:

@@ -31,16 +31,20 @@ decay, by config key), ``workdir``, ``status`` ("finished" or "diverged"),
 ``OUT/results.md`` and the figures, and prints the table.
 
 Resuming. A run whose record is in ``--out`` is not trained again, nor its
-workdir read: a rerun of a committed table on a fresh checkout (``--out`` the
-folder it was committed to, no workdir) trains nothing and writes the same
-results.json and results.md. A record made with other settings than this
-command builds (another config file, method or override:
-:func:`experiments.same_run.record_differences`, which lets only
-result-neutral keys such as paths differ) is refused with an ``Error:``
-naming the differences: use another ``--out``. The figures need every
-run's workdir (its metrics and analysis): where some record's run is not in
-WORKDIR, the figures already in ``--out`` are kept as they are (the runs that
-made the records drew them) and results.md links them.
+workdir read for the record: a rerun of a committed table on a fresh
+checkout (``--out`` the folder it was committed to, no workdir) trains
+nothing and writes the same results.json and results.md. A record made with
+other settings than this command builds (another config file, method or
+override: :func:`experiments.same_run.record_differences`, which lets only
+result-neutral keys such as paths differ) is refused before any run with an
+``Error:`` naming the differences: use another ``--out``. The figures need
+every run's workdir (its metrics and analysis): where some record's run is
+not in WORKDIR, the figures already in ``--out`` are kept as they are (the
+runs that made the records drew them) and results.md links them, if this
+call trained nothing; else no figure is linked. results.json and results.md
+are the table this command asks for: ``--methods`` or ``--seeds`` other than
+the committed command's, with its ``--out``, rewrite them as a smaller (or
+larger) table, the records staying; give such a command its own ``--out``.
 
 Each method's config is ``get_config(method)`` of the config file, with the
 other settings of ``file.py:ARG`` kept (``transfer.py:data=fashion_mnist``
@@ -102,27 +106,49 @@ def record_path(out: str, method: str, seed: int) -> str:
   return os.path.join(out, "runs", method, f"seed{seed}.json")
 
 
+def planned(configs: dict, root: str, seeds: int,
+            out: Optional[str] = None) -> list:
+  """Every run of the table, methods in order then seeds: the
+  :class:`experiments.runs.Planned` of ``method`` on ``seed`` trains in
+  :func:`run_workdir` with its record at :func:`record_path` in ``out``
+  (default ``root``)."""
+  out = out or root
+  plan = []
+  for method, config in configs.items():
+    for seed in range(seeds):
+      cfg = runs.seeded(config, seed, root)
+      workdir = run_workdir(root, method, seed)
+      plan.append(runs.Planned(
+          cfg, workdir, record_path(out, method, seed),
+          dict(method=method, seed=seed,
+               hyperparameters=runs.hyperparameters(cfg), workdir=workdir)))
+  return plan
+
+
 def check_initialisations(configs: dict, root: str, seeds: int,
                           out: Optional[str] = None) -> None:
-  """Refuses, before any run, a student that would start from its teacher's
-  initial weights (:func:`experiments.runs.check_initialisation`) on a seed
-  left to train; a seed with a record in ``out`` (default ``root``) or a
-  finished run in its workdir (its ``final_metrics.json``) is reused, not
-  trained, so never refused.
+  """Checks every run before any trains: a record in ``out`` made with other
+  settings is refused (:func:`experiments.runs.load_record`), and so is a
+  student that would start from its teacher's initial weights
+  (:func:`experiments.runs.check_initialisation`) on a seed left to train
+  (:func:`experiments.runs.left_to_train`: a seed with a record, or a
+  finished run in its workdir, is reused, never refused).
 
   Args:
     configs: ``{method: config}``; seeds: the table's seeds are
-      ``0 .. seeds-1``.
+      ``0 .. seeds-1``; out: where the records are (default ``root``).
 
   Raises:
-    ValueError: naming the method, the seed and the fix.
+    ValueError: naming the record and its differences, or the method, the
+      seed and the fix.
   """
-  out = out or root
+  left = {}
+  for run in planned(configs, root, seeds, out):
+    runs.load_record(run.path, run.config)
+    if runs.left_to_train(run):
+      left.setdefault(run.base["method"], []).append(run.base["seed"])
   for method, config in configs.items():
-    left = [s for s in range(seeds)
-            if not (loop.is_finished(run_workdir(root, method, s))
-                    or os.path.exists(record_path(out, method, s)))]
-    runs.check_initialisation(config, left, method)
+    runs.check_initialisation(config, left.get(method, []), method)
 
 
 def run_all(configs: dict, root: str, seeds: int, baseline=None,
@@ -138,50 +164,53 @@ def run_all(configs: dict, root: str, seeds: int, baseline=None,
     out: where the records and the report go (default ``root``); a run
       with a record there is reused (:func:`experiments.runs.recorded`).
 
+  The figures are drawn from the runs' workdirs when each holds its
+  record's run; else, when this call trained nothing (every record was in
+  ``out``), those already in ``out`` are kept and linked (drawn by the runs
+  that made the records); else none is linked.
+
   Returns:
     ``(records, table)``: one :class:`experiments.runs.Record` per run, without
     its config (as in ``results.json``), and the Markdown table ("" on
     processes other than 0, which write nothing).
 
   Raises:
-    ValueError: before any run, a run left to train that would start from
-      its teacher's initial weights (:func:`check_initialisations`), or a
-      record in ``out`` made with other settings (:func:`runs.load_record`).
+    ValueError: before any run, a record in ``out`` made with other
+      settings, or a run left to train that would start from its teacher's
+      initial weights (:func:`check_initialisations`).
   """
   out = out or root
   check_initialisations(configs, root, seeds, out)
-  records, workdirs, analyses, absent = [], {}, {}, 0
-  for method, config in configs.items():
-    for seed in range(seeds):
-      cfg = runs.seeded(config, seed, root)
-      workdir = run_workdir(root, method, seed)
-      run = runs.Planned(
-          cfg, workdir, record_path(out, method, seed),
-          dict(method=method, seed=seed,
-               hyperparameters=runs.hyperparameters(cfg), workdir=workdir))
-      record = dict(runs.recorded(run, train=_train))
-      del record["config"]  # The table's records; the record file has it.
-      records.append(record)
-      if record["status"] != "finished":
-        continue
-      if not loop.is_finished(workdir):  # A record whose run is not here.
-        absent += 1
-      elif jax.process_index() == 0:  # Process 0 alone writes the outputs.
-        workdirs.setdefault(method, []).append(workdir)
-        analyses.setdefault(method, []).append(
-            runs.read_json(os.path.join(workdir, loop.ANALYSIS)))
+  records, workdirs, analyses = [], {}, {}
+  absent, trained = 0, 0
+  for run in planned(configs, root, seeds, out):
+    kept = os.path.exists(run.path)
+    record = dict(runs.recorded(run, train=_train))
+    trained += not kept
+    del record["config"]  # The table's records; the record file has it.
+    records.append(record)
+    if record["status"] != "finished":
+      continue
+    if not _holds(run.workdir, record):
+      absent += 1
+    elif jax.process_index() == 0:  # Process 0 alone writes the outputs.
+      workdirs.setdefault(record["method"], []).append(run.workdir)
+      analyses.setdefault(record["method"], []).append(
+          runs.read_json(os.path.join(run.workdir, loop.ANALYSIS)))
   if jax.process_index() != 0:
     return records, ""
+  figures = "draw" if not absent else "skip" if trained else "keep"
   if absent:
-    logging.info("reproduce: %d records' runs are not in %s: the figures in "
-                 "%s are kept as they are.", absent, root, out)
+    logging.info("reproduce: %d records' runs are not in %s: %s.", absent,
+                 root, "no figure is linked" if trained else
+                 f"the figures in {out} are kept as they are")
   runs.write_json(os.path.join(out, "results.json"), records)
   finished = [r for r in records if r["status"] == "finished"]
   table = report.write_report(out, finished, workdirs, analyses,
                               methods_order=list(configs),
                               baseline=baseline or None,
                               contrasts=common.contrasts(configs, baseline),
-                              redraw=not absent)
+                              figures=figures)
   diverged = [f"{r['method']} seed {r['seed']}" for r in records
               if r["status"] != "finished"]
   if diverged:
@@ -191,6 +220,19 @@ def run_all(configs: dict, root: str, seeds: int, baseline=None,
       f.write(note)
     table += note
   return records, table
+
+
+def _holds(workdir: str, record: runs.Record) -> bool:
+  """Whether ``workdir`` holds ``record``'s run (finished, with its final
+  metrics): the figures may be drawn from it, not from another run left
+  there (other settings, another command)."""
+  if not loop.is_finished(workdir):
+    return False
+  final = runs.read_json(os.path.join(workdir, loop.FINAL_METRICS))
+  return (final["test_accuracy_at_best_val"], final["test_accuracy"],
+          final["best_step"], final["step"]) == (
+              record["test_accuracy_best_val"], record["test_accuracy_last"],
+              record["best_step"], record["step"])
 
 
 def _train(run: runs.Planned) -> runs.Record:

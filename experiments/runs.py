@@ -321,8 +321,9 @@ class Planned(NamedTuple):
 
   config: Any  # The run's config (seeded: runs.seeded).
   workdir: str  # Its experiments.main workdir.
-  # The JSON file that keeps its record (curve's committed records); None:
-  # the workdir alone keeps the run (run_record reuses a finished one).
+  # The JSON file that keeps its record, with its config (the committed
+  # records of curve, reproduce and sweep); None: the workdir alone keeps
+  # the run (run_record reuses a finished one).
   path: Optional[str]
   base: dict  # The record's leading fields (run_record's base).
 
@@ -333,6 +334,13 @@ def recorded(run: Planned,
   made with other settings, :func:`load_record`), else ``train(run)``
   (default :func:`train_record`)."""
   return load_record(run.path, run.config) or (train or train_record)(run)
+
+
+def left_to_train(run: Planned) -> bool:
+  """Whether ``run`` would train: no record at ``run.path`` and no finished
+  run in its workdir (which :func:`run_record` reuses)."""
+  return not ((run.path and os.path.exists(run.path))
+              or loop.is_finished(run.workdir))
 
 
 def train_record(run: Planned) -> Record:

@@ -1,7 +1,8 @@
 """When two configs describe the same run: one table of keys, one diff.
 
 A run's config is saved with it: in its checkpoints (``RunMeta.config``) and
-in every record ``experiments.curve`` commits. Two questions compare a saved
+in every record ``experiments.curve``, ``experiments.reproduce`` and
+``experiments.sweep`` keep in their ``--out``. Two questions compare a saved
 config with the one a command builds now, and both read :data:`KEYS`:
 
 * **May this checkpoint be resumed?** (:func:`resume_differences`, used by
@@ -9,7 +10,8 @@ config with the one a command builds now, and both read :data:`KEYS`:
   teacher.) Keys marked :data:`RESUMABLE` or :data:`RESULT_NEUTRAL` may
   differ.
 * **Is this record the run the command asks for?** (:func:`record_differences`,
-  used by ``experiments.curve`` before it reuses a committed record.) Only
+  used by curve, reproduce and sweep before they reuse a kept record,
+  :func:`experiments.runs.load_record`.) Only
   :data:`RESULT_NEUTRAL` keys may differ: a record made with another
   ``num_steps`` or ``eval_every`` is another result.
 

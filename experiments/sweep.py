@@ -80,7 +80,7 @@ from typing import Optional
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import loop, runs
+from experiments import runs
 from experiments.cli import (default_root, parse_flags, quiet_libraries,
                              user_errors)
 
@@ -311,7 +311,8 @@ def run_sweep(module, root: str, tuning_seeds, methods=None, overrides=None,
   for m, (_, values) in grids.items():  # Every check before any run.
     for value in values:
       for seed in tuning_seeds:
-        plan[m](value, seed)
+        run = plan[m](value, seed)
+        runs.load_record(run.path, run.config)
   records = []
   for m, (key, values) in grids.items():
     tuning = runs.tune(functools.partial(_point, plan[m]), key, values,
@@ -325,20 +326,22 @@ def _planned(module, method: str, key: str, value: float, seed: int, *,
              root: str, out: str, overrides) -> runs.Planned:
   """The run of ``method`` with ``key = value`` on ``seed``, in
   ``ROOT/<method>/<key>=<value>/seed<seed>``, its record in ``out``
-  (:func:`record_path`); refused if left to train (no record, no final
-  metrics in its workdir) with its teacher's initial weights."""
+  (:func:`record_path`); refused if left to train
+  (:func:`experiments.runs.left_to_train`) with its teacher's initial
+  weights."""
   (cfg,) = runs.method_configs(
       module, [method], {**(overrides or {}), key: value}).values()
   if not runs.has_key(cfg, key):
     raise ValueError(f"SWEEP[{method!r}] sets {key!r}, which "
                      f"get_config({method!r}) does not have.")
   workdir = os.path.join(root, method, f"{key}={value:g}", f"seed{seed}")
-  path = record_path(out, method, key, value, seed)
-  if not (loop.is_finished(workdir) or os.path.exists(path)):
+  run = runs.Planned(runs.seeded(cfg, seed, root), workdir,
+                     record_path(out, method, key, value, seed),
+                     dict(method=method, key=key, value=value, seed=seed,
+                          workdir=workdir))
+  if runs.left_to_train(run):
     runs.check_initialisation(cfg, [seed], method)
-  return runs.Planned(runs.seeded(cfg, seed, root), workdir, path,
-                      dict(method=method, key=key, value=value, seed=seed,
-                           workdir=workdir))
+  return run
 
 
 def _point(plan, value: float, seed: int) -> runs.Planned:
@@ -350,13 +353,13 @@ def _point(plan, value: float, seed: int) -> runs.Planned:
   return run
 
 
-def save(root: str, records, grids) -> tuple:
-  """Writes ``ROOT/sweep.json`` and ``ROOT/sweep.md``: ``records`` and
+def save(out: str, records, grids) -> tuple:
+  """Writes ``OUT/sweep.json`` and ``OUT/sweep.md``: ``records`` and
   ``grids`` (``{method: {key: [value, ...]}}``, as given) merged with those
   of an earlier sweep.json there (:func:`merge`, :func:`merge_grids`), the
   choices and notes decided anew over them; returns ``(sweep.md's text,
   chosen, notes)``."""
-  path = os.path.join(root, "sweep.json")
+  path = os.path.join(out, "sweep.json")
   if os.path.exists(path):  # Earlier sweeps of other methods or keys stay.
     saved = runs.read_json(path)
     records = merge(saved["records"], records)
@@ -365,7 +368,7 @@ def save(root: str, records, grids) -> tuple:
   runs.write_json(path, {"records": records, "grids": grids,
                          "chosen": chosen, "notes": noted})
   table = markdown(records, chosen, noted)
-  with open(os.path.join(root, "sweep.md"), "w") as f:
+  with open(os.path.join(out, "sweep.md"), "w") as f:
     f.write(table)
   return table, chosen, noted
 

@@ -259,12 +259,39 @@ def test_reproduce_writes_results_table_and_figures(teacher_dir, tmp_path,
       ).replace("\n![matched_fraction_training](matched_fraction_training"
                 ".png)\n", "")  # Only the figures still there are linked.
   assert (committed / "learning_curves.png").read_bytes() == figure
-  # A record of other settings is refused, naming the difference.
+  # A record of other settings is refused before any run (scratch's seed
+  # 1, without its record now, would train first), naming the difference.
+  os.remove(committed / "runs" / "scratch" / "seed1.json")
   configs["ot"].loss.terms.ot.weight *= 10
   with pytest.raises(ValueError, match=(
       r"seed0.json was made with other settings than this command builds: "
       r"loss.terms.ot.weight")):
     reproduce.run_all(configs, str(fresh), seeds=2, out=str(committed))
+  # A run recorded now beside reused records (scratch's seed 1, from a copy
+  # of the first call's finished workdir): no figure is linked, none
+  # redrawn from the one run here.
+  configs["ot"].loss.terms.ot.weight /= 10
+  monkeypatch.undo()
+  shutil.copytree(tmp_path / "scratch" / "seed1",
+                  fresh / "scratch" / "seed1")
+  _, table_mixed = reproduce.run_all(configs, str(fresh), seeds=2,
+                                     baseline="scratch", out=str(committed))
+  assert table_mixed == table and "![" not in open(
+      committed / "results.md").read()
+  assert (committed / "learning_curves.png").read_bytes() == figure
+
+
+def test_figures_are_drawn_only_from_workdirs_that_hold_the_records_runs(
+    tmp_path):
+  record = {"test_accuracy_best_val": 0.8, "test_accuracy_last": 0.7,
+            "best_step": 10, "step": 20}
+  final = {"test_accuracy_at_best_val": 0.8, "test_accuracy": 0.7,
+           "best_step": 10, "step": 20}
+  assert not reproduce._holds(str(tmp_path), record)  # Not finished.
+  runs.write_json(str(tmp_path / loop.FINAL_METRICS), final)
+  assert reproduce._holds(str(tmp_path), record)
+  runs.write_json(str(tmp_path / loop.FINAL_METRICS), {**final, "step": 30})
+  assert not reproduce._holds(str(tmp_path), record)  # Another run.
 
 
 def _clash(teacher_dir, method="scratch"):
@@ -301,7 +328,8 @@ def test_reproduce_does_not_refuse_a_finished_run_it_reuses(tmp_path):
     reproduce.check_initialisations(configs, root, 3)
   # Nor one whose record is kept in --out (a committed table).
   out = str(tmp_path / "docs")
-  runs.write_json(reproduce.record_path(out, "scratch", 0), {})
+  (run, *_) = reproduce.planned(configs, root, 3, out)
+  runs.write_json(run.path, {"config": checkpoint.config_to_json(run.config)})
   reproduce.check_initialisations(configs, root, 3, out)
 
 

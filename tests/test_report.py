@@ -185,6 +185,23 @@ def test_write_report_skips_figures_without_data(tmp_path, runs, caplog):
   assert "ot_plan.png" not in (out / "results.md").read_text()
 
 
+def test_figures_kept_or_skipped_where_the_runs_are_not_here(tmp_path):
+  # Records without their runs' workdirs: nothing is drawn; "keep" links
+  # the figures already there (the runs that made the records drew them),
+  # "skip" none; neither touches the files.
+  (tmp_path / "ot_plan.png").write_bytes(b"drawn before")
+  for figures, linked in (("keep", True), ("skip", False)):
+    report.write_report(str(tmp_path), RECORDS, {}, {}, figures=figures)
+    markdown = (tmp_path / "results.md").read_text()
+    assert ("![ot_plan](ot_plan.png)" in markdown) is linked, figures
+    assert "learning_curves" not in markdown
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ot_plan.png", "results.md"]
+    assert (tmp_path / "ot_plan.png").read_bytes() == b"drawn before"
+  with pytest.raises(ValueError, match="figures='redraw': draw, keep or"):
+    report.write_report(str(tmp_path), RECORDS, {}, {}, figures="redraw")
+
+
 def _paired_records():
   """Best-val and last reads per seed; ot's seed 3 diverged, l2_sp shares
   no seed with scratch."""
