@@ -9,13 +9,13 @@ import importlib
 import json
 import math
 import os
+import shutil
 
 import pytest
 
-from experiments import cli, runs
+from experiments import cli, loop, reproduce, runs, sweep
 from experiments.configs import (common, cross_arch, distill, first_regimes,
                                  transfer)
-from ot_transfer_jax import models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = {"transfer": transfer, "distill": distill, "cross_arch": cross_arch}
@@ -171,6 +171,48 @@ def test_the_committed_records_are_their_configs_runs(folder):
         assert runs.flatten(module.get_config(method).to_dict())[key] == (
             chosen[key]), method
   assert checked
+
+
+# The settings' committed tables, made by their documented commands (the
+# config files' docstrings, docs/results.md), both with --out the folder:
+#   python -m experiments.sweep --config <spec> --tuning_seeds 100,101
+#   python -m experiments.reproduce --config <spec> --seeds 10
+TABLES = [f for f in RECORDS if "vit_distill" not in f]
+
+
+@pytest.mark.parametrize("folder", TABLES)
+def test_a_rerun_of_the_committed_commands_trains_nothing(folder, tmp_path,
+                                                          monkeypatch):
+  """On a fresh clone (no workdir) both commands reuse every record of the
+  committed folder (each the run the command builds now: runs.load_record)
+  and, from the records alone, write the committed sweep and tables again
+  byte for byte."""
+
+  def trains(*args, **kwargs):
+    raise AssertionError(f"a rerun of {folder}'s commands would train")
+
+  monkeypatch.setattr(loop, "train_and_evaluate", trains)
+  committed = os.path.join(REPO, folder)
+  out = str(tmp_path / "out")
+  outputs = ("sweep.json", "sweep.md", "results.json", "results.md")
+  shutil.copytree(committed, out)
+  for name in outputs:  # Made anew from the records.
+    os.remove(os.path.join(out, name))
+  module = runs.load_config_module(os.path.join(REPO, "experiments/configs",
+                                                RECORDS[folder]))
+  grids = sweep.sweep_grids(module)
+  records, _ = sweep.run_sweep(module, str(tmp_path / "sweep"), [100, 101],
+                               list(grids), {}, grids, 2, out)
+  sweep.save(out, records, {m: {key: list(values)}
+                            for m, (key, values) in grids.items()})
+  configs = runs.method_configs(module, module.methods, {})
+  reproduce.run_all(configs, str(tmp_path / "reproduce"), 10,
+                    baseline=module.baseline, out=out)
+  for name in outputs:
+    assert open(os.path.join(out, name)).read() == open(
+        os.path.join(committed, name)).read(), name
+  assert not (tmp_path / "sweep").exists()
+  assert not (tmp_path / "reproduce").exists()
 
 
 def on_the_grid_or_past_an_edge(value: float, grid) -> bool:
@@ -339,13 +381,6 @@ PROTOCOL_SPECS = [f"{s}.py:data={d}" for s in SETTINGS for d in DATASETS] + [
 TABLE_SEEDS, TUNING_SEEDS = tuple(range(10)), (100, 101)
 
 
-def _same_network(c) -> bool:
-  """Whether the student is its trained teacher's network (any head)."""
-  return models.create_model(c.model.name, 1, **c.model.kwargs) == (
-      models.create_model(c.teacher.job.model.name, 1,
-                          **c.teacher.job.model.kwargs))
-
-
 @pytest.mark.parametrize("spec", PROTOCOL_SPECS)
 def test_no_student_starts_from_its_teachers_initial_weights(spec):
   module = runs.load_config_module(
@@ -356,7 +391,7 @@ def test_no_student_starts_from_its_teachers_initial_weights(spec):
     assert config.teacher.job.seed == common.TEACHER_SEED, method
     for seed in TABLE_SEEDS + TUNING_SEEDS:
       c = runs.seeded(config, seed, "/root")
-      if _same_network(c) and not c.init_from_teacher:
+      if runs.same_network(c) and not c.init_from_teacher:
         assert c.seed != c.teacher.job.seed, (method, seed)
         random_starts += 1
     # What reproduce and curve check before any run.
