@@ -193,6 +193,7 @@ def test_each_problem_gives_what_its_own_solve_gives(pairs):
   assert len({int(r.n_iters) for r in together}) > 1  # Not all alike.
 
 
+@pytest.mark.slow  # 4-9 s of compilation: full suite only.
 def test_a_non_finite_layer_is_nan_and_unconverged_alone(pairs):
   # Under jit nothing can be checked: the layer with a NaN activation gives
   # a NaN value with converged=False; the other problems are not touched.
@@ -207,6 +208,7 @@ def test_a_non_finite_layer_is_nan_and_unconverged_alone(pairs):
     np.testing.assert_allclose(out[i].value, good[i].value, rtol=1e-5)
 
 
+@pytest.mark.slow  # 4-9 s of compilation: full suite only.
 def test_bfloat16_activations(pairs):
   students, teachers = pairs
   low = [jnp.asarray(s, jnp.bfloat16) for s in students]
@@ -218,6 +220,7 @@ def test_bfloat16_activations(pairs):
     assert np.all(np.isfinite(np.asarray(grad, np.float32)))
 
 
+@pytest.mark.slow  # 4-9 s of compilation: full suite only.
 def test_float32_activations_under_x64(pairs):
   with jax.enable_x64(True):
     out = assert_matches_per_layer(*pairs, **CLOSE)

@@ -108,6 +108,7 @@ def test_channel_weights_per_layer_sum_to_one_and_favour_useful_channels():
   assert w[1] > max(w[0], w[2])
 
 
+@pytest.mark.slow  # 4-9 s of compilation: full suite only.
 def test_delta_regularizer_computes_its_weights_from_the_teacher_in_init():
   from ot_transfer_jax import regularizers
   teacher = create_model("small_cnn", 4, width=0.25)  # Another label space (4).

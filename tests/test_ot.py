@@ -689,6 +689,7 @@ def test_unbalanced_value_and_plan_match_pot(layer_pair, tau, anderson):
   assert float(res.mass) < 0.99
 
 
+@pytest.mark.slow  # 4-9 s of compilation: full suite only.
 def test_unbalanced_envelope_gradient_matches_finite_differences(layer_pair,
                                                                  rng):
   # The gradient is that of the unbalanced entropic objective (Danskin), not
@@ -721,6 +722,7 @@ def test_tau_one_is_balanced_transport(layer_pair):
                                 np.asarray(balanced.plan))
 
 
+@pytest.mark.slow  # 4-9 s of compilation: full suite only.
 def test_smaller_tau_matches_less_mass_at_lower_cost(layer_pair):
   student, teacher = layer_pair(32, 16, 16)
   results = [solve_neuron_ot(student, teacher, tau=tau)

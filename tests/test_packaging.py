@@ -187,6 +187,7 @@ def test_torchvision_weight_tests_skip_without_torch_saying_why():
   assert "pip install -e '.[torch]'" in proc.stdout
 
 
+@pytest.mark.slow  # 4-9 s of compilation: full suite only.
 def test_importing_the_package_defers_ott_jax_and_its_solvers():
   # ott-jax pulls in jaxopt and scipy.optimize (seconds of import time); the
   # package imports it only when a solve runs.

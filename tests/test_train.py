@@ -236,6 +236,7 @@ def test_transfer_init_copies_backbone_and_keeps_new_head():
     train.transfer_init(small, t_vars)
 
 
+@pytest.mark.slow  # 4-9 s of compilation: full suite only.
 def test_non_finite_step_is_skipped(digits):
   cfg = make_config("ot")
   model, teacher, teacher_vars, state, step, mesh = setup(cfg, 3)
