@@ -515,6 +515,36 @@ def test_some_committed_study_records_its_command():
   assert any("command" in json.loads(open(p).read()) for p in RECORDED)
 
 
+@pytest.mark.slow  # ~20 s: every record of the five studies, read and checked.
+def test_each_documented_study_reruns_from_its_records_alone(tmp_path,
+                                                             monkeypatch):
+  # A fresh clone: the committed records and teachers, no workdir. Each
+  # documented command, in the docs' order, trains nothing, and the last
+  # one of each --out writes the committed results.json and results.md
+  # again, byte for byte, from the records alone.
+  def trains(*args, **kwargs):
+    raise AssertionError(f"a documented study would train {args[1]}")
+
+  monkeypatch.setattr(loop, "train_and_evaluate", trains)
+  os.symlink(os.path.join(REPO, "experiments"), tmp_path / "experiments")
+  shutil.copytree(os.path.join(REPO, "docs", "regimes"),
+                  tmp_path / "docs" / "regimes")
+  monkeypatch.chdir(tmp_path)  # The documented paths are relative.
+  last = {argv[argv.index("--out") + 1]: i
+          for i, argv in enumerate(DOCUMENTED)}
+  for out in last:
+    for name in ("results.json", "results.md"):
+      os.remove(os.path.join(out, name))
+  for i, argv in enumerate(DOCUMENTED):
+    curve.from_flags(_parsed(["curve", *argv[3:]])).run()
+    out = argv[argv.index("--out") + 1]
+    if last[out] == i:
+      for name in ("results.json", "results.md"):
+        assert open(os.path.join(out, name)).read() == open(
+            os.path.join(REPO, out, name)).read(), (out, name)
+  assert not (tmp_path / "workdirs").exists()
+
+
 @pytest.mark.parametrize("argv", DOCUMENTED, ids=_id)
 def test_documented_study_builds_every_config(tmp_path, argv):
   opt = lambda name: argv[argv.index(name) + 1]
